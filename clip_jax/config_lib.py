@@ -1,0 +1,188 @@
+"""Pieces shared by every config: the paper's nine architectures and its recipe.
+
+Configs are Python (big_vision style): each `configs/X.py` has `get_config()`
+returning a ConfigDict built from these helpers. Every key is documented in
+README.md ("Config keys"). Shapes come from the paper / reference
+implementation (see the table in README.md); parameter counts are tested.
+"""
+import ml_collections
+
+# name: (embed_dim, image_size, vision_layers, vision_width, patch, text_width, text_heads)
+PAPER_MODELS = {
+    "rn50": (1024, 224, (3, 4, 6, 3), 64, 0, 512, 8),
+    "rn101": (512, 224, (3, 4, 23, 3), 64, 0, 512, 8),
+    "rn50x4": (640, 288, (4, 6, 10, 6), 80, 0, 640, 10),
+    "rn50x16": (768, 384, (6, 8, 18, 8), 96, 0, 768, 12),
+    "rn50x64": (1024, 448, (3, 15, 36, 10), 128, 0, 1024, 16),
+    "vit_b32": (512, 224, 12, 768, 32, 512, 8),
+    "vit_b16": (512, 224, 12, 768, 16, 512, 8),
+    "vit_l14": (768, 224, 24, 1024, 14, 768, 12),
+    "vit_l14_336": (768, 336, 24, 1024, 14, 768, 12),
+}
+
+# Peak learning rates from the paper's hyperparameter tables.
+PAPER_LR = {
+    "rn50": 5e-4, "rn101": 5e-4, "rn50x4": 5e-4, "rn50x16": 4e-4, "rn50x64": 3.6e-4,
+    "vit_b32": 5e-4, "vit_b16": 5e-4, "vit_l14": 4e-4, "vit_l14_336": 2e-5,
+}
+
+# Logical axis name -> mesh axes (MaxText style). The only place sharding is decided.
+# Parameters: 'embed' (model width), 'mlp' (MLP hidden), 'heads', 'kv' (head dim),
+# 'vocab', 'joint' (shared embedding space), 'conv_in'/'conv_out' (conv channels),
+# 'norm' (norm scales/biases), 'pos' (positions). Activations: 'batch', 'length',
+# 'act_embed'. A mesh axis that does not divide a dimension is dropped for that array.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv", None),
+    ("vocab", "model"),
+    ("joint", None),
+    ("conv_in", "fsdp"),
+    ("conv_out", "model"),
+    ("norm", None),
+    ("pos", None),
+    ("length", None),
+    ("act_embed", None),
+)
+
+
+def model_config(name):
+    """The paper architecture `name` as a model ConfigDict."""
+    embed, size, layers, width, patch, twidth, theads = PAPER_MODELS[name]
+    is_vit = patch > 0
+    return ml_collections.ConfigDict(dict(
+        embed_dim=embed,
+        vision=dict(
+            kind="vit" if is_vit else "resnet",
+            image_size=size,
+            layers=layers,
+            width=width,
+            patch_size=patch,
+            # ViT: width / 64; ResNet attention pool: width * 32 / 64.
+            heads=width // 64 if is_vit else width * 32 // 64,
+        ),
+        text=dict(vocab_size=49408, context_length=77, width=twidth, heads=theads, layers=12),
+        dtype="bfloat16",   # compute dtype; parameters are always float32
+        remat=True,         # rematerialise each residual block in the backward pass
+    ))
+
+
+def base_config():
+    """Keys every config has; paper configs and smoke override the values."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 32768           # global batch, across all devices and processes
+    c.total_steps = 12_800_000_000 // 32768   # 32 epochs x 400M pairs
+    c.log_every = 100
+    c.eval_every = 0               # 0: evaluate only at the end
+    c.workdir_tokenizer = True     # (reserved) tokenizer cached in the workdir
+    c.progress = True              # tqdm progress bar
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
+        warmup_steps=2000, grad_clip_norm=0.0))   # 0: no clipping
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))  # -1: the rest
+    c.sharding_rules = DEFAULT_RULES
+    c.loss = ml_collections.ConfigDict(dict(name="clip"))
+    c.data = ml_collections.ConfigDict(dict(
+        source="synthetic", workers=0, prefetch=2,
+        tokenizer="sentencepiece", tokenizer_vocab_size=256,
+        synthetic=dict(image_size=224, num_train=1_000_000, num_eval=512)))
+    return c
+
+
+def paper_config(name):
+    """The paper's recipe for model `name` at its real scale."""
+    c = base_config()
+    c.model = model_config(name)
+    c.data.synthetic.image_size = c.model.vision.image_size
+    c.optim.lr = PAPER_LR[name]
+    if name.startswith("rn"):
+        c.optim.b2, c.optim.eps = 0.999, 1e-8
+    if name == "vit_l14_336":
+        # One extra epoch at 336px, starting from ViT-L/14 (set init_from when available).
+        c.total_steps = 400_000_000 // 32768
+        c.optim.warmup_steps = 0
+    return c
+
+
+class ConfigError(ValueError):
+    """A config problem found before any work starts; the message names the key."""
+
+
+def _lookup(config, dotted):
+    node = config
+    for part in dotted.split("."):
+        if not hasattr(node, "keys") or part not in node.keys():
+            return False, node
+        node = node[part]
+    return True, node
+
+
+def check_override_keys(config, argv, flag="config"):
+    """Rejects `--config.a.b=v` overrides whose key `a.b` does not exist in `config`."""
+    import difflib
+    prefix = f"--{flag}."
+    for arg in argv:
+        if not arg.startswith(prefix):
+            continue
+        dotted = arg[len(prefix):].split("=", 1)[0]
+        found, parent = _lookup(config, dotted)
+        if not found:
+            leaf = dotted.rsplit(".", 1)[-1]
+            options = list(parent.keys()) if hasattr(parent, "keys") else []
+            close = difflib.get_close_matches(leaf, options, n=1)
+            hint = f" (did you mean {dotted.rsplit('.', 1)[0] + '.' if '.' in dotted else ''}{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config key '{dotted}' in {arg!r}{hint}")
+
+
+def validate(config, num_devices=None):
+    """Semantic checks of a whole config; raises ConfigError naming the first bad key."""
+    from clip_jax import sharding
+
+    def need(cond, key, msg):
+        if not cond:
+            raise ConfigError(f"config.{key}: {msg} (got {_lookup(config, key)[1]!r})")
+
+    for key in ("batch_size", "total_steps", "log_every"):
+        need(isinstance(config[key], int) and config[key] > 0, key, "must be a positive integer")
+    need(config.eval_every >= 0, "eval_every", "must be >= 0 (0: only at the end)")
+    m = config.model
+    need(m.vision.kind in ("resnet", "vit"), "model.vision.kind", "must be 'resnet' or 'vit'")
+    need(m.dtype in ("float32", "bfloat16"), "model.dtype", "must be 'float32' or 'bfloat16'")
+    if m.vision.kind == "vit":
+        need(m.vision.patch_size > 0 and m.vision.image_size % m.vision.patch_size == 0,
+             "model.vision.patch_size", "must be positive and divide model.vision.image_size")
+        need(m.vision.width % m.vision.heads == 0, "model.vision.heads", "must divide model.vision.width")
+    else:
+        need(len(m.vision.layers) == 4, "model.vision.layers", "a ResNet needs 4 stage depths")
+        need(m.vision.image_size % 32 == 0, "model.vision.image_size", "a ResNet needs a multiple of 32")
+    need(m.text.width % m.text.heads == 0, "model.text.heads", "must divide model.text.width")
+    o = config.optim
+    need(o.lr > 0, "optim.lr", "must be positive")
+    need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b2" if not 0 <= o.b2 < 1 else "optim.b1", "must be in [0, 1)")
+    need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    from clip_jax import losses
+    need(config.loss.name in losses.LOSSES, "loss.name", f"must be one of {sorted(losses.LOSSES)}")
+    need(config.data.source == "synthetic", "data.source", "only 'synthetic' is available so far")
+    need(config.data.workers >= 0, "data.workers", "must be >= 0")
+    if config.data.tokenizer == "sentencepiece":
+        need(config.data.tokenizer_vocab_size <= m.text.vocab_size, "data.tokenizer_vocab_size",
+             f"must be <= model.text.vocab_size={m.text.vocab_size}")
+    rule_names = [r[0] for r in config.sharding_rules]
+    need("batch" in rule_names, "sharding_rules", "needs a rule for the logical axis 'batch'")
+    for name, axes in config.sharding_rules:
+        for a in (axes,) if isinstance(axes, str) else (axes or ()):
+            need(a in sharding.MESH_AXES, "sharding_rules", f"rule {name!r} names unknown mesh axis {a!r}")
+    if num_devices is not None:
+        try:
+            shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        shards = 1
+        for a in sharding.batch_axes(config.sharding_rules):
+            shards *= shape[a]
+        need(config.batch_size % shards == 0, "batch_size",
+             f"must be divisible by the {shards} batch shards of the mesh {shape}")

@@ -1,0 +1,1 @@
+"""Input data: the embedded synthetic dataset, tokenizers, and the Grain pipeline."""

@@ -1,0 +1,139 @@
+"""`python -m clip_jax.summary --config=configs/X.py [--json] [--devices N] [--no-memory]`.
+
+Reports, without allocating any parameter (everything is traced abstractly):
+- parameters per tower and in total (image = the whole image tower incl. its projection,
+  text = the rest, total adds the temperature), as the paper's table counts them;
+- GFLOPs per image and per text (forward, one example) from XLA's cost analysis;
+- a per-device memory estimate for the configured mesh and batch: training state
+  (float32 params + grads + two AdamW moments = 16 bytes/param, split over the
+  fsdp x model shards) plus activations per example from XLA's memory analysis of the
+  compiled forward+backward at two small batches, scaled to the local batch.
+With --json the last line printed is one JSON object.
+"""
+import json
+import math
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clip_jax import config_lib, losses, sharding
+from clip_jax.models import build_model, count_params
+
+
+def abstract_variables(model, model_cfg):
+    s = model_cfg.vision.image_size
+    images = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
+    tokens = jax.ShapeDtypeStruct((1, model_cfg.text.context_length), jnp.int32)
+    return sharding.unbox_abstract(jax.eval_shape(lambda r: model.init(r, images, tokens), jax.random.key(0)))
+
+
+def param_counts(model_cfg):
+    model = build_model(model_cfg)
+    return count_params(abstract_variables(model, model_cfg)["params"])
+
+
+def gflops(model, model_cfg, variables):
+    s = model_cfg.vision.image_size
+    img = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
+    txt = jax.ShapeDtypeStruct((1, model_cfg.text.context_length), jnp.int32)
+    enc_i = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_image))
+    enc_t = jax.jit(lambda v, t: model.apply(v, t, method=model.encode_text))
+    flops = lambda lowered: _cost(lowered)["flops"] / 1e9
+    return {"image": flops(enc_i.lower(variables, img)), "text": flops(enc_t.lower(variables, txt))}
+
+
+def _cost(lowered):
+    cost = lowered.cost_analysis()
+    return cost[0] if isinstance(cost, (list, tuple)) else cost
+
+
+def activation_bytes(model, model_cfg, variables, batch):
+    """XLA's temp-buffer size for forward+backward of the loss at `batch` examples."""
+    s = model_cfg.vision.image_size
+    has_bn = model_cfg.vision.kind == "resnet"
+
+    def loss(params, images, tokens):
+        v = {**variables, "params": params}
+        out, _ = model.apply(v, images, tokens, train=True,
+                             mutable=["batch_stats"] if has_bn else [])
+        return losses.clip_loss_naive(out["image_embeds"], out["text_embeds"], out["logit_scale"])
+
+    compiled = jax.jit(jax.grad(loss)).lower(
+        variables["params"], jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32),
+        jax.ShapeDtypeStruct((batch, model_cfg.text.context_length), jnp.int32)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def memory_estimate(config, model, variables, n_params, num_devices):
+    shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
+    batch_shards = math.prod(shape[a] for a in sharding.batch_axes(config.sharding_rules))
+    local_batch = config.batch_size // batch_shards
+    state_bytes = 16 * n_params / (shape["fsdp"] * shape["model"])
+    a1, a2 = (activation_bytes(model, config.model, variables, b) for b in (1, 2))
+    per_example = max(a2 - a1, 0)
+    act = a1 + per_example * (local_batch - 1)
+    # The sharded loss holds two B_local x B float32 logit blocks (and their grads).
+    logits = 4 * 4 * local_batch * config.batch_size
+    return {"devices": num_devices, "mesh": shape, "local_batch": local_batch,
+            "state_gib": state_bytes / 2**30, "activations_gib": act / 2**30,
+            "logits_gib": logits / 2**30,
+            "total_gib": (state_bytes + act + logits) / 2**30,
+            "activation_mib_per_example": per_example / 2**20}
+
+
+def summarize(config, memory=True, num_devices=None):
+    model = build_model(config.model)
+    variables = abstract_variables(model, config.model)
+    counts = count_params(variables["params"])
+    out = {"params": counts, "gflops": gflops(model, config.model, variables)}
+    if memory:
+        out["memory"] = memory_estimate(config, model, variables, counts["total"],
+                                        num_devices or jax.device_count())
+    return out
+
+
+def format_summary(name, s):
+    p, g = s["params"], s["gflops"]
+    lines = [f"{name}",
+             f"  parameters  image {p['image']:>13,}  text {p['text']:>13,}  total {p['total']:>13,}",
+             f"  GFLOPs      per image {g['image']:.2f}  per text {g['text']:.3f}"]
+    if "memory" in s:
+        m = s["memory"]
+        mesh = " x ".join(f"{k}={v}" for k, v in m["mesh"].items())
+        lines.append(f"  memory      {m['devices']} devices ({mesh}), local batch {m['local_batch']}: "
+                     f"~{m['total_gib']:.2f} GiB/device (state {m['state_gib']:.2f}, activations "
+                     f"{m['activations_gib']:.2f}, logits {m['logits_gib']:.2f})")
+    return "\n".join(lines)
+
+
+def main():
+    from absl import app, flags
+    from ml_collections import config_flags
+    config_flag = config_flags.DEFINE_config_file("config", None, "Config file to summarise.",
+                                                  lock_config=True)
+    flags.DEFINE_bool("json", False, "Also print the figures as one JSON object (last line).")
+    flags.DEFINE_bool("memory", True, "Estimate per-device memory (compiles fwd+bwd; slower).")
+    flags.DEFINE_integer("devices", None, "Device count to size the mesh for (default: the "
+                         "devices visible here). E.g. 256 for a v4-512 pod slice.")
+    flags.mark_flags_as_required(["config"])
+
+    def run(argv):
+        del argv
+        F = flags.FLAGS
+        config = config_flag.value
+        try:
+            config_lib.validate(config, F.devices or jax.device_count())
+        except config_lib.ConfigError as e:
+            sys.exit(f"error: {e}")
+        s = summarize(config, memory=F.memory, num_devices=F.devices)
+        print(format_summary(F.config, s))
+        if F.json:
+            print(json.dumps(s))
+
+    app.run(run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""A tiny CLIP that learns the embedded synthetic dataset on 2 CPU cores in a few minutes.
+
+Float32, no remat. Held-out (shape, colour) combinations are never seen in training;
+the zero-shot evaluation classifies them by shape and by colour from prompts alone.
+"""
+import ml_collections
+
+from clip_jax import config_lib
+
+
+def get_config():
+    c = config_lib.base_config()
+    c.model = ml_collections.ConfigDict(dict(
+        embed_dim=64,
+        vision=dict(kind="vit", image_size=32, layers=3, width=96, patch_size=8, heads=3),
+        text=dict(vocab_size=256, context_length=24, width=64, heads=2, layers=2),
+        dtype="float32",
+        remat=False,
+    ))
+    c.batch_size = 128
+    c.total_steps = 1200
+    c.log_every = 50
+    c.eval_every = 300
+    c.optim.update(lr=1e-3, warmup_steps=100, weight_decay=0.1)
+    c.data.synthetic.update(image_size=32, num_train=200_000, num_eval=512)
+    c.data.tokenizer_vocab_size = 256
+    return c

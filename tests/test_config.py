@@ -1,0 +1,95 @@
+"""Configs: every shipped config is valid; bad keys and values stop with a message naming them."""
+import glob
+import os
+import importlib.util
+
+import pytest
+
+from clip_jax import config_lib
+from tests.helpers import REPO, run_cli
+
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+
+
+def load(path):
+    spec = importlib.util.spec_from_file_location("cfg", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def test_every_paper_model_has_a_config():
+    names = {os.path.basename(p)[:-3] for p in CONFIGS}
+    assert set(config_lib.PAPER_MODELS) | {"smoke"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p))
+def test_shipped_configs_validate(path):
+    config_lib.validate(load(path), num_devices=8)
+
+
+@pytest.mark.parametrize("name", sorted(config_lib.PAPER_MODELS))
+def test_paper_recipe(name):
+    c = load(os.path.join(REPO, "configs", f"{name}.py"))
+    assert c.batch_size == 32768
+    assert c.optim.weight_decay == 0.2 and c.optim.b1 == 0.9
+    if name.startswith("rn"):
+        assert (c.optim.b2, c.optim.eps) == (0.999, 1e-8)
+    else:
+        assert (c.optim.b2, c.optim.eps) == (0.98, 1e-6)
+    assert c.optim.lr == config_lib.PAPER_LR[name]
+    if name != "vit_l14_336":
+        assert c.optim.warmup_steps == 2000
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("batch_size", 0, "config.batch_size"),
+    ("total_steps", -1, "config.total_steps"),
+    ("model.vision.kind", "mlp", "config.model.vision.kind"),
+    ("model.vision.patch_size", 7, "config.model.vision.patch_size"),
+    ("model.dtype", "float16", "config.model.dtype"),
+    ("optim.lr", 0.0, "config.optim.lr"),
+    ("loss.name", "nope", "config.loss.name"),
+    ("data.source", "laion", "config.data.source"),
+    ("data.tokenizer_vocab_size", 100000, "config.data.tokenizer_vocab_size"),
+])
+def test_validate_names_the_bad_key(key, value, match):
+    c = load(os.path.join(REPO, "configs", "smoke.py"))
+    parent = c
+    *path, leaf = key.split(".")
+    for p in path:
+        parent = parent[p]
+    parent[leaf] = value
+    with pytest.raises(config_lib.ConfigError, match=match):
+        config_lib.validate(c, num_devices=1)
+
+
+def test_batch_must_divide_over_batch_shards():
+    c = load(os.path.join(REPO, "configs", "smoke.py"))
+    c.batch_size = 100
+    with pytest.raises(config_lib.ConfigError, match="config.batch_size"):
+        config_lib.validate(c, num_devices=8)
+    c.mesh.data = 3
+    with pytest.raises(config_lib.ConfigError, match="config.mesh"):
+        config_lib.validate(c, num_devices=8)
+
+
+def test_unknown_override_key_names_it_and_suggests():
+    c = load(os.path.join(REPO, "configs", "smoke.py"))
+    with pytest.raises(config_lib.ConfigError, match="'optim.lrr'.*did you mean optim.lr"):
+        config_lib.check_override_keys(c, ["--config.optim.lrr=1"])
+    config_lib.check_override_keys(c, ["--config.optim.lr=1", "--workdir=x"])
+
+
+@pytest.mark.parametrize("arg,match", [
+    ("--config.batchsize=64", "unknown config key 'batchsize'"),
+    ("--config.batch_size=abc", "config.batch_size"),
+    ("--config.batch_size=0", "config.batch_size"),
+    ("--config.data.source=laion", "config.data.source"),
+])
+def test_cli_stops_before_any_work_on_a_bad_config(tmp_path, arg, match):
+    proc = run_cli(["clip_jax.train", "--config=configs/smoke.py", f"--workdir={tmp_path}", arg],
+                   check=False, timeout=120)
+    assert proc.returncode != 0
+    assert match in proc.stderr + proc.stdout
+    assert not os.path.exists(tmp_path / "metrics.jsonl")

@@ -1,0 +1,317 @@
+"""Input data: the synthetic dataset, the tokenizer contract, and an exact, topology-free pipeline."""
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from clip_jax.data import pipeline, synthetic
+from clip_jax.data import tokenizer as tokenizer_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HELDOUT = set(synthetic._HELDOUT_IDS)
+
+
+def _config(batch_size=16, seed=0, workers=0, num_train=100, ctx=16, source="synthetic"):
+    c = ml_collections.ConfigDict()
+    c.seed = seed
+    c.batch_size = batch_size
+    c.model = ml_collections.ConfigDict(dict(text=dict(context_length=ctx, vocab_size=256)))
+    c.data = ml_collections.ConfigDict(dict(
+        source=source, workers=workers, prefetch=2, tokenizer="sentencepiece",
+        tokenizer_vocab_size=256,
+        synthetic=dict(image_size=16, num_train=num_train, num_eval=16)))
+    return c
+
+
+@pytest.fixture(scope="module")
+def tok():
+    corpus = synthetic.caption_corpus(2000, 0)
+    return tokenizer_lib.SentencePieceTokenizer(
+        tokenizer_lib.SentencePieceTokenizer.train(corpus, None, 256), context_length=16)
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+def test_examples_are_pure_functions_of_seed_and_index():
+    a = synthetic.SyntheticSource("train", image_size=32, num_records=50, seed=3)
+    b = synthetic.SyntheticSource("train", image_size=32, num_records=50, seed=3)
+    for i in (0, 7, 49):
+        x, y = a[i], b[i]
+        assert x["image"].dtype == np.uint8 and x["image"].shape == (32, 32, 3)
+        np.testing.assert_array_equal(x["image"], y["image"])
+        assert (x["caption"], x["shape"], x["color"]) == (y["caption"], y["shape"], y["color"])
+    other = synthetic.SyntheticSource("train", image_size=32, num_records=50, seed=4)
+    assert any(not np.array_equal(a[i]["image"], other[i]["image"]) for i in range(5))
+    assert len(a) == 50
+    with pytest.raises(IndexError):
+        a[50]
+
+
+def test_captions_name_shape_and_colour_and_image_shows_them():
+    for i in range(300):
+        ex = synthetic.example(i, seed=1, image_size=32)
+        shape, color = synthetic.SHAPES[ex["shape"]], synthetic.COLORS[ex["color"]]
+        assert shape in ex["caption"] and color in ex["caption"], ex["caption"]
+        assert " a orange" not in ex["caption"]
+        rgb = np.array(synthetic._COLOR_RGB[color])
+        dist = np.abs(ex["image"].astype(int) - rgb).max(axis=-1)
+        frac = (dist <= 15).mean()
+        assert 0.03 < frac < 0.6, (i, frac)        # the shape is there, and not everything
+
+
+def test_small_and_large_are_distinguishable():
+    def area(size):
+        return np.mean([synthetic.shape_mask(s, 32, 16, 16, synthetic._RADIUS[size] * 32).mean()
+                        for s in synthetic.SHAPES])
+    assert area("large") > 2 * area("small") and area("small") > 0.05
+
+
+def test_train_never_yields_heldout_and_covers_every_attribute():
+    combos = set()
+    for i in range(2000):
+        a = synthetic.attributes(i, seed=0, split="train")
+        combos.add((a["shape"], a["color"]))
+    assert not combos & HELDOUT
+    assert {s for s, _ in combos} == set(range(len(synthetic.SHAPES)))
+    assert {c for _, c in combos} == set(range(len(synthetic.COLORS)))
+    assert len(HELDOUT) == 8 and len(combos) == 48 - 8
+
+
+def test_heldout_only_yields_heldout_combinations():
+    ex = synthetic.heldout_examples(40, seed=0, image_size=16)
+    assert ex["image"].shape == (40, 16, 16, 3)
+    got = set(zip(ex["shape"].tolist(), ex["color"].tolist()))
+    assert got == HELDOUT
+    train = synthetic.SyntheticSource("train", 16, 40, 0)
+    assert not any(np.array_equal(ex["image"][i], train[i]["image"]) for i in range(40))
+
+
+def test_zeroshot_tasks_and_corpus():
+    tasks = synthetic.zeroshot_tasks()
+    assert tasks["shape"][0] == list(synthetic.SHAPES) and tasks["color"][0] == list(synthetic.COLORS)
+    corpus = synthetic.caption_corpus(500, 0)
+    assert corpus == synthetic.caption_corpus(500, 0) and len(set(corpus)) > 100
+    words = set(" ".join(corpus).replace(".", " ").replace(",", " ").replace(":", " ").split())
+    for _, (names, templates) in tasks.items():
+        for t in templates:     # prompts use only words the captions use
+            for name in names:
+                assert set(t.format(name).replace(".", " ").replace(":", " ").split()) <= words, t
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def test_tokenizer_contract(tok):
+    assert tok.pad_id == 0 and tok.eot_id == tok.vocab_size - 1 and tok.sot_id == tok.eot_id - 1
+    assert tok.vocab_size <= 256
+    texts = ["a photo of an orange circle.", "", "A LARGE Red Star", "a red star " * 40]
+    ids = tok(texts)
+    assert ids.dtype == np.int32 and ids.shape == (4, 16)
+    assert (ids[:, 0] == tok.sot_id).all()
+    for row in ids:
+        n = int((row != 0).sum())
+        assert (row[n:] == 0).all() and row[n - 1] == tok.eot_id
+        assert row.max() == tok.eot_id and int(np.argmax(row)) == n - 1   # argmax pooling
+        assert (row[1:n - 1] > 0).all() and (row[1:n - 1] < tok.sot_id).all()
+    np.testing.assert_array_equal(ids[1, :3], [tok.sot_id, tok.eot_id, 0])
+    assert ids[3, -1] == tok.eot_id                      # truncated, eot kept last
+    np.testing.assert_array_equal(ids[2], tok(["a large red star"])[0])   # lowercased
+    assert tok.decode(ids[0]) == "a photo of an orange circle."
+
+
+def test_tokenizer_training_is_reproducible(tmp_path):
+    corpus = synthetic.caption_corpus(2000, 0)
+    p1, p2 = tmp_path / "a" / "spm.model", tmp_path / "b" / "spm.model"
+    tokenizer_lib.SentencePieceTokenizer.train(corpus, str(p1), 200)
+    tokenizer_lib.SentencePieceTokenizer.train(corpus, str(p2), 200)
+    assert p1.read_bytes() == p2.read_bytes()
+    t = tokenizer_lib.SentencePieceTokenizer.load(str(p1), 8)
+    assert t.vocab_size <= 200
+
+
+def test_get_tokenizer_caches_and_rejects_unknown(tmp_path):
+    c = _config()
+    t1 = tokenizer_lib.get_tokenizer(c, str(tmp_path))
+    path = tmp_path / "tokenizer" / "spm.model"
+    assert path.exists() and t1.context_length == 16 and t1.vocab_size <= 256
+    before = path.read_bytes()
+    t2 = tokenizer_lib.get_tokenizer(c, str(tmp_path))
+    assert path.read_bytes() == before and t2.model_proto == before
+    c.data.tokenizer = "nope"
+    with pytest.raises(ValueError, match=r"data\.tokenizer.*nope"):
+        tokenizer_lib.get_tokenizer(c, str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+def _host_batches(config, tok, n, rows=None):
+    it = iter(pipeline.make_host_dataset(config, tok, rows))
+    return [next(it) for _ in range(n)]
+
+
+def test_global_batch_is_identical_for_one_or_two_processes(tok):
+    c = _config(batch_size=16, num_train=40)     # 40 % 16 != 0: batches straddle epochs
+    whole = _host_batches(c, tok, 6)
+    halves = [_host_batches(c, tok, 6, pipeline.contiguous_rows(16, p, 2)) for p in range(2)]
+    for k in range(6):
+        for key in ("images", "tokens", "indices"):
+            np.testing.assert_array_equal(
+                whole[k][key], np.concatenate([halves[0][k][key], halves[1][k][key]]))
+    idx = np.concatenate([b["indices"] for b in whole])
+    assert sorted(idx[:40].tolist()) == list(range(40))          # epoch 1: each record once
+    assert sorted(idx[40:80].tolist()) == list(range(40))        # epoch 2: each record once
+    assert idx[:40].tolist() != idx[40:80].tolist()              # ... in a new order
+    assert whole[0]["images"].dtype == np.uint8 and whole[0]["tokens"].dtype == np.int32
+
+
+def test_different_seed_gives_different_order(tok):
+    a = _host_batches(_config(seed=0), tok, 1)[0]["indices"]
+    b = _host_batches(_config(seed=1), tok, 1)[0]["indices"]
+    assert a.tolist() != b.tolist()
+
+
+def test_batch_size_must_divide_over_processes():
+    with pytest.raises(ValueError, match="batch_size"):
+        pipeline.contiguous_rows(10, 0, 3)
+
+
+def test_bad_source_names_the_key(tok):
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    with pytest.raises(ValueError, match=r"data\.source.*'tfds'"):
+        pipeline.make_train_iterator(_config(source="tfds"), tok, NamedSharding(mesh, P("data")))
+
+
+def test_heldout_batches(tok):
+    images, labels = pipeline.heldout_batches(_config(), tok, 16)
+    assert images.shape == (16, 16, 16, 3) and images.dtype == np.float32
+    assert set(zip(labels["shape"].tolist(), labels["color"].tolist())) == HELDOUT
+    raw = synthetic.heldout_examples(16, 0, 16)["image"]
+    np.testing.assert_allclose(images[..., 0], (raw[..., 0] / 255 - 0.48145466) / 0.26862954, rtol=1e-5)
+
+
+_SUBPROCESS = r'''
+import json, sys
+import numpy as np
+
+def main():
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from tests.test_data import _config
+    from clip_jax.data import pipeline, synthetic, tokenizer as tokenizer_lib
+    corpus = synthetic.caption_corpus(2000, 0)
+    proto = tokenizer_lib.SentencePieceTokenizer.train(corpus, None, 256)
+    tok = tokenizer_lib.SentencePieceTokenizer(proto, context_length=16)
+    out = {"spm": __import__("hashlib").sha256(proto).hexdigest()}
+    runs = {}
+    for workers in (0, 2):
+        it = iter(pipeline.make_host_dataset(_config(workers=workers), tok))
+        batches = [next(it) for _ in range(5)]
+        state = it.get_state()
+        after = next(it)
+        it.set_state(state)
+        again = next(it)
+        assert all(np.array_equal(after[k], again[k]) for k in after), "resume"
+        if hasattr(it, "close"):
+            it.close()
+        runs[workers] = batches + [after]
+    out["workers_equal"] = all(np.array_equal(a[k], b[k]) for a, b in zip(runs[0], runs[2]) for k in a)
+    # Global arrays on a 4-device mesh equal the host batch, normalised.
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = NamedSharding(mesh, P("data"))
+    git = pipeline.make_train_iterator(_config(), tok, sharding)
+    first = next(git)
+    host = runs[0][0]
+    out["sharding_ok"] = first["images"].sharding == sharding and first["tokens"].sharding == sharding
+    out["images_ok"] = bool(np.allclose(np.asarray(first["images"]),
+                                        pipeline.normalize_images(host["images"]), atol=1e-6))
+    out["tokens_ok"] = bool(np.array_equal(np.asarray(first["tokens"]), host["tokens"]))
+    out["dtypes"] = [str(first["images"].dtype), str(first["tokens"].dtype)]
+    print(json.dumps(out))
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def test_workers_and_device_arrays_in_subprocess(tmp_path, tok):
+    script = tmp_path / "run_pipeline.py"
+    script.write_text(_SUBPROCESS)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    import hashlib
+    assert out["spm"] == hashlib.sha256(tok.model_proto).hexdigest()   # same bytes in another process
+    assert out["workers_equal"]
+    assert out["sharding_ok"] and out["images_ok"] and out["tokens_ok"]
+    assert out["dtypes"] == ["float32", "int32"]
+
+
+_DISTRIBUTED = r'''
+import hashlib, json, sys
+import numpy as np
+
+def main():
+    import jax
+    nproc, pid, port, mesh_shape = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    if nproc > 1:
+        jax.distributed.initialize(coordinator_address=f"localhost:{port}",
+                                   num_processes=nproc, process_id=pid)
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from tests.test_data import _config
+    from clip_jax.data import pipeline, synthetic, tokenizer as tokenizer_lib
+    tok = tokenizer_lib.SentencePieceTokenizer(tokenizer_lib.SentencePieceTokenizer.train(
+        synthetic.caption_corpus(2000, 0), None, 256), context_length=16)
+    shape = tuple(int(x) for x in mesh_shape.split("x"))
+    mesh = jax.make_mesh(shape, ("data", "model")[:len(shape)],
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+    it = pipeline.make_train_iterator(_config(num_train=40), tok, NamedSharding(mesh, P("data")))
+    h = hashlib.sha256()
+    for _ in range(4):
+        b = next(it)
+        for k in ("images", "tokens"):
+            h.update(np.asarray(multihost_utils.process_allgather(b[k], tiled=True)).tobytes())
+    print(json.dumps({"hash": h.hexdigest(), "processes": jax.process_count(),
+                      "devices": jax.device_count()}))
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def test_global_arrays_identical_with_two_real_processes(tmp_path):
+    """1 process x 4 devices (mesh data=4) vs 2 processes x 2 devices (mesh data=2 x model=2)."""
+    import socket
+    script = tmp_path / "dist.py"
+    script.write_text(_DISTRIBUTED)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+
+    def launch(n_devices, *args):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
+                   JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        return subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    procs = [launch(4, 1, 0, 0, "4"), launch(2, 2, 0, port, "2x2"), launch(2, 2, 1, port, "2x2")]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=180)
+            assert p.returncode == 0, err[-4000:]
+            outs.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [o["processes"] for o in outs] == [1, 2, 2] and {o["devices"] for o in outs} == {4}
+    assert outs[0]["hash"] == outs[1]["hash"] == outs[2]["hash"]
