@@ -1,0 +1,49 @@
+"""CLIP models (OpenAI architectures) in Flax linen, with logical sharding names."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core import meta
+
+from clip_jax.models.clip import CLIP
+
+__all__ = ["CLIP", "build_model", "count_params"]
+
+
+def build_model(model_cfg) -> CLIP:
+    """Builds a `CLIP` module from a model ConfigDict (see `config_lib.model_config`)."""
+    v, t = model_cfg.vision, model_cfg.text
+    kind = str(v.kind)
+    layers = v.layers
+    layers = tuple(int(n) for n in layers) if kind == "resnet" else int(layers)
+    return CLIP(
+        embed_dim=int(model_cfg.embed_dim),
+        vision_kind=kind,
+        image_size=int(v.image_size),
+        vision_layers=layers,
+        vision_width=int(v.width),
+        vision_patch_size=int(v.get("patch_size", 0) or 0),
+        vision_heads=int(v.heads),
+        vocab_size=int(t.vocab_size),
+        context_length=int(t.context_length),
+        text_width=int(t.width),
+        text_heads=int(t.heads),
+        text_layers=int(t.layers),
+        dtype=jnp.dtype(str(model_cfg.get("dtype", "float32"))),
+        remat=bool(model_cfg.get("remat", False)),
+    )
+
+
+def _size(tree):
+    leaves = jax.tree_util.tree_leaves(meta.unbox(tree))
+    return int(sum(int(np.prod(x.shape)) for x in leaves))
+
+
+def count_params(params) -> dict:
+    """dict(image=, text=, total=): image = params['visual']; text = everything but
+    'visual' and 'logit_scale'; total = all. Accepts boxed/abstract trees, or a
+    variables dict with a 'params' entry."""
+    if "visual" not in params and "params" in params:
+        params = params["params"]
+    image = _size(params["visual"])
+    text = _size({k: v for k, v in params.items() if k not in ("visual", "logit_scale")})
+    return dict(image=image, text=text, total=_size(params))

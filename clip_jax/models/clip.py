@@ -1,0 +1,76 @@
+"""The CLIP model: image tower `visual`, text tower `text`, learned temperature."""
+import math
+from typing import Any, Tuple, Union
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+from clip_jax.models.layers import logical
+from clip_jax.models.resnet import ModifiedResNet
+from clip_jax.models.text import TextTransformer
+from clip_jax.models.vit import VisionTransformer
+
+MAX_LOGIT_SCALE = 100.0
+
+
+def l2_normalize(x, eps=1e-12):
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class CLIP(nn.Module):
+    embed_dim: int
+    # vision
+    vision_kind: str            # 'resnet' | 'vit'
+    image_size: int
+    vision_layers: Union[int, Tuple[int, ...]]
+    vision_width: int
+    vision_patch_size: int
+    vision_heads: int
+    # text
+    vocab_size: int
+    context_length: int
+    text_width: int
+    text_heads: int
+    text_layers: int
+    # numerics
+    dtype: Any = jnp.float32    # compute dtype; parameters are always float32
+    remat: bool = False
+
+    def setup(self):
+        if self.vision_kind == "resnet":
+            self.visual = ModifiedResNet(
+                layers=tuple(self.vision_layers), output_dim=self.embed_dim,
+                heads=self.vision_heads, image_size=self.image_size,
+                width=self.vision_width, remat=self.remat, dtype=self.dtype)
+        elif self.vision_kind == "vit":
+            self.visual = VisionTransformer(
+                image_size=self.image_size, patch_size=self.vision_patch_size,
+                width=self.vision_width, layers=int(self.vision_layers),
+                heads=self.vision_heads, output_dim=self.embed_dim,
+                remat=self.remat, dtype=self.dtype)
+        else:
+            raise ValueError(f"unknown vision kind {self.vision_kind!r}")
+        self.text = TextTransformer(
+            vocab_size=self.vocab_size, context_length=self.context_length,
+            width=self.text_width, heads=self.text_heads, layers=self.text_layers,
+            output_dim=self.embed_dim, remat=self.remat, dtype=self.dtype)
+        self.logit_scale = self.param(
+            "logit_scale", logical(nn.initializers.constant(math.log(1 / 0.07)), ()),
+            (), jnp.float32)
+
+    def encode_image(self, images, train: bool = False):
+        """images: float [B, H, W, 3] (normalised). Returns float32 [B, embed_dim]."""
+        return self.visual(images, train).astype(jnp.float32)
+
+    def encode_text(self, tokens):
+        """tokens: int32 [B, context_length]. Returns float32 [B, embed_dim]."""
+        return self.text(tokens).astype(jnp.float32)
+
+    def __call__(self, images, tokens, train: bool = False):
+        image_embeds = l2_normalize(self.encode_image(images, train))
+        text_embeds = l2_normalize(self.encode_text(tokens))
+        logit_scale = jnp.minimum(jnp.exp(self.logit_scale.astype(jnp.float32)),
+                                  MAX_LOGIT_SCALE)
+        return dict(image_embeds=image_embeds, text_embeds=text_embeds,
+                    logit_scale=logit_scale)

@@ -1,0 +1,184 @@
+"""Shared building blocks: QuickGELU, multi-head attention, pre-LN residual blocks.
+
+Parameters are always float32 (`param_dtype`); `dtype` is the compute dtype.
+Every parameter initialiser carries logical axis names (MaxText style) via
+`nn.with_logical_partitioning`; the names are mapped to mesh axes by the rules in
+`config_lib.DEFAULT_RULES`.
+"""
+from typing import Any, Callable, Optional, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Dtype = Any
+
+LN_EPS = 1e-5
+ACT_SPEC = ("batch", "length", "act_embed")
+
+
+def logical(init, names):
+    """Shorthand for `nn.with_logical_partitioning`."""
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
+def normal(std):
+    return nn.initializers.normal(stddev=std)
+
+
+zeros = nn.initializers.zeros_init()
+ones = nn.initializers.ones_init()
+
+
+def quick_gelu(x):
+    """QuickGELU as in OpenAI CLIP: x * sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+class QuickGELU(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return quick_gelu(x)
+
+
+def layer_norm(dtype, name):
+    """LayerNorm (eps 1e-5) with logically-named scale/bias ('norm')."""
+    return nn.LayerNorm(
+        epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32,
+        scale_init=logical(ones, ("norm",)), bias_init=logical(zeros, ("norm",)),
+        name=name)
+
+
+class DenseGeneral(nn.Module):
+    """A dense layer over several input/output axes whose kernel is created with its
+    full shape (flax's `nn.DenseGeneral` initialises a flattened 2-D kernel and
+    reshapes it, which breaks logical sharding constraints on 3-D kernels under a
+    mesh)."""
+    features: Union[int, Tuple[int, ...]]
+    axis: Union[int, Tuple[int, ...]] = -1
+    use_bias: bool = True
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = zeros
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+        axis = tuple(a % x.ndim for a in axis)
+        kernel = self.param("kernel", self.kernel_init,
+                            tuple(x.shape[a] for a in axis) + features, self.param_dtype)
+        x = jnp.asarray(x, self.dtype)
+        y = jax.lax.dot_general(x, kernel.astype(self.dtype),
+                                ((axis, tuple(range(len(axis)))), ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, features, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with separate, biased q/k/v and output projections.
+
+    Same parameter count as PyTorch's `nn.MultiheadAttention` (fused in_proj 3d*d+3d,
+    out_proj d*d+d, or d*out+out when `out_features` differs).
+    """
+    num_heads: int
+    qkv_std: float
+    out_std: float
+    out_features: Optional[int] = None
+    out_name: str = "embed"       # logical name of the output dimension
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs_q, inputs_kv=None, causal=False):
+        if inputs_kv is None:
+            inputs_kv = inputs_q
+        width = inputs_q.shape[-1]
+        assert width % self.num_heads == 0, (width, self.num_heads)
+        head_dim = width // self.num_heads
+        out_features = self.out_features or width
+
+        def proj(name):
+            return DenseGeneral(
+                features=(self.num_heads, head_dim), axis=-1, use_bias=True,
+                dtype=self.dtype, param_dtype=jnp.float32,
+                kernel_init=logical(normal(self.qkv_std), ("embed", "heads", "kv")),
+                bias_init=logical(zeros, ("heads", "kv")), name=name)
+
+        q = proj("query")(inputs_q)      # [B, T, N, H]
+        k = proj("key")(inputs_kv)       # [B, S, N, H]
+        v = proj("value")(inputs_kv)
+        x = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+        return DenseGeneral(
+            features=out_features, axis=(-2, -1), use_bias=True,
+            dtype=self.dtype, param_dtype=jnp.float32,
+            kernel_init=logical(normal(self.out_std), ("heads", "kv", self.out_name)),
+            bias_init=logical(zeros, (self.out_name,)), name="out")(x)
+
+
+class MLP(nn.Module):
+    """c_fc (4x width) -> QuickGELU -> c_proj."""
+    fc_std: float
+    proj_std: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        x = nn.Dense(4 * width, dtype=self.dtype, param_dtype=jnp.float32,
+                     kernel_init=logical(normal(self.fc_std), ("embed", "mlp")),
+                     bias_init=logical(zeros, ("mlp",)), name="c_fc")(x)
+        x = quick_gelu(x)
+        return nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32,
+                        kernel_init=logical(normal(self.proj_std), ("mlp", "embed")),
+                        bias_init=logical(zeros, ("embed",)), name="c_proj")(x)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN block: x + attn(ln_1(x)); x + mlp(ln_2(x))."""
+    heads: int
+    attn_std: float
+    proj_std: float
+    fc_std: float
+    causal: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.with_logical_constraint(x, ACT_SPEC)
+        x = x + MultiHeadAttention(
+            num_heads=self.heads, qkv_std=self.attn_std, out_std=self.proj_std,
+            dtype=self.dtype, name="attn")(layer_norm(self.dtype, "ln_1")(x),
+                                           causal=self.causal)
+        x = x + MLP(fc_std=self.fc_std, proj_std=self.proj_std, dtype=self.dtype,
+                    name="mlp")(layer_norm(self.dtype, "ln_2")(x))
+        return nn.with_logical_constraint(x, ACT_SPEC)
+
+
+class Transformer(nn.Module):
+    """A stack of `layers` residual blocks (`resblocks_{i}`), optionally rematerialised.
+
+    Initialisation follows OpenAI's `initialize_parameters`: attention q/k/v std
+    width^-0.5, attention output and MLP c_proj std width^-0.5 * (2 layers)^-0.5,
+    MLP c_fc std (2 width)^-0.5.
+    """
+    width: int
+    layers: int
+    heads: int
+    causal: bool = False
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        attn_std = self.width ** -0.5
+        proj_std = self.width ** -0.5 * (2 * self.layers) ** -0.5
+        fc_std = (2 * self.width) ** -0.5
+        block_cls = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
+        for i in range(self.layers):
+            x = block_cls(heads=self.heads, attn_std=attn_std, proj_std=proj_std,
+                          fc_std=fc_std, causal=self.causal, dtype=self.dtype,
+                          name=f"resblocks_{i}")(x)
+        return x

@@ -1,0 +1,40 @@
+"""OpenAI CLIP's text tower: a causal transformer read out at the end-of-text token."""
+from typing import Any
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+from clip_jax.models.layers import ACT_SPEC, Transformer, layer_norm, logical, normal
+
+
+class TextTransformer(nn.Module):
+    vocab_size: int
+    context_length: int
+    width: int
+    heads: int
+    layers: int
+    output_dim: int
+    remat: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens):
+        """tokens: int32 [B, context_length], 0 = padding; EOT has the largest id."""
+        tokens = jnp.asarray(tokens, jnp.int32)
+        x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=jnp.float32,
+                     embedding_init=logical(normal(0.02), ("vocab", "embed")),
+                     name="token_embedding")(tokens)
+        pos = self.param("positional_embedding", logical(normal(0.01), ("pos", "embed")),
+                         (self.context_length, self.width), jnp.float32)
+        x = x + pos[: tokens.shape[1]].astype(self.dtype)
+        x = nn.with_logical_constraint(x, ACT_SPEC)
+        x = Transformer(width=self.width, layers=self.layers, heads=self.heads,
+                        causal=True, remat=self.remat, dtype=self.dtype,
+                        name="transformer")(x)
+        x = layer_norm(self.dtype, "ln_final")(x)
+        eot = jnp.argmax(tokens, axis=-1)
+        x = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]   # [B, width]
+        proj = self.param("text_projection",
+                          logical(normal(self.width ** -0.5), ("embed", "joint")),
+                          (self.width, self.output_dim), jnp.float32)
+        return jnp.dot(x, proj.astype(self.dtype), preferred_element_type=jnp.float32)

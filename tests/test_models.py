@@ -1,0 +1,302 @@
+"""Model tests: exact paper parameter counts (abstractly), small-config behaviour."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import flax.linen as nn
+from flax.core import meta
+
+from clip_jax import config_lib
+from clip_jax.models import CLIP, build_model, count_params
+
+# Reference table (shared/reference/clip_models.md), counted on OpenAI's PyTorch code.
+PAPER_COUNTS = {
+    "rn50": (38_316_896, 63_690_240, 102_007_137),
+    "rn101": (56_259_936, 63_428_096, 119_688_033),
+    "rn50x4": (87_137_080, 91_163_520, 178_300_601),
+    "rn50x16": (167_328_912, 123_650_304, 290_979_217),
+    "rn50x64": (420_380_352, 202_877_952, 623_258_305),
+    "vit_b32": (87_849_216, 63_428_096, 151_277_313),
+    "vit_b16": (86_192_640, 63_428_096, 149_620_737),
+    "vit_l14": (303_966_208, 123_650_304, 427_616_513),
+    "vit_l14_336": (304_293_888, 123_650_304, 427_944_193),
+}
+
+CTX, VOCAB, EMBED = 16, 100, 24
+EOT = VOCAB - 1
+
+
+def abstract_init(model, image_size, ctx):
+    return jax.eval_shape(model.init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32),
+                          jax.ShapeDtypeStruct((1, ctx), jnp.int32))
+
+
+def test_paper_table_covers_all_models():
+    assert set(PAPER_COUNTS) == set(config_lib.PAPER_MODELS)
+
+
+@pytest.mark.parametrize("name", list(config_lib.PAPER_MODELS))
+def test_paper_param_counts(name):
+    cfg = config_lib.model_config(name)
+    model = build_model(cfg)
+    variables = meta.unbox(abstract_init(model, cfg.vision.image_size,
+                                         cfg.text.context_length))
+    assert all(isinstance(x, jax.ShapeDtypeStruct)
+               for x in jax.tree_util.tree_leaves(variables))
+    counts = count_params(variables["params"])
+    image, text, total = PAPER_COUNTS[name]
+    assert counts == dict(image=image, text=text, total=total)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables["params"]))
+
+
+def small_cfg(kind, dtype="float32", remat=False):
+    if kind == "resnet":
+        vision = dict(kind="resnet", image_size=64, layers=(1, 1, 1, 1), width=16,
+                      patch_size=0, heads=16 * 32 // 64)
+    else:
+        vision = dict(kind="vit", image_size=32, layers=1, width=64, patch_size=8, heads=2)
+    return ml_collections.ConfigDict(dict(
+        embed_dim=EMBED, vision=vision,
+        text=dict(vocab_size=VOCAB, context_length=CTX, width=32, heads=4, layers=1),
+        dtype=dtype, remat=remat))
+
+
+def make_tokens(batch, seed=0):
+    rng = np.random.default_rng(seed)
+    toks = np.zeros((batch, CTX), np.int32)
+    for b in range(batch):
+        n = 3 + (b + seed) % (CTX - 5)
+        toks[b, 0] = EOT - 1                               # start-of-text
+        toks[b, 1:n] = rng.integers(1, EOT - 1, n - 1)
+        toks[b, n] = EOT
+    return jnp.asarray(toks)
+
+
+def make_images(batch, size, seed=0):
+    return jax.random.normal(jax.random.key(seed), (batch, size, size, 3), jnp.float32)
+
+
+# XLA:CPU compile time dominates these tests; skip its expensive passes.
+fast_jit = functools.partial(jax.jit, compiler_options=dict(
+    xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True,
+    xla_cpu_use_fusion_emitters=False))
+B = 2
+
+
+def unit(x):
+    x = np.asarray(x)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@functools.lru_cache(maxsize=None)
+def init_small(kind):
+    cfg = small_cfg(kind)
+    model = build_model(cfg)
+    size = cfg.vision.image_size
+    key = jax.random.key(0)
+    variables = fast_jit(model.init)(key, make_images(B, size), make_tokens(B))
+    return model, size, meta.unbox(variables)
+
+
+@functools.lru_cache(maxsize=None)
+def forward_fn(kind, dtype="float32", train=False):
+    model = build_model(small_cfg(kind, dtype))
+    if train:
+        return fast_jit(lambda v, i, t: model.apply(v, i, t, train=True,
+                                                    mutable=["batch_stats"]))
+    return fast_jit(model.apply)
+
+
+@pytest.mark.parametrize("kind", ["resnet", "vit"])
+def test_forward(kind):
+    _, size, variables = init_small(kind)
+    images, tokens = make_images(B, size, 1), make_tokens(B, 1)
+    out = forward_fn(kind)(variables, images, tokens)
+    assert out["image_embeds"].shape == (B, EMBED)
+    assert out["text_embeds"].shape == (B, EMBED)
+    for k in ("image_embeds", "text_embeds"):
+        assert out[k].dtype == jnp.float32
+        np.testing.assert_allclose(np.linalg.norm(out[k], axis=-1), 1.0, rtol=1e-5)
+    assert out["logit_scale"].shape == () and out["logit_scale"].dtype == jnp.float32
+    np.testing.assert_allclose(out["logit_scale"], 1 / 0.07, rtol=1e-5)
+    np.testing.assert_allclose(variables["params"]["logit_scale"], np.log(1 / 0.07), rtol=1e-6)
+    # The temperature is clipped at 100.
+    params = dict(variables["params"], logit_scale=jnp.float32(10.0))
+    out = forward_fn(kind)(dict(variables, params=params), images, tokens)
+    assert float(out["logit_scale"]) == 100.0
+
+
+def test_resnet_batch_stats_and_init():
+    _, size, variables = init_small("resnet")
+    assert "batch_stats" in variables
+    visual = variables["params"]["visual"]
+    # bn3 of every bottleneck is zero-initialised; the stem's bn3 is not.
+    blocks = [k for k in visual if k.startswith("layer")]
+    assert blocks == ["layer1_0", "layer2_0", "layer3_0", "layer4_0"]
+    for name in blocks:
+        assert not np.any(visual[name]["bn3"]["scale"])
+    assert np.all(visual["bn3"]["scale"] == 1.0)
+    images, tokens = make_images(B, size, 2), make_tokens(B)
+    out, updates = forward_fn("resnet", train=True)(variables, images, tokens)
+    old = jax.tree_util.tree_leaves(variables["batch_stats"])
+    new = jax.tree_util.tree_leaves(updates["batch_stats"])
+    assert len(old) == len(new)
+    assert all(o.shape == n.shape for o, n in zip(old, new))
+    assert all(not np.allclose(o, n) for o, n in zip(old, new))
+    # Eval mode uses running stats and differs from train mode.
+    eval_out = forward_fn("resnet")(variables, images, tokens)
+    assert not np.allclose(eval_out["image_embeds"], out["image_embeds"])
+
+
+def test_causal_text():
+    _, size, variables = init_small("vit")
+    images = make_images(B, size)
+    encode = lambda t: np.asarray(
+        forward_fn("vit")(variables, images, jnp.asarray(t))["text_embeds"])
+    tokens = np.asarray(make_tokens(B))
+    eot_pos = np.argmax(tokens, axis=-1)
+    assert np.all(eot_pos < CTX - 1)
+    base = encode(tokens)
+    after = tokens.copy()
+    for b, p in enumerate(eot_pos):
+        after[b, p + 1:] = np.arange(1, CTX - p) % (EOT - 1) + 1   # all < EOT
+    np.testing.assert_allclose(encode(after), base, rtol=1e-5, atol=1e-6)
+    before = tokens.copy()
+    before[:, 1] = np.where(tokens[:, 1] == 1, 2, 1)     # one token before the EOT
+    assert np.all(np.abs(encode(before) - base).max(axis=-1) > 1e-4)
+
+
+@pytest.mark.parametrize("kind", ["resnet", "vit"])
+def test_bfloat16(kind):
+    model = build_model(small_cfg(kind, "bfloat16"))
+    _, size, variables = init_small(kind)
+    abstract = meta.unbox(abstract_init(model, size, CTX))
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(abstract))
+    assert (jax.tree_util.tree_structure(abstract)
+            == jax.tree_util.tree_structure(variables))
+    images, tokens = make_images(B, size), make_tokens(B)
+    out = forward_fn(kind, "bfloat16")(variables, images, tokens)
+    assert out["image_embeds"].dtype == out["text_embeds"].dtype == jnp.float32
+    for k in ("image_embeds", "text_embeds"):
+        assert np.all(np.isfinite(out[k]))
+        np.testing.assert_allclose(np.linalg.norm(out[k], axis=-1), 1.0, rtol=1e-5)
+    # Close to the float32 computation with the same parameters.
+    ref = forward_fn(kind)(variables, images, tokens)
+    for k in ("image_embeds", "text_embeds"):
+        cos = np.sum(np.asarray(ref[k]) * np.asarray(out[k]), axis=-1)
+        assert np.all(cos > 0.98), (k, cos)
+
+
+@pytest.mark.parametrize("kind", ["resnet", "vit"])
+def test_remat_matches(kind):
+    """remat=True gives the same parameter tree and the same results. ViT: loss and
+    gradients through the text tower (the same `Transformer` as the ViT's). ResNet:
+    the train-mode forward (remat with a static `train` and mutable batch_stats).
+    Also checks that encode_text / encode_image agree with __call__."""
+    _, size, variables = init_small(kind)
+    model = build_model(small_cfg(kind))
+    remat_model = build_model(small_cfg(kind, remat=True))
+    assert remat_model.remat and not model.remat
+    remat_vars = meta.unbox(abstract_init(remat_model, size, CTX))
+    assert (jax.tree_util.tree_structure(remat_vars)
+            == jax.tree_util.tree_structure(variables))
+    images, tokens = make_images(B, size, 3), make_tokens(B, 3)
+    if kind == "resnet":
+        train_fwd = fast_jit(lambda v, i: remat_model.apply(
+            v, i, train=True, method=CLIP.encode_image, mutable=["batch_stats"]))
+        emb1, upd1 = train_fwd(variables, images)
+        out0, upd0 = forward_fn("resnet", train=True)(variables, images, tokens)
+        assert emb1.shape == (B, EMBED) and emb1.dtype == jnp.float32
+        np.testing.assert_allclose(unit(emb1), out0["image_embeds"], rtol=1e-5, atol=1e-6)
+        jax.tree_util.tree_map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+            upd0, upd1)
+        return
+    weights = jax.random.normal(jax.random.key(1), (B, EMBED))
+
+    def loss(m, params):
+        emb = m.apply(dict(variables, params=params), tokens, method=CLIP.encode_text)
+        return jnp.sum(emb * weights), emb
+
+    grad = lambda m: fast_jit(jax.value_and_grad(functools.partial(loss, m), has_aux=True))
+    (l0, emb0), g0 = grad(model)(variables["params"])
+    (l1, emb1), g1 = grad(remat_model)(variables["params"])
+    np.testing.assert_allclose(l0, l1, rtol=1e-5)
+    assert emb0.shape == (B, EMBED) and emb0.dtype == jnp.float32
+    ref = forward_fn("vit")(variables, images, tokens)["text_embeds"]
+    np.testing.assert_allclose(unit(emb0), ref, rtol=1e-5, atol=1e-6)
+    assert any(np.any(g) for g in jax.tree_util.tree_leaves(g0["text"]))
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g0, g1)
+
+
+def test_partition_specs():
+    P = jax.sharding.PartitionSpec
+    for kind in ("vit", "resnet"):
+        model = build_model(small_cfg(kind))
+        size = small_cfg(kind).vision.image_size
+        specs = nn.get_partition_spec(abstract_init(model, size, CTX))["params"]
+        text = specs["text"]
+        block = text["transformer"]["resblocks_0"]
+        assert block["attn"]["query"]["kernel"] == P("embed", "heads", "kv")
+        assert block["attn"]["query"]["bias"] == P("heads", "kv")
+        assert block["attn"]["out"]["kernel"] == P("heads", "kv", "embed")
+        assert block["mlp"]["c_fc"]["kernel"] == P("embed", "mlp")
+        assert block["mlp"]["c_proj"]["kernel"] == P("mlp", "embed")
+        assert block["ln_1"]["scale"] == P("norm")
+        assert text["token_embedding"]["embedding"] == P("vocab", "embed")
+        assert text["positional_embedding"] == P("pos", "embed")
+        assert text["text_projection"] == P("embed", "joint")
+        assert specs["logit_scale"] == P()
+        visual = specs["visual"]
+        if kind == "vit":
+            assert visual["conv1"]["kernel"] == P(None, None, "conv_in", "conv_out")
+            assert visual["proj"] == P("embed", "joint")
+            assert visual["class_embedding"] == P("embed")
+        else:
+            assert visual["layer1_0"]["conv2"]["kernel"] == P(None, None, "conv_in", "conv_out")
+            assert visual["layer1_0"]["bn1"]["scale"] == P("norm")
+            assert visual["attnpool"]["attn"]["out"]["kernel"] == P("heads", "kv", "joint")
+        # Every logical name used is one the sharding rules know.
+        known = {name for name, _ in config_lib.DEFAULT_RULES}
+        names = {n for s in jax.tree_util.tree_leaves(
+            specs, is_leaf=lambda x: isinstance(x, P)) for n in s if n is not None}
+        assert names <= known, names - known
+
+
+def test_logical_constraints_with_rules():
+    """Under a mesh with the default rules: abstract init (both towers) gives shardings,
+    and the forward runs with the constraints applied, unchanged."""
+    mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "model"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    rules = config_lib.DEFAULT_RULES
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        for kind in ("resnet", "vit"):
+            model = build_model(small_cfg(kind, remat=True))
+            abstract = abstract_init(model, small_cfg(kind).vision.image_size, CTX)
+            shardings = nn.logical_to_mesh_sharding(
+                nn.get_partition_spec(abstract), mesh, rules)
+            assert all(isinstance(x, jax.sharding.NamedSharding)
+                       for x in jax.tree_util.tree_leaves(shardings))
+        model, size, variables = init_small("vit")
+        out = fast_jit(model.apply)(variables, make_images(B, size), make_tokens(B))
+    ref = forward_fn("vit")(variables, make_images(B, size), make_tokens(B))
+    np.testing.assert_allclose(out["image_embeds"], ref["image_embeds"], rtol=1e-5, atol=1e-6)
+
+
+def test_init_statistics():
+    """Spot-check OpenAI's initialisation scales on the text tower."""
+    cfg = small_cfg("vit")
+    params = init_small("vit")[2]["params"]
+    text = params["text"]
+    assert abs(np.std(text["token_embedding"]["embedding"]) - 0.02) < 0.002
+    assert abs(np.std(text["positional_embedding"]) - 0.01) < 0.002
+    blk = text["transformer"]["resblocks_0"]
+    w = cfg.text.width
+    assert abs(np.std(blk["attn"]["query"]["kernel"]) - w ** -0.5) < 0.02
+    assert abs(np.std(blk["mlp"]["c_fc"]["kernel"]) - (2 * w) ** -0.5) < 0.02
+    assert not np.any(blk["attn"]["query"]["bias"])
