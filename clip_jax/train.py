@@ -226,13 +226,13 @@ def _load_config_for_check(argv):
             path = argv[i + 1]
     if path is None:
         return config_lib.base_config()
-    path = path.split(":", 1)[0]
+    path, _, arg = path.partition(":")
     if not os.path.exists(path):
         raise config_lib.ConfigError(f"--config: no such file {path!r}")
     spec = importlib.util.spec_from_file_location("_clip_jax_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(arg) if arg else module.get_config()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """A tiny CLIP that learns the embedded synthetic dataset on 2 CPU cores in a few minutes.
 
-Float32, no remat. Held-out (shape, colour) combinations are never seen in training;
+Float32, no remat. `--config=configs/smoke.py:resnet` swaps the ViT for a tiny modified
+ResNet (attention pooling, BatchNorm) with the same text tower. Held-out (shape, colour) combinations are never seen in training;
 the zero-shot evaluation classifies them by shape and by colour from prompts alone.
 """
 import ml_collections
@@ -8,7 +9,7 @@ import ml_collections
 from clip_jax import config_lib
 
 
-def get_config():
+def get_config(arg=None):
     c = config_lib.base_config()
     c.model = ml_collections.ConfigDict(dict(
         embed_dim=64,
@@ -17,6 +18,11 @@ def get_config():
         dtype="float32",
         remat=False,
     ))
+    if arg == "resnet":
+        c.model.vision = ml_collections.ConfigDict(dict(
+            kind="resnet", image_size=32, layers=(1, 1, 1, 1), width=16, patch_size=0, heads=8))
+    elif arg:
+        raise ValueError(f"--config=configs/smoke.py:{arg}: the only variant is 'resnet'")
     c.batch_size = 128
     c.total_steps = 1200
     c.log_every = 50
