@@ -107,6 +107,13 @@ def paper_config(name):
     return c
 
 
+def quiet_absl_logging():
+    """Warnings and up only (no 'Unable to initialize backend tpu' lines), unless --verbosity was given."""
+    from absl import flags, logging
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
 class ConfigError(ValueError):
     """A config problem found before any work starts; the message names the key."""
 

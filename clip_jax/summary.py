@@ -1,4 +1,4 @@
-"""`python -m clip_jax.summary --config=configs/X.py [--json] [--devices N] [--no-memory]`.
+"""`python -m clip_jax.summary --config=configs/X.py [--json] [--devices N] [--nomemory]`.
 
 Reports, without allocating any parameter (everything is traced abstractly):
 - parameters per tower and in total (image = the whole image tower incl. its projection,
@@ -26,7 +26,7 @@ def abstract_variables(model, model_cfg):
     s = model_cfg.vision.image_size
     images = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
     tokens = jax.ShapeDtypeStruct((1, model_cfg.text.context_length), jnp.int32)
-    return sharding.unbox_abstract(jax.eval_shape(lambda r: model.init(r, images, tokens), jax.random.key(0)))
+    return sharding.unbox_abstract(jax.eval_shape(model.init, jax.random.key(0), images, tokens))
 
 
 def param_counts(model_cfg):
@@ -121,6 +121,7 @@ def main():
 
     def run(argv):
         del argv
+        config_lib.quiet_absl_logging()
         F = flags.FLAGS
         config = config_flag.value
         try:

@@ -180,7 +180,7 @@ def train(config, workdir):
                 writer.write(step, record)
                 last.update(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}",
-                                samples_s=f"{record.get('samples_per_sec', 0):.0f}")
+                                samples_s=f"{record['samples_per_sec']:.0f}" if "samples_per_sec" in record else "-")
         bar.close()
         writer.close()
         if jax.process_index() == 0:
@@ -203,6 +203,7 @@ def main():
 
     def run(argv):
         del argv
+        config_lib.quiet_absl_logging()
         try:
             train(config_flag.value, flags.FLAGS.workdir)
         except config_lib.ConfigError as e:

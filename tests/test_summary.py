@@ -1,0 +1,36 @@
+"""`clip_jax.summary`: counts equal the paper table for all nine configs, computed abstractly."""
+import os
+
+import pytest
+
+from clip_jax import summary
+from tests.helpers import REPO, run_cli
+from tests.test_config import load
+from tests.test_models import PAPER_COUNTS
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_COUNTS))
+def test_summary_counts_match_reference(name):
+    s = summary.summarize(load(os.path.join(REPO, "configs", f"{name}.py")), memory=False)
+    image, text, total = PAPER_COUNTS[name]
+    assert s["params"] == {"image": image, "text": text, "total": total}
+    assert s["gflops"]["image"] > 0 and s["gflops"]["text"] > 0
+
+
+def test_gflops_scale_with_resolution():
+    g = {n: summary.summarize(load(os.path.join(REPO, "configs", f"{n}.py")), memory=False)["gflops"]
+         for n in ("vit_b32", "vit_b16")}
+    # 4x the patches: at least ~4x the image FLOPs, identical text FLOPs.
+    assert g["vit_b16"]["image"] > 3.9 * g["vit_b32"]["image"]
+    assert g["vit_b16"]["text"] == pytest.approx(g["vit_b32"]["text"])
+
+
+def test_cli_json_last_line_with_memory_estimate():
+    import json
+    proc = run_cli(["clip_jax.summary", "--config=configs/smoke.py", "--json", "--devices=1"],
+                   timeout=300)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["params"]["total"] == out["params"]["image"] + out["params"]["text"] + 1
+    m = out["memory"]
+    assert m["local_batch"] == 128 and m["total_gib"] > m["state_gib"] > 0
+    assert m["activation_mib_per_example"] > 0
