@@ -24,9 +24,9 @@ def get_config(arg=None):
     elif arg:
         raise ValueError(f"--config=configs/smoke.py:{arg}: the only variant is 'resnet'")
     c.batch_size = 128
-    c.total_steps = 1200
+    c.total_steps = 1000
     c.log_every = 50
-    c.eval_every = 300
+    c.eval_every = 250
     c.optim.update(lr=1e-3, warmup_steps=100, weight_decay=0.1)
     c.data.synthetic.update(image_size=32, num_train=200_000, num_eval=512)
     c.data.tokenizer_vocab_size = 256
