@@ -4,7 +4,6 @@ A class's text classifier is the mean of its L2-normalised prompt embeddings ove
 the templates, renormalised. Images are classified by cosine similarity.
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -53,8 +52,8 @@ def make_encoders(model, variables_fn):
     `variables_fn()` returns the variables at call time, so the same compiled
     functions serve every evaluation during training.
     """
-    enc_img = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_image))
-    enc_txt = jax.jit(lambda v, t: model.apply(v, t, method=model.encode_text))
+    from clip_jax.models import encoder_fns
+    enc_img, enc_txt = encoder_fns(model)
     return (lambda x: enc_img(variables_fn(), x)), (lambda t: enc_txt(variables_fn(), t))
 
 

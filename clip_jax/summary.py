@@ -14,18 +14,14 @@ import json
 import math
 import sys
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from clip_jax import config_lib, losses, sharding
-from clip_jax.models import build_model, count_params
+from clip_jax.models import build_model, count_params, encoder_fns, input_specs
 
 
 def abstract_variables(model, model_cfg):
-    s = model_cfg.vision.image_size
-    images = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
-    tokens = jax.ShapeDtypeStruct((1, model_cfg.text.context_length), jnp.int32)
+    images, tokens = input_specs(model_cfg)
     return sharding.unbox_abstract(jax.eval_shape(model.init, jax.random.key(0), images, tokens))
 
 
@@ -35,11 +31,8 @@ def param_counts(model_cfg):
 
 
 def gflops(model, model_cfg, variables):
-    s = model_cfg.vision.image_size
-    img = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
-    txt = jax.ShapeDtypeStruct((1, model_cfg.text.context_length), jnp.int32)
-    enc_i = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_image))
-    enc_t = jax.jit(lambda v, t: model.apply(v, t, method=model.encode_text))
+    img, txt = input_specs(model_cfg)
+    enc_i, enc_t = encoder_fns(model)
     flops = lambda lowered: _cost(lowered)["flops"] / 1e9
     return {"image": flops(enc_i.lower(variables, img)), "text": flops(enc_t.lower(variables, txt))}
 
@@ -51,8 +44,8 @@ def _cost(lowered):
 
 def activation_bytes(model, model_cfg, variables, batch):
     """XLA's temp-buffer size for forward+backward of the loss at `batch` examples."""
-    s = model_cfg.vision.image_size
     has_bn = model_cfg.vision.kind == "resnet"
+    img, txt = input_specs(model_cfg, batch)
 
     def loss(params, images, tokens):
         v = {**variables, "params": params}
@@ -61,8 +54,7 @@ def activation_bytes(model, model_cfg, variables, batch):
         return losses.clip_loss_naive(out["image_embeds"], out["text_embeds"], out["logit_scale"])
 
     compiled = jax.jit(jax.grad(loss)).lower(
-        variables["params"], jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32),
-        jax.ShapeDtypeStruct((batch, model_cfg.text.context_length), jnp.int32)).compile()
+        variables["params"], img, txt).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
 

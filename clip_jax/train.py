@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from clip_jax import config_lib, evaluate, losses, metrics, optim, sharding
-from clip_jax.models import build_model
+from clip_jax.models import build_model, input_specs
 
 
 @flax.struct.dataclass
@@ -31,15 +31,9 @@ def _variables(params, batch_stats):
     return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-def _dummy_inputs(model_cfg, batch=1):
-    s = model_cfg.vision.image_size
-    return (jnp.zeros((batch, s, s, 3), jnp.float32),
-            jnp.zeros((batch, model_cfg.text.context_length), jnp.int32))
-
-
 def create_train_state(config, model, tx, mesh, rules, rng):
     """Initialises the state sharded on `mesh`. Returns (state, state_shardings)."""
-    images, tokens = _dummy_inputs(config.model)
+    images, tokens = (jnp.zeros(x.shape, x.dtype) for x in input_specs(config.model))
 
     def init_boxed(rng):
         return model.init(rng, images, tokens, train=False)

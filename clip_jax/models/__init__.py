@@ -6,7 +6,7 @@ from flax.core import meta
 
 from clip_jax.models.clip import CLIP
 
-__all__ = ["CLIP", "build_model", "count_params"]
+__all__ = ["CLIP", "build_model", "count_params", "input_specs", "encoder_fns"]
 
 
 def build_model(model_cfg) -> CLIP:
@@ -47,3 +47,16 @@ def count_params(params) -> dict:
     image = _size(params["visual"])
     text = _size({k: v for k, v in params.items() if k not in ("visual", "logit_scale")})
     return dict(image=image, text=text, total=_size(params))
+
+
+def input_specs(model_cfg, batch=1):
+    """Abstract (images, tokens) inputs of a model: float32 NHWC images, int32 token ids."""
+    s = int(model_cfg.vision.image_size)
+    return (jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32),
+            jax.ShapeDtypeStruct((batch, int(model_cfg.text.context_length)), jnp.int32))
+
+
+def encoder_fns(model):
+    """Jitted (encode_image(variables, images), encode_text(variables, tokens))."""
+    return (jax.jit(lambda v, x: model.apply(v, x, method=model.encode_image)),
+            jax.jit(lambda v, t: model.apply(v, t, method=model.encode_text)))
