@@ -1,0 +1,175 @@
+"""The on-disk format of an ingested dataset: ArrayRecord shards of msgpack records + manifest.
+
+A directory written by `clip_jax.ingest`:
+
+  DIR/manifest.json          written last: a directory without it is not a dataset
+  DIR/data-00000.array_record, data-00001.array_record, ...
+  DIR/skipped.jsonl          one line per skipped input row: {"row", "source", "reason", "detail"}
+
+Each record is a msgpack map:
+  image    bytes   JPEG, RGB, short side <= the manifest's `max_size`
+  caption  str     UTF-8, stripped, never empty
+  key      str     where the row came from (relative path, tar member, TFDS index)
+  label    int     optional: class index into manifest["classes"] (imagefolder, labelled TFDS)
+  meta     map     optional: the input row's other columns, str -> str (CSV)
+
+manifest.json holds at least `format`, `num_records`, `rows` (input rows seen), `shards`
+(list of {"path", "num_records"}, paths relative to DIR), `skipped` (reason -> count) and
+`repaired` (what was converted and kept -> count); `num_records + sum(skipped) == rows`.
+"""
+import json
+import os
+
+import msgpack
+
+FORMAT = "clip_jax.ingest/1"
+MANIFEST = "manifest.json"
+SKIPPED_LOG = "skipped.jsonl"
+
+
+def encode_record(image, caption, key, label=None, meta=None):
+    record = {"image": bytes(image), "caption": str(caption), "key": str(key)}
+    if label is not None:
+        record["label"] = int(label)
+    if meta:
+        record["meta"] = {str(k): str(v) for k, v in meta.items()}
+    return msgpack.packb(record, use_bin_type=True)
+
+
+def decode_record(data):
+    """bytes -> dict (see the module docstring). Raises ValueError on a malformed record."""
+    try:
+        record = msgpack.unpackb(data, raw=False)
+    except Exception as e:
+        raise ValueError(f"malformed record: {type(e).__name__}: {e}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("image"), bytes) \
+            or not isinstance(record.get("caption"), str):
+        raise ValueError("malformed record: needs bytes 'image' and str 'caption'")
+    return record
+
+
+def shard_name(index):
+    return f"data-{index:05d}.array_record"
+
+
+class ShardWriter:
+    """Writes encoded records to consecutive ArrayRecord shards of `records_per_shard` each."""
+
+    def __init__(self, directory, records_per_shard):
+        if records_per_shard <= 0:
+            raise ValueError(f"records_per_shard must be positive, got {records_per_shard}")
+        self.directory = directory
+        self.records_per_shard = int(records_per_shard)
+        self.shards = []          # [{"path", "num_records"}], closed shards and the open one
+        self._writer = None
+
+    def write(self, record_bytes):
+        if self._writer is None or self.shards[-1]["num_records"] == self.records_per_shard:
+            self._open_next()
+        self._writer.write(record_bytes)
+        self.shards[-1]["num_records"] += 1
+
+    def _open_next(self):
+        from array_record.python.array_record_module import ArrayRecordWriter
+        self._close_current()
+        name = shard_name(len(self.shards))
+        # group_size:1 makes every record its own chunk: cheapest random access.
+        self._writer = ArrayRecordWriter(os.path.join(self.directory, name), "group_size:1")
+        self.shards.append({"path": name, "num_records": 0})
+
+    def _close_current(self):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def close(self):
+        self._close_current()
+        return list(self.shards)
+
+
+def write_manifest(directory, manifest):
+    """Writes manifest.json atomically (the dataset's completion marker)."""
+    path = os.path.join(directory, MANIFEST)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"format": FORMAT, **manifest}, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(directory):
+    """manifest.json of an ingested directory; raises ValueError naming the file if unusable."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory!r} is not a directory")
+    if not os.path.exists(path):
+        raise ValueError(f"{path} does not exist: {directory!r} is not an ingested dataset "
+                         "(or its ingest did not finish); create one with "
+                         "`python -m clip_jax.ingest FORMAT SOURCE --out DIR`")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable manifest: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    for key in ("num_records", "shards"):
+        if key not in manifest:
+            raise ValueError(f"{path}: missing key {key!r}")
+    if sum(s["num_records"] for s in manifest["shards"]) != manifest["num_records"]:
+        raise ValueError(f"{path}: shard record counts do not add up to num_records")
+    for shard in manifest["shards"]:
+        if not os.path.exists(os.path.join(directory, shard["path"])):
+            raise ValueError(f"{path}: shard {shard['path']!r} is missing from {directory!r}")
+    return manifest
+
+
+def is_ingested(directory):
+    return os.path.isfile(os.path.join(directory, MANIFEST))
+
+
+class IngestedSource:
+    """Grain random-access source over an ingested directory: record i -> dict (decoded msgpack).
+
+    Picklable (Grain worker processes reopen the shards). `__getitems__` reads a batch of
+    indices in one call, which ArrayRecord serves faster than one read per index.
+    """
+
+    def __init__(self, directory):
+        self.directory = os.path.abspath(directory)
+        self.manifest = read_manifest(self.directory)
+        if self.manifest["num_records"] == 0:
+            raise ValueError(f"{os.path.join(self.directory, MANIFEST)}: the dataset has 0 records")
+        self._paths = [os.path.join(self.directory, s["path"]) for s in self.manifest["shards"]
+                       if s["num_records"] > 0]
+        self._source = None
+
+    @property
+    def _records(self):
+        if self._source is None:
+            import grain
+            self._source = grain.sources.ArrayRecordDataSource(self._paths)
+        return self._source
+
+    def __len__(self):
+        return int(self.manifest["num_records"])
+
+    def __getitem__(self, index):
+        return decode_record(self._records[int(index)])
+
+    def raw(self, indices):
+        """The undecoded record bytes of `indices` (a decode error is then per record)."""
+        return self._records.__getitems__([int(i) for i in indices])
+
+    @property
+    def classes(self):
+        return self.manifest.get("classes")
+
+    def __getstate__(self):
+        return {"directory": self.directory}
+
+    def __setstate__(self, state):
+        self.__init__(state["directory"])
+
+    def __repr__(self):
+        return f"IngestedSource({self.directory!r}, num_records={len(self)})"
