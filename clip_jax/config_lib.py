@@ -5,6 +5,8 @@ returning a ConfigDict built from these helpers. Every key is documented in
 README.md ("Config keys"). Shapes come from the paper / reference
 implementation (see the table in README.md); parameter counts are tested.
 """
+import os
+
 import ml_collections
 
 # name: (embed_dim, image_size, vision_layers, vision_width, patch, text_width, text_heads)
@@ -77,7 +79,6 @@ def base_config():
     c.total_steps = 12_800_000_000 // 32768   # 32 epochs x 400M pairs
     c.log_every = 100
     c.eval_every = 0               # 0: evaluate only at the end
-    c.workdir_tokenizer = True     # (reserved) tokenizer cached in the workdir
     c.progress = True              # tqdm progress bar
     c.optim = ml_collections.ConfigDict(dict(
         lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
@@ -86,9 +87,18 @@ def base_config():
     c.sharding_rules = DEFAULT_RULES
     c.loss = ml_collections.ConfigDict(dict(name="clip"))
     c.data = ml_collections.ConfigDict(dict(
-        source="synthetic", workers=0, prefetch=2,
-        tokenizer="sentencepiece", tokenizer_vocab_size=256,
-        synthetic=dict(image_size=224, num_train=1_000_000, num_eval=512)))
+        # 'synthetic', an ingested directory, 'tfds:NAME[:SPLIT]', or a comma-separated
+        # mixture of them; `weights` (comma-separated, '' = proportional to size) mixes them.
+        source="synthetic", weights="",
+        workers=0, prefetch=2,
+        # Training crop (RandomResizedCrop): area fraction and aspect-ratio ranges.
+        crop_scale=(0.9, 1.0), crop_ratio=(3 / 4, 4 / 3),
+        # 'sentencepiece' (tokenizer_path: a .model file, or '' to train one on the
+        # training captions, cached in the workdir) or 'clip_bpe' (tokenizer_path: the
+        # reference's merges file, or '' to use the one installed with open_clip).
+        tokenizer="sentencepiece", tokenizer_path="", tokenizer_vocab_size=256,
+        tfds=dict(data_dir="", image_key="image", caption_key="caption", label_key=""),
+        synthetic=dict(num_train=1_000_000, num_eval=512)))
     return c
 
 
@@ -96,7 +106,6 @@ def paper_config(name):
     """The paper's recipe for model `name` at its real scale."""
     c = base_config()
     c.model = model_config(name)
-    c.data.synthetic.image_size = c.model.vision.image_size
     c.optim.lr = PAPER_LR[name]
     if name.startswith("rn"):
         c.optim.b2, c.optim.eps = 0.999, 1e-8
@@ -144,6 +153,69 @@ def check_override_keys(config, argv, flag="config"):
             raise ConfigError(f"unknown config key '{dotted}' in {arg!r}{hint}")
 
 
+def _validate_data(config, need):
+    from clip_jax.data import records, sources, tokenizer
+    d = config.data
+    try:
+        specs = sources.parse_source_list(d.source)
+        sources.parse_weights(d.weights, len(specs))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for spec in specs:
+        if spec == "synthetic" or spec.startswith("tfds:"):
+            continue
+        need(os.path.isdir(spec), "data.source",
+             f"entry {spec!r} is neither 'synthetic', 'tfds:NAME[:SPLIT]' nor an existing directory")
+        try:
+            records.read_manifest(spec)
+        except ValueError as e:
+            raise ConfigError(f"config.data.source: {e}") from None
+    need(d.workers >= 0, "data.workers", "must be >= 0")
+    need(d.prefetch >= 0, "data.prefetch", "must be >= 0")
+    lo, hi = d.crop_scale
+    need(0 < lo <= hi <= 1, "data.crop_scale", "must be (low, high) with 0 < low <= high <= 1")
+    lo, hi = d.crop_ratio
+    need(0 < lo <= hi, "data.crop_ratio", "must be (low, high) with 0 < low <= high")
+    need(d.tokenizer in tokenizer.TOKENIZERS, "data.tokenizer", f"must be one of {sorted(tokenizer.TOKENIZERS)}")
+    need(not d.tokenizer_path or os.path.exists(d.tokenizer_path), "data.tokenizer_path", "no such file")
+    if d.tokenizer == "sentencepiece":
+        need(d.tokenizer_vocab_size <= config.model.text.vocab_size, "data.tokenizer_vocab_size",
+             f"must be <= model.text.vocab_size={config.model.text.vocab_size}")
+
+
+def load_config_file(argv, default=None):
+    """The config named by argv's --config=PATH[:ARG] (or `default`), loaded as absl would."""
+    import importlib.util
+    import sys
+    path = default
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+    if path is None:
+        return base_config()
+    path, _, arg = path.partition(":")
+    if not os.path.exists(path):
+        raise ConfigError(f"--config: no such file {path!r}")
+    spec = importlib.util.spec_from_file_location("_clip_jax_config", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise ConfigError(f"--config={path}: {type(e).__name__}: {e}") from None
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def check_cli_overrides_or_exit(argv, default=None):
+    """Before absl parses argv: exits with a message naming an unknown --config.* key."""
+    import sys
+    try:
+        check_override_keys(load_config_file(argv, default), argv)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+
+
 def validate(config, num_devices=None):
     """Semantic checks of a whole config; raises ConfigError naming the first bad key."""
     from clip_jax import sharding
@@ -173,11 +245,7 @@ def validate(config, num_devices=None):
     need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     from clip_jax import losses
     need(config.loss.name in losses.LOSSES, "loss.name", f"must be one of {sorted(losses.LOSSES)}")
-    need(config.data.source == "synthetic", "data.source", "only 'synthetic' is available so far")
-    need(config.data.workers >= 0, "data.workers", "must be >= 0")
-    if config.data.tokenizer == "sentencepiece":
-        need(config.data.tokenizer_vocab_size <= m.text.vocab_size, "data.tokenizer_vocab_size",
-             f"must be <= model.text.vocab_size={m.text.vocab_size}")
+    _validate_data(config, need)
     rule_names = [r[0] for r in config.sharding_rules]
     need("batch" in rule_names, "sharding_rules", "needs a rule for the logical axis 'batch'")
     for name, axes in config.sharding_rules:

@@ -4,6 +4,8 @@ Library functions (`create_train_state`, `make_train_step`, `train`) over pytree
 `main` is a thin command line. Parameters are created directly sharded
 (`jit(init, out_shardings=...)`), so the full model never sits on one device.
 """
+import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -130,6 +132,41 @@ class ZeroShotEvaluator:
             self._state = None
 
 
+@dataclasses.dataclass
+class Run:
+    """What a training step needs; run it under `context()` (mesh + logical-axis rules)."""
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    model: nn.Module
+    state: TrainState
+    state_shardings: TrainState
+    train_step: callable
+
+    def context(self):
+        return mesh_context(self.mesh, self.rules)
+
+
+def mesh_context(mesh, rules):
+    """`with` this: the mesh and the logical-axis rules that tracing the model needs."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(rules))
+    return stack
+
+
+def build(config):
+    """Mesh, model, optimiser, the sharded initial state and the jitted step of `config`."""
+    mesh = sharding.make_mesh(config.mesh)
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    model = build_model(config.model)
+    tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+    with mesh_context(mesh, rules):
+        state, state_shardings = create_train_state(
+            config, model, tx, mesh, rules, jax.random.key(config.seed))
+        train_step = make_train_step(config, model, tx, schedule, mesh, rules, state_shardings)
+    return Run(mesh, rules, model, state, state_shardings, train_step)
+
+
 def train(config, workdir):
     """Trains per `config`, writing metrics to `workdir`. Returns the last logged metrics."""
     from tqdm import tqdm
@@ -141,18 +178,21 @@ def train(config, workdir):
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
-    mesh = sharding.make_mesh(config.mesh)
-    rules = tuple(tuple(r) for r in config.sharding_rules)
-    model = build_model(config.model)
-    tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
-    tokenizer = tokenizer_lib.get_tokenizer(config, workdir)
+    try:   # opens the data source too (a workdir tokenizer is trained on its captions)
+        tokenizer = tokenizer_lib.get_tokenizer(config, workdir)
+    except (ValueError, OSError) as e:
+        raise config_lib.ConfigError(str(e)) from None
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state, state_shardings = create_train_state(
-            config, model, tx, mesh, rules, jax.random.key(config.seed))
-        train_step = make_train_step(config, model, tx, schedule, mesh, rules, state_shardings)
+    run = build(config)
+    mesh, rules, model = run.mesh, run.rules, run.model
+    state, run.state = run.state, None    # the loop owns the state (each step donates it)
+    with run.context():
+        train_step = run.train_step
         data = pipeline.make_train_iterator(config, tokenizer, sharding.batch_sharding(mesh, rules))
-        evaluator = ZeroShotEvaluator(config, model, tokenizer, mesh, rules)
+        # The held-out zero-shot evaluation belongs to the synthetic data; the evaluation
+        # issue adds evaluators for other data.
+        evaluator = (ZeroShotEvaluator(config, model, tokenizer, mesh, rules)
+                     if config.data.source == "synthetic" else None)
         writer = metrics.MetricWriter(workdir)
         n_params = sum(x.size for x in jax.tree.leaves(state.params))
         print(f"clip_jax: mesh {sharding.describe(mesh)}; {n_params:,} parameters; "
@@ -179,7 +219,8 @@ def train(config, workdir):
                     t_last, step_last = now, step
                 elif "samples_per_sec" in last:
                     record["samples_per_sec"] = last["samples_per_sec"]
-                if is_eval:
+                record["data/replaced_records"] = data.replaced_records
+                if is_eval and evaluator is not None:
                     t0 = time.perf_counter()
                     record.update(evaluator(state))
                     t_last += time.perf_counter() - t0    # evaluation time is not training time
@@ -188,6 +229,7 @@ def train(config, workdir):
                 bar.set_postfix(loss=f"{record['loss']:.3f}",
                                 samples_s=f"{record['samples_per_sec']:.0f}" if "samples_per_sec" in record else "-")
         bar.close()
+        data.close()
         writer.close()
         if jax.process_index() == 0:
             metrics.plot_metrics(workdir)
@@ -215,31 +257,8 @@ def main():
         except config_lib.ConfigError as e:
             sys.exit(f"error: {e}")
 
-    try:
-        config_lib.check_override_keys(_load_config_for_check(sys.argv), sys.argv)
-    except config_lib.ConfigError as e:
-        sys.exit(f"error: {e}")
+    config_lib.check_cli_overrides_or_exit(sys.argv)
     app.run(run)
-
-
-def _load_config_for_check(argv):
-    """Loads the --config file once to check override keys before absl parses them."""
-    import importlib.util
-    path = None
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        elif arg == "--config" and i + 1 < len(argv):
-            path = argv[i + 1]
-    if path is None:
-        return config_lib.base_config()
-    path, _, arg = path.partition(":")
-    if not os.path.exists(path):
-        raise config_lib.ConfigError(f"--config: no such file {path!r}")
-    spec = importlib.util.spec_from_file_location("_clip_jax_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
 
 
 if __name__ == "__main__":

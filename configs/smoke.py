@@ -28,6 +28,6 @@ def get_config(arg=None):
     c.log_every = 50
     c.eval_every = 250
     c.optim.update(lr=1e-3, warmup_steps=100, weight_decay=0.1)
-    c.data.synthetic.update(image_size=32, num_train=200_000, num_eval=512)
+    c.data.synthetic.update(num_train=200_000, num_eval=512)
     c.data.tokenizer_vocab_size = 256
     return c

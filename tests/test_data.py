@@ -8,22 +8,24 @@ import ml_collections
 import numpy as np
 import pytest
 
+from clip_jax import config_lib
 from clip_jax.data import pipeline, synthetic
 from clip_jax.data import tokenizer as tokenizer_lib
+from tests.helpers import drawn_image, write_ingested
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELDOUT = set(synthetic._HELDOUT_IDS)
 
 
-def _config(batch_size=16, seed=0, workers=0, num_train=100, ctx=16, source="synthetic"):
-    c = ml_collections.ConfigDict()
+def _config(batch_size=16, seed=0, workers=0, num_train=100, ctx=16, source="synthetic",
+            image_size=16):
+    c = config_lib.base_config()
     c.seed = seed
     c.batch_size = batch_size
-    c.model = ml_collections.ConfigDict(dict(text=dict(context_length=ctx, vocab_size=256)))
-    c.data = ml_collections.ConfigDict(dict(
-        source=source, workers=workers, prefetch=2, tokenizer="sentencepiece",
-        tokenizer_vocab_size=256,
-        synthetic=dict(image_size=16, num_train=num_train, num_eval=16)))
+    c.model = ml_collections.ConfigDict(dict(
+        text=dict(context_length=ctx, vocab_size=256), vision=dict(image_size=image_size)))
+    c.data.update(source=source, workers=workers, prefetch=2)
+    c.data.synthetic.update(num_train=num_train, num_eval=16)
     return c
 
 
@@ -194,6 +196,221 @@ def test_heldout_batches(tok):
     np.testing.assert_allclose(images[..., 0], (raw[..., 0] / 255 - 0.48145466) / 0.26862954, rtol=1e-5)
 
 
+# ----------------------------------------------------------------------------- ingested data
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory):
+    return write_ingested(tmp_path_factory.mktemp("ingested") / "ds", 45)
+
+
+@pytest.fixture(scope="module")
+def ingested_broken(tmp_path_factory):
+    return write_ingested(tmp_path_factory.mktemp("broken") / "ds", 30, broken=(3, 4, 17))
+
+
+def test_ingested_batches_are_cropped_tokenised_and_topology_free(ingested, tok):
+    c = _config(batch_size=16, source=ingested)
+    whole = _host_batches(c, tok, 4)
+    assert whole[0]["images"].shape == (16, 16, 16, 3) and whole[0]["images"].dtype == np.uint8
+    halves = [_host_batches(c, tok, 4, pipeline.contiguous_rows(16, p, 2)) for p in range(2)]
+    quarters = [_host_batches(c, tok, 4, pipeline.contiguous_rows(16, p, 4)) for p in range(4)]
+    for k in range(4):
+        for key in ("images", "tokens", "indices", "replaced"):
+            np.testing.assert_array_equal(whole[k][key], np.concatenate([h[k][key] for h in halves]))
+            np.testing.assert_array_equal(whole[k][key], np.concatenate([q[k][key] for q in quarters]))
+    # Each row's caption is its record's: the tokens are the tokenised caption.
+    b = whole[0]
+    np.testing.assert_array_equal(b["tokens"], tok([f"picture number {i}" for i in b["indices"]]))
+    # The crop is a random 90-100% view: the same record differs between epochs, and its
+    # picture matches the centre view far better than another record's does.
+    from clip_jax.data import images as images_lib, records
+    src = records.IngestedSource(ingested)
+    for row in range(4):
+        i = int(b["indices"][row])
+        centre = images_lib.center_crop(src[i]["image"], 16).astype(float)
+        other = images_lib.center_crop(src[(i + 1) % 45]["image"], 16).astype(float)
+        got = b["images"][row].astype(float)
+        assert np.abs(got - centre).mean() < 0.5 * np.abs(got - other).mean()
+    idx = np.concatenate([x["indices"] for x in whole])
+    first_row_again = {int(i): n for n, i in enumerate(idx[45:64])}
+    j = next(j for j in range(16) if int(idx[j]) in first_row_again)
+    k2, r2 = divmod(45 + first_row_again[int(idx[j])], 16)
+    assert not np.array_equal(whole[0]["images"][j], whole[k2]["images"][r2])
+    assert not any(x["replaced"].any() for x in whole)
+
+
+def test_broken_records_are_replaced_by_the_next_and_counted(ingested_broken, tok):
+    c = _config(batch_size=15, source=ingested_broken)
+    batches = _host_batches(c, tok, 6)    # 90 rows = 3 epochs of 30 records
+    planned = np.concatenate([np.asarray(b) for b in
+                              [pipeline.index_batches(30, 15, 0)[k] for k in range(6)]])
+    used = np.concatenate([b["indices"] for b in batches])
+    replaced = np.concatenate([b["replaced"] for b in batches])
+    expected_used = np.array([{3: 5, 4: 5, 17: 18}.get(int(i), int(i)) for i in planned])
+    np.testing.assert_array_equal(used, expected_used)
+    np.testing.assert_array_equal(replaced, np.isin(planned, (3, 4, 17)).astype(np.int32))
+    assert replaced.sum() == 9                      # 3 broken records x 3 epochs
+    assert all(b["images"].shape == (15, 16, 16, 3) for b in batches)
+
+
+def test_a_dataset_of_broken_records_stops_with_a_clear_error(tmp_path, tok):
+    d = write_ingested(tmp_path / "ds", 5, broken=range(5))
+    with pytest.raises(RuntimeError, match="all unreadable"):
+        _host_batches(_config(batch_size=5, source=d), tok, 1)
+
+
+def test_iterator_state_resumes_mid_epoch_on_another_process_count(ingested, tok):
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = NamedSharding(mesh, P("data"))
+    c = _config(batch_size=16, source=ingested)        # 45 records: batch 3 straddles epochs
+    it = pipeline.make_train_iterator(c, tok, sharding)
+    for _ in range(2):
+        next(it)
+    state = it.get_state()
+    assert state["next_batch"] == 2 and state["num_records"] == 45
+    expected = [next(it) for _ in range(3)]
+    # A fresh iterator restored from the state continues with the same batches.
+    again = pipeline.make_train_iterator(c, tok, sharding)
+    again.set_state(json.loads(json.dumps(state)))        # survives a JSON round trip
+    for e in expected:
+        got = next(again)
+        np.testing.assert_array_equal(np.asarray(got["images"]), np.asarray(e["images"]))
+        np.testing.assert_array_equal(np.asarray(got["tokens"]), np.asarray(e["tokens"]))
+    # Two processes restarting from that position read exactly their halves.
+    halves = [next(iter(pipeline.make_host_dataset(c, tok, pipeline.contiguous_rows(16, p, 2),
+                                                   start=state["next_batch"]))) for p in range(2)]
+    np.testing.assert_allclose(pipeline.normalize_images(np.concatenate([h["images"] for h in halves])),
+                               np.asarray(expected[0]["images"]), atol=1e-6)
+    # A state saved over other data is refused, naming what differs.
+    other = pipeline.make_train_iterator(_config(batch_size=8, source=ingested), tok, sharding)
+    with pytest.raises(ValueError, match="batch_size: saved 16, now 8"):
+        other.set_state(state)
+    for x in (it, again, other):
+        x.close()
+
+
+def test_replaced_records_are_counted_by_the_global_iterator(ingested_broken, tok):
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    it = pipeline.make_train_iterator(_config(batch_size=15, source=ingested_broken), tok,
+                                      NamedSharding(mesh, P("data")))
+    for _ in range(4):
+        next(it)
+    assert it.replaced_records == 6 and it.get_state()["replaced_records"] == 6
+    it.close()
+
+
+def test_weighted_mixture_follows_the_weights(ingested, tok, tmp_path):
+    small = write_ingested(tmp_path / "small", 10)
+    c = _config(batch_size=20, source=f"{ingested},{small}")
+    c.data.weights = "1,3"
+    idx = np.concatenate([np.asarray(pipeline.index_batches(
+        55, 20, 0, weights=np.array([0.25, 0.75]), part_sizes=[45, 10])[k]) for k in range(50)])
+    frac_small = np.mean(idx >= 45)
+    assert 0.7 < frac_small < 0.8, frac_small       # the 10-record source gets 3/4 of the rows
+    assert set(idx[idx >= 45].tolist()) == set(range(45, 55))
+    batch = _host_batches(c, tok, 1)[0]
+    np.testing.assert_array_equal(batch["indices"], idx[:20])
+    # Concatenation without weights: one shuffled pool, every record once per epoch.
+    c.data.weights = ""
+    whole = np.concatenate([b["indices"] for b in _host_batches(c, tok, 11)])
+    assert sorted(whole[:55].tolist()) == list(range(55)) != whole[:55].tolist()
+
+
+def test_tfds_source(tmp_path, tok):
+    data_dir = make_tfds_dataset(tmp_path)
+    c = _config(batch_size=4, source="tfds:tiny_captions")
+    c.data.tfds.data_dir = data_dir
+    b = _host_batches(c, tok, 2)
+    assert b[0]["images"].shape == (4, 16, 16, 3)
+    np.testing.assert_array_equal(np.sort(np.concatenate([x["indices"] for x in b])), np.arange(8))
+    src = pipeline.make_source(c)
+    assert {src[i]["caption"] for i in range(8)} == {f"tfds picture {i}" for i in range(8)}
+    c.data.tfds.label_key = "label"
+    src = pipeline.make_source(c)
+    from clip_jax.data import prompts
+    assert all(src[i]["caption"] in [t.format(n) for t in prompts.DEFAULT_TEMPLATES
+                                     for n in ("cat", "sea lion")] for i in range(8))
+    c.data.tfds.label_key = "nope"
+    with pytest.raises(ValueError, match="no feature 'nope'"):
+        pipeline.make_source(c)
+
+
+def make_tfds_dataset(tmp_path):
+    """A tiny TFDS dataset 'tiny_captions' (8 PNGs, captions, labels) in array_record format."""
+    import io
+    import tensorflow_datasets as tfds
+
+    class TinyCaptions(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3)),
+                "caption": tfds.features.Text(),
+                "label": tfds.features.ClassLabel(names=["cat", "sea_lion"])}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(8):
+                buf = io.BytesIO()
+                drawn_image(i, 40, 30).save(buf, "PNG")
+                buf.seek(0)
+                yield i, {"image": buf, "caption": f"tfds picture {i}", "label": i % 2}
+
+    data_dir = str(tmp_path / "tfds")
+    TinyCaptions(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    return data_dir
+
+
+# ----------------------------------------------------------------------------- workdir tokenizer
+
+def test_workdir_tokenizer_is_trained_on_the_sources_captions(ingested, tmp_path):
+    c = _config(source=ingested)
+    tok_dir = tmp_path / "wd"
+    t = tokenizer_lib.get_tokenizer(c, str(tok_dir))
+    ids = t(["picture number 12"])[0]
+    assert int((ids != 0).sum()) <= 2 + 4           # whole words, not letters
+    assert t.decode(ids) == "picture number 12"
+    c2 = _config(source="synthetic")
+    with pytest.raises(ValueError, match="trained for .*ds.*delete"):
+        tokenizer_lib.get_tokenizer(c2, str(tok_dir))
+    c2.data.tokenizer_path = str(tok_dir / "tokenizer" / "spm.model")   # an explicit file
+    assert tokenizer_lib.get_tokenizer(c2, str(tmp_path / "other")).model_proto == t.model_proto
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"not a model")
+    c2.data.tokenizer_path = str(bad)
+    with pytest.raises(ValueError, match="bad.model: not a SentencePiece model"):
+        tokenizer_lib.get_tokenizer(c2, str(tmp_path / "other"))
+
+
+# ----------------------------------------------------------------------------- config errors
+
+@pytest.mark.parametrize("key,value,message", [
+    ("source", "/no/such/dir", r"data\.source.*'/no/such/dir'"),
+    ("source", "EMPTY", r"manifest\.json does not exist"),
+    ("source", "synthetic,", r"data\.source.*empty entry"),
+    ("weights", "1,2", r"data\.weights.*2 entries for 1 sources"),
+    ("weights", "1,x", r"data\.weights.*not a comma-separated list"),
+    ("crop_scale", (0.5, 1.5), r"data\.crop_scale"),
+    ("tokenizer", "wordpiece", r"data\.tokenizer: must be one of"),
+    ("tokenizer_path", "/no/such.model", r"data\.tokenizer_path: no such file"),
+])
+def test_bad_data_config_names_the_key(tmp_path, key, value, message):
+    c = config_lib.base_config()
+    c.model = config_lib.model_config("vit_b32")
+    if value == "EMPTY":
+        value = str(tmp_path)
+    c.data[key] = value
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(c)
+
+
 _SUBPROCESS = r'''
 import json, sys
 import numpy as np
@@ -208,8 +425,9 @@ def main():
     tok = tokenizer_lib.SentencePieceTokenizer(proto, context_length=16)
     out = {"spm": __import__("hashlib").sha256(proto).hexdigest()}
     runs = {}
+    source = sys.argv[1]        # an ingested directory (with broken records): crops + replacement
     for workers in (0, 2):
-        it = iter(pipeline.make_host_dataset(_config(workers=workers), tok))
+        it = iter(pipeline.make_host_dataset(_config(workers=workers, source=source), tok))
         batches = [next(it) for _ in range(5)]
         state = it.get_state()
         after = next(it)
@@ -220,10 +438,11 @@ def main():
             it.close()
         runs[workers] = batches + [after]
     out["workers_equal"] = all(np.array_equal(a[k], b[k]) for a, b in zip(runs[0], runs[2]) for k in a)
+    out["replaced"] = int(sum(b["replaced"].sum() for b in runs[2]))
     # Global arrays on a 4-device mesh equal the host batch, normalised.
     mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     sharding = NamedSharding(mesh, P("data"))
-    git = pipeline.make_train_iterator(_config(), tok, sharding)
+    git = pipeline.make_train_iterator(_config(source=source), tok, sharding)
     first = next(git)
     host = runs[0][0]
     out["sharding_ok"] = first["images"].sharding == sharding and first["tokens"].sharding == sharding
@@ -238,18 +457,19 @@ if __name__ == "__main__":
 '''
 
 
-def test_workers_and_device_arrays_in_subprocess(tmp_path, tok):
+def test_workers_and_device_arrays_in_subprocess(tmp_path, tok, ingested_broken):
+    """0 vs 2 Grain workers give the same batches (crops and replacements included)."""
     script = tmp_path / "run_pipeline.py"
     script.write_text(_SUBPROCESS)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, str(script), ingested_broken], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     import hashlib
     assert out["spm"] == hashlib.sha256(tok.model_proto).hexdigest()   # same bytes in another process
-    assert out["workers_equal"]
+    assert out["workers_equal"] and out["replaced"] > 0
     assert out["sharding_ok"] and out["images_ok"] and out["tokens_ok"]
     assert out["dtypes"] == ["float32", "int32"]
 

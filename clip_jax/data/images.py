@@ -61,6 +61,8 @@ def open_image(data, min_size=DEFAULT_MIN_SIZE, max_pixels=DEFAULT_MAX_PIXELS):
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise BadImage("too_large", str(e)) from None
+    except Image.UnidentifiedImageError:   # its message holds the BytesIO's memory address
+        raise BadImage("not_an_image", "PIL recognises no image format in the bytes") from None
     except Exception as e:   # PIL raises UnidentifiedImageError, SyntaxError, struct.error, ...
         raise BadImage("not_an_image", f"{type(e).__name__}: {e}") from None
     w, h = img.size

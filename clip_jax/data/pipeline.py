@@ -3,30 +3,47 @@
 Design (exactness first):
   1. A Grain `MapDataset` over record INDICES, globally shuffled with `config.seed`,
      repeated forever with a fresh shuffle each epoch, and batched into GLOBAL index
-     batches of `config.batch_size`. This stream depends only on (num_records, seed,
-     batch_size): global batch k is the same rows in the same order everywhere.
+     batches of `config.batch_size` (`index_batches`; for a weighted mixture, one
+     shuffled stream per source, interleaved by `MapDataset.mix`). Global batch k is a
+     pure function of (sources, seed, batch_size, k).
   2. Each process keeps only the rows of every global index batch that its devices
      hold (`process_rows`: for the usual batch sharding the contiguous slice
-     [p*B/P, (p+1)*B/P)), then one `map` loads, decodes and tokenises just those rows.
-  3. `to_iter_dataset` (+ `mp_prefetch` when `config.data.workers > 0`; Grain's worker
+     [p*B/P, (p+1)*B/P)), then one map loads, decodes, crops and tokenises just those
+     rows (`LoadRows`). The crop's randomness is seeded by (seed, k, global row), so it
+     too is independent of who computes it.
+  3. A record that fails to read or decode is replaced by the next record of the source
+     (index + 1, wrapping; deterministic), its row is flagged in `replaced`, and the
+     iterator counts the flags (`data/replaced_records` in the training metrics).
+  4. `to_iter_dataset` (+ `mp_prefetch` when `config.data.workers > 0`; Grain's worker
      slicing keeps the element order, so the output does not depend on the workers).
-  4. The host batch becomes a global `jax.Array` with
+  5. The host batch becomes a global `jax.Array` with
      `jax.make_array_from_process_local_data`; images travel as uint8 and are
      normalised on device (CLIP mean/std after /255).
 
-Sources: `_SOURCES[config.data.source](config, split)` returns a random-access source
-(`len`, `[]`) of dicts with `image` (uint8 HWC) and `caption` (str). A new source is
-one function added there.
+Iterator state: because global batch k depends only on k, the data position is the
+number of batches consumed. `GlobalBatchIterator.get_state()` is a small dict with that
+position (and what it was computed over); `set_state` rebuilds the Grain pipeline at that
+position. So a run can resume with another number of processes, devices or workers at
+the same data position, which per-process Grain iterator states cannot do.
+
+Sources are in `sources.py`; image decoding and crops in `images.py`.
 """
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from clip_jax.data import synthetic
+from clip_jax.data import images as images_lib
+from clip_jax.data import sources
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# A run of this many consecutive broken records is not bad luck but a broken dataset.
+MAX_CONSECUTIVE_BAD_RECORDS = 100
+# Tag mixed into the crop seeds, so they never coincide with other seeded streams.
+_CROP_TAG = 0xC10
 
 
 def normalize_images(images):
@@ -37,26 +54,9 @@ def normalize_images(images):
     return (images.astype(xp.float32) / xp.float32(255.0) - mean) / std
 
 
-# ----------------------------------------------------------------------------- sources
-
-def _synthetic_source(config, split):
-    s = config.data.synthetic
-    n = s.num_train if split == "train" else s.num_eval
-    return synthetic.SyntheticSource(split="train" if split == "train" else "heldout",
-                                     image_size=s.image_size, num_records=n, seed=config.seed)
-
-
-# config.data.source -> fn(config, split) -> random-access source of {'image', 'caption'}.
-_SOURCES = {"synthetic": _synthetic_source}
-
-
 def make_source(config, split="train"):
-    """The random-access source named by `config.data.source`."""
-    name = config.data.source
-    if name not in _SOURCES:
-        raise ValueError(f"config.data.source={name!r} is not supported "
-                         f"(available: {', '.join(sorted(_SOURCES))})")
-    return _SOURCES[name](config, split)
+    """The source named by `config.data.source` (see `sources.py`); ValueError names it."""
+    return sources.make_source(config, split)[0]
 
 
 # ----------------------------------------------------------------------------- rows
@@ -93,40 +93,91 @@ def process_rows(sharding, global_batch_size):
 
 # ----------------------------------------------------------------------------- datasets
 
-def index_batches(num_records, global_batch_size, seed):
-    """MapDataset of int64 [global_batch_size] record indices: shuffled, reshuffled each epoch, endless."""
-    return (grain.MapDataset.range(num_records)
-            .shuffle(seed=seed)
-            .repeat(None)                              # reseeds the shuffle every epoch
-            .batch(global_batch_size, drop_remainder=True))
+def index_batches(num_records, global_batch_size, seed, weights=None, part_sizes=None):
+    """MapDataset of int64 [global_batch_size] record indices: shuffled, reshuffled each epoch, endless.
+
+    With `weights` (one per part of a `ConcatSource` of `part_sizes`), each part is its own
+    shuffled endless stream of its index range, and the streams are interleaved by
+    Grain's deterministic weighted `mix`.
+    """
+    if weights is None:
+        ds = grain.MapDataset.range(num_records).shuffle(seed=seed).repeat(None)
+    else:
+        offsets = np.concatenate([[0], np.cumsum(part_sizes)]).astype(np.int64)
+        parts = [grain.MapDataset.range(int(offsets[j]), int(offsets[j + 1]))
+                 .shuffle(seed=int(np.random.SeedSequence([seed, j]).generate_state(1)[0]))
+                 .repeat(None) for j in range(len(part_sizes))]
+        ds = grain.MapDataset.mix(parts, weights=[float(w) for w in weights])
+    return ds.batch(global_batch_size, drop_remainder=True)   # repeat(None) reseeds each epoch
 
 
 class LoadRows:
-    """Global index batch -> this process's host batch (picklable, for Grain workers)."""
+    """(k, global index batch k) -> this process's host batch (picklable, for Grain workers).
 
-    def __init__(self, source, tokenizer, rows):
+    Each element: images uint8 [R, S, S, 3], tokens int32 [R, ctx], indices int64 [R]
+    (the records actually used), replaced int32 [R] (1 where a broken record was replaced).
+    """
+
+    def __init__(self, source, tokenizer, rows, image_size, seed, crop_scale, crop_ratio):
         self.source, self.tokenizer = source, tokenizer
         self.rows = np.asarray(rows, np.int64)
+        self.image_size, self.seed = int(image_size), int(seed)
+        self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
 
-    def __call__(self, index_batch):
+    def load(self, index, rng):
+        """Record `index` -> (uint8 [S, S, 3], caption); raises on a broken record."""
+        example = self.source[index]
+        caption = example["caption"]
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f"record {index}: empty caption")
+        if getattr(self.source, "presized", False):
+            image = np.asarray(example["image"], np.uint8)
+        else:
+            image = images_lib.random_resized_crop(example["image"], self.image_size, rng,
+                                                   self.crop_scale, self.crop_ratio)
+        if image.shape != (self.image_size, self.image_size, 3):
+            raise ValueError(f"record {index}: image of shape {image.shape}")
+        return image, caption
+
+    def load_or_replace(self, index, rng_seed):
+        """Loads `index`, or the first loadable record after it; returns (image, caption, used, replaced)."""
+        n = len(self.source)
+        for attempt in range(MAX_CONSECUTIVE_BAD_RECORDS):
+            candidate = (int(index) + attempt) % n
+            try:
+                image, caption = self.load(candidate, np.random.default_rng(rng_seed))
+                return image, caption, candidate, int(attempt > 0)
+            except Exception as e:   # broken record: deterministic replacement by the next
+                error = e
+        raise RuntimeError(f"records {index}..{candidate} of {self.source!r} are all unreadable "
+                           f"(last error: {type(error).__name__}: {error}); the dataset is broken")
+
+    def __call__(self, k, index_batch):
         indices = np.asarray(index_batch)[self.rows]
-        examples = [self.source[int(i)] for i in indices]
-        return {"images": np.stack([np.asarray(e["image"], np.uint8) for e in examples]),
-                "tokens": self.tokenizer([e["caption"] for e in examples]),
-                "indices": indices}
+        loaded = [self.load_or_replace(i, [self.seed, _CROP_TAG, int(k), int(row)])
+                  for row, i in zip(self.rows, indices)]
+        return {"images": np.stack([x[0] for x in loaded]),
+                "tokens": self.tokenizer([x[1] for x in loaded]),
+                "indices": np.array([x[2] for x in loaded], np.int64),
+                "replaced": np.array([x[3] for x in loaded], np.int32)}
 
 
-def make_host_dataset(config, tokenizer, rows=None):
-    """grain.IterDataset of this process's host batches (numpy).
+def make_host_dataset(config, tokenizer, rows=None, start=0, opened=None):
+    """grain.IterDataset of this process's host batches (numpy), from global batch `start` on.
 
-    Each element: images uint8 [R, S, S, 3], tokens int32 [R, ctx], indices int64 [R],
-    where R = len(rows) (default: the whole global batch).
+    Each element is a `LoadRows` output for R = len(rows) rows (default: the whole global
+    batch). `opened`: the (source, weights) of `sources.make_source`, if already open.
     """
-    source = make_source(config, "train")
+    source, weights = opened or sources.make_source(config, "train")
     batch = config.batch_size
     if rows is None:
         rows = np.arange(batch)
-    ds = index_batches(len(source), batch, config.seed).map(LoadRows(source, tokenizer, rows))
+    part_sizes = getattr(source, "sizes", [len(source)])
+    load = LoadRows(source, tokenizer, rows, config.model.vision.image_size, config.seed,
+                    config.data.crop_scale, config.data.crop_ratio)
+    ds = index_batches(len(source), batch, config.seed, weights, part_sizes).map_with_index(load)
+    if start:
+        ds = ds[int(start):]
     prefetch = int(config.data.prefetch)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if prefetch > 0 else 0,
                                               prefetch_buffer_size=max(prefetch, 1)))
@@ -148,46 +199,76 @@ def _ensure_absl_flags_parsed():
 class GlobalBatchIterator:
     """Yields {'images': float32 [B,S,S,3], 'tokens': int32 [B,ctx]} global jax.Arrays.
 
-    `grain_iterator` is the underlying Grain iterator (checkpoint it with
-    `grain.checkpoint.CheckpointSave/Restore`); `get_state`/`set_state` delegate to it.
+    `get_state()` -> {'next_batch', 'replaced_records', ...}: the data position, valid for any
+    number of processes, devices or workers; `set_state` restarts the pipeline there.
+    `replaced_records` counts broken records replaced so far (over all processes).
     """
 
-    def __init__(self, grain_iterator, sharding, global_batch_size):
-        self.grain_iterator = grain_iterator
-        self.sharding = sharding
-        self.global_batch_size = global_batch_size
+    def __init__(self, config, tokenizer, sharding):
+        self.config, self.tokenizer, self.sharding = config, tokenizer, sharding
+        self.global_batch_size = config.batch_size
+        self.rows = process_rows(sharding, config.batch_size)
+        self.opened = sources.make_source(config, "train")   # fails early, before any worker starts
+        self.num_records = len(self.opened[0])
+        self._replicated = NamedSharding(sharding.mesh, PartitionSpec())
         self._normalize = jax.jit(normalize_images, out_shardings=sharding)
+        self._count = jax.jit(lambda total, flags: total + jnp.sum(flags),
+                              out_shardings=self._replicated)
+        self._start(0, 0)
+
+    def _start(self, position, replaced):
+        self.close()
+        self.position = int(position)
+        self._replaced = jax.device_put(np.int32(replaced), self._replicated)
+        self.grain_iterator = iter(make_host_dataset(self.config, self.tokenizer, self.rows,
+                                                     start=self.position, opened=self.opened))
 
     def __iter__(self):
         return self
 
+    def _global(self, local):
+        b = self.global_batch_size
+        return jax.make_array_from_process_local_data(self.sharding, local, (b,) + local.shape[1:])
+
     def __next__(self):
         host = next(self.grain_iterator)
-        b = self.global_batch_size
-        images = jax.make_array_from_process_local_data(
-            self.sharding, host["images"], (b,) + host["images"].shape[1:])
-        tokens = jax.make_array_from_process_local_data(
-            self.sharding, host["tokens"], (b,) + host["tokens"].shape[1:])
-        return {"images": self._normalize(images), "tokens": tokens}
+        self.position += 1
+        self._replaced = self._count(self._replaced, self._global(host["replaced"]))
+        return {"images": self._normalize(self._global(host["images"])),
+                "tokens": self._global(host["tokens"])}
+
+    @property
+    def replaced_records(self):
+        """Broken records replaced so far, all processes (blocks until the count is known)."""
+        return int(self._replaced)
+
+    def _fingerprint(self):
+        c = self.config
+        return {"source": str(c.data.source), "weights": str(c.data.get("weights", "")),
+                "num_records": self.num_records, "batch_size": self.global_batch_size,
+                "seed": int(c.seed)}
 
     def get_state(self):
-        return self.grain_iterator.get_state()
+        return {"next_batch": self.position, "replaced_records": self.replaced_records,
+                **self._fingerprint()}
 
     def set_state(self, state):
-        self.grain_iterator.set_state(state)
+        mine = self._fingerprint()
+        changed = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if changed:
+            raise ValueError("the data iterator state was saved for different data: "
+                             + "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+        self._start(state["next_batch"], state.get("replaced_records", 0))
 
     def close(self):
-        close = getattr(self.grain_iterator, "close", None)
+        close = getattr(getattr(self, "grain_iterator", None), "close", None)
         if close is not None:
             close()
 
 
 def make_train_iterator(config, tokenizer, sharding):
     """Endless iterator of global training batches laid out with `sharding` (batch dimension)."""
-    make_source(config, "train")       # fail early, before any worker starts, on a bad source
-    rows = process_rows(sharding, config.batch_size)
-    it = iter(make_host_dataset(config, tokenizer, rows))
-    return GlobalBatchIterator(it, sharding, config.batch_size)
+    return GlobalBatchIterator(config, tokenizer, sharding)
 
 
 def heldout_batches(config, tokenizer, n):
@@ -197,5 +278,6 @@ def heldout_batches(config, tokenizer, n):
     identical on every process. `tokenizer` is unused (prompts are built at eval time).
     """
     del tokenizer
-    ex = synthetic.heldout_examples(n, seed=config.seed, image_size=config.data.synthetic.image_size)
+    from clip_jax.data import synthetic
+    ex = synthetic.heldout_examples(n, seed=config.seed, image_size=config.model.vision.image_size)
     return normalize_images(ex["image"]), {"shape": ex["shape"], "color": ex["color"]}

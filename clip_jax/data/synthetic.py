@@ -176,8 +176,18 @@ def example(index, seed=0, image_size=32, split="train"):
     return dict(image=render(a, image_size), caption=a["caption"], shape=a["shape"], color=a["color"])
 
 
+# The tokenizer is trained on the captions of the first TOKENIZER_CORPUS_SIZE training
+# examples of seed 0: a property of the dataset, not of the run seed.
+TOKENIZER_CORPUS_SIZE = 10_000
+
+
 class SyntheticSource:
-    """Grain-compatible random-access source (`len`, `[]`) of synthetic examples."""
+    """Grain-compatible random-access source (`len`, `[]`) of synthetic examples.
+
+    `presized`: images are drawn at the model's size and used as they are (no crop).
+    """
+
+    presized = True
 
     def __init__(self, split="train", image_size=32, num_records=100_000, seed=0):
         if split not in _SPLIT_TAG:
@@ -194,6 +204,9 @@ class SyntheticSource:
         if not 0 <= index < self.num_records:
             raise IndexError(f"index {index} out of range [0, {self.num_records})")
         return example(index, self.seed, self.image_size, self.split)
+
+    def tokenizer_corpus(self, n):
+        return caption_corpus(min(n, TOKENIZER_CORPUS_SIZE), 0)
 
     def __repr__(self):
         return (f"SyntheticSource(split={self.split!r}, image_size={self.image_size}, "

@@ -9,12 +9,15 @@ Id layout (the contract every tokenizer keeps; models rely on it):
 `tokenizer(texts)` -> int32 [n, context_length]: [sot] + pieces + [eot], then 0s;
 over-long texts are cut so that eot is still the last token.
 
-New tokenizers (e.g. CLIP's BPE) subclass `Tokenizer`, implement `vocab_size` and
-`encode_pieces`, and register a builder in `_BUILDERS` under the name used in
-`config.data.tokenizer`.
+Tokenizers subclass `Tokenizer`, implement `vocab_size` and `encode_pieces`, and register
+a builder in `TOKENIZERS` under the name used in `config.data.tokenizer`:
+`sentencepiece` (here) and `clip_bpe` (the reference's byte-level BPE, `bpe.py`; its id 0
+is also the text token "!", as in the reference, which the models do not mind: they
+never look past eot, which is the largest id).
 """
 import abc
 import io
+import json
 import os
 import tempfile
 
@@ -75,7 +78,11 @@ class SentencePieceTokenizer(Tokenizer):
     @classmethod
     def load(cls, model_path, context_length):
         with open(model_path, "rb") as f:
-            return cls(f.read(), context_length)
+            proto = f.read()
+        try:
+            return cls(proto, context_length)
+        except RuntimeError as e:   # sentencepiece's message does not name the file
+            raise ValueError(f"{model_path}: not a SentencePiece model ({e})") from None
 
     @staticmethod
     def train(corpus, model_path, vocab_size, model_type="bpe"):
@@ -142,36 +149,79 @@ def _atomic_write(path, data):
         raise
 
 
-# Captions the SentencePiece model is trained on; a fixed seed, so the tokenizer is a
-# property of the dataset, not of the run seed.
+# How many captions a workdir tokenizer is trained on (spread evenly over the source).
 CORPUS_SIZE = 10_000
-CORPUS_SEED = 0
 
 
 def _sentencepiece(config, workdir):
-    from clip_jax.data import synthetic
+    """A .model file (`data.tokenizer_path`), or one trained on the training source's
+    captions and cached at WORKDIR/tokenizer/spm.model (with what it was trained on in
+    spm.json, so that a workdir reused for other data is caught instead of silently
+    tokenising with the wrong vocabulary)."""
     ctx = config.model.text.context_length
     limit = config.data.tokenizer_vocab_size
-    path = os.path.join(workdir, "tokenizer", "spm.model") if workdir else None
-    if path and os.path.exists(path):
-        tok = SentencePieceTokenizer.load(path, ctx)
+    if config.data.tokenizer_path:
+        tok = SentencePieceTokenizer.load(config.data.tokenizer_path, ctx)
+        path = config.data.tokenizer_path
     else:
-        corpus = synthetic.caption_corpus(CORPUS_SIZE, CORPUS_SEED)
-        tok = SentencePieceTokenizer(SentencePieceTokenizer.train(corpus, path, limit), ctx)
+        path = os.path.join(workdir, "tokenizer", "spm.model") if workdir else None
+        trained_on = {"source": str(config.data.source), "vocab_size": int(limit)}
+        if path and os.path.exists(path):
+            tok = SentencePieceTokenizer.load(path, ctx)
+            _check_trained_on(path, trained_on)
+        else:
+            from clip_jax.data import sources
+            source, _ = sources.make_source(config, "train")
+            corpus = sources.tokenizer_corpus(source, CORPUS_SIZE)
+            tok = SentencePieceTokenizer(SentencePieceTokenizer.train(corpus, path, limit), ctx)
+            if path:
+                _atomic_write(_sidecar(path), json.dumps(trained_on, sort_keys=True).encode())
     if tok.vocab_size > limit:
         raise ValueError(f"tokenizer {path or '(in memory)'} has {tok.vocab_size} ids, more than "
-                         f"config.data.tokenizer_vocab_size={limit}; delete it to retrain")
+                         f"config.data.tokenizer_vocab_size={limit}")
     return tok
 
 
-# config.data.tokenizer -> builder(config, workdir). Add 'clip_bpe' here.
-_BUILDERS = {"sentencepiece": _sentencepiece}
+def _sidecar(model_path):
+    return os.path.splitext(model_path)[0] + ".json"
+
+
+def _check_trained_on(path, trained_on):
+    sidecar = _sidecar(path)
+    if not os.path.exists(sidecar):
+        return
+    with open(sidecar) as f:
+        saved = json.load(f)
+    if saved != trained_on:
+        raise ValueError(f"the cached tokenizer {path} was trained for {saved}, but this run has "
+                         f"{trained_on}: use another --workdir, or delete {os.path.dirname(path)} "
+                         "to retrain it")
+
+
+def _clip_bpe(config, workdir):
+    """The reference CLIP BPE from its merges file (`data.tokenizer_path`, or open_clip's copy)."""
+    del workdir
+    from clip_jax.data import bpe
+    path = config.data.tokenizer_path or bpe.find_reference_vocab()
+    if not path:
+        raise ValueError("config.data.tokenizer=clip_bpe needs config.data.tokenizer_path: the "
+                         "reference merges file bpe_simple_vocab_16e6.txt.gz (shipped with the "
+                         "open_clip_torch package, or in the openai/CLIP repository)")
+    tok = bpe.ClipBPETokenizer(path, config.model.text.context_length)
+    if tok.vocab_size > config.model.text.vocab_size:
+        raise ValueError(f"config.data.tokenizer_path={path!r} has {tok.vocab_size} ids, more than "
+                         f"config.model.text.vocab_size={config.model.text.vocab_size}")
+    return tok
+
+
+# config.data.tokenizer -> builder(config, workdir).
+TOKENIZERS = {"sentencepiece": _sentencepiece, "clip_bpe": _clip_bpe}
 
 
 def get_tokenizer(config, workdir) -> Tokenizer:
-    """The tokenizer named by `config.data.tokenizer`, cached under `workdir/tokenizer/`."""
+    """The tokenizer named by `config.data.tokenizer` (see `_sentencepiece`, `_clip_bpe`)."""
     name = config.data.tokenizer
-    if name not in _BUILDERS:
+    if name not in TOKENIZERS:
         raise ValueError(f"config.data.tokenizer={name!r} is not supported "
-                         f"(available: {', '.join(sorted(_BUILDERS))})")
-    return _BUILDERS[name](config, workdir)
+                         f"(available: {', '.join(sorted(TOKENIZERS))})")
+    return TOKENIZERS[name](config, workdir)

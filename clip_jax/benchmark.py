@@ -1,0 +1,145 @@
+"""Benchmarks: `python -m clip_jax.benchmark [MODE] --config=configs/X.py [options]`.
+
+  train (default)  compiles the real train step of the config and times --steps steps on a
+                   device-resident batch after --warmup steps (blocking on each step's
+                   result), --repeats times. Reports samples/s and step times.
+  data             times the input pipeline alone: this process's host batches (read,
+                   decode, crop, tokenise) for `--source` (default: the config's
+                   data.source), with each worker count in --workers. Reports images/s.
+
+Figures are medians over --repeats timing windows; with --json the last line printed is
+one JSON object holding them (`samples_per_sec` for train, `images_per_sec` per worker
+count for data). The config's keys can be overridden as in training
+(`--config.batch_size=32`).
+"""
+import json
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+from clip_jax import config_lib
+
+DEFAULT_CONFIG = "configs/smoke.py"
+
+
+def benchmark_data(config, workers_list, batches, repeats):
+    """{workers: {'images_per_sec', 'batch_seconds_median'}} of the host pipeline."""
+    import tempfile
+    from clip_jax.data import pipeline, tokenizer as tokenizer_lib
+    with tempfile.TemporaryDirectory() as workdir:    # a workdir tokenizer, trained afresh
+        tokenizer = tokenizer_lib.get_tokenizer(config, workdir)
+    results = {}
+    for workers in workers_list:
+        config.data.workers = workers
+        it = iter(pipeline.make_host_dataset(config, tokenizer))
+        next(it)                                         # start-up (worker processes, first reads)
+        windows = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(batches):
+                next(it)
+            windows.append(time.perf_counter() - t0)
+        getattr(it, "close", lambda: None)()
+        per_batch = statistics.median(windows) / batches
+        results[str(workers)] = {"images_per_sec": config.batch_size / per_batch,
+                                 "batch_seconds_median": per_batch}
+    return results
+
+
+def benchmark_train(config, steps, warmup, repeats):
+    """Samples/s of the compiled train step on a fixed device-resident batch."""
+    from clip_jax import sharding, train
+    from clip_jax.data import pipeline
+    run = train.build(config)
+    size = config.model.vision.image_size
+    rng = np.random.default_rng(0)
+    host = {"images": rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8),
+            "tokens": rng.integers(1, config.model.text.vocab_size,
+                                   (config.batch_size, config.model.text.context_length),
+                                   dtype=np.int32)}
+    data_sharding = sharding.batch_sharding(run.mesh, run.rules)
+    batch = {"images": jax.device_put(pipeline.normalize_images(host["images"]), data_sharding),
+             "tokens": jax.device_put(host["tokens"], data_sharding)}
+    state = run.state
+    step_times = []
+    with run.context():
+        t0 = time.perf_counter()
+        state, m = run.train_step(state, batch)
+        jax.block_until_ready(m)
+        compile_s = time.perf_counter() - t0
+        for _ in range(warmup):
+            state, m = run.train_step(state, batch)
+        jax.block_until_ready(m)
+        windows = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                t_step = time.perf_counter()
+                state, m = run.train_step(state, batch)
+                jax.block_until_ready(m)
+                step_times.append(time.perf_counter() - t_step)
+            windows.append(time.perf_counter() - t0)
+    per_step = statistics.median(windows) / steps
+    return {"samples_per_sec": config.batch_size / per_step,
+            "step_seconds_median": statistics.median(step_times),
+            "step_seconds_min": min(step_times), "step_seconds_max": max(step_times),
+            "compile_seconds": compile_s, "batch_size": config.batch_size,
+            "devices": jax.device_count(), "backend": jax.default_backend()}
+
+
+def main():
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file(
+        "config", DEFAULT_CONFIG, "Config file; override keys with --config.key=value.",
+        lock_config=True)
+    flags.DEFINE_integer("steps", 10, "train: timed steps per repeat")
+    flags.DEFINE_integer("warmup", 2, "train: untimed steps after compilation")
+    flags.DEFINE_integer("batches", 20, "data: timed batches per repeat")
+    flags.DEFINE_integer("repeats", 3, "timing windows; the median is reported")
+    flags.DEFINE_string("source", None, "data: the data source (default: the config's data.source)")
+    flags.DEFINE_list("workers", None, "data: Grain worker counts to time, e.g. 0,2 "
+                      "(default: the config's data.workers)")
+    flags.DEFINE_bool("json", False, "print the figures as one JSON object on the last line")
+    FLAGS = flags.FLAGS
+
+    def run(argv):
+        config_lib.quiet_absl_logging()
+        mode = argv[1] if len(argv) > 1 else "train"
+        if mode not in ("train", "data") or len(argv) > 2:
+            sys.exit(f"error: usage: python -m clip_jax.benchmark [train|data] [flags]; got {argv[1:]}")
+        config = config_flag.value
+        try:
+            with config.unlocked():
+                if FLAGS.source:
+                    config.data.source = FLAGS.source
+            config_lib.validate(config, jax.device_count())
+            if mode == "data":
+                workers = [int(w) for w in (FLAGS.workers or [config.data.workers])]
+                result = {"mode": "data", "source": config.data.source, "batch_size": config.batch_size,
+                          "image_size": config.model.vision.image_size,
+                          "workers": benchmark_data(config, workers, FLAGS.batches, FLAGS.repeats)}
+                for w, r in result["workers"].items():
+                    print(f"data: {r['images_per_sec']:.0f} images/s with {w} workers "
+                          f"(batch {config.batch_size}, {config.model.vision.image_size}px)")
+            else:
+                result = {"mode": "train", **benchmark_train(config, FLAGS.steps, FLAGS.warmup,
+                                                             FLAGS.repeats)}
+                print(f"train: {result['samples_per_sec']:.1f} samples/s, step median "
+                      f"{result['step_seconds_median'] * 1e3:.1f} ms (batch {config.batch_size}, "
+                      f"{result['devices']} {result['backend']} devices)")
+        except (config_lib.ConfigError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        if FLAGS.json:
+            print(json.dumps(result))
+
+    config_lib.check_cli_overrides_or_exit(sys.argv, default=DEFAULT_CONFIG)
+    app.run(run)
+
+
+if __name__ == "__main__":
+    main()

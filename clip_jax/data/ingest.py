@@ -1,0 +1,678 @@
+"""Ingest: a user's images and captions -> ArrayRecord shards for training and evaluation.
+
+    python -m clip_jax.ingest FORMAT SOURCE --out DIR [options]
+
+The output directory holds `data-NNNNN.array_record` shards of records (JPEG, RGB, short
+side at most --max-size; caption; key; optional label and meta), `skipped.jsonl` and
+`manifest.json`, in the format of `clip_jax/data/records.py`. Read it back with
+`records.IngestedSource(DIR)`.
+
+Formats
+  csv          SOURCE is a CSV file with a header row (a .tsv file is tab-separated). One
+               row per image: --image-column (default filepath) holds the image path,
+               relative paths are resolved against the CSV file's folder; --caption-column
+               (default caption) the caption. The other columns are kept as the record's
+               `meta` (column -> text), e.g. for grouping evaluation results. A row with more
+               or fewer fields than the header is skipped (`bad_row`); blank lines are not
+               rows. Invalid UTF-8 in a caption or meta field is replaced by U+FFFD and the
+               row is kept; the image path keeps its exact bytes. A UTF-8 byte-order mark is
+               ignored.
+  captions     SOURCE is a folder tree of images (.jpg .jpeg .png .webp .bmp .gif .tif .tiff,
+               any case), each captioned by a sidecar text file with the same stem
+               (cat.jpg + cat.txt). Several images with one stem share its sidecar.
+               Folders are read in sorted order, a folder's files before its sub-folders.
+  imagefolder  SOURCE/<class>/**/<image>: one class per sub-folder of SOURCE (sorted names;
+               label = index, as torchvision's ImageFolder). The caption is a prompt template
+               filled with the class name, '_' read as a space ("golden_retriever" -> "a photo
+               of a golden retriever."). The template is picked by crc32(record key) % number
+               of templates, so a file always gets the same one. --templates FILE replaces the
+               defaults of `clip_jax.data.prompts` (one template with '{}' per line).
+  wds          SOURCE is one or more WebDataset tar shards: paths, globs and brace ranges
+               (shards-{00000..00099}.tar), matched files sorted; every pattern must match a
+               file. Plain or compressed tars are read as streams. Members are grouped into
+               samples as webdataset does: consecutive members with the same key (path up to
+               the first '.' of the file name); the image is the jpg/jpeg/png/webp/... member,
+               the caption the txt member. The record key is <shard file name>/<sample key>.
+  tfds         SOURCE is a TFDS dataset name (name or name:version) already prepared on local
+               disk in the array_record file format (TensorFlow is not needed). --split
+               (default train), --data-dir, --image-key (default image; an Image feature) and
+               either --caption-key (default caption; a Text feature) or --label-key (a
+               ClassLabel feature: captions from the class names and the templates, as
+               imagefolder). Record key: <split>/<example index>.
+
+Options (all formats)
+  --max-size       short side of the stored image at most this (default 256); smaller images
+                   are never enlarged. Resizing is bicubic with antialiasing.
+  --min-size       skip images whose short side is below this (default 32)
+  --max-pixels     skip images with more pixels than this (default 100 million); only the
+                   image header has been read then, so a decompression bomb costs no memory
+  --quality        JPEG quality of the stored images (default 95)
+  --records-per-shard  records per ArrayRecord shard (default 5000)
+  --workers        processes decoding and encoding images (default: all CPUs; 0 = in-process)
+  --overwrite      replace a previous ingest in --out (its manifest, shards and skipped.jsonl;
+                   other files are left alone). Without it, an --out holding a manifest or
+                   shards is refused.
+
+Skipped rows
+  A bad row never stops the run: it is skipped, logged in skipped.jsonl as {"row" (0-based
+  input row), "source" (file, tar sample or TFDS example), "reason", "detail"} and counted
+  in the manifest's `skipped` by reason:
+    bad_row          csv: wrong number of fields, or a line the csv module cannot parse
+    missing_file     the image file does not exist (or the path field is empty)
+    unreadable_file  the image file (or a caption sidecar, or a folder) cannot be read
+    missing_caption  captions: image without sidecar; wds: sample without a txt member
+    missing_image    captions: sidecar without image; wds: sample without an image member
+    empty_caption    the caption is empty or whitespace only
+    missing_label    tfds --label-key: the label is not a class (e.g. -1 on a test split)
+    corrupt_archive  wds: the shard is truncated, corrupt or unreadable; the samples before
+                     the damage are kept, the rest of the shard counts as this one row
+    empty_file, not_an_image, too_large, too_small, corrupt_image
+                     the image cannot be used (see clip_jax/data/images.py)
+  A row with several problems is counted once, under the first found, in this order:
+  caption, reading the file, decoding the image. Every row is either a record or skipped:
+  num_records + sum(skipped) == rows.
+
+Repairs
+  Kept rows that needed a repair are counted in the manifest's `repaired`: the image
+  conversions of `images.to_rgb` (cmyk, 16bit, palette, alpha, grayscale, ...) and
+  invalid_utf8 (invalid UTF-8 in a caption, a CSV meta field or a CSV path as shown in the
+  record key, replaced by U+FFFD; the file is still opened by its exact bytes). Captions are
+  stripped of surrounding whitespace; long captions are kept whole (the tokenizer truncates).
+
+Order and parallelism
+  Records are written in input-row order, so the output does not depend on --workers (it is
+  byte-identical for any count). The main process streams the input (it never lists all
+  rows) in chunks of up to 32 rows (8 MiB of image bytes for wds, whose tar members the
+  main process reads and ships), with at most 4 chunks per worker in flight; workers read,
+  check, convert, resize and encode the images, and the main process writes the results in
+  submission order. TFDS workers open the dataset themselves and read their chunk's
+  examples by index. manifest.json is written last: a directory without one is not a
+  dataset.
+"""
+import collections
+import concurrent.futures
+import csv
+import glob
+import json
+import multiprocessing
+import os
+import posixpath
+import sys
+import tarfile
+import zlib
+from typing import NamedTuple
+
+from tqdm import tqdm
+
+from clip_jax.data import images, prompts, records, sources
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# webdataset member extensions, in order of preference when a sample has several images.
+WDS_IMAGE_EXTENSIONS = tuple(ext[1:] for ext in IMAGE_EXTENSIONS)
+WDS_CAPTION_EXTENSION = "txt"
+
+CHUNK_ROWS = 32                 # rows per unit of work sent to a worker
+CHUNK_BYTES = 8 << 20           # ... or fewer, once the chunk holds this many image bytes (wds)
+CHUNKS_PER_WORKER = 4           # chunks in flight per worker: the bound on memory
+SHARD_GLOB = "data-*.array_record"
+
+
+class OptionError(ValueError):
+    """A bad option or input, found before any work: nothing has been written."""
+
+
+class RowSkipped(Exception):
+    """A row that cannot become a record; `reason` is one of the module docstring's names."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class Row(NamedTuple):
+    """One input row as a reader describes it; sent to a worker."""
+    source: str                  # where it came from, for skipped.jsonl
+    key: str = ""                # the record's key
+    caption: str = ""
+    path: str | bytes | None = None   # the image file to read ...
+    image: bytes | None = None        # ... or its bytes
+    label: int | None = None
+    meta: dict | None = None
+    repairs: tuple = ()          # repairs the reader made (invalid_utf8)
+    skip: tuple | None = None    # (reason, detail) when the reader already knows it is bad
+    index: int | None = None     # 0-based input row number, set by `_chunks`
+
+
+class Result(NamedTuple):
+    """What a worker made of a row: record bytes, or (reason, detail) in `skip`."""
+    index: int
+    source: str
+    record: bytes | None
+    skip: tuple | None
+    repairs: tuple
+
+
+class Settings(NamedTuple):
+    """What workers need besides the rows."""
+    max_size: int
+    min_size: int
+    max_pixels: int
+    quality: int
+    fetch: object = None         # rows -> rows with images filled in (tfds), or None
+
+
+class Prepared(NamedTuple):
+    """A checked input: its rows (a lazy generator) and what it adds to the manifest."""
+    rows: object
+    options: dict                # the format options that shaped the records
+    extra: dict = {}             # classes / classnames
+    fetch: object = None
+    total: int | None = None     # number of rows, when known up front
+
+
+# ----------------------------------------------------------------------------- text helpers
+
+def _decode_text(data):
+    """UTF-8 bytes -> (str, whether invalid bytes were replaced by U+FFFD)."""
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return data.decode("utf-8", "replace"), True
+
+
+def _display(path):
+    """A path (str, possibly with surrogate escapes, or bytes) as valid text."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def _repairs(*repaired):
+    return ("invalid_utf8",) if any(repaired) else ()
+
+
+def _is_image(name):
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _templates(path):
+    if path is None:
+        return prompts.DEFAULT_TEMPLATES
+    try:
+        return prompts.load_templates(path)
+    except ValueError as e:
+        raise OptionError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------- csv
+
+def _csv_delimiter(path, delimiter):
+    if delimiter is None:
+        return "\t" if path.lower().endswith(".tsv") else ","
+    delimiter = {"\\t": "\t", "tab": "\t"}.get(delimiter, delimiter)
+    if len(delimiter) != 1:
+        raise OptionError(f"--delimiter must be one character (or \\t), got {delimiter!r}")
+    return delimiter
+
+
+def _open_csv(path):
+    # surrogateescape: invalid UTF-8 survives as escapes, repaired per field.
+    return open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
+
+
+def prepare_csv(source, image_column="filepath", caption_column="caption", delimiter=None):
+    delimiter = _csv_delimiter(source, delimiter)
+    try:
+        with _open_csv(source) as f:
+            header = next(csv.reader(f, delimiter=delimiter), [])
+    except (OSError, csv.Error) as e:
+        raise OptionError(f"cannot read the CSV file {source!r}: {e}") from None
+    for option, column in (("--image-column", image_column), ("--caption-column", caption_column)):
+        if column not in header:
+            raise OptionError(f"{source}: no column {column!r} ({option}) in the header; "
+                              f"its columns are: {', '.join(map(repr, header)) or 'none'}")
+    rows = _csv_rows(source, delimiter, header.index(image_column), header.index(caption_column))
+    options = {"image_column": image_column, "caption_column": caption_column,
+               "delimiter": delimiter}
+    return Prepared(rows, options)
+
+
+def _field_text(field):
+    """A CSV field read with surrogateescape -> (str, whether invalid UTF-8 was replaced)."""
+    return _decode_text(field.encode("utf-8", "surrogateescape"))
+
+
+def _csv_rows(path, delimiter, image_at, caption_at):
+    folder = os.fsencode(os.path.dirname(os.path.abspath(path)))
+    with _open_csv(path) as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = [_field_text(name)[0] for name in next(reader)]
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                yield Row(f"{path}, line {reader.line_num}", skip=("bad_row", str(e)))
+                continue
+            if not fields:
+                continue
+            if len(fields) != len(header):
+                yield Row(f"{path}, line {reader.line_num}",
+                          skip=("bad_row", f"{len(fields)} fields, the header has {len(header)}"))
+                continue
+            yield _csv_row(path, reader.line_num, folder, header, fields, image_at, caption_at)
+
+
+def _csv_row(csv_path, line, folder, header, fields, image_at, caption_at):
+    written = os.fsencode(fields[image_at])          # the exact bytes of the path field
+    if not written:
+        return Row(f"{csv_path}, line {line}", skip=("missing_file", "empty image path"))
+    path = os.path.join(folder, written)
+    key, bad_key = _decode_text(written)
+    caption, bad_caption = _field_text(fields[caption_at])
+    meta, bad_meta = {}, False
+    for at, (column, field) in enumerate(zip(header, fields)):
+        if at not in (image_at, caption_at):
+            meta[column], bad = _field_text(field)
+            bad_meta |= bad
+    return Row(_display(path), key=key, caption=caption, path=path, meta=meta,
+               repairs=_repairs(bad_key, bad_caption, bad_meta))
+
+
+# ----------------------------------------------------------------------------- folders
+
+def _check_folder(source):
+    if not os.path.isdir(source):
+        raise OptionError(f"{source!r} is not a folder")
+
+
+def _walk(top):
+    """(folder, sorted file names, None) for each folder under `top`, depth-first in sorted
+    order (a folder's files before its sub-folders); a folder that cannot be listed comes as
+    (folder, [], OSError)."""
+    errors = []
+    for folder, subfolders, names in os.walk(top, onerror=errors.append):
+        yield from ((error.filename, [], error) for error in errors)
+        errors.clear()
+        subfolders.sort()
+        yield folder, sorted(names), None
+    yield from ((error.filename, [], error) for error in errors)
+
+
+def _unreadable_folder(folder, error):
+    return Row(_display(folder), skip=("unreadable_file", f"folder: {error.strerror}"))
+
+
+def _file_row(top, path, caption="", **fields):
+    """The row of image file `path` under `top`: key = its relative path with '/'."""
+    key = _display(os.path.relpath(path, top)).replace(os.sep, "/")
+    return Row(_display(path), key=key, caption=caption, path=path, **fields)
+
+
+def prepare_captions(source):
+    _check_folder(source)
+    return Prepared(_caption_rows(source), {})
+
+
+def _caption_rows(top):
+    for folder, names, error in _walk(top):
+        if error:
+            yield _unreadable_folder(folder, error)
+            continue
+        image_stems = {os.path.splitext(name)[0] for name in names if _is_image(name)}
+        sidecars = {os.path.splitext(name)[0]: name for name in names
+                    if os.path.splitext(name)[1].lower() == ".txt"}
+        for name in names:
+            stem = os.path.splitext(name)[0]
+            if _is_image(name):
+                yield _captioned_row(top, folder, name, sidecars.get(stem))
+            elif sidecars.get(stem) == name and stem not in image_stems:
+                yield _file_row(top, os.path.join(folder, name),
+                                skip=("missing_image", f"no image named {_display(stem)}.*"))
+
+
+def _captioned_row(top, folder, name, sidecar):
+    path = os.path.join(folder, name)
+    if sidecar is None:
+        return _file_row(top, path, skip=("missing_caption",
+                                          f"no {_display(os.path.splitext(name)[0])}.txt"))
+    try:
+        with open(os.path.join(folder, sidecar), "rb") as f:
+            caption, repaired = _decode_text(f.read())
+    except OSError as e:
+        return _file_row(top, path, skip=("unreadable_file", f"{_display(sidecar)}: {e.strerror}"))
+    return _file_row(top, path, caption, repairs=_repairs(repaired))
+
+
+def prepare_imagefolder(source, templates=None):
+    _check_folder(source)
+    classes = sorted(entry.name for entry in os.scandir(source) if entry.is_dir())
+    if not classes:
+        raise OptionError(f"{source!r} has no class folders (expected SOURCE/<class>/<images>)")
+    templates = _templates(templates)
+    names = [_display(folder) for folder in classes]
+    classnames = [prompts.readable_classname(name) for name in names]
+    rows = _imagefolder_rows(source, classes, classnames, templates)
+    return Prepared(rows, {"templates": list(templates)},
+                    {"classes": names, "classnames": classnames})
+
+
+def _imagefolder_rows(top, class_folders, classnames, templates):
+    for label, (class_folder, classname) in enumerate(zip(class_folders, classnames)):
+        for folder, names, error in _walk(os.path.join(top, class_folder)):
+            if error:
+                yield _unreadable_folder(folder, error)
+                continue
+            for name in filter(_is_image, names):
+                row = _file_row(top, os.path.join(folder, name), label=label)
+                yield row._replace(caption=prompts.caption_for(classname, row.key, templates))
+
+
+# ----------------------------------------------------------------------------- wds
+
+def _expand_shards(patterns):
+    import braceexpand
+    shards = set()
+    for pattern in patterns:
+        for expanded in braceexpand.braceexpand(pattern):
+            matches = [path for path in glob.glob(expanded) if os.path.isfile(path)]
+            if not matches:
+                origin = f" (from {pattern!r})" if expanded != pattern else ""
+                raise OptionError(f"no file matches {expanded!r}{origin}")
+            shards.update(matches)
+    return sorted(shards)
+
+
+def prepare_wds(source):
+    patterns = [source] if isinstance(source, str) else list(source)
+    shards = _expand_shards(patterns)
+    return Prepared(_wds_rows(shards), {"files": shards})
+
+
+def _member_key(name):
+    """webdataset's split of a member path: (key, lowercased extension), or None."""
+    folder, base = posixpath.split(name)
+    stem, dot, extension = base.partition(".")
+    if not stem or not dot:
+        return None
+    return posixpath.join(folder, stem), extension.lower()
+
+
+def _tar_samples(path):
+    """(key, {extension: bytes or None}) for each run of consecutive members with one key.
+    Only image and caption members are read; the others are listed with None."""
+    wanted = {*WDS_IMAGE_EXTENSIONS, WDS_CAPTION_EXTENSION}
+    key, members = None, {}
+    with tarfile.open(path, "r|*") as tar:
+        for member in tar:
+            split = _member_key(member.name) if member.isfile() else None
+            if split is None:
+                continue
+            if split[0] != key:
+                if members:
+                    yield key, members
+                key, members = split[0], {}
+            members[split[1]] = tar.extractfile(member).read() if split[1] in wanted else None
+    if members:
+        yield key, members
+
+
+def _wds_rows(shards):
+    for shard in shards:
+        try:
+            for key, members in _tar_samples(shard):
+                yield _wds_row(shard, key, members)
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            yield Row(_display(shard), skip=("corrupt_archive",
+                                             f"{_display(shard)}: {type(e).__name__}: {e}"))
+
+
+def _wds_row(shard, key, members):
+    row = Row(f"{_display(shard)}:{_display(key)}",
+              key=f"{_display(os.path.basename(shard))}/{_display(key)}")
+    image = next((ext for ext in WDS_IMAGE_EXTENSIONS if ext in members), None)
+    found = f"members: {', '.join(sorted(members))}"
+    if image is None:
+        return row._replace(skip=("missing_image", found))
+    if WDS_CAPTION_EXTENSION not in members:
+        return row._replace(skip=("missing_caption", found))
+    caption, repaired = _decode_text(members[WDS_CAPTION_EXTENSION])
+    return row._replace(caption=caption, image=members[image], repairs=_repairs(repaired))
+
+
+# ----------------------------------------------------------------------------- tfds
+
+def prepare_tfds(source, split="train", data_dir=None, image_key="image", caption_key=None,
+                 label_key=None, templates=None):
+    if caption_key is not None and label_key is not None:
+        raise OptionError("give --caption-key or --label-key, not both")
+    if templates is not None and label_key is None:
+        raise OptionError("--templates needs --label-key (captions from class names)")
+    caption_key = None if label_key else (caption_key or "caption")
+    args = (source, split, data_dir or "", image_key, caption_key or "", label_key or "",
+            _templates(templates) if label_key else None)
+    try:
+        data = sources.TfdsSource(*args)
+    except ValueError as e:
+        raise OptionError(str(e)) from None
+    options = {"split": split, "data_dir": data_dir, "image_key": image_key}
+    extra = {}
+    if label_key:
+        extra = {"classes": data.classes, "classnames": data.classnames}
+        options.update(label_key=label_key, templates=list(data.templates))
+    else:
+        options.update(caption_key=caption_key)
+    return Prepared(_tfds_rows(source, split, len(data)), options, extra, TfdsExamples(args), len(data))
+
+
+def _tfds_rows(name, split, size):
+    """One row per example, in order: row i is example i (which `TfdsExamples` reads)."""
+    for i in range(size):
+        yield Row(f"{name}/{split}/{i}", key=f"{split}/{i}")
+
+
+class TfdsExamples:
+    """Fills a chunk of tfds rows with their examples' image bytes and captions.
+
+    Picklable: each worker process opens the data source itself, once, and reads its
+    chunk's examples by index with one batched read. Images stay encoded.
+    """
+
+    def __init__(self, source_args):
+        self.source_args = source_args
+        self._data = None
+
+    def __getstate__(self):
+        return {"source_args": self.source_args, "_data": None}
+
+    def __call__(self, rows):
+        if self._data is None:
+            self._data = sources.TfdsSource(*self.source_args)
+        raws = self._data.read([row.index for row in rows])
+        return [self._fill(row, raw) for row, raw in zip(rows, raws)]
+
+    def _fill(self, row, raw):
+        try:
+            example = self._data.to_example(row.index, raw)
+        except sources.LabelOutOfRange as e:
+            return row._replace(skip=("missing_label", str(e)))
+        return row._replace(image=example["image"], caption=example["caption"],
+                            label=example.get("label"),
+                            repairs=_repairs(example["caption_repaired"]))
+
+
+FORMATS = {"csv": prepare_csv, "captions": prepare_captions, "imagefolder": prepare_imagefolder,
+           "wds": prepare_wds, "tfds": prepare_tfds}
+
+
+# ----------------------------------------------------------------------------- workers
+
+def _read_file(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise RowSkipped("missing_file", "no such file") from None
+    except OSError as e:
+        raise RowSkipped("unreadable_file", f"{type(e).__name__}: {e.strerror}") from None
+
+
+def process_row(row, settings):
+    """A row -> Result: the encoded record, or why it was skipped."""
+    if row.skip:
+        return Result(row.index, row.source, None, row.skip, ())
+    try:
+        caption = row.caption.strip()
+        if not caption:
+            raise RowSkipped("empty_caption", repr(row.caption[:40]))
+        data = row.image if row.path is None else _read_file(row.path)
+        img, conversion = images.load_for_storage(data, settings.max_size, settings.min_size,
+                                                  settings.max_pixels)
+    except (RowSkipped, images.BadImage) as e:
+        return Result(row.index, row.source, None, (e.reason, e.detail), ())
+    record = records.encode_record(images.encode_jpeg(img, settings.quality), caption, row.key,
+                                   row.label, row.meta)
+    return Result(row.index, row.source, record, None,
+                  row.repairs + ((conversion,) if conversion else ()))
+
+
+def process_chunk(rows, settings):
+    if settings.fetch is not None:
+        rows = settings.fetch(rows)
+    return [process_row(row, settings) for row in rows]
+
+
+_WORKER_SETTINGS = None
+
+
+def _init_worker(settings):
+    global _WORKER_SETTINGS
+    _WORKER_SETTINGS = settings
+
+
+def _process_chunk_in_worker(rows):
+    return process_chunk(rows, _WORKER_SETTINGS)
+
+
+def _chunks(rows):
+    """Numbers the rows and groups them: CHUNK_ROWS rows or CHUNK_BYTES of image bytes."""
+    chunk, size = [], 0
+    for index, row in enumerate(rows):
+        chunk.append(row._replace(index=index))
+        size += len(row.image or b"")
+        if len(chunk) == CHUNK_ROWS or size >= CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _processed(chunks, settings, workers):
+    """Each chunk's results, in submission order; at most CHUNKS_PER_WORKER x workers
+    chunks are in flight, so the input is read only as fast as it is processed."""
+    if workers == 0:
+        yield from (process_chunk(chunk, settings) for chunk in chunks)
+        return
+    pool = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker, initargs=(settings,))
+    try:
+        pending = collections.deque()
+        for chunk in chunks:
+            pending.append(pool.submit(_process_chunk_in_worker, chunk))
+            if len(pending) >= CHUNKS_PER_WORKER * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------- output
+
+def _previous_outputs(out):
+    """The files of an earlier ingest in `out`: manifest, shards, skipped log."""
+    names = [records.MANIFEST, records.SKIPPED_LOG]
+    paths = [os.path.join(out, name) for name in names]
+    paths += sorted(glob.glob(os.path.join(glob.escape(out), SHARD_GLOB)))
+    return [path for path in paths if os.path.isfile(path)]
+
+
+def _check_output(out, overwrite):
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OptionError(f"--out {out!r} exists and is not a folder")
+    dataset = [path for path in _previous_outputs(out)
+               if not path.endswith(records.SKIPPED_LOG)]
+    if dataset and not overwrite:
+        raise OptionError(f"--out {out!r} already holds an ingested dataset "
+                          f"({os.path.basename(dataset[0])}, ...); pass --overwrite to replace it")
+
+
+def _clear_output(out):
+    os.makedirs(out, exist_ok=True)
+    for path in _previous_outputs(out):   # the manifest first: a half-cleared dir is no dataset
+        os.remove(path)
+
+
+def _check_settings(max_size, min_size, max_pixels, quality, records_per_shard, workers):
+    for option, value, low in (("--max-size", max_size, 1), ("--min-size", min_size, 1),
+                               ("--max-pixels", max_pixels, 1), ("--quality", quality, 1),
+                               ("--records-per-shard", records_per_shard, 1),
+                               ("--workers", workers, 0)):
+        if value < low:
+            raise OptionError(f"{option} must be at least {low}, got {value}")
+    if quality > 100:
+        raise OptionError(f"--quality must be at most 100, got {quality}")
+
+
+def run(format, source, out, *, max_size=256, min_size=images.DEFAULT_MIN_SIZE,
+        max_pixels=images.DEFAULT_MAX_PIXELS, quality=95, records_per_shard=5000, workers=None,
+        overwrite=False, progress=False, **format_options):
+    """Ingests `source` (see the module docstring) into the folder `out`; returns the manifest.
+
+    `format_options` are the format's own options (`prepare_<format>`'s keywords). Raises
+    OptionError, before anything is written, for a bad option or an unusable input.
+    """
+    workers = os.cpu_count() if workers is None else workers
+    _check_settings(max_size, min_size, max_pixels, quality, records_per_shard, workers)
+    if format not in FORMATS:
+        raise OptionError(f"unknown format {format!r}; one of {', '.join(FORMATS)}")
+    prepared = FORMATS[format](source, **format_options)
+    _check_output(out, overwrite)
+    settings = Settings(max_size, min_size, max_pixels, quality, prepared.fetch)
+    _clear_output(out)
+    counts = _write(prepared, out, settings, records_per_shard, workers, progress)
+    manifest = {**counts, **prepared.extra,
+                "max_size": max_size, "min_size": min_size, "max_pixels": max_pixels,
+                "quality": quality, "records_per_shard": records_per_shard,
+                "source": {"format": format, "source": source, **prepared.options}}
+    records.write_manifest(out, manifest)
+    return records.read_manifest(out)
+
+
+def _write(prepared, out, settings, records_per_shard, workers, progress):
+    """Processes every row; writes the shards and skipped.jsonl. Returns the counts."""
+    skipped, repaired = collections.Counter(), collections.Counter()
+    writer = records.ShardWriter(out, records_per_shard)
+    rows = 0
+    try:
+        with open(os.path.join(out, records.SKIPPED_LOG), "w", encoding="utf-8") as log, \
+                tqdm(total=prepared.total, unit=" rows", file=sys.stderr,
+                     disable=not progress) as bar:
+            for results in _processed(_chunks(prepared.rows), settings, workers):
+                for result in results:
+                    if result.record is not None:
+                        writer.write(result.record)
+                        repaired.update(result.repairs)
+                    else:
+                        skipped[result.skip[0]] += 1
+                        log.write(json.dumps({"row": result.index, "source": result.source,
+                                              "reason": result.skip[0],
+                                              "detail": result.skip[1]}) + "\n")
+                rows += len(results)
+                bar.update(len(results))
+                bar.set_postfix(skipped=sum(skipped.values()), refresh=False)
+    finally:
+        shards = writer.close()
+    return {"num_records": rows - sum(skipped.values()), "rows": rows, "shards": shards,
+            "skipped": dict(sorted(skipped.items())), "repaired": dict(sorted(repaired.items()))}
