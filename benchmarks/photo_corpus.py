@@ -6,6 +6,7 @@ China and a flower, 427x640 each), flipped, colour-shifted and resized so the sh
 is 256-512 px, saved as JPEG (quality 90). Their decode cost is that of real photos,
 which flat synthetic drawings would understate.
 
+    pip install -e '.[bench]'            # scikit-learn
     python benchmarks/photo_corpus.py --out /tmp/photos --n 4000
     python -m clip_jax.ingest csv /tmp/photos/captions.csv --out /tmp/photos_ingested
     python -m clip_jax.benchmark data --source=/tmp/photos_ingested --workers=0,1,2

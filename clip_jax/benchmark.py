@@ -94,6 +94,10 @@ def main():
     from absl import app, flags
     from ml_collections import config_flags
 
+    # Before the config flag is defined: with a default file, config_flags applies the
+    # --config.* overrides at definition time and would fail there with a bare AttributeError.
+    config_lib.check_cli_overrides_or_exit(sys.argv, default=DEFAULT_CONFIG)
+
     config_flag = config_flags.DEFINE_config_file(
         "config", DEFAULT_CONFIG, "Config file; override keys with --config.key=value.",
         lock_config=True)
@@ -137,7 +141,6 @@ def main():
         if FLAGS.json:
             print(json.dumps(result))
 
-    config_lib.check_cli_overrides_or_exit(sys.argv, default=DEFAULT_CONFIG)
     app.run(run)
 
 

@@ -202,13 +202,22 @@ def train(config, workdir):
                    desc="train", dynamic_ncols=True, file=sys.stdout)
         last = {}
         t_last, step_last = time.perf_counter(), 0
+        data_wait = 0.0       # seconds spent waiting for batches since the last log
+        in_flight = None      # the previous step's loss
         for step in range(1, config.total_steps + 1):
+            t_data = time.perf_counter()
             batch = next(data)
+            data_wait += time.perf_counter() - t_data
             state, step_metrics = train_step(state, batch)
+            # At most two steps in flight: the device always has the next step queued, the
+            # host never runs further ahead (each queued step holds its batch in device
+            # memory), and the time spent in next(data) is time the device may idle.
+            jax.block_until_ready(in_flight)
+            in_flight = step_metrics["loss"]
             if step == 1:
                 jax.block_until_ready(step_metrics)   # one-time: keep compilation out of samples/s
                 last["compile_s"] = time.perf_counter() - t_last
-                t_last, step_last = time.perf_counter(), 1
+                t_last, step_last, data_wait = time.perf_counter(), 1, 0.0
             bar.update(1)
             is_eval = step == config.total_steps or (config.eval_every and step % config.eval_every == 0)
             if step % config.log_every == 0 or is_eval:
@@ -216,7 +225,8 @@ def train(config, workdir):
                 now = time.perf_counter()
                 if step > step_last:
                     record["samples_per_sec"] = (step - step_last) * config.batch_size / (now - t_last)
-                    t_last, step_last = now, step
+                    record["data_wait_fraction"] = data_wait / (now - t_last)
+                    t_last, step_last, data_wait = now, step, 0.0
                 elif "samples_per_sec" in last:
                     record["samples_per_sec"] = last["samples_per_sec"]
                 record["data/replaced_records"] = data.replaced_records
@@ -242,6 +252,10 @@ def main():
     from absl import app, flags
     from ml_collections import config_flags
 
+    # Before the config flag is defined: with a default file, config_flags applies the
+    # --config.* overrides at definition time and would fail there with a bare AttributeError.
+    config_lib.check_cli_overrides_or_exit(sys.argv)
+
     config_flag = config_flags.DEFINE_config_file(
         "config", None, "Path to a config file, e.g. configs/smoke.py. Override keys with "
         "--config.key=value (see README.md, 'Config keys').", lock_config=True)
@@ -257,7 +271,6 @@ def main():
         except config_lib.ConfigError as e:
             sys.exit(f"error: {e}")
 
-    config_lib.check_cli_overrides_or_exit(sys.argv)
     app.run(run)
 
 

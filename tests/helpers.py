@@ -69,3 +69,21 @@ def write_ingested(directory, n, records_per_shard=7, broken=(), size=(52, 48)):
     records.write_manifest(str(directory), {"num_records": n, "rows": n, "shards": shards,
                                             "skipped": {}, "repaired": {}, "max_size": 256})
     return str(directory)
+
+
+def export_synthetic_csv(directory, n, image_size=48, seed=0):
+    """Writes n synthetic training examples as PNG files + captions.csv (a corpus to ingest)."""
+    import csv
+    from PIL import Image
+    from clip_jax.data import synthetic
+    os.makedirs(os.path.join(directory, "images"), exist_ok=True)
+    path = os.path.join(directory, "captions.csv")
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["filepath", "caption"])
+        for i in range(n):
+            ex = synthetic.example(i, seed=seed, image_size=image_size)
+            name = f"images/{i:05d}.png"
+            Image.fromarray(ex["image"]).save(os.path.join(directory, name))
+            writer.writerow([name, ex["caption"]])
+    return path

@@ -7,9 +7,10 @@ import sys
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
 from clip_jax import config_lib
-from clip_jax.data import pipeline, synthetic
+from clip_jax.data import pipeline, sources, synthetic
 from clip_jax.data import tokenizer as tokenizer_lib
 from tests.helpers import drawn_image, write_ingested
 
@@ -327,16 +328,16 @@ def test_tfds_source(tmp_path, tok):
     b = _host_batches(c, tok, 2)
     assert b[0]["images"].shape == (4, 16, 16, 3)
     np.testing.assert_array_equal(np.sort(np.concatenate([x["indices"] for x in b])), np.arange(8))
-    src = pipeline.make_source(c)
+    src = sources.make_source(c)[0]
     assert {src[i]["caption"] for i in range(8)} == {f"tfds picture {i}" for i in range(8)}
     c.data.tfds.label_key = "label"
-    src = pipeline.make_source(c)
+    src = sources.make_source(c)[0]
     from clip_jax.data import prompts
     assert all(src[i]["caption"] in [t.format(n) for t in prompts.DEFAULT_TEMPLATES
                                      for n in ("cat", "sea lion")] for i in range(8))
     c.data.tfds.label_key = "nope"
     with pytest.raises(ValueError, match="no feature 'nope'"):
-        pipeline.make_source(c)
+        sources.make_source(c)[0]
 
 
 def make_tfds_dataset(tmp_path):
@@ -366,6 +367,21 @@ def make_tfds_dataset(tmp_path):
     data_dir = str(tmp_path / "tfds")
     TinyCaptions(data_dir=data_dir, file_format="array_record").download_and_prepare()
     return data_dir
+
+
+def test_eval_batches_are_centre_crops_in_order(ingested):
+    from clip_jax.data import images as images_lib, records
+    src = records.IngestedSource(ingested)
+    batches = list(pipeline.eval_batches(src, 24, 16))
+    assert [len(b["indices"]) for b in batches] == [16, 16, 13]
+    np.testing.assert_array_equal(np.concatenate([b["indices"] for b in batches]), np.arange(45))
+    assert batches[2]["captions"][-1] == "picture number 44" and (batches[0]["labels"] == -1).all()
+    # The centre crop of a 52 x 48 record: the central 48 x 48 square, resized to 24.
+    original = np.asarray(drawn_image(44, 52, 48), np.float64)
+    expected = np.asarray(Image.fromarray(original[:, 2:50].astype(np.uint8)).resize((24, 24), Image.BICUBIC),
+                          np.float64)
+    assert np.abs(batches[2]["images"][-1] - expected).mean() < 4      # JPEG tolerance
+    np.testing.assert_array_equal(batches[2]["images"][-1], images_lib.center_crop(src[44]["image"], 24))
 
 
 # ----------------------------------------------------------------------------- workdir tokenizer

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.helpers import read_jsonl, run_cli
+from tests.helpers import export_synthetic_csv, read_jsonl, run_cli
 
 SHORT = ["--config.total_steps=3", "--config.log_every=1", "--config.progress=false",
          "--config.data.synthetic.num_eval=64"]
@@ -90,3 +90,20 @@ def test_paper_code_path_bf16_remat_resnet_trains(resnet_one_device, tmp_path):
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in bf16)
     # bf16 compute changes rounding, not the function: same losses to bf16 precision.
     np.testing.assert_allclose([r["loss"] for r in bf16], [r["loss"] for r in resnet_one_device], rtol=3e-2)
+
+
+@pytest.mark.slow
+def test_trains_from_an_ingested_csv_corpus(tmp_path):
+    """The data issue's acceptance run, shortened: CSV of image files -> ingest -> smoke training."""
+    csv_path = export_synthetic_csv(tmp_path / "corpus", 2000, image_size=48)
+    run_cli(["clip_jax.ingest", "csv", csv_path, "--out", str(tmp_path / "ingested"),
+             "--workers", "2", "--no-progress"])
+    wd = tmp_path / "run"
+    proc, rec = train(wd, 1, f"--config.data.source={tmp_path / 'ingested'}",
+                      "--config.total_steps=300", "--config.log_every=25", "--config.progress=false")
+    losses = [r["loss"] for r in rec]
+    assert [r["step"] for r in rec][-1] == 300
+    assert losses[-1] < 0.6 * losses[0], losses                   # it learns from the ingested data
+    assert all(r["data/replaced_records"] == 0 for r in rec)
+    assert "zeroshot/top1" not in rec[-1]                         # the synthetic eval needs synthetic data
+    assert (wd / "tokenizer" / "spm.model").exists()              # trained on the ingested captions

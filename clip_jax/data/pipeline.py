@@ -54,11 +54,6 @@ def normalize_images(images):
     return (images.astype(xp.float32) / xp.float32(255.0) - mean) / std
 
 
-def make_source(config, split="train"):
-    """The source named by `config.data.source` (see `sources.py`); ValueError names it."""
-    return sources.make_source(config, split)[0]
-
-
 # ----------------------------------------------------------------------------- rows
 
 def contiguous_rows(global_batch_size, process_index, process_count):
@@ -269,6 +264,25 @@ class GlobalBatchIterator:
 def make_train_iterator(config, tokenizer, sharding):
     """Endless iterator of global training batches laid out with `sharding` (batch dimension)."""
     return GlobalBatchIterator(config, tokenizer, sharding)
+
+
+def eval_batches(source, image_size, batch_size, indices=None):
+    """Evaluation view of `source`, in order: host batches of centre-cropped images.
+
+    Yields {'images': uint8 [b, S, S, 3], 'captions': list[str], 'labels': int64 [b] (-1 if
+    unlabelled), 'indices': int64 [b]}; the last batch may be smaller. Unlike training,
+    a broken record is an error here (an evaluation must not quietly change its data).
+    """
+    indices = np.arange(len(source)) if indices is None else np.asarray(indices, np.int64)
+    presized = getattr(source, "presized", False)
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        examples = [source[int(i)] for i in chunk]
+        imgs = [np.asarray(e["image"], np.uint8) if presized else images_lib.center_crop(e["image"], image_size)
+                for e in examples]
+        yield {"images": np.stack(imgs), "captions": [e["caption"] for e in examples],
+               "labels": np.array([e.get("label", -1) for e in examples], np.int64),
+               "indices": chunk}
 
 
 def heldout_batches(config, tokenizer, n):

@@ -124,15 +124,10 @@ def read_manifest(directory):
     return manifest
 
 
-def is_ingested(directory):
-    return os.path.isfile(os.path.join(directory, MANIFEST))
-
-
 class IngestedSource:
     """Grain random-access source over an ingested directory: record i -> dict (decoded msgpack).
 
-    Picklable (Grain worker processes reopen the shards). `__getitems__` reads a batch of
-    indices in one call, which ArrayRecord serves faster than one read per index.
+    Picklable (Grain worker processes reopen the shards).
     """
 
     def __init__(self, directory):
@@ -156,14 +151,6 @@ class IngestedSource:
 
     def __getitem__(self, index):
         return decode_record(self._records[int(index)])
-
-    def raw(self, indices):
-        """The undecoded record bytes of `indices` (a decode error is then per record)."""
-        return self._records.__getitems__([int(i) for i in indices])
-
-    @property
-    def classes(self):
-        return self.manifest.get("classes")
 
     def __getstate__(self):
         return {"directory": self.directory}

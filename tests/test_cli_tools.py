@@ -1,0 +1,60 @@
+"""The small command lines: `clip_jax.tokenizer` (train / encode) and `clip_jax.benchmark`."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from clip_jax.data import tokenizer as tokenizer_lib
+from tests.helpers import REPO, device_env, write_ingested
+
+
+def cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=device_env(1),
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    return proc
+
+
+def test_tokenizer_train_from_ingested_dir_and_text_file(tmp_path):
+    data = write_ingested(tmp_path / "ds", 40)
+    out = tmp_path / "spm.model"
+    proc = cli("clip_jax.tokenizer", "train", "--captions", data, "--vocab-size", "48", "--out", str(out))
+    assert "trained on 40 captions" in proc.stdout
+    tok = tokenizer_lib.SentencePieceTokenizer.load(str(out), 16)
+    assert tok.vocab_size <= 48 and tok.decode(tok(["picture number 7"])[0]) == "picture number 7"
+    # encode prints [sot] + pieces + [eot], as the tokenizer produces them.
+    printed = cli("clip_jax.tokenizer", "encode", "--model", str(out), "--context-length", "16",
+                  "picture number 7").stdout.split()
+    ids = tok(["picture number 7"])[0]
+    assert [int(x) for x in printed] == ids[:int((ids != 0).sum())].tolist()
+    # A text file of captions trains the same model as the same captions from the dataset.
+    text = tmp_path / "captions.txt"
+    text.write_text("\n".join(f"picture number {i}" for i in range(40)) + "\n\n")
+    cli("clip_jax.tokenizer", "train", "--captions", str(text), "--vocab-size", "48",
+        "--out", str(tmp_path / "from_text.model"))
+    assert (tmp_path / "from_text.model").read_bytes() == out.read_bytes()
+
+
+def test_tokenizer_cli_errors_name_the_input(tmp_path):
+    proc = cli("clip_jax.tokenizer", "train", "--captions", str(tmp_path / "nope"), "--vocab-size", "48",
+               "--out", str(tmp_path / "x.model"), check=False)
+    assert proc.returncode != 0 and "nope" in proc.stderr and not (tmp_path / "x.model").exists()
+
+
+def test_benchmark_data_and_train_report_json(tmp_path):
+    data = write_ingested(tmp_path / "ds", 30)
+    proc = cli("clip_jax.benchmark", "data", f"--source={data}", "--workers=0", "--batches=2",
+               "--repeats=1", "--config.batch_size=8", "--json")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["mode"] == "data" and result["batch_size"] == 8 and result["image_size"] == 32
+    assert np.isfinite(result["workers"]["0"]["images_per_sec"]) and result["workers"]["0"]["images_per_sec"] > 0
+    proc = cli("clip_jax.benchmark", "--steps=1", "--warmup=0", "--repeats=1", "--config.batch_size=8", "--json")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["mode"] == "train" and result["batch_size"] == 8 and result["samples_per_sec"] > 0
+    assert result["step_seconds_min"] <= result["step_seconds_median"] <= result["step_seconds_max"]
+    bad = cli("clip_jax.benchmark", "lossy", check=False)
+    assert bad.returncode != 0 and "lossy" in bad.stderr
+    bad = cli("clip_jax.benchmark", "data", "--config.data.sourse=x", check=False)
+    assert bad.returncode != 0 and "data.sourse" in bad.stderr and "data.source" in bad.stderr
