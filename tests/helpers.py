@@ -37,6 +37,14 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def encode_image(img, fmt, **options):
+    """A PIL image -> its file bytes in format `fmt` ('JPEG', 'PNG', ...)."""
+    import io
+    buf = io.BytesIO()
+    img.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
 def drawn_image(i, width, height):
     """A smooth, distinct RGB picture for index i (gradient background + a coloured disc)."""
     import numpy as np
@@ -56,14 +64,12 @@ def write_ingested(directory, n, records_per_shard=7, broken=(), size=(52, 48)):
     """An ingested dataset written directly in the record format (no ingest run): record i is
     `drawn_image(i)` as JPEG with caption 'picture number i'. Records in `broken` get bytes
     that are not an image, standing in for corruption after ingest."""
-    import io
     from clip_jax.data import records
     os.makedirs(directory, exist_ok=True)
     writer = records.ShardWriter(str(directory), records_per_shard)
     for i in range(n):
-        buf = io.BytesIO()
-        drawn_image(i, *size).save(buf, "JPEG", quality=95)
-        image = b"this is not a jpeg" if i in broken else buf.getvalue()
+        jpeg = encode_image(drawn_image(i, *size), "JPEG", quality=95)
+        image = b"this is not a jpeg" if i in broken else jpeg
         writer.write(records.encode_record(image, f"picture number {i}", key=f"img{i}.jpg"))
     shards = writer.close()
     records.write_manifest(str(directory), {"num_records": n, "rows": n, "shards": shards,
@@ -87,3 +93,34 @@ def export_synthetic_csv(directory, n, image_size=48, seed=0):
             Image.fromarray(ex["image"]).save(os.path.join(directory, name))
             writer.writerow([name, ex["caption"]])
     return path
+
+
+def build_tfds_dataset(data_dir, name, classes, examples):
+    """Prepares a TFDS dataset `name` (snake_case) in array_record format, without TensorFlow.
+
+    `examples`: (encoded image bytes, caption str or bytes, label) tuples; features 'image',
+    'caption' and 'label' (a ClassLabel over `classes`). Images go in encoded: encoding a
+    numpy image would need TensorFlow. Note that TFDS shuffles the stored order.
+    """
+    import io
+    import tensorflow_datasets as tfds
+
+    def info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "caption": tfds.features.Text(),
+            "label": tfds.features.ClassLabel(names=list(classes))}))
+
+    def generate(self):
+        for i, (image, caption, label) in enumerate(examples):
+            yield i, {"image": io.BytesIO(image), "caption": caption, "label": label}
+
+    class_name = "".join(part.title() for part in name.split("_"))   # TFDS names it back
+    # A one-part module name: TFDS then looks for no source folder (checksums, metadata)
+    # beside the builder, which a class made here has not.
+    builder = type(class_name, (tfds.core.GeneratorBasedBuilder,), {
+        "VERSION": tfds.core.Version("1.0.0"), "__module__": name, "_info": info,
+        "_split_generators": lambda self, dl_manager: {"train": self._generate_examples()},
+        "_generate_examples": generate})
+    builder(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    return str(data_dir)

@@ -12,7 +12,7 @@ from PIL import Image
 from clip_jax import config_lib
 from clip_jax.data import pipeline, sources, synthetic
 from clip_jax.data import tokenizer as tokenizer_lib
-from tests.helpers import drawn_image, write_ingested
+from tests.helpers import build_tfds_dataset, drawn_image, encode_image, write_ingested
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELDOUT = set(synthetic._HELDOUT_IDS)
@@ -342,31 +342,9 @@ def test_tfds_source(tmp_path, tok):
 
 def make_tfds_dataset(tmp_path):
     """A tiny TFDS dataset 'tiny_captions' (8 PNGs, captions, labels) in array_record format."""
-    import io
-    import tensorflow_datasets as tfds
-
-    class TinyCaptions(tfds.core.GeneratorBasedBuilder):
-        VERSION = tfds.core.Version("1.0.0")
-
-        def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3)),
-                "caption": tfds.features.Text(),
-                "label": tfds.features.ClassLabel(names=["cat", "sea_lion"])}))
-
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples()}
-
-        def _generate_examples(self):
-            for i in range(8):
-                buf = io.BytesIO()
-                drawn_image(i, 40, 30).save(buf, "PNG")
-                buf.seek(0)
-                yield i, {"image": buf, "caption": f"tfds picture {i}", "label": i % 2}
-
-    data_dir = str(tmp_path / "tfds")
-    TinyCaptions(data_dir=data_dir, file_format="array_record").download_and_prepare()
-    return data_dir
+    pngs = [encode_image(drawn_image(i, 40, 30), "PNG") for i in range(8)]
+    return build_tfds_dataset(tmp_path / "tfds", "tiny_captions", ["cat", "sea_lion"],
+                              [(png, f"tfds picture {i}", i % 2) for i, png in enumerate(pngs)])
 
 
 def test_eval_batches_are_centre_crops_in_order(ingested):

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from clip_jax.data import ingest, prompts, records
+from tests.helpers import build_tfds_dataset, encode_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOLDER = object()   # in a corpus: make a folder under this image name
@@ -29,19 +30,13 @@ def gradient(width, height):
     return np.stack([x, y, np.full((height, width), 128.0)], -1).round().astype(np.uint8)
 
 
-def encode(img, fmt, **options):
-    buf = io.BytesIO()
-    img.save(buf, fmt, **options)
-    return buf.getvalue()
-
-
 def resized(array, size):
     return np.asarray(Image.fromarray(array).resize(size, Image.BICUBIC))
 
 
 def bomb(width=40000, height=40000):
     """A tiny PNG whose header claims width x height pixels (IHDR patched, CRC fixed)."""
-    data = bytearray(encode(Image.new("RGB", (40, 40), "red"), "PNG"))
+    data = bytearray(encode_image(Image.new("RGB", (40, 40), "red"), "PNG"))
     data[16:24] = struct.pack(">II", width, height)                  # IHDR width, height
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # CRC of type + data
     return bytes(data)
@@ -51,31 +46,31 @@ def good_images():
     """name -> (file bytes, the RGB pixels the record should hold, conversion counted)."""
     images = {}
     small = gradient(64, 48)
-    images["small.jpg"] = encode(Image.fromarray(small), "JPEG", quality=95), small, None
+    images["small.jpg"] = encode_image(Image.fromarray(small), "JPEG", quality=95), small, None
     shape = gradient(100, 80)
     shape[20:60, 30:70] = (250, 40, 40)
-    images["shape.png"] = encode(Image.fromarray(shape), "PNG"), shape, None
+    images["shape.png"] = encode_image(Image.fromarray(shape), "PNG"), shape, None
     wide = gradient(400, 300)     # short side 300 > 256: stored as 341 x 256
-    images["wide.jpg"] = (encode(Image.fromarray(wide), "JPEG", quality=95),
+    images["wide.jpg"] = (encode_image(Image.fromarray(wide), "JPEG", quality=95),
                           resized(wide, (341, 256)), None)
     tall = gradient(270, 520)     # stored as 256 x 493
-    images["tall.png"] = encode(Image.fromarray(tall), "PNG"), resized(tall, (256, 493)), None
+    images["tall.png"] = encode_image(Image.fromarray(tall), "PNG"), resized(tall, (256, 493)), None
     black = np.full((60, 80, 1), 30, np.uint8)
     cmyk = Image.fromarray(np.concatenate([gradient(80, 60), black], -1), "CMYK")
-    images["cmyk.jpg"] = encode(cmyk, "JPEG", quality=95), np.asarray(cmyk.convert("RGB")), "cmyk"
+    images["cmyk.jpg"] = encode_image(cmyk, "JPEG", quality=95), np.asarray(cmyk.convert("RGB")), "cmyk"
     levels = gradient(72, 56)[..., 0]
     deep = Image.fromarray(levels.astype(np.uint16) * 257)      # 16-bit, up to 65535
     assert deep.mode == "I;16"
     grey_rgb = np.repeat(levels[..., None], 3, -1)
-    images["gray16.png"] = encode(deep, "PNG"), grey_rgb, "16bit"       # scaled, not clipped
-    images["gray8.png"] = encode(Image.fromarray(levels), "PNG"), grey_rgb, "grayscale"
+    images["gray16.png"] = encode_image(deep, "PNG"), grey_rgb, "16bit"       # scaled, not clipped
+    images["gray8.png"] = encode_image(Image.fromarray(levels), "PNG"), grey_rgb, "grayscale"
     images["palette.png"] = palette_image(transparent=False) + ("palette",)
     images["palette_trns.png"] = palette_image(transparent=True) + ("alpha",)
     rgb, alpha = gradient(90, 70), np.linspace(0, 255, 70).round()[:, None, None]
     alpha_channel = np.broadcast_to(alpha, (70, 90, 1)).astype(np.uint8)
     rgba = Image.fromarray(np.concatenate([rgb, alpha_channel], -1), "RGBA")
     on_white = (rgb * alpha / 255 + 255 * (1 - alpha / 255)).round().astype(np.uint8)
-    images["rgba.png"] = encode(rgba, "PNG"), on_white, "alpha"
+    images["rgba.png"] = encode_image(rgba, "PNG"), on_white, "alpha"
     return images
 
 
@@ -88,18 +83,18 @@ def palette_image(transparent):
     expected[:, :32] = (255, 255, 255) if transparent else (255, 0, 0)
     expected[:, 32:] = (0, 0, 255)
     options = {"transparency": 0} if transparent else {}
-    return encode(img, "PNG", **options), expected
+    return encode_image(img, "PNG", **options), expected
 
 
 def bad_images():
     """name -> (file bytes, None for no file, or FOLDER; the reason it is skipped)."""
-    jpeg = encode(Image.fromarray(gradient(200, 200)), "JPEG", quality=95)   # half: mid-scan
+    jpeg = encode_image(Image.fromarray(gradient(200, 200)), "JPEG", quality=95)   # half: mid-scan
     return {
         "missing.jpg": (None, "missing_file"),
         "empty.jpg": (b"", "empty_file"),
         "truncated.jpg": (jpeg[:len(jpeg) // 2], "corrupt_image"),
         "text.jpg": (b"this is not an image\n", "not_an_image"),
-        "tiny.png": (encode(Image.fromarray(gradient(8, 8)), "PNG"), "too_small"),
+        "tiny.png": (encode_image(Image.fromarray(gradient(8, 8)), "PNG"), "too_small"),
         "bomb.png": (bomb(), "too_large"),
         "folder.jpg": (FOLDER, "unreadable_file"),
     }
@@ -231,7 +226,7 @@ def test_csv_output_is_independent_of_workers_and_splits_into_shards(tmp_path, m
 
 def test_csv_options_and_refusals(tmp_path):
     image = tmp_path / "pics" / "a.png"
-    write_file(str(image), encode(Image.fromarray(gradient(50, 40)), "PNG"))
+    write_file(str(image), encode_image(Image.fromarray(gradient(50, 40)), "PNG"))
     tsv = tmp_path / "list.tsv"
     tsv.write_text("text\tfile\tsplit\na, b, and c\tpics/a.png\tval\n", encoding="utf-8")
     with pytest.raises(ingest.OptionError, match=r"'filepath'.*'text', 'file', 'split'"):
@@ -372,7 +367,7 @@ def test_wds_shards(tmp_path, monkeypatch):
         ("dir/s4.seg.png", shape), ("dir/s4.jpg", wide), ("dir/s4.txt", b"in a folder"),
     ]))
     (tmp_path / "shards-00001.tar.gz").write_bytes(tar_bytes([
-        ("t0.webp", encode(Image.fromarray(good["shape.png"][1]), "WEBP", lossless=True)),
+        ("t0.webp", encode_image(Image.fromarray(good["shape.png"][1]), "WEBP", lossless=True)),
         ("t0.txt", b"webp"), ("t1.JPG", small), ("t1.TXT", b"upper case"),
     ], mode="w:gz"))
     last = ("u2.jpg", wide)
@@ -427,29 +422,10 @@ TFDS_EXAMPLES = [   # (image, caption, label)
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
     """A TFDS dataset in array_record format, built without TensorFlow."""
-    import tensorflow_datasets as tfds
-    data_dir = tmp_path_factory.mktemp("tfds")
-
-    class IngestTinyImages(tfds.core.GeneratorBasedBuilder):
-        VERSION = tfds.core.Version("1.0.0")
-
-        def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3)),
-                "caption": tfds.features.Text(),
-                "label": tfds.features.ClassLabel(names=["golden_retriever", "tabby_cat"]),
-            }))
-
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples()}
-
-        def _generate_examples(self):
-            for i, (image, caption, label) in enumerate(TFDS_EXAMPLES):
-                png = io.BytesIO(encode(Image.fromarray(image), "PNG"))
-                yield i, {"image": png, "caption": caption, "label": label}
-
-    IngestTinyImages(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
-    return str(data_dir)
+    examples = [(encode_image(Image.fromarray(image), "PNG"), caption, label)
+                for image, caption, label in TFDS_EXAMPLES]
+    return build_tfds_dataset(tmp_path_factory.mktemp("tfds"), TFDS_NAME,
+                              ["golden_retriever", "tabby_cat"], examples)
 
 
 def tfds_examples(data_dir):
