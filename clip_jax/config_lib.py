@@ -186,7 +186,6 @@ def _validate_data(config, need):
 def load_config_file(argv, default=None):
     """The config named by argv's --config=PATH[:ARG] (or `default`), loaded as absl would."""
     import importlib.util
-    import sys
     path = default
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):

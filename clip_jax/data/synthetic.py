@@ -176,11 +176,6 @@ def example(index, seed=0, image_size=32, split="train"):
     return dict(image=render(a, image_size), caption=a["caption"], shape=a["shape"], color=a["color"])
 
 
-# The tokenizer is trained on the captions of the first TOKENIZER_CORPUS_SIZE training
-# examples of seed 0: a property of the dataset, not of the run seed.
-TOKENIZER_CORPUS_SIZE = 10_000
-
-
 class SyntheticSource:
     """Grain-compatible random-access source (`len`, `[]`) of synthetic examples.
 
@@ -206,7 +201,9 @@ class SyntheticSource:
         return example(index, self.seed, self.image_size, self.split)
 
     def tokenizer_corpus(self, n):
-        return caption_corpus(min(n, TOKENIZER_CORPUS_SIZE), 0)
+        """Tokenizer training text: the first n training captions of seed 0 (whatever this
+        source's seed), so the tokenizer is a property of the dataset, not of the run."""
+        return caption_corpus(n, 0)
 
     def __repr__(self):
         return (f"SyntheticSource(split={self.split!r}, image_size={self.image_size}, "
