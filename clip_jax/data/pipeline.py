@@ -35,7 +35,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from clip_jax.data import images as images_lib
-from clip_jax.data import sources
+from clip_jax.data import sources, synthetic
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -292,6 +292,5 @@ def heldout_batches(config, tokenizer, n):
     identical on every process. `tokenizer` is unused (prompts are built at eval time).
     """
     del tokenizer
-    from clip_jax.data import synthetic
     ex = synthetic.heldout_examples(n, seed=config.seed, image_size=config.model.vision.image_size)
     return normalize_images(ex["image"]), {"shape": ex["shape"], "color": ex["color"]}

@@ -119,9 +119,9 @@ class ConcatSource:
 
     def __getitem__(self, index):
         index = int(index)
-        part = int(np.searchsorted(self.offsets, index, side="right")) - 1
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range [0, {len(self)})")
+        part = int(np.searchsorted(self.offsets, index, side="right")) - 1
         return self.parts[part][index - int(self.offsets[part])]
 
 
@@ -154,9 +154,9 @@ def open_one(spec, config, split="train"):
     if spec == "synthetic":
         s = config.data.synthetic
         return synthetic.SyntheticSource(split="train" if split == "train" else "heldout",
-                               image_size=config.model.vision.image_size,
-                               num_records=s.num_train if split == "train" else s.num_eval,
-                               seed=config.seed)
+                                         image_size=config.model.vision.image_size,
+                                         num_records=s.num_train if split == "train" else s.num_eval,
+                                         seed=config.seed)
     if spec.startswith("tfds:"):
         name, _, tfds_split = spec[len("tfds:"):].partition(":")
         if not name:
@@ -164,7 +164,7 @@ def open_one(spec, config, split="train"):
         t = config.data.tfds
         return TfdsSource(name, tfds_split or "train", t.data_dir, t.image_key, t.caption_key,
                           t.label_key)
-    if os.path.isdir(spec) or os.path.exists(spec):
+    if os.path.exists(spec):
         return records.IngestedSource(spec)
     raise ValueError(f"config.data.source entry {spec!r} is neither 'synthetic', 'tfds:NAME[:SPLIT]' "
                      "nor an existing directory made by `python -m clip_jax.ingest`")
