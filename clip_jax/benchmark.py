@@ -6,6 +6,10 @@
   data             times the input pipeline alone: this process's host batches (read,
                    decode, crop, tokenise) for `--source` (default: the config's
                    data.source), with each worker count in --workers. Reports images/s.
+  checkpoint       saves the config's freshly initialised train state --repeats times into
+                   --checkpoint_dir (default: a temporary directory) and restores it.
+                   Reports the blocking part of a save (what training waits for), the
+                   whole save, the restore (with its checksum verification), and the size.
 
 Figures are medians over --repeats timing windows; with --json the last line printed is
 one JSON object holding them (`samples_per_sec` for train, `images_per_sec` per worker
@@ -63,7 +67,7 @@ def benchmark_train(config, steps, warmup, repeats):
     data_sharding = sharding.batch_sharding(run.mesh, run.rules)
     batch = {"images": jax.device_put(pipeline.normalize_images(host["images"]), data_sharding),
              "tokens": jax.device_put(host["tokens"], data_sharding)}
-    state = run.state
+    state = run.init_state()
     step_times = []
     with run.context():
         t0 = time.perf_counter()
@@ -90,6 +94,47 @@ def benchmark_train(config, steps, warmup, repeats):
             "devices": jax.device_count(), "backend": jax.default_backend()}
 
 
+def _dir_bytes(path):
+    import os
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+def benchmark_checkpoint(config, repeats, directory=None):
+    """Save/restore times (s) and size (bytes) of the config's whole train state."""
+    import os
+    import tempfile
+
+    from clip_jax import checkpoint, sharding, train
+    run = train.build(config)
+    with run.context():
+        state = train.state_to_dict(run.init_state())
+    jax.block_until_ready(state)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        ckpt = checkpoint.Checkpointer(os.path.join(tmp, "checkpoints"), repeats + 1, run.mesh)
+        blocking, total, restore = [], [], []
+        replicated = sharding.replicated(run.mesh)
+        for i in range(1, repeats + 1):
+            state["step"] = jax.device_put(np.int32(i), replicated)
+            t0 = time.perf_counter()
+            ckpt.save(state, {"next_batch": i})
+            blocking.append(time.perf_counter() - t0)
+            ckpt.wait()
+            total.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with run.context():
+                restored = ckpt.restore_latest(train.state_to_dict(run.abstract_state))
+            jax.block_until_ready(restored[0])
+            restore.append(time.perf_counter() - t0)
+            del restored
+        size = _dir_bytes(os.path.join(ckpt.directory, str(repeats)))
+        ckpt.close()
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    return {"save_blocking_seconds": statistics.median(blocking),
+            "save_seconds": statistics.median(total), "restore_seconds": statistics.median(restore),
+            "checkpoint_bytes": size, "state_bytes": sum(x.nbytes for x in jax.tree.leaves(state)),
+            "parameters": n_params, "devices": jax.device_count(), "backend": jax.default_backend()}
+
+
 def main():
     from absl import app, flags
     from ml_collections import config_flags
@@ -108,14 +153,17 @@ def main():
     flags.DEFINE_string("source", None, "data: the data source (default: the config's data.source)")
     flags.DEFINE_list("workers", None, "data: Grain worker counts to time, e.g. 0,2 "
                       "(default: the config's data.workers)")
+    flags.DEFINE_string("checkpoint_dir", None, "checkpoint: where to write (default: a temporary "
+                        "directory); point it at the filesystem your runs use")
     flags.DEFINE_bool("json", False, "print the figures as one JSON object on the last line")
     FLAGS = flags.FLAGS
 
     def run(argv):
         config_lib.quiet_absl_logging()
         mode = argv[1] if len(argv) > 1 else "train"
-        if mode not in ("train", "data") or len(argv) > 2:
-            sys.exit(f"error: usage: python -m clip_jax.benchmark [train|data] [flags]; got {argv[1:]}")
+        if mode not in ("train", "data", "checkpoint") or len(argv) > 2:
+            sys.exit("error: usage: python -m clip_jax.benchmark [train|data|checkpoint] [flags]; "
+                     f"got {argv[1:]}")
         config = config_flag.value
         try:
             with config.unlocked():
@@ -130,6 +178,14 @@ def main():
                 for w, r in result["workers"].items():
                     print(f"data: {r['images_per_sec']:.0f} images/s with {w} workers "
                           f"(batch {config.batch_size}, {config.model.vision.image_size}px)")
+            elif mode == "checkpoint":
+                result = {"mode": "checkpoint", **benchmark_checkpoint(config, FLAGS.repeats,
+                                                                        FLAGS.checkpoint_dir)}
+                print(f"checkpoint: {result['parameters']:,} parameters, "
+                      f"{result['checkpoint_bytes'] / 1e6:.1f} MB on disk "
+                      f"({result['state_bytes'] / 1e6:.1f} MB in memory); save blocks "
+                      f"{result['save_blocking_seconds']:.2f} s, completes in "
+                      f"{result['save_seconds']:.2f} s; restore {result['restore_seconds']:.2f} s")
             else:
                 result = {"mode": "train", **benchmark_train(config, FLAGS.steps, FLAGS.warmup,
                                                              FLAGS.repeats)}

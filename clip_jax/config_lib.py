@@ -80,6 +80,12 @@ def base_config():
     c.log_every = 100
     c.eval_every = 0               # 0: evaluate only at the end
     c.progress = True              # tqdm progress bar
+    # Checkpoints (WORKDIR/checkpoints, Orbax): every this many steps (0: only at the end
+    # and on preemption), keeping the newest `max_to_keep`. A restart resumes the latest.
+    c.checkpoint_every = 1000
+    c.max_to_keep = 3
+    c.init_from = ""               # fresh runs only: take parameters from this checkpoint
+    c.max_bad_steps = 10           # stop after this many non-finite steps in a row
     c.optim = ml_collections.ConfigDict(dict(
         lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
         warmup_steps=2000, grad_clip_norm=0.0))   # 0: no clipping
@@ -215,6 +221,34 @@ def check_cli_overrides_or_exit(argv, default=None):
         sys.exit(f"error: {e}")
 
 
+# Keys that may change between a run's invocations without changing what it computes.
+RESUME_NEUTRAL_KEYS = ("progress", "log_every", "eval_every", "checkpoint_every", "max_to_keep",
+                       "max_bad_steps", "init_from", "mesh.", "sharding_rules", "data.workers",
+                       "data.prefetch")
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def describe_changes(saved, config):
+    """Lines 'key: saved -> now' for keys that differ from `saved` (a config as JSON dict),
+    ignoring those that do not change the computation (logging, mesh, workers, ...)."""
+    if not saved:
+        return []
+    import json
+    now = _flatten(json.loads(config.to_json_best_effort()))
+    before = _flatten(saved)
+    return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(now) | set(before))
+            if before.get(k) != now.get(k) and not k.startswith(RESUME_NEUTRAL_KEYS)]
+
+
 def validate(config, num_devices=None):
     """Semantic checks of a whole config; raises ConfigError naming the first bad key."""
     from clip_jax import sharding
@@ -226,6 +260,14 @@ def validate(config, num_devices=None):
     for key in ("batch_size", "total_steps", "log_every"):
         need(isinstance(config[key], int) and config[key] > 0, key, "must be a positive integer")
     need(config.eval_every >= 0, "eval_every", "must be >= 0 (0: only at the end)")
+    need(isinstance(config.checkpoint_every, int) and config.checkpoint_every >= 0,
+         "checkpoint_every", "must be an integer >= 0 (0: only at the end and on preemption)")
+    need(isinstance(config.max_to_keep, int) and config.max_to_keep >= 1, "max_to_keep",
+         "must be a positive integer")
+    need(isinstance(config.max_bad_steps, int) and config.max_bad_steps >= 1, "max_bad_steps",
+         "must be a positive integer")
+    need(not config.init_from or os.path.exists(config.init_from), "init_from",
+         "no such checkpoint directory")
     m = config.model
     need(m.vision.kind in ("resnet", "vit"), "model.vision.kind", "must be 'resnet' or 'vit'")
     need(m.dtype in ("float32", "bfloat16"), "model.dtype", "must be 'float32' or 'bfloat16'")

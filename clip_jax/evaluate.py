@@ -22,8 +22,16 @@ def batched(fn, inputs, batch_size, sharding=None):
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
         if sharding is not None:
             chunk = jax.device_put(chunk, sharding)
-        outs.append(np.asarray(fn(chunk))[:batch_size - pad])
+        outs.append(_to_host(fn(chunk))[:batch_size - pad])
     return np.concatenate(outs)
+
+
+def _to_host(x):
+    """The whole array as numpy on every process (gathered if it spans several processes)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def text_classifier(encode_text, tokenizer, classnames, templates, batch_size=256, sharding=None):

@@ -1,6 +1,8 @@
 """Where training metrics go: DIR/metrics.jsonl, TensorBoard events, and a PNG plot at the end.
 
 Only process 0 writes. Each jsonl line is one logged step: {"step": k, "loss": ..., ...}.
+A run resumed from step S first drops the lines (and TensorBoard events) after S, which a
+killed run logged past its last checkpoint, so the file keeps one history.
 """
 import json
 import os
@@ -9,14 +11,18 @@ import jax
 
 
 class MetricWriter:
-    def __init__(self, workdir, enabled=None):
+    """Appends to DIR/metrics.jsonl and TensorBoard; `start_step`: the step training resumes
+    after (0 for a fresh run) -- anything logged after it is dropped first."""
+
+    def __init__(self, workdir, start_step=0, enabled=None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
         if self.enabled:
             from tensorboardX import SummaryWriter
             os.makedirs(workdir, exist_ok=True)
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            truncate_after(self.path, start_step)
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
             self._file = open(self.path, "a")
 
     def write(self, step, scalars):
@@ -33,6 +39,19 @@ class MetricWriter:
         if self.enabled:
             self._file.close()
             self._tb.close()
+
+
+def truncate_after(path, step):
+    """Drops the lines of a metrics.jsonl whose step is after `step` (atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    keep = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(keep) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
 
 
 def read_metrics(workdir):

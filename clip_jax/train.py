@@ -1,8 +1,10 @@
 """Training: `python -m clip_jax.train --config=configs/X.py --workdir=DIR [--config.key=value ...]`.
 
-Library functions (`create_train_state`, `make_train_step`, `train`) over pytrees;
+Library functions (`build`, `create_train_state`, `make_train_step`, `train`) over pytrees;
 `main` is a thin command line. Parameters are created directly sharded
 (`jit(init, out_shardings=...)`), so the full model never sits on one device.
+Rerunning with the same workdir resumes from the newest checkpoint (checkpoint.py); a
+SIGTERM saves one at the current step and stops.
 """
 import contextlib
 import dataclasses
@@ -17,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clip_jax import config_lib, evaluate, losses, metrics, optim, sharding
+from clip_jax import checkpoint, config_lib, distributed, evaluate, losses, metrics, optim, sharding
 from clip_jax.models import build_model, input_specs
 
 
@@ -27,41 +29,67 @@ class TrainState:
     params: dict
     batch_stats: dict     # BatchNorm running statistics (ResNets); {} for ViTs
     opt_state: optax.OptState
+    # The run's base PRNG key (raw key data). A step's randomness is fold_in(rng, step), so
+    # a resumed run draws the same numbers; the paper's model uses none (no dropout), and
+    # crop randomness belongs to the data pipeline, seeded by (seed, step, row).
+    rng: jax.Array
+    nonfinite_streak: jax.Array   # consecutive steps skipped for a non-finite loss/gradient
+    nonfinite_total: jax.Array    # all such steps in the run
+
+
+def state_to_dict(state):
+    """The checkpointed form of a TrainState (a plain dict: readable without this class)."""
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
 
 
 def _variables(params, batch_stats):
     return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-def create_train_state(config, model, tx, mesh, rules, rng):
-    """Initialises the state sharded on `mesh`. Returns (state, state_shardings)."""
+def train_state_shardings(config, model, tx, mesh, rules):
+    """(abstract TrainState of ShapeDtypeStructs carrying their shardings, TrainState of shardings)."""
+    images, tokens = (jnp.zeros(x.shape, x.dtype) for x in input_specs(config.model))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract = jax.eval_shape(lambda r: model.init(r, images, tokens, train=False),
+                                  jax.random.key(0))
+        var_shardings = sharding.logical_to_sharding(abstract, mesh, rules)
+        abstract_vars = sharding.unbox_abstract(abstract)
+        abstract_opt = jax.eval_shape(tx.init, abstract_vars["params"])
+        replicated = sharding.replicated(mesh)
+        opt_shardings = optax.tree_map_params(
+            tx, lambda _, s: s, abstract_opt, var_shardings["params"],
+            transform_non_params=lambda _: replicated)
+    shardings = TrainState(
+        step=replicated, params=var_shardings["params"],
+        batch_stats=var_shardings.get("batch_stats", {}), opt_state=opt_shardings,
+        rng=replicated, nonfinite_streak=replicated, nonfinite_total=replicated)
+    shapes = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_vars["params"],
+        batch_stats=abstract_vars.get("batch_stats", {}), opt_state=abstract_opt,
+        rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
+        nonfinite_streak=jax.ShapeDtypeStruct((), jnp.int32),
+        nonfinite_total=jax.ShapeDtypeStruct((), jnp.int32))
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+    return abstract_state, shardings
+
+
+def create_train_state(config, model, tx, mesh, rules, shardings, rng):
+    """Initialises the state directly sharded on `mesh` (`jit(init, out_shardings=...)`)."""
     images, tokens = (jnp.zeros(x.shape, x.dtype) for x in input_specs(config.model))
 
-    def init_boxed(rng):
-        return model.init(rng, images, tokens, train=False)
+    def init_state(rng):
+        variables = nn.unbox(model.init(rng, images, tokens, train=False))
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=zero, params=variables["params"],
+                          batch_stats=variables.get("batch_stats", {}),
+                          opt_state=tx.init(variables["params"]),
+                          rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
+                          nonfinite_streak=zero, nonfinite_total=zero)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract = jax.eval_shape(init_boxed, rng)
-        var_shardings = sharding.logical_to_sharding(abstract, mesh, rules)
-        param_shardings = var_shardings["params"]
-        abstract_params = sharding.unbox_abstract(abstract)["params"]
-        abstract_opt = jax.eval_shape(tx.init, abstract_params)
-        opt_shardings = optax.tree_map_params(
-            tx, lambda _, s: s, abstract_opt, param_shardings,
-            transform_non_params=lambda _: sharding.replicated(mesh))
-        shardings = TrainState(
-            step=sharding.replicated(mesh), params=param_shardings,
-            batch_stats=var_shardings.get("batch_stats", {}), opt_state=opt_shardings)
-
-        def init_state(rng):
-            variables = nn.unbox(init_boxed(rng))
-            return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                              batch_stats=variables.get("batch_stats", {}),
-                              opt_state=tx.init(variables["params"]))
-
-        state = jax.jit(init_state, out_shardings=shardings,
-                        compiler_options=_cheap_compile_options())(rng)
-    return state, shardings
+        return jax.jit(init_state, out_shardings=shardings,
+                       compiler_options=_cheap_compile_options())(rng)
 
 
 def _cheap_compile_options():
@@ -76,7 +104,12 @@ def _cheap_compile_options():
 
 
 def make_train_step(config, model, tx, schedule, mesh, rules, state_shardings):
-    """One jitted step: forward, sharded contrastive loss, AdamW update. State is donated."""
+    """One jitted step: forward, sharded contrastive loss, AdamW update. State is donated.
+
+    A step whose loss or gradient is not finite changes nothing but the step counter and
+    the non-finite counters: parameters, optimiser state and BatchNorm statistics keep their
+    values (the select fuses into the update, so the guard costs no extra pass).
+    """
     loss_fn = losses.get_loss(config.loss.name)
     batch_axes = sharding.batch_axes(rules)
     has_bn = config.model.vision.kind == "resnet"
@@ -93,10 +126,24 @@ def make_train_step(config, model, tx, schedule, mesh, rules, state_shardings):
         (loss, (batch_stats, scale)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optim.clip_logit_scale(optax.apply_updates(state.params, updates))
-        new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                               opt_state=opt_state)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def if_finite(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+        new_state = TrainState(
+            step=state.step + 1, params=if_finite(params, state.params),
+            batch_stats=if_finite(batch_stats, state.batch_stats),
+            opt_state=if_finite(opt_state, state.opt_state), rng=state.rng,
+            nonfinite_streak=streak,
+            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
         step_metrics = {"loss": loss, "logit_scale": scale, "temperature": 1.0 / scale,
-                        "lr": schedule(state.step), "grad_norm": optax.global_norm(grads)}
+                        # The optimiser's schedule counts applied updates; skipped steps
+                        # do not advance it.
+                        "lr": schedule(state.step - state.nonfinite_total), "grad_norm": grad_norm,
+                        "nonfinite_streak": streak, "nonfinite_steps": new_state.nonfinite_total}
         return new_state, step_metrics
 
     data_sharding = sharding.batch_sharding(mesh, rules)
@@ -134,16 +181,23 @@ class ZeroShotEvaluator:
 
 @dataclasses.dataclass
 class Run:
-    """What a training step needs; run it under `context()` (mesh + logical-axis rules)."""
+    """What training needs; run it under `context()` (mesh + logical-axis rules)."""
+    config: object
     mesh: jax.sharding.Mesh
     rules: tuple
     model: nn.Module
-    state: TrainState
+    tx: optax.GradientTransformation
+    abstract_state: TrainState     # ShapeDtypeStructs with shardings: the restore target
     state_shardings: TrainState
     train_step: callable
 
     def context(self):
         return mesh_context(self.mesh, self.rules)
+
+    def init_state(self):
+        """A fresh state from `config.seed`, created sharded."""
+        return create_train_state(self.config, self.model, self.tx, self.mesh, self.rules,
+                                  self.state_shardings, jax.random.key(self.config.seed))
 
 
 def mesh_context(mesh, rules):
@@ -155,21 +209,56 @@ def mesh_context(mesh, rules):
 
 
 def build(config):
-    """Mesh, model, optimiser, the sharded initial state and the jitted step of `config`."""
+    """Mesh, model, optimiser, the state's shapes and shardings, and the jitted step."""
     mesh = sharding.make_mesh(config.mesh)
     rules = tuple(tuple(r) for r in config.sharding_rules)
     model = build_model(config.model)
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+    abstract_state, state_shardings = train_state_shardings(config, model, tx, mesh, rules)
     with mesh_context(mesh, rules):
-        state, state_shardings = create_train_state(
-            config, model, tx, mesh, rules, jax.random.key(config.seed))
         train_step = make_train_step(config, model, tx, schedule, mesh, rules, state_shardings)
-    return Run(mesh, rules, model, state, state_shardings, train_step)
+    return Run(config, mesh, rules, model, tx, abstract_state, state_shardings, train_step)
+
+
+class TrainingStopped(Exception):
+    """Training cannot go on (e.g. too many non-finite steps); checkpoints are intact."""
+
+
+def initial_state(run, ckpt, data):
+    """(state, step): resumed from the newest usable checkpoint, else fresh (or `init_from`)."""
+    config = run.config
+    restored = ckpt.restore_latest(state_to_dict(run.abstract_state), data.check_state)
+    if restored is not None:
+        state, data_state, meta = restored
+        data.set_state(data_state)
+        step = int(meta["step"])
+        log(f"resumed from {ckpt.directory}/{step} (saved by {meta['process_count']} "
+            f"process(es), {meta['device_count']} devices, mesh {meta['mesh']})")
+        for line in config_lib.describe_changes(meta.get("config"), config):
+            log(f"WARNING: resuming with a changed config: {line}")
+        return TrainState(**state), step
+    state = run.init_state()
+    if config.init_from:
+        variables, report = checkpoint.load_model_variables(
+            config.init_from, {"params": state.params, "batch_stats": state.batch_stats})
+        state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+        log(checkpoint.format_report(report))
+    return state, 0
+
+
+def log(msg):
+    """A line on process 0's stdout (the other processes stay quiet)."""
+    if jax.process_index() == 0:
+        print(f"clip_jax: {msg}", flush=True)
 
 
 def train(config, workdir):
-    """Trains per `config`, writing metrics to `workdir`. Returns the last logged metrics."""
-    from tqdm import tqdm
+    """Trains per `config` in `workdir`, resuming from its newest checkpoint if it has one.
+
+    Returns the last logged metrics. Stops early, after saving a checkpoint, when
+    preempted (SIGTERM); `last['preempted']` is then True. Raises TrainingStopped after
+    `config.max_bad_steps` non-finite steps in a row.
+    """
     from clip_jax.data import pipeline, tokenizer as tokenizer_lib
 
     config_lib.validate(config, jax.device_count())
@@ -178,73 +267,112 @@ def train(config, workdir):
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
+    preemption = distributed.Preemption()   # before anything slow: a SIGTERM now is not lost
     try:   # opens the data source too (a workdir tokenizer is trained on its captions)
         tokenizer = tokenizer_lib.get_tokenizer(config, workdir)
     except (ValueError, OSError) as e:
         raise config_lib.ConfigError(str(e)) from None
 
     run = build(config)
-    mesh, rules, model = run.mesh, run.rules, run.model
-    state, run.state = run.state, None    # the loop owns the state (each step donates it)
-    with run.context():
-        train_step = run.train_step
-        data = pipeline.make_train_iterator(config, tokenizer, sharding.batch_sharding(mesh, rules))
-        # The held-out zero-shot evaluation belongs to the synthetic data; the evaluation
-        # issue adds evaluators for other data.
-        evaluator = (ZeroShotEvaluator(config, model, tokenizer, mesh, rules)
-                     if config.data.source == "synthetic" else None)
-        writer = metrics.MetricWriter(workdir)
-        n_params = sum(x.size for x in jax.tree.leaves(state.params))
-        print(f"clip_jax: mesh {sharding.describe(mesh)}; {n_params:,} parameters; "
-              f"global batch {config.batch_size}; workdir {workdir}", flush=True)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.max_to_keep, run.mesh)
+    data = None
+    try:
+        with run.context():
+            data = pipeline.make_train_iterator(config, tokenizer, sharding.batch_sharding(run.mesh, run.rules))
+            state, start = initial_state(run, ckpt, data)
+            # The held-out zero-shot evaluation belongs to the synthetic data; the evaluation
+            # issue adds evaluators for other data.
+            evaluator = (ZeroShotEvaluator(config, run.model, tokenizer, run.mesh, run.rules)
+                         if config.data.source == "synthetic" else None)
+            return _loop(config, workdir, run, state, start, data, ckpt, preemption, evaluator)
+    finally:
+        preemption.close()
+        if data is not None:
+            data.close()
+        ckpt.close()     # waits for a save in flight: the newest checkpoint is complete
 
-        bar = tqdm(total=config.total_steps, disable=not config.progress or jax.process_index() != 0,
-                   desc="train", dynamic_ncols=True, file=sys.stdout)
-        last = {}
-        t_last, step_last = time.perf_counter(), 0
-        data_wait = 0.0       # seconds spent waiting for batches since the last log
-        in_flight = None      # the previous step's loss
-        for step in range(1, config.total_steps + 1):
-            t_data = time.perf_counter()
-            batch = next(data)
-            data_wait += time.perf_counter() - t_data
-            state, step_metrics = train_step(state, batch)
-            # At most two steps in flight: the device always has the next step queued, the
-            # host never runs further ahead (each queued step holds its batch in device
-            # memory), and the time spent in next(data) is time the device may idle.
-            jax.block_until_ready(in_flight)
-            in_flight = step_metrics["loss"]
-            if step == 1:
-                jax.block_until_ready(step_metrics)   # one-time: keep compilation out of samples/s
-                last["compile_s"] = time.perf_counter() - t_last
-                t_last, step_last, data_wait = time.perf_counter(), 1, 0.0
-            bar.update(1)
-            is_eval = step == config.total_steps or (config.eval_every and step % config.eval_every == 0)
-            if step % config.log_every == 0 or is_eval:
-                record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                now = time.perf_counter()
-                if step > step_last:
-                    record["samples_per_sec"] = (step - step_last) * config.batch_size / (now - t_last)
-                    record["data_wait_fraction"] = data_wait / (now - t_last)
-                    t_last, step_last, data_wait = now, step, 0.0
-                elif "samples_per_sec" in last:
-                    record["samples_per_sec"] = last["samples_per_sec"]
-                record["data/replaced_records"] = data.replaced_records
-                if is_eval and evaluator is not None:
-                    t0 = time.perf_counter()
-                    record.update(evaluator(state))
-                    t_last += time.perf_counter() - t0    # evaluation time is not training time
-                writer.write(step, record)
-                last.update(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}",
-                                samples_s=f"{record['samples_per_sec']:.0f}" if "samples_per_sec" in record else "-")
-        bar.close()
-        data.close()
+
+def _loop(config, workdir, run, state, start, data, ckpt, preemption, evaluator):
+    from tqdm import tqdm
+
+    writer = metrics.MetricWriter(workdir, start_step=start)
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    log(f"mesh {sharding.describe(run.mesh)}; {n_params:,} parameters; "
+        f"global batch {config.batch_size}; workdir {workdir}")
+    if start >= config.total_steps:
+        log(f"already trained to step {start} (total_steps={config.total_steps}); nothing to do")
         writer.close()
-        if jax.process_index() == 0:
-            metrics.plot_metrics(workdir)
+        done = metrics.read_metrics(workdir) if jax.process_index() == 0 else []
+        return done[-1] if done else {}
+
+    bar = tqdm(total=config.total_steps, initial=start, desc="train", dynamic_ncols=True,
+               disable=not config.progress or jax.process_index() != 0, file=sys.stdout)
+    last = {}
+    saved_step = start
+    t_last, step_last = time.perf_counter(), start
+    data_wait = 0.0       # seconds spent waiting for batches since the last log
+    in_flight = None      # the previous step's metrics
+    for step in range(start + 1, config.total_steps + 1):
+        t_data = time.perf_counter()
+        batch = next(data)
+        data_wait += time.perf_counter() - t_data
+        state, step_metrics = run.train_step(state, batch)
+        # At most two steps in flight: the device always has the next step queued, the
+        # host never runs further ahead (each queued step holds its batch in device
+        # memory), and the time spent in next(data) is time the device may idle.
+        if in_flight is not None and int(in_flight["nonfinite_streak"]) >= config.max_bad_steps:
+            bar.close()
+            writer.close()
+            raise TrainingStopped(
+                f"{config.max_bad_steps} steps in a row (to step {step - 1}) had a non-finite "
+                f"loss or gradient (config.max_bad_steps); their updates were skipped. The "
+                f"newest checkpoint ({ckpt.directory}/{saved_step}) is intact; lower the "
+                "learning rate or inspect the data before resuming")
+        in_flight = step_metrics
+        if step == start + 1:
+            jax.block_until_ready(step_metrics)   # one-time: keep compilation out of samples/s
+            last["compile_s"] = time.perf_counter() - t_last
+            t_last, step_last, data_wait = time.perf_counter(), step, 0.0
+        bar.update(1)
+        is_eval = step == config.total_steps or (config.eval_every and step % config.eval_every == 0)
+        if step % config.log_every == 0 or is_eval:
+            record = {k: float(v) for k, v in jax.device_get(step_metrics).items()
+                      if k != "nonfinite_streak"}
+            now = time.perf_counter()
+            if step > step_last:
+                record["samples_per_sec"] = (step - step_last) * config.batch_size / (now - t_last)
+                record["data_wait_fraction"] = data_wait / (now - t_last)
+                t_last, step_last, data_wait = now, step, 0.0
+            elif "samples_per_sec" in last:
+                record["samples_per_sec"] = last["samples_per_sec"]
+            record["data/replaced_records"] = data.replaced_records
+            if is_eval and evaluator is not None:
+                t0 = time.perf_counter()
+                record.update(evaluator(state))
+                t_last += time.perf_counter() - t0    # evaluation time is not training time
+            writer.write(step, record)
+            last.update(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}",
+                            samples_s=f"{record['samples_per_sec']:.0f}" if "samples_per_sec" in record else "-")
+        preempted = preemption.reached(step)
+        if preempted or step == config.total_steps or (
+                config.checkpoint_every and step % config.checkpoint_every == 0):
+            t0 = time.perf_counter()
+            saved_step = ckpt.save(state_to_dict(state), data.get_state(), config)
+            t_last += time.perf_counter() - t0        # checkpointing is not training time
+        if preempted:
+            ckpt.wait()
+            bar.close()
+            writer.close()
+            log(f"preempted (SIGTERM): saved a checkpoint at step {step} and stopped; run "
+                "the same command to continue")
+            return {**last, "step": step, "preempted": True}
+    bar.close()
+    writer.close()
+    if jax.process_index() == 0:
+        metrics.plot_metrics(workdir)
     summary = {k: v for k, v in last.items() if k in ("loss", "zeroshot/top1", "samples_per_sec")}
-    print("clip_jax: done " + json.dumps({"step": config.total_steps, **summary}), flush=True)
+    log("done " + json.dumps({"step": config.total_steps, **summary}))
     return last
 
 
@@ -259,16 +387,31 @@ def main():
     config_flag = config_flags.DEFINE_config_file(
         "config", None, "Path to a config file, e.g. configs/smoke.py. Override keys with "
         "--config.key=value (see README.md, 'Config keys').", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Directory for metrics, TensorBoard events, plots "
-                        "and the cached tokenizer.")
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, TensorBoard "
+                        "events, plots and the cached tokenizer. Must be shared by all "
+                        "processes of a multi-host run. Rerunning with the same workdir resumes.")
+    flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                      "Join other processes with jax.distributed: 'auto' does when the three "
+                      "flags below are given or JAX detects a cluster (Cloud TPU pod slice, "
+                      "SLURM, Open MPI); 'on' always; 'off' never.")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator "
+                        "(explicit multi-process start, e.g. launch/local.sh)")
+    flags.DEFINE_integer("num_processes", None, "number of processes in the run")
+    flags.DEFINE_integer("process_id", None, "this process's index, 0..num_processes-1")
     flags.mark_flags_as_required(["config", "workdir"])
 
     def run(argv):
         del argv
         config_lib.quiet_absl_logging()
+        FLAGS = flags.FLAGS
         try:
-            train(config_flag.value, flags.FLAGS.workdir)
-        except config_lib.ConfigError as e:
+            distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address,
+                                   FLAGS.num_processes, FLAGS.process_id)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        try:
+            train(config_flag.value, FLAGS.workdir)
+        except (config_lib.ConfigError, checkpoint.CheckpointError, TrainingStopped) as e:
             sys.exit(f"error: {e}")
 
     app.run(run)

@@ -27,6 +27,8 @@ def get_config(arg=None):
     c.total_steps = 1000
     c.log_every = 50
     c.eval_every = 250
+    c.checkpoint_every = 250
+    c.max_to_keep = 2
     c.optim.update(lr=1e-3, warmup_steps=100, weight_decay=0.1)
     c.data.synthetic.update(num_train=200_000, num_eval=512)
     c.data.tokenizer_vocab_size = 256

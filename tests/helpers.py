@@ -32,6 +32,65 @@ def run_cli(args, n_devices=1, timeout=900, check=True):
     return proc
 
 
+# A CLIP small enough that a train() call compiles in seconds (smoke config otherwise).
+TINY_OVERRIDES = {
+    "model.embed_dim": 32, "model.vision.image_size": 16, "model.vision.patch_size": 8,
+    "model.vision.width": 32, "model.vision.layers": 1, "model.vision.heads": 2,
+    "model.text.width": 32, "model.text.layers": 1, "model.text.heads": 2,
+    "model.text.context_length": 16, "batch_size": 16, "total_steps": 4, "log_every": 1,
+    "eval_every": 0, "progress": False, "data.synthetic.num_train": 4096,
+    "data.synthetic.num_eval": 32,
+}
+
+
+def tiny_config(**overrides):
+    """configs/smoke.py with a tiny model; keyword overrides use '__' for '.' (model__dtype)."""
+    from configs import smoke
+    config = smoke.get_config()
+    for key, value in {**TINY_OVERRIDES, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def tiny_flags(**overrides):
+    """TINY_OVERRIDES (+ overrides) as --config.key=value command-line flags."""
+    items = {**TINY_OVERRIDES, **{k.replace("__", "."): v for k, v in overrides.items()}}
+    return [f"--config.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in items.items()]
+
+
+def start_cli(args, n_devices=1, log=None, env=None):
+    """Starts `python -m ARGS` in the background (stdout+stderr to the file `log`)."""
+    out = open(log, "w") if log else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO,
+                            env={**device_env(n_devices), **(env or {})}, stdout=out,
+                            stderr=subprocess.STDOUT)
+
+
+def wait_for(condition, timeout, what, proc=None):
+    """Polls `condition()` every 20 ms; fails the test after `timeout` s or if `proc` exits first."""
+    import time
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process exited (status {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def logged_steps(workdir):
+    """Steps in WORKDIR/metrics.jsonl so far (tolerates a line being written)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line)["step"] for line in f if line.endswith("\n")]
+
+
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -1,5 +1,6 @@
 """The small command lines: `clip_jax.tokenizer` (train / encode) and `clip_jax.benchmark`."""
 import json
+import os
 import subprocess
 import sys
 
@@ -54,6 +55,13 @@ def test_benchmark_data_and_train_report_json(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["mode"] == "train" and result["batch_size"] == 8 and result["samples_per_sec"] > 0
     assert result["step_seconds_min"] <= result["step_seconds_median"] <= result["step_seconds_max"]
+    proc = cli("clip_jax.benchmark", "checkpoint", "--repeats=2", f"--checkpoint_dir={tmp_path}", "--json")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["mode"] == "checkpoint" and result["parameters"] == 484_321
+    assert 0 < result["save_blocking_seconds"] <= result["save_seconds"] and result["restore_seconds"] > 0
+    # Parameters + two AdamW moments in float32, compressed a little on disk.
+    assert result["state_bytes"] > 3 * 4 * 484_321 and 0.3 * result["state_bytes"] < result["checkpoint_bytes"]
+    assert os.listdir(tmp_path) == ["ds"]        # the temporary checkpoints are gone
     bad = cli("clip_jax.benchmark", "lossy", check=False)
     assert bad.returncode != 0 and "lossy" in bad.stderr
     bad = cli("clip_jax.benchmark", "data", "--config.data.sourse=x", check=False)

@@ -247,12 +247,16 @@ class GlobalBatchIterator:
         return {"next_batch": self.position, "replaced_records": self.replaced_records,
                 **self._fingerprint()}
 
-    def set_state(self, state):
+    def check_state(self, state):
+        """Raises ValueError if `state` was saved for other data (source, size, batch, seed)."""
         mine = self._fingerprint()
         changed = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if changed:
             raise ValueError("the data iterator state was saved for different data: "
                              + "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+
+    def set_state(self, state):
+        self.check_state(state)
         self._start(state["next_batch"], state.get("replaced_records", 0))
 
     def close(self):

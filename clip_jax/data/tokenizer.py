@@ -21,6 +21,7 @@ import json
 import os
 import tempfile
 
+import jax
 import numpy as np
 
 
@@ -166,20 +167,32 @@ def _sentencepiece(config, workdir):
     else:
         path = os.path.join(workdir, "tokenizer", "spm.model") if workdir else None
         trained_on = {"source": str(config.data.source), "vocab_size": int(limit)}
+        if path and jax.process_count() > 1:
+            # One process trains and writes the model (the workdir is shared); the rest
+            # wait for it and read it.
+            if jax.process_index() == 0 and not os.path.exists(path):
+                _train_workdir_model(config, path, limit, trained_on)
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("clip_jax.tokenizer")
         if path and os.path.exists(path):
             tok = SentencePieceTokenizer.load(path, ctx)
             _check_trained_on(path, trained_on)
         else:
-            from clip_jax.data import sources
-            source, _ = sources.make_source(config, "train")
-            corpus = sources.tokenizer_corpus(source, CORPUS_SIZE)
-            tok = SentencePieceTokenizer(SentencePieceTokenizer.train(corpus, path, limit), ctx)
-            if path:
-                _atomic_write(_sidecar(path), json.dumps(trained_on, sort_keys=True).encode())
+            tok = SentencePieceTokenizer(_train_workdir_model(config, path, limit, trained_on), ctx)
     if tok.vocab_size > limit:
         raise ValueError(f"tokenizer {path or '(in memory)'} has {tok.vocab_size} ids, more than "
                          f"config.data.tokenizer_vocab_size={limit}")
     return tok
+
+
+def _train_workdir_model(config, path, limit, trained_on):
+    from clip_jax.data import sources
+    source, _ = sources.make_source(config, "train")
+    corpus = sources.tokenizer_corpus(source, CORPUS_SIZE)
+    model = SentencePieceTokenizer.train(corpus, path, limit)
+    if path:
+        _atomic_write(_sidecar(path), json.dumps(trained_on, sort_keys=True).encode())
+    return model
 
 
 def _sidecar(model_path):

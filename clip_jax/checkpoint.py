@@ -1,0 +1,381 @@
+"""Checkpoints: save, resume exactly, fall back past a corrupt one, start from another run.
+
+Layout of one checkpoint, WORKDIR/checkpoints/<step>/ (an Orbax `CheckpointManager` step):
+
+    state/      the train state as a dict {step, params, batch_stats, opt_state, rng,
+                nonfinite_streak, nonfinite_total}: OCDBT/zarr3 arrays, each process writing
+                the shards it holds (no array is ever gathered onto one host).
+    data_iter/  JSON: the data position (`pipeline.GlobalBatchIterator.get_state()`).
+    meta/       JSON: per-array checksums and shapes, the config, who saved it and when.
+
+Decisions (see BUILD_NOTES.md, "Checkpoints"):
+- The data state is saved with Orbax's `JsonSave`, not Grain's checkpoint handler: ours is
+  one global position valid for any process count, while Grain's handler writes and reads
+  `process_<i>-of-<n>.json`, which a run with another process count cannot restore.
+- Orbax restores a checkpoint with flipped bits without complaint (measured: a flipped
+  byte in a tensor file restored different values). So `meta` holds a checksum of every
+  array -- the wrapping uint32 sum of its bit patterns, exact whatever the sharding or the
+  order of summation -- and a restore that does not reproduce them is treated as corrupt.
+- A corrupt or unreadable newest checkpoint is reported, moved to WORKDIR/checkpoints.corrupt/
+  (kept, never deleted) and the next older one is used. A checkpoint that does not fit the
+  run (another model's shapes, another data source) is a config error, not corruption:
+  the run stops and nothing is moved.
+"""
+import datetime
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
+
+ITEMS = ("state", "data_iter", "meta")
+CORRUPT_DIR_SUFFIX = ".corrupt"
+
+
+class CheckpointError(Exception):
+    """No usable checkpoint, or one that does not fit this run; the message says which."""
+
+
+def _say(msg):
+    if jax.process_index() == 0:
+        print(f"clip_jax: {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- checksums and shapes
+
+_UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+def _leaf_checksum(x):
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    bits = jax.lax.bitcast_convert_type(x, _UNSIGNED[x.dtype.itemsize])
+    return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)   # wraps mod 2**32: order-free
+
+
+def _tree_checksums(tree):
+    return jax.tree.map(_leaf_checksum, tree)
+
+
+def _flat(tree):
+    return {jax.tree_util.keystr(path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def shapes(tree):
+    """{path: [shape, dtype]} of every array in `tree` (concrete or abstract)."""
+    return {k: [list(v.shape), str(v.dtype)] for k, v in _flat(tree).items()}
+
+
+class _Checksummer:
+    def __init__(self, mesh):
+        self._fn = jax.jit(_tree_checksums, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def __call__(self, tree):
+        return {k: int(v) for k, v in _flat(jax.device_get(self._fn(tree))).items()}
+
+
+# ---------------------------------------------------------------- the run's checkpoints
+
+class Checkpointer:
+    """The checkpoints of one run, in `directory` (normally WORKDIR/checkpoints).
+
+    `save` is asynchronous: it returns once the arrays are copied off the devices (the
+    next steps may donate them) and writes in the background; `close` waits for it.
+    """
+
+    def __init__(self, directory, max_to_keep, mesh):
+        self.directory = os.path.abspath(directory)
+        self.mesh = mesh
+        self._checksum = _Checksummer(mesh)
+        self.manager = ocp.CheckpointManager(
+            self.directory, item_names=ITEMS,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                 enable_async_checkpointing=True))
+
+    def steps(self):
+        return sorted(self.manager.all_steps())
+
+    def save(self, state, data_state, config=None):
+        """Starts saving `state` (a dict; see module docstring) at its step."""
+        step = int(jax.device_get(state["step"]))
+        meta = {"step": step, "checksums": self._checksum(state), "shapes": shapes(state),
+                "config": json.loads(config.to_json_best_effort()) if config is not None else None,
+                "process_count": jax.process_count(), "device_count": jax.device_count(),
+                "mesh": dict(self.mesh.shape), "saved_at": datetime.datetime.now().isoformat()}
+        self.manager.save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data_iter=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta)))
+        return step
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def restore_latest(self, abstract_state, check_data_state=None):
+        """(state, data_state, meta) from the newest usable checkpoint, or None if there is none.
+
+        `abstract_state`: dict of `jax.ShapeDtypeStruct`s with the target shardings (any
+        mesh). `check_data_state(data_state)` raises ValueError if the saved data position
+        belongs to other data. Corrupt newer checkpoints are reported and moved aside.
+        """
+        failures = []
+        for step in reversed(self.steps()):
+            try:
+                restored = self._restore_step(step, abstract_state, check_data_state)
+            except _Corrupt as e:
+                _say(f"WARNING: checkpoint {self.directory}/{step} is unusable ({e}); "
+                     "trying the previous one")
+                failures.append((step, str(e)))
+                continue
+            self._quarantine([s for s, _ in failures])
+            return restored
+        if failures:
+            raise CheckpointError(
+                f"none of the checkpoints in {self.directory} can be restored: "
+                + "; ".join(f"step {s}: {why}" for s, why in failures)
+                + ". Nothing was moved or deleted; to start afresh use another workdir.")
+        return None
+
+    def _restore_step(self, step, abstract_state, check_data_state):
+        def item(name, args):
+            try:
+                return self.manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
+            except Exception as e:  # noqa: BLE001 -- any read failure means this checkpoint is unusable
+                _drop_failed_reads()
+                raise _Corrupt(f"{name} unreadable: {type(e).__name__}: {str(e)[:300]}") from None
+
+        meta = item("meta", ocp.args.JsonRestore())
+        if not isinstance(meta, dict) or "checksums" not in meta:
+            raise _Corrupt("meta has no checksums")
+        _check_fits(meta.get("shapes", {}), shapes(abstract_state),
+                    f"{self.directory}/{step}")
+        data_state = item("data_iter", ocp.args.JsonRestore())
+        if check_data_state is not None:
+            try:
+                check_data_state(data_state)
+            except ValueError as e:
+                raise CheckpointError(f"checkpoint {self.directory}/{step}: {e}") from None
+        state = item("state", ocp.args.StandardRestore(abstract_state))
+        bad = [k for k, v in self._checksum(state).items() if meta["checksums"].get(k) != v]
+        if bad:
+            raise _Corrupt(f"{len(bad)} array(s) differ from their saved checksums, e.g. {bad[0]}")
+        if int(jax.device_get(state["step"])) != step:
+            raise _Corrupt(f"holds step {int(jax.device_get(state['step']))}")
+        return state, data_state, meta
+
+    def _quarantine(self, steps):
+        """Moves unusable checkpoints out of the manager's way, keeping them for inspection."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            target = self.directory + CORRUPT_DIR_SUFFIX
+            os.makedirs(target, exist_ok=True)
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            for step in steps:
+                dest = os.path.join(target, f"{step}-{stamp}")
+                os.rename(os.path.join(self.directory, str(step)), dest)
+                _say(f"moved unusable checkpoint {step} to {dest}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("clip_jax.checkpoint.quarantine")
+        self.manager.reload()
+
+
+class _Corrupt(Exception):
+    pass
+
+
+def _drop_failed_reads():
+    """After a failed restore, Orbax leaves one failed read future per array; when they are
+    garbage-collected asyncio logs each with its full TensorStore spec (pages of text).
+    Collect them now, with asyncio's logger silenced: the reason is reported once by us."""
+    import gc
+    import logging
+    log = logging.getLogger("asyncio")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        gc.collect()
+    finally:
+        log.setLevel(level)
+
+
+def _check_fits(saved, wanted, where):
+    if saved == wanted:
+        return
+    lines = describe_mismatch(saved, wanted)
+    raise CheckpointError(
+        f"checkpoint {where} was saved by a different model or optimiser than this config "
+        f"builds ({'; '.join(lines[:6])}{' ...' if len(lines) > 6 else ''}). Resume with the "
+        "config it was saved with, or start a new workdir with --config.init_from.")
+
+
+def describe_mismatch(saved, wanted):
+    """Human lines for the differences between two {path: [shape, dtype]} tables, the
+    parameters' first (the optimiser state's differences follow from them)."""
+    lines = [(k, f"missing {k}") for k in wanted if k not in saved]
+    lines += [(k, f"unexpected {k}") for k in saved if k not in wanted]
+    lines += [(k, f"{k}: saved {saved[k][0]} {saved[k][1]}, wanted {wanted[k][0]} {wanted[k][1]}")
+              for k in wanted if k in saved and saved[k] != wanted[k]]
+    return [line for k, line in sorted(lines, key=lambda kl: not kl[0].startswith("['params']"))]
+
+
+# ---------------------------------------------------------------- parameters only
+
+MODEL_KEYS = ("params", "batch_stats")
+
+
+def save_params(directory, params, batch_stats=None):
+    """Writes a parameters-only checkpoint (e.g. converted weights) that `init_from` reads."""
+    tree = {"params": params, "batch_stats": batch_stats or {}}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.abspath(directory), tree)
+
+
+def read_arrays(path):
+    """The arrays saved at `path` (see `resolve_state_dir`) as numpy, whatever mesh saved them.
+
+    For inspection and tests; tuples come back as lists."""
+    state_dir = resolve_state_dir(path)
+    tree = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
+    tree = getattr(tree, "tree", tree)
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def resolve_state_dir(path):
+    """The Orbax tree directory that `init_from=path` means.
+
+    Accepts a run's workdir (its newest checkpoint), a checkpoints directory (newest step),
+    one step directory, or a parameters-only checkpoint written by `save_params`.
+    """
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    steps = [int(d) for d in os.listdir(path) if d.isdigit()
+             and os.path.isdir(os.path.join(path, d, "state"))] if os.path.isdir(path) else []
+    if steps:
+        path = os.path.join(path, str(max(steps)))
+    if os.path.isdir(os.path.join(path, "state")):
+        path = os.path.join(path, "state")
+    if not os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")) and \
+            not os.path.exists(os.path.join(path, "_METADATA")):
+        raise CheckpointError(f"config.init_from: no checkpoint found at {path}")
+    return path
+
+
+def _resize_position_embedding(saved, shape):
+    """ViT positional embedding [1 + g*g, w] resized to [1 + G*G, w] (class token kept).
+
+    Bicubic (Keys a=-0.5, `jax.image.resize`), as OpenCLIP's resize_pos_embed does for a
+    new image size; exact parity with torch's bicubic (a=-0.75) is not claimed.
+    """
+    g, new_g = int(round((saved.shape[0] - 1) ** 0.5)), int(round((shape[0] - 1) ** 0.5))
+    if g * g + 1 != saved.shape[0] or new_g * new_g + 1 != shape[0] or saved.shape[1] != shape[1]:
+        return None
+    grid = jnp.asarray(saved[1:]).reshape(g, g, -1)
+    grid = jax.image.resize(grid, (new_g, new_g, grid.shape[-1]), method="cubic")
+    return jnp.concatenate([jnp.asarray(saved[:1]), grid.reshape(new_g * new_g, -1)], axis=0)
+
+
+RESIZABLE = {"['params']['visual']['positional_embedding']": _resize_position_embedding}
+
+
+def load_model_variables(path, target):
+    """Parameters (and BatchNorm statistics) of the checkpoint at `path`, fitted to `target`.
+
+    `target`: {'params': ..., 'batch_stats': ...} of freshly initialised, sharded arrays.
+    Returns (variables, report). Leaves the checkpoint lacks keep their fresh values
+    ('missing'); leaves this model lacks are ignored ('unexpected'); a ViT positional
+    embedding of another image size is resized ('resized'). Any other shape difference
+    raises CheckpointError listing every one of them.
+    """
+    state_dir = resolve_state_dir(path)
+    tree_meta = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
+    tree_meta = getattr(tree_meta, "tree", tree_meta)
+    saved = {k: v for k, v in _flat({m: tree_meta.get(m, {}) for m in MODEL_KEYS}).items()}
+    wanted = _flat({m: target.get(m, {}) for m in MODEL_KEYS})
+    report = {"source": state_dir, "loaded": [], "missing": [], "unexpected": [],
+              "resized": [], "mismatched": []}
+    report["missing"] = [k for k in wanted if k not in saved]
+    report["unexpected"] = [k for k in saved if k not in wanted]
+    exact, resize = [], []
+    for k in wanted:
+        if k not in saved:
+            continue
+        if tuple(saved[k].shape) == tuple(wanted[k].shape):
+            exact.append(k)
+        elif k in RESIZABLE:
+            resize.append(k)
+        else:
+            report["mismatched"].append(f"{k}: saved {list(saved[k].shape)}, this model "
+                                        f"{list(wanted[k].shape)}")
+    if report["mismatched"]:
+        raise CheckpointError(f"config.init_from={path}: parameter shapes differ from this "
+                              "model's: " + "; ".join(report["mismatched"]))
+
+    # Restore exactly the leaves we use: matched ones straight into their target sharding,
+    # resized ones as host arrays first.
+    def spec(k):
+        if k in exact:
+            x = wanted[k]
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        return jax.ShapeDtypeStruct(tuple(saved[k].shape), saved[k].dtype)
+
+    paths = {jax.tree_util.keystr(p): p for p, _ in
+             jax.tree_util.tree_flatten_with_path({m: tree_meta.get(m, {}) for m in MODEL_KEYS})[0]}
+    item = _unflatten({paths[k]: spec(k) for k in exact + resize})
+    restore_args = jax.tree.map(
+        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding) if s.sharding is not None
+        else ocp.RestoreArgs(restore_type=np.ndarray), item)
+    restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True)) if item else {}
+    got = _flat(restored)
+
+    def fill(keypath, fresh):
+        k = jax.tree_util.keystr(keypath)
+        if k in exact:
+            report["loaded"].append(k)
+            return got[k]
+        if k in resize:
+            new = RESIZABLE[k](np.asarray(got[k]), fresh.shape)
+            if new is None:
+                raise CheckpointError(f"config.init_from={path}: cannot resize {k} from "
+                                      f"{list(saved[k].shape)} to {list(fresh.shape)}")
+            report["resized"].append(f"{k}: {list(saved[k].shape)} -> {list(fresh.shape)}")
+            return jax.device_put(new.astype(fresh.dtype), fresh.sharding)
+        return fresh
+
+    variables = jax.tree_util.tree_map_with_path(fill, {m: target.get(m, {}) for m in MODEL_KEYS})
+    return variables, report
+
+
+def _unflatten(by_path):
+    """A nested dict from {(DictKey, ...): leaf}."""
+    out = {}
+    for path, leaf in by_path.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key.key, {})
+        node[path[-1].key] = leaf
+    return out
+
+
+def format_report(report):
+    """The init_from report as a few readable lines."""
+    lines = [f"init_from {report['source']}: {len(report['loaded'])} arrays loaded"]
+    for kind in ("resized", "missing", "unexpected"):
+        items = report[kind]
+        if items:
+            shown = ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
+            note = {"missing": " (kept freshly initialised)", "unexpected": " (ignored)",
+                    "resized": ""}[kind]
+            lines.append(f"  {kind} {len(items)}{note}: {shown}")
+    return "\n".join(lines)

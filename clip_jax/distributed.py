@@ -1,0 +1,75 @@
+"""Several processes (hosts) in one run, and preemption.
+
+`initialize` joins this process to the others with `jax.distributed.initialize`: with
+explicit coordinator/process arguments, or -- by default -- when JAX detects a cluster
+(Cloud TPU VM pod slice, SLURM, Open MPI, Kubernetes) and there is nothing to pass.
+A lone process on a laptop or a single GPU/TPU host runs without it.
+
+`Preemption` says, at a step boundary, whether the run was asked to stop (SIGTERM: a
+preempted VM or node gets one before it goes down). All processes must stop at the same
+step, because saving a checkpoint is a collective: with several processes JAX's
+preemption sync service (started by `jax.distributed.initialize`, listening for SIGTERM
+on every process) picks a step that every process reaches; a single process just notes
+the signal itself.
+"""
+import signal
+
+import jax
+
+
+def cluster_detected():
+    """True if JAX would find a multi-process cluster environment to initialise from."""
+    try:   # JAX's own detection (private module; guarded so a JAX upgrade cannot break us)
+        from jax._src.clusters import ClusterEnv
+        return any(env.is_env_present() for env in ClusterEnv._cluster_types
+                   if not env.opt_in_only_method)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def initialize(mode="auto", coordinator_address=None, num_processes=None, process_id=None):
+    """Joins the run's other processes. Returns True if jax.distributed was initialised.
+
+    mode: 'auto' (initialise if explicit arguments are given or a cluster is detected),
+    'on' (always; JAX detects the rest), 'off' (never). Must run before any JAX
+    computation.
+    """
+    explicit = coordinator_address is not None or num_processes is not None or process_id is not None
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"--distributed must be auto, on or off, got {mode!r}")
+    if mode == "off" or (mode == "auto" and not explicit and not cluster_detected()):
+        return False
+    if explicit and None in (coordinator_address, num_processes, process_id):
+        raise ValueError("--coordinator_address, --num_processes and --process_id go together")
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+    return True
+
+
+class Preemption:
+    """`reached(step)`: stop and save after this step? Install before training starts."""
+
+    def __init__(self):
+        self.signalled = False
+        self._previous = None
+        self._multi = jax.process_count() > 1
+        if not self._multi:
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        del signum, frame
+        self.signalled = True
+
+    def reached(self, step):
+        if self._multi:
+            from jax.experimental import multihost_utils
+            try:
+                self.signalled = multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:   # the preemption service is disabled
+                return False
+        return self.signalled
+
+    def close(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None

@@ -1,0 +1,245 @@
+"""checkpoint.py and the train loop's use of it, in process on one CPU device.
+
+The subprocess tests (SIGTERM/SIGKILL, other meshes, several processes) are in test_resume.py.
+"""
+import glob
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clip_jax import checkpoint, metrics, train
+from tests.helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """8 steps with checkpoints at 4 and 8; returns (workdir, metrics)."""
+    wd = str(tmp_path_factory.mktemp("ref"))
+    train.train(tiny_config(total_steps=8, checkpoint_every=4), wd)
+    return wd, metrics.read_metrics(wd)
+
+
+def _losses(records):
+    return {r["step"]: r["loss"] for r in records}
+
+
+def _flip_a_byte(step_dir):
+    """Flips one bit in the middle of the largest array file: Orbax restores it silently."""
+    files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+             if os.path.isfile(f)]
+    big = max(files, key=os.path.getsize)
+    data = bytearray(open(big, "rb").read())
+    data[len(data) // 2] ^= 0x10
+    open(big, "wb").write(bytes(data))
+
+
+def _truncate(step_dir):
+    for f in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True):
+        if os.path.isfile(f):
+            os.truncate(f, os.path.getsize(f) // 2)
+
+
+def test_checksums_see_one_flipped_bit_and_ignore_the_summation_order():
+    mesh = jax.make_mesh((1,), ("data",))
+    summer = checkpoint._Checksummer(mesh)
+    tree = {"w": jnp.linspace(-3, 3, 1000, dtype=jnp.float32), "n": jnp.arange(7, dtype=jnp.int32),
+            "h": jnp.ones(5, jnp.bfloat16)}
+    base = summer(tree)
+    bits = np.asarray(tree["w"]).view(np.uint32).copy()
+    bits[123] ^= 1 << 3
+    flipped = summer({**tree, "w": jnp.asarray(bits.view(np.float32))})
+    assert flipped["['w']"] != base["['w']"] and flipped["['n']"] == base["['n']"]
+    shuffled = summer({**tree, "w": tree["w"][::-1]})
+    assert shuffled["['w']"] == base["['w']"]    # a sum of bit patterns mod 2**32
+
+
+@pytest.mark.parametrize("damage", [_flip_a_byte, _truncate], ids=["flipped_bit", "truncated"])
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(reference_run, tmp_path, damage, capsys):
+    ref_dir, ref_metrics = reference_run
+    wd = str(tmp_path / "run")
+    shutil.copytree(ref_dir, wd)
+    damage(os.path.join(wd, "checkpoints", "8"))
+    capsys.readouterr()
+    train.train(tiny_config(total_steps=8, checkpoint_every=4), wd)
+    out = capsys.readouterr().out
+    assert "checkpoints/8 is unusable" in out and "resumed from" in out and "checkpoints/4" in out
+    moved = os.listdir(os.path.join(wd, "checkpoints.corrupt"))
+    assert len(moved) == 1 and moved[0].startswith("8-")         # kept, not deleted
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["4", "8"]   # 8 saved again
+    resumed = metrics.read_metrics(wd)
+    assert [r["step"] for r in resumed] == [r["step"] for r in ref_metrics]
+    assert _losses(resumed) == _losses(ref_metrics)                # bit for bit
+
+
+def test_no_restorable_checkpoint_stops_and_moves_nothing(reference_run, tmp_path):
+    wd = str(tmp_path / "run")
+    shutil.copytree(reference_run[0], wd)
+    for step in ("4", "8"):
+        _truncate(os.path.join(wd, "checkpoints", step))
+    with pytest.raises(checkpoint.CheckpointError, match="none of the checkpoints") as e:
+        train.train(tiny_config(total_steps=8, checkpoint_every=4), wd)
+    assert "step 8" in str(e.value) and "step 4" in str(e.value)
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["4", "8"]
+    assert not os.path.exists(os.path.join(wd, "checkpoints.corrupt"))
+
+
+def test_checkpoint_of_another_model_is_a_config_error(reference_run, tmp_path):
+    wd = str(tmp_path / "run")
+    shutil.copytree(reference_run[0], wd)
+    config = tiny_config(total_steps=8, checkpoint_every=4)
+    config.model.text.layers = 2
+    with pytest.raises(checkpoint.CheckpointError, match="different model") as e:
+        train.train(config, wd)
+    assert "missing ['params']['text']['transformer']['resblocks_1']" in str(e.value)
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["4", "8"]
+
+
+def test_checkpoint_of_other_data_is_a_config_error(reference_run, tmp_path):
+    wd = str(tmp_path / "run")
+    shutil.copytree(reference_run[0], wd)
+    config = tiny_config(total_steps=8, checkpoint_every=4)
+    config.seed = 1
+    with pytest.raises(checkpoint.CheckpointError, match="seed: saved 0, now 1"):
+        train.train(config, wd)
+
+
+def test_rerunning_a_finished_run_does_nothing(reference_run, capsys):
+    wd, ref_metrics = reference_run
+    train.train(tiny_config(total_steps=8, checkpoint_every=4), wd)
+    assert "nothing to do" in capsys.readouterr().out
+    assert metrics.read_metrics(wd) == ref_metrics
+
+
+def _init(config):
+    run = train.build(config)
+    with run.context():
+        return run.init_state()
+
+
+def _leaves(tree):
+    return checkpoint._flat(jax.device_get(tree))
+
+
+def test_init_from_reports_missing_unexpected_and_resizes_position_embeddings(tmp_path):
+    src = _init(tiny_config(model__text__layers=2, seed=3))
+    checkpoint.save_params(str(tmp_path / "src"), src.params)
+    source = _leaves(src.params)
+    config = tiny_config()                  # text resblocks_1 of the source: unexpected
+    config.model.vision.layers = 2          # vision resblocks_1: missing from the source
+    config.model.vision.image_size = 32     # 2x2+1 -> 4x4+1 position embeddings
+    fresh = _init(config)
+    variables, report = checkpoint.load_model_variables(
+        str(tmp_path / "src"), {"params": fresh.params, "batch_stats": fresh.batch_stats})
+    assert report["source"] == str(tmp_path / "src")
+    assert report["missing"] and all("['visual']['transformer']['resblocks_1']" in k for k in report["missing"])
+    assert report["unexpected"] and all("['text']['transformer']['resblocks_1']" in k for k in report["unexpected"])
+    assert report["resized"] == ["['params']['visual']['positional_embedding']: [5, 32] -> [17, 32]"]
+    got, before = _leaves(variables["params"]), _leaves(fresh.params)
+    for k in report["loaded"]:
+        np.testing.assert_array_equal(got[k.removeprefix("['params']")], source[k.removeprefix("['params']")])
+    for k in report["missing"]:
+        np.testing.assert_array_equal(got[k.removeprefix("['params']")], before[k.removeprefix("['params']")])
+    pos = got["['visual']['positional_embedding']"]
+    np.testing.assert_array_equal(pos[0], source["['visual']['positional_embedding']"][0])   # class token
+    assert len(report["loaded"]) == len(got) - len(report["missing"]) - 1
+    text = checkpoint.format_report(report)
+    assert "missing" in text and "unexpected" in text and "resized 1" in text
+
+
+def test_init_from_refuses_mismatched_shapes(reference_run):
+    config = tiny_config()
+    config.model.embed_dim = 48
+    fresh = _init(config)
+    with pytest.raises(checkpoint.CheckpointError, match=r"\['visual'\]\['proj'\]: saved \[32, 32\], this model \[32, 48\]"):
+        checkpoint.load_model_variables(reference_run[0], {"params": fresh.params, "batch_stats": {}})
+
+
+def test_init_from_starts_a_new_run_from_a_params_only_checkpoint(tmp_path, capsys):
+    src = _init(tiny_config(seed=5))
+    checkpoint.save_params(str(tmp_path / "converted"), src.params)
+    wd = str(tmp_path / "run")
+    config = tiny_config(total_steps=1, init_from=str(tmp_path / "converted"))
+    train.train(config, wd)
+    assert "init_from" in capsys.readouterr().out
+    # The schedule's first learning rate is 0 (warm-up from 0), so after step 1 the
+    # parameters are still exactly the converted ones -- not a fresh initialisation.
+    after = _leaves(checkpoint.read_arrays(wd)["params"])
+    for key, value in _leaves(src.params).items():
+        np.testing.assert_array_equal(after[key], value)
+
+
+def test_nonfinite_step_changes_nothing_but_the_counters():
+    config = tiny_config()
+    run = train.build(config)
+    size, ctx = config.model.vision.image_size, config.model.text.context_length
+    good = {"images": jnp.zeros((config.batch_size, size, size, 3)),
+            "tokens": jnp.ones((config.batch_size, ctx), jnp.int32)}
+    bad = {**good, "images": good["images"].at[0, 0, 0, 0].set(jnp.nan)}
+    with run.context():
+        state, _ = run.train_step(run.init_state(), good)   # step 1 (its learning rate is 0)
+        before = jax.device_get(train.state_to_dict(state))
+        state, m = run.train_step(state, bad)
+        after = jax.device_get(train.state_to_dict(state))
+        assert not np.isfinite(float(m["loss"]))
+        assert int(after["step"]) == 2 and int(after["nonfinite_streak"]) == 1
+        for key in ("params", "opt_state", "batch_stats"):
+            jax.tree.map(np.testing.assert_array_equal, after[key], before[key])
+        state, m = run.train_step(state, bad)
+        assert int(m["nonfinite_streak"]) == 2 and int(m["nonfinite_steps"]) == 2
+        state, m = run.train_step(state, good)
+        assert np.isfinite(float(m["loss"])) and int(m["nonfinite_streak"]) == 0
+        assert int(m["nonfinite_steps"]) == 2
+        np.testing.assert_allclose(float(m["lr"]), run_schedule(config)(1), rtol=1e-6)   # 2nd update
+        assert run_schedule(config)(3) > 2 * run_schedule(config)(1)   # not step 4's rate
+        changed = jax.tree.leaves(jax.device_get(state.params))
+        assert any(not np.array_equal(a, b) for a, b in zip(changed, jax.tree.leaves(before["params"])))
+
+
+def run_schedule(config):
+    from clip_jax import optim
+    return optim.make_schedule(config.optim, config.total_steps)
+
+
+def test_too_many_nonfinite_steps_stop_the_run_with_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from clip_jax.data import pipeline
+    real = pipeline.make_train_iterator
+
+    class PoisonedFrom5:
+        """The real batches, with a NaN pixel from batch index 5 (step 6) on."""
+        def __init__(self, *args):
+            self.inner = real(*args)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            poison = self.inner.position >= 5
+            batch = next(self.inner)
+            if poison:
+                batch = {**batch, "images": batch["images"].at[0, 0, 0, 0].set(jnp.nan)}
+            return batch
+
+    monkeypatch.setattr(pipeline, "make_train_iterator", PoisonedFrom5)
+    wd = str(tmp_path / "run")
+    with pytest.raises(train.TrainingStopped, match=r"3 steps in a row \(to step 8\)") as e:
+        train.train(tiny_config(total_steps=20, checkpoint_every=2, max_bad_steps=3), wd)
+    assert "checkpoints/8) is intact" in str(e.value)
+    records = metrics.read_metrics(wd)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert all(np.isfinite(r["loss"]) for r in records[:5])
+    assert all(np.isnan(r["loss"]) for r in records[5:])
+    assert [r["nonfinite_steps"] for r in records[4:]] == [0, 1, 2, 3]
+    # Steps 6-8 were skipped: the newest checkpoint (8) holds step 5's parameters, as does 6.
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["6", "8"]
+    s6, s8 = (checkpoint.read_arrays(os.path.join(wd, "checkpoints", s)) for s in ("6", "8"))
+    assert int(s8["nonfinite_total"]) == 3 and int(s6["nonfinite_total"]) == 1
+    jax.tree.map(np.testing.assert_array_equal, s8["params"], s6["params"])
+    jax.tree.map(np.testing.assert_array_equal, s8["opt_state"], s6["opt_state"])
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(s8["params"]))

@@ -1,0 +1,44 @@
+"""launch/: the scripts pass shellcheck, and local.sh refuses bad arguments.
+
+The 2-process run through local.sh is in test_resume.py; the TPU VM and SLURM scripts
+cannot run here (no gcloud, no SLURM) and are checked by shellcheck and by reading.
+"""
+import glob
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from tests.helpers import REPO
+
+SCRIPTS = sorted(glob.glob(os.path.join(REPO, "launch", "*.sh")) + [os.path.join(REPO, "launch", "slurm.sbatch")])
+
+
+def test_every_launch_script_is_there_and_executable():
+    names = {os.path.basename(p) for p in SCRIPTS}
+    assert {"local.sh", "tpu_vm.sh", "slurm.sbatch"} <= names
+    assert all(os.access(p, os.X_OK) for p in SCRIPTS)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (test extra)")
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_shellcheck_is_clean(script):
+    proc = subprocess.run(["shellcheck", "--severity=style", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [([], "usage"), (["two"], "positive integer"),
+                                           (["0"], "positive integer")])
+def test_local_sh_refuses_bad_process_counts(args, message):
+    proc = subprocess.run(["bash", "launch/local.sh", *args], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_tpu_vm_sh_needs_a_command_and_a_bucket():
+    proc = subprocess.run(["bash", "launch/tpu_vm.sh"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage" in proc.stderr
+    env = {k: v for k, v in os.environ.items() if k != "BUCKET"}
+    proc = subprocess.run(["bash", "launch/tpu_vm.sh", "train"], cwd=REPO, capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 2 and "BUCKET" in proc.stderr
