@@ -7,7 +7,8 @@
                    decode, crop, tokenise) for `--source` (default: the config's
                    data.source), with each worker count in --workers. Reports images/s.
   checkpoint       saves the config's freshly initialised train state --repeats times into
-                   --checkpoint_dir (default: a temporary directory) and restores it.
+                   --checkpoint_dir (default: a temporary directory) and restores it
+                   (optimiser moments filled with random values, like a trained state's).
                    Reports the blocking part of a save (what training waits for), the
                    whole save, the restore (with its checksum verification), and the size.
 
@@ -99,6 +100,14 @@ def _dir_bytes(path):
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
+def _randomize_floats(tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    return treedef.unflatten([
+        jax.random.normal(k, x.shape, x.dtype) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)
+        else x for k, x in zip(keys, leaves)])
+
+
 def benchmark_checkpoint(config, repeats, directory=None):
     """Save/restore times (s) and size (bytes) of the config's whole train state."""
     import os
@@ -107,7 +116,11 @@ def benchmark_checkpoint(config, repeats, directory=None):
     from clip_jax import checkpoint, sharding, train
     run = train.build(config)
     with run.context():
-        state = train.state_to_dict(run.init_state())
+        fresh = run.init_state()
+        # A trained state: fresh AdamW moments are zeros, which compress to almost nothing
+        # and would flatter the size and the times. Random values stand in for trained ones.
+        state = train.state_to_dict(fresh.replace(opt_state=jax.jit(
+            _randomize_floats, out_shardings=run.state_shardings.opt_state)(fresh.opt_state)))
     jax.block_until_ready(state)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         ckpt = checkpoint.Checkpointer(os.path.join(tmp, "checkpoints"), repeats + 1, run.mesh)

@@ -31,17 +31,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from clip_jax.distributed import log
+
 ITEMS = ("state", "data_iter", "meta")
 CORRUPT_DIR_SUFFIX = ".corrupt"
 
 
 class CheckpointError(Exception):
     """No usable checkpoint, or one that does not fit this run; the message says which."""
-
-
-def _say(msg):
-    if jax.process_index() == 0:
-        print(f"clip_jax: {msg}", flush=True)
 
 
 # ---------------------------------------------------------------- checksums and shapes
@@ -130,7 +127,7 @@ class Checkpointer:
             try:
                 restored = self._restore_step(step, abstract_state, check_data_state)
             except _Corrupt as e:
-                _say(f"WARNING: checkpoint {self.directory}/{step} is unusable ({e}); "
+                log(f"WARNING: checkpoint {self.directory}/{step} is unusable ({e}); "
                      "trying the previous one")
                 failures.append((step, str(e)))
                 continue
@@ -181,7 +178,7 @@ class Checkpointer:
             for step in steps:
                 dest = os.path.join(target, f"{step}-{stamp}")
                 os.rename(os.path.join(self.directory, str(step)), dest)
-                _say(f"moved unusable checkpoint {step} to {dest}")
+                log(f"moved unusable checkpoint {step} to {dest}")
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("clip_jax.checkpoint.quarantine")

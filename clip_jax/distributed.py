@@ -17,6 +17,12 @@ import signal
 import jax
 
 
+def log(msg):
+    """A line on process 0's stdout; the other processes stay quiet."""
+    if jax.process_index() == 0:
+        print(f"clip_jax: {msg}", flush=True)
+
+
 def cluster_detected():
     """True if JAX would find a multi-process cluster environment to initialise from."""
     try:   # JAX's own detection (private module; guarded so a JAX upgrade cannot break us)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from clip_jax import checkpoint, config_lib, distributed, evaluate, losses, metrics, optim, sharding
+from clip_jax.distributed import log
 from clip_jax.models import build_model, input_specs
 
 
@@ -244,12 +245,6 @@ def initial_state(run, ckpt, data):
         state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
         log(checkpoint.format_report(report))
     return state, 0
-
-
-def log(msg):
-    """A line on process 0's stdout (the other processes stay quiet)."""
-    if jax.process_index() == 0:
-        print(f"clip_jax: {msg}", flush=True)
 
 
 def train(config, workdir):

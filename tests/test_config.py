@@ -52,6 +52,10 @@ def test_paper_recipe(name):
     ("loss.name", "nope", "config.loss.name"),
     ("data.source", "laion", "config.data.source"),
     ("data.tokenizer_vocab_size", 100000, "config.data.tokenizer_vocab_size"),
+    ("checkpoint_every", -1, "config.checkpoint_every"),
+    ("max_to_keep", 0, "config.max_to_keep"),
+    ("max_bad_steps", 0, "config.max_bad_steps"),
+    ("init_from", "/no/such/run", "config.init_from"),
 ])
 def test_validate_names_the_bad_key(key, value, match):
     c = load(os.path.join(REPO, "configs", "smoke.py"))
@@ -93,3 +97,14 @@ def test_cli_stops_before_any_work_on_a_bad_config(tmp_path, arg, match):
     assert proc.returncode != 0
     assert match in proc.stderr + proc.stdout
     assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_describe_changes_lists_only_keys_that_change_the_computation():
+    import json
+    saved = load(os.path.join(REPO, "configs", "smoke.py"))
+    now = load(os.path.join(REPO, "configs", "smoke.py"))
+    now.total_steps, now.optim.lr = 5, 0.5                  # change the run
+    now.log_every, now.mesh.data, now.data.workers = 7, 2, 3  # do not
+    changes = config_lib.describe_changes(json.loads(saved.to_json_best_effort()), now)
+    assert changes == ["optim.lr: 0.001 -> 0.5", "total_steps: 1000 -> 5"]
+    assert config_lib.describe_changes(None, now) == []
