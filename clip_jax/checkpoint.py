@@ -128,7 +128,7 @@ class Checkpointer:
                 restored = self._restore_step(step, abstract_state, check_data_state)
             except _Corrupt as e:
                 log(f"WARNING: checkpoint {self.directory}/{step} is unusable ({e}); "
-                     "trying the previous one")
+                    "trying the previous one")
                 failures.append((step, str(e)))
                 continue
             self._quarantine([s for s, _ in failures])
