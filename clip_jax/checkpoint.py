@@ -297,12 +297,11 @@ def load_model_variables(path, target):
     state_dir = resolve_state_dir(path)
     tree_meta = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
     tree_meta = getattr(tree_meta, "tree", tree_meta)
-    saved = {k: v for k, v in _flat({m: tree_meta.get(m, {}) for m in MODEL_KEYS}).items()}
+    saved = _flat({m: tree_meta.get(m, {}) for m in MODEL_KEYS})
     wanted = _flat({m: target.get(m, {}) for m in MODEL_KEYS})
-    report = {"source": state_dir, "loaded": [], "missing": [], "unexpected": [],
-              "resized": [], "mismatched": []}
-    report["missing"] = [k for k in wanted if k not in saved]
-    report["unexpected"] = [k for k in saved if k not in wanted]
+    report = {"source": state_dir, "loaded": [], "resized": [], "mismatched": [],
+              "missing": [k for k in wanted if k not in saved],
+              "unexpected": [k for k in saved if k not in wanted]}
     exact, resize = [], []
     for k in wanted:
         if k not in saved:

@@ -47,36 +47,8 @@ def _variables(params, batch_stats):
     return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-def train_state_shardings(config, model, tx, mesh, rules):
-    """(abstract TrainState of ShapeDtypeStructs carrying their shardings, TrainState of shardings)."""
-    images, tokens = (jnp.zeros(x.shape, x.dtype) for x in input_specs(config.model))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract = jax.eval_shape(lambda r: model.init(r, images, tokens, train=False),
-                                  jax.random.key(0))
-        var_shardings = sharding.logical_to_sharding(abstract, mesh, rules)
-        abstract_vars = sharding.unbox_abstract(abstract)
-        abstract_opt = jax.eval_shape(tx.init, abstract_vars["params"])
-        replicated = sharding.replicated(mesh)
-        opt_shardings = optax.tree_map_params(
-            tx, lambda _, s: s, abstract_opt, var_shardings["params"],
-            transform_non_params=lambda _: replicated)
-    shardings = TrainState(
-        step=replicated, params=var_shardings["params"],
-        batch_stats=var_shardings.get("batch_stats", {}), opt_state=opt_shardings,
-        rng=replicated, nonfinite_streak=replicated, nonfinite_total=replicated)
-    shapes = TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_vars["params"],
-        batch_stats=abstract_vars.get("batch_stats", {}), opt_state=abstract_opt,
-        rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
-        nonfinite_streak=jax.ShapeDtypeStruct((), jnp.int32),
-        nonfinite_total=jax.ShapeDtypeStruct((), jnp.int32))
-    abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-    return abstract_state, shardings
-
-
-def create_train_state(config, model, tx, mesh, rules, shardings, rng):
-    """Initialises the state directly sharded on `mesh` (`jit(init, out_shardings=...)`)."""
+def _init_fn(config, model, tx):
+    """rng -> a fresh TrainState (unsharded; traced under the mesh and the rules)."""
     images, tokens = (jnp.zeros(x.shape, x.dtype) for x in input_specs(config.model))
 
     def init_state(rng):
@@ -87,9 +59,34 @@ def create_train_state(config, model, tx, mesh, rules, shardings, rng):
                           opt_state=tx.init(variables["params"]),
                           rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
                           nonfinite_streak=zero, nonfinite_total=zero)
+    return init_state
 
+
+def train_state_shardings(config, model, tx, mesh, rules):
+    """(abstract TrainState of ShapeDtypeStructs carrying their shardings, TrainState of shardings)."""
+    images, tokens = (jnp.zeros(x.shape, x.dtype) for x in input_specs(config.model))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return jax.jit(init_state, out_shardings=shardings,
+        boxed = jax.eval_shape(lambda r: model.init(r, images, tokens, train=False),
+                               jax.random.key(0))
+        var_shardings = sharding.logical_to_sharding(boxed, mesh, rules)
+        shapes = jax.eval_shape(_init_fn(config, model, tx), jax.random.key(0))
+        replicated = sharding.replicated(mesh)
+        opt_shardings = optax.tree_map_params(
+            tx, lambda _, s: s, shapes.opt_state, var_shardings["params"],
+            transform_non_params=lambda _: replicated)
+    shardings = TrainState(
+        step=replicated, params=var_shardings["params"],
+        batch_stats=var_shardings.get("batch_stats", {}), opt_state=opt_shardings,
+        rng=replicated, nonfinite_streak=replicated, nonfinite_total=replicated)
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+    return abstract_state, shardings
+
+
+def create_train_state(config, model, tx, mesh, rules, shardings, rng):
+    """Initialises the state directly sharded on `mesh` (`jit(init, out_shardings=...)`)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return jax.jit(_init_fn(config, model, tx), out_shardings=shardings,
                        compiler_options=_cheap_compile_options())(rng)
 
 
