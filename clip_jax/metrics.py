@@ -42,12 +42,13 @@ class MetricWriter:
 
 
 def truncate_after(path, step):
-    """Drops the lines of a metrics.jsonl whose step is after `step` (atomically)."""
+    """Drops the lines of a metrics.jsonl whose step is after `step` (atomically), and a
+    last line that a killed run left half-written."""
     if not os.path.exists(path):
         return
     with open(path) as f:
         lines = [line for line in f if line.strip()]
-    keep = [line for line in lines if json.loads(line)["step"] <= step]
+    keep = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
     if len(keep) != len(lines):
         with open(path + ".tmp", "w") as f:
             f.writelines(keep)

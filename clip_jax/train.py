@@ -299,6 +299,24 @@ def _loop(config, workdir, run, state, start, data, ckpt, preemption, evaluator)
 
     bar = tqdm(total=config.total_steps, initial=start, desc="train", dynamic_ncols=True,
                disable=not config.progress or jax.process_index() != 0, file=sys.stdout)
+    try:
+        last = _steps(config, run, state, start, data, ckpt, preemption, evaluator, writer, bar)
+    finally:
+        bar.close()
+        writer.close()
+    if last.get("preempted"):
+        log(f"preempted (SIGTERM): saved a checkpoint at step {last['step']} and stopped; run "
+            "the same command to continue")
+        return last
+    if jax.process_index() == 0:
+        metrics.plot_metrics(workdir)
+    summary = {k: v for k, v in last.items() if k in ("loss", "zeroshot/top1", "samples_per_sec")}
+    log("done " + json.dumps({"step": config.total_steps, **summary}))
+    return last
+
+
+def _steps(config, run, state, start, data, ckpt, preemption, evaluator, writer, bar):
+    """Steps start+1 .. total_steps (or to a preemption); returns the last logged metrics."""
     last = {}
     saved_step = start
     t_last, step_last = time.perf_counter(), start
@@ -313,8 +331,6 @@ def _loop(config, workdir, run, state, start, data, ckpt, preemption, evaluator)
         # host never runs further ahead (each queued step holds its batch in device
         # memory), and the time spent in next(data) is time the device may idle.
         if in_flight is not None and int(in_flight["nonfinite_streak"]) >= config.max_bad_steps:
-            bar.close()
-            writer.close()
             raise TrainingStopped(
                 f"{config.max_bad_steps} steps in a row (to step {step - 1}) had a non-finite "
                 f"loss or gradient (config.max_bad_steps); their updates were skipped. The "
@@ -354,17 +370,7 @@ def _loop(config, workdir, run, state, start, data, ckpt, preemption, evaluator)
             t_last += time.perf_counter() - t0        # checkpointing is not training time
         if preempted:
             ckpt.wait()
-            bar.close()
-            writer.close()
-            log(f"preempted (SIGTERM): saved a checkpoint at step {step} and stopped; run "
-                "the same command to continue")
             return {**last, "step": step, "preempted": True}
-    bar.close()
-    writer.close()
-    if jax.process_index() == 0:
-        metrics.plot_metrics(workdir)
-    summary = {k: v for k, v in last.items() if k in ("loss", "zeroshot/top1", "samples_per_sec")}
-    log("done " + json.dumps({"step": config.total_steps, **summary}))
     return last
 
 

@@ -243,3 +243,13 @@ def test_too_many_nonfinite_steps_stop_the_run_with_the_last_good_checkpoint(tmp
     jax.tree.map(np.testing.assert_array_equal, s8["params"], s6["params"])
     jax.tree.map(np.testing.assert_array_equal, s8["opt_state"], s6["opt_state"])
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(s8["params"]))
+
+
+def test_truncate_after_drops_later_steps_and_a_half_written_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n'
+                    '{"step": 3, "loss": 2.0}\n{"step": 4, "lo')       # killed mid-write
+    metrics.truncate_after(str(path), 2)
+    assert path.read_text() == '{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n'
+    metrics.truncate_after(str(path), 2)                                 # idempotent
+    assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [1, 2]
