@@ -1,2 +1,8 @@
 """clip_jax: exact, sharded CLIP training in JAX/Flax."""
 __version__ = "0.1.0"
+
+
+def load(path, batch_size=256):
+    """A trained or converted CLIP ready for inference; see `clip_jax.inference`."""
+    from clip_jax.inference import load as _load
+    return _load(path, batch_size=batch_size)

@@ -6,6 +6,11 @@
   data             times the input pipeline alone: this process's host batches (read,
                    decode, crop, tokenise) for `--source` (default: the config's
                    data.source), with each worker count in --workers. Reports images/s.
+  evaluate         evaluation throughput of the config's model (randomly initialised) on
+                   --source (an ImageFolder, ingested directory or CSV; default:
+                   --images generated 500x375 JPEGs): image features from the files end to
+                   end, decoding + centre crop alone, the image tower alone, and prompt
+                   texts through the text tower. Reports images/s and texts/s.
   checkpoint       saves the config's freshly initialised train state --repeats times into
                    --checkpoint_dir (default: a temporary directory) and restores it
                    (optimiser moments filled with random values, like a trained state's).
@@ -148,6 +153,74 @@ def benchmark_checkpoint(config, repeats, directory=None):
             "parameters": n_params, "devices": jax.device_count(), "backend": jax.default_backend()}
 
 
+def _photo_folder(directory, n, width=500, height=375):
+    """An ImageFolder of n JPEG 'photos' (smooth colour fields plus noise, 10 classes)."""
+    import os
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:height, 0:width]
+    for i in range(n):
+        folder = os.path.join(directory, f"class_{i % 10}")
+        os.makedirs(folder, exist_ok=True)
+        base = rng.uniform(0, 255, 3)
+        pixels = (base + 80 * np.sin(x[..., None] / (20 + i % 30) + np.arange(3))
+                  + 60 * np.cos(y[..., None] / (15 + i % 17)) + rng.normal(0, 12, (height, width, 3)))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+            os.path.join(folder, f"{i}.jpg"), quality=90)
+    return directory
+
+
+def benchmark_evaluate(config, source, num_images, repeats, batch_size):
+    """Evaluation throughput of the config's (randomly initialised) model: image features from
+    files end to end, their two halves (decode + crop, the image tower), and prompt texts."""
+    import tempfile
+
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from clip_jax import sharding
+    from clip_jax.data import tokenizer as tokenizer_lib
+    from clip_jax.data.pipeline import normalize_images
+    from clip_jax.evals import data as data_lib, features
+    from clip_jax.inference import CLIPModel
+    from clip_jax.models import abstract_variables, build_model, input_specs
+
+    mesh, rules = sharding.make_mesh(config.mesh), tuple(tuple(r) for r in config.sharding_rules)
+    model = build_model(config.model)
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_variables(model, config.model, mesh, rules))
+    images, tokens = (jnp.zeros(x.shape, x.dtype) for x in input_specs(config.model))
+    with sharding.mesh_context(mesh, rules):
+        variables = jax.jit(lambda r: nn.unbox(model.init(r, images, tokens)),
+                            out_shardings=shardings)(jax.random.key(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = tokenizer_lib.get_tokenizer(config, tmp)
+        clip = CLIPModel(config, variables, tokenizer, mesh, rules, batch_size)
+        data = data_lib.open_eval_data(source or _photo_folder(tmp + "/photos", num_images)).head(num_images)
+        views = features._Views(data, clip.image_size)
+
+        def timed(fn):
+            fn()                                          # compile / warm the file cache
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
+
+        pixels = normalize_images(np.stack([views[i] for i in range(len(data))]))
+        prompts = [f"a photo of a {i % 1000} thing." for i in range(4 * len(data))]
+        end_to_end = timed(lambda: features.image_features(clip, data, progress=False))
+        decode = timed(lambda: list(features.decoded_batches(data, clip.image_size, clip.batch_size)))
+        encode = timed(lambda: clip.encode_image(pixels))
+        text = timed(lambda: features.text_features(clip, prompts, progress=False))
+    n = len(data)
+    return {"images": n, "image_size": clip.image_size, "batch_size": clip.batch_size,
+            "images_per_sec": n / end_to_end, "decode_images_per_sec": n / decode,
+            "encode_images_per_sec": n / encode, "texts_per_sec": len(prompts) / text,
+            "decode_threads": features.DECODE_THREADS, "devices": jax.device_count(),
+            "backend": jax.default_backend(), "data": source or f"{n} generated 500x375 JPEGs"}
+
+
 def main():
     from absl import app, flags
     from ml_collections import config_flags
@@ -166,6 +239,9 @@ def main():
     flags.DEFINE_string("source", None, "data: the data source (default: the config's data.source)")
     flags.DEFINE_list("workers", None, "data: Grain worker counts to time, e.g. 0,2 "
                       "(default: the config's data.workers)")
+    flags.DEFINE_integer("images", 512, "evaluate: how many images to time (generated or "
+                         "the first of --source)")
+    flags.DEFINE_integer("eval_batch_size", 256, "evaluate: images or texts per batch")
     flags.DEFINE_string("checkpoint_dir", None, "checkpoint: where to write (default: a temporary "
                         "directory); point it at the filesystem your runs use")
     flags.DEFINE_bool("json", False, "print the figures as one JSON object on the last line")
@@ -174,8 +250,8 @@ def main():
     def run(argv):
         config_lib.quiet_absl_logging()
         mode = argv[1] if len(argv) > 1 else "train"
-        if mode not in ("train", "data", "checkpoint") or len(argv) > 2:
-            sys.exit("error: usage: python -m clip_jax.benchmark [train|data|checkpoint] [flags]; "
+        if mode not in ("train", "data", "evaluate", "checkpoint") or len(argv) > 2:
+            sys.exit("error: usage: python -m clip_jax.benchmark [train|data|evaluate|checkpoint] [flags]; "
                      f"got {argv[1:]}")
         config = config_flag.value
         try:
@@ -183,7 +259,16 @@ def main():
                 if FLAGS.source:
                     config.data.source = FLAGS.source
             config_lib.validate(config, jax.device_count())
-            if mode == "data":
+            if mode == "evaluate":
+                result = {"mode": "evaluate", **benchmark_evaluate(
+                    config, FLAGS.source, FLAGS.images, FLAGS.repeats, FLAGS.eval_batch_size)}
+                print(f"evaluate: {result['images_per_sec']:.0f} images/s from files "
+                      f"(decode + crop {result['decode_images_per_sec']:.0f}/s on "
+                      f"{result['decode_threads']} threads, image tower "
+                      f"{result['encode_images_per_sec']:.0f}/s), text tower "
+                      f"{result['texts_per_sec']:.0f} texts/s ({result['image_size']}px, "
+                      f"{result['devices']} {result['backend']} devices)")
+            elif mode == "data":
                 workers = [int(w) for w in (FLAGS.workers or [config.data.workers])]
                 result = {"mode": "data", "source": config.data.source, "batch_size": config.batch_size,
                           "image_size": config.model.vision.image_size,

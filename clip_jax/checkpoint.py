@@ -24,6 +24,7 @@ Decisions (see BUILD_NOTES.md, "Checkpoints"):
 import datetime
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -229,11 +230,25 @@ def describe_mismatch(saved, wanted):
 MODEL_KEYS = ("params", "batch_stats")
 
 
-def save_params(directory, params, batch_stats=None):
-    """Writes a parameters-only checkpoint (e.g. converted weights) that `init_from` reads."""
+def save_params(directory, params, batch_stats=None, config=None, tokenizer_file=None):
+    """Writes a parameters-only checkpoint (e.g. converted weights) that `init_from` reads.
+
+    With `config` (its `model` and `data.tokenizer*` keys matter) it is also a model that
+    `clip_jax.load(directory)` opens: the config goes to DIR/config.json and a SentencePiece
+    `tokenizer_file` is copied to DIR/tokenizer/spm.model.
+    """
+    directory = os.path.abspath(directory)
     tree = {"params": params, "batch_stats": batch_stats or {}}
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.abspath(directory), tree)
+        ckptr.save(directory, tree)
+    if jax.process_index() != 0:
+        return
+    if config is not None:
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    if tokenizer_file:
+        os.makedirs(os.path.join(directory, "tokenizer"), exist_ok=True)
+        shutil.copyfile(tokenizer_file, os.path.join(directory, "tokenizer", "spm.model"))
 
 
 def read_arrays(path):
@@ -247,8 +262,8 @@ def read_arrays(path):
     return ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=args))
 
 
-def resolve_state_dir(path):
-    """The Orbax tree directory that `init_from=path` means.
+def resolve_state_dir(path, what="config.init_from"):
+    """The Orbax tree directory that `init_from=path` means (`what` names the option in errors).
 
     Accepts a run's workdir (its newest checkpoint), a checkpoints directory (newest step),
     one step directory, or a parameters-only checkpoint written by `save_params`.
@@ -264,7 +279,7 @@ def resolve_state_dir(path):
         path = os.path.join(path, "state")
     if not os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")) and \
             not os.path.exists(os.path.join(path, "_METADATA")):
-        raise CheckpointError(f"config.init_from: no checkpoint found at {path}")
+        raise CheckpointError(f"{what}: no checkpoint found at {path}")
     return path
 
 
@@ -285,7 +300,7 @@ def _resize_position_embedding(saved, shape):
 RESIZABLE = {"['params']['visual']['positional_embedding']": _resize_position_embedding}
 
 
-def load_model_variables(path, target):
+def load_model_variables(path, target, what="config.init_from"):
     """Parameters (and BatchNorm statistics) of the checkpoint at `path`, fitted to `target`.
 
     `target`: {'params': ..., 'batch_stats': ...} of freshly initialised, sharded arrays.
@@ -294,7 +309,7 @@ def load_model_variables(path, target):
     embedding of another image size is resized ('resized'). Any other shape difference
     raises CheckpointError listing every one of them.
     """
-    state_dir = resolve_state_dir(path)
+    state_dir = resolve_state_dir(path, what)
     tree_meta = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
     tree_meta = getattr(tree_meta, "tree", tree_meta)
     saved = _flat({m: tree_meta.get(m, {}) for m in MODEL_KEYS})
@@ -314,7 +329,7 @@ def load_model_variables(path, target):
             report["mismatched"].append(f"{k}: saved {list(saved[k].shape)}, this model "
                                         f"{list(wanted[k].shape)}")
     if report["mismatched"]:
-        raise CheckpointError(f"config.init_from={path}: parameter shapes differ from this "
+        raise CheckpointError(f"{what}={path}: parameter shapes differ from this "
                               "model's: " + "; ".join(report["mismatched"]))
 
     # Restore exactly the leaves we use: matched ones straight into their target sharding,
@@ -343,7 +358,7 @@ def load_model_variables(path, target):
         if k in resize:
             new = RESIZABLE[k](np.asarray(got[k]), fresh.shape)
             if new is None:
-                raise CheckpointError(f"config.init_from={path}: cannot resize {k} from "
+                raise CheckpointError(f"{what}={path}: cannot resize {k} from "
                                       f"{list(saved[k].shape)} to {list(fresh.shape)}")
             report["resized"].append(f"{k}: {list(saved[k].shape)} -> {list(fresh.shape)}")
             return jax.device_put(new.astype(fresh.dtype), fresh.sharding)

@@ -5,6 +5,7 @@ returning a ConfigDict built from these helpers. Every key is documented in
 README.md ("Config keys"). Shapes come from the paper / reference
 implementation (see the table in README.md); parameter counts are tested.
 """
+import json
 import os
 
 import ml_collections
@@ -92,6 +93,13 @@ def base_config():
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))  # -1: the rest
     c.sharding_rules = DEFAULT_RULES
     c.loss = ml_collections.ConfigDict(dict(name="clip"))
+    # Evaluations run every `eval_every` steps and at the end: name -> {task, data, options}
+    # as `python -m clip_jax.evaluate` takes them (README "Evaluation"); logged as
+    # <task>/<name>/<figure>. Entries on synthetic[:ATTR] data run only when training on
+    # the synthetic data: they are the held-out (shape, colour) combinations.
+    c.evals = ml_collections.ConfigDict({
+        "shape": dict(task="zeroshot", data="synthetic:shape"),
+        "color": dict(task="zeroshot", data="synthetic:color")})
     c.data = ml_collections.ConfigDict(dict(
         # 'synthetic', an ingested directory, 'tfds:NAME[:SPLIT]', or a comma-separated
         # mixture of them; `weights` (comma-separated, '' = proportional to size) mixes them.
@@ -189,6 +197,25 @@ def _validate_data(config, need):
              f"must be <= model.text.vocab_size={config.model.text.vocab_size}")
 
 
+def _validate_evals(config):
+    """Each config.evals entry: a known task, data, options that apply, files that exist."""
+    from clip_jax import evaluate
+    for name, entry in config.get("evals", {}).items():
+        where = f"config.evals.{name}"
+        if not isinstance(entry, ml_collections.ConfigDict):
+            raise ConfigError(f"{where}: expected a dict of task, data and options, got {entry!r}")
+        options = {k: v for k, v in entry.items() if k not in ("task", "data")}
+        try:
+            evaluate.check_spec(entry.get("task", ""), options, where)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not entry.get("data"):
+            raise ConfigError(f"{where}.data: the evaluation data must be given")
+        for key in ("templates", "classnames"):
+            if options.get(key) and not os.path.isfile(options[key]):
+                raise ConfigError(f"{where}.{key}: no such file {options[key]!r}")
+
+
 def load_config_file(argv, default=None):
     """The config named by argv's --config=PATH[:ARG] (or `default`), loaded as absl would."""
     import importlib.util
@@ -224,7 +251,22 @@ def check_cli_overrides_or_exit(argv, default=None):
 # Keys that may change between a run's invocations without changing what it computes.
 RESUME_NEUTRAL_KEYS = ("progress", "log_every", "eval_every", "checkpoint_every", "max_to_keep",
                        "max_bad_steps", "init_from", "mesh.", "sharding_rules", "data.workers",
-                       "data.prefetch")
+                       "data.prefetch", "evals.")
+
+
+def from_json(saved):
+    """A ConfigDict from a saved config (JSON text or the dict `json.loads` gives).
+
+    JSON turns tuples into lists; the keys that hold tuples get them back."""
+    tree = json.loads(saved) if isinstance(saved, str) else saved
+    config = ml_collections.ConfigDict(tree)
+    if "sharding_rules" in config:
+        config.sharding_rules = tuple(
+            (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.sharding_rules)
+    vision = config.get("model", {}).get("vision")
+    if vision is not None and isinstance(vision.layers, list):
+        vision.layers = tuple(vision.layers)
+    return config
 
 
 def _flatten(tree, prefix=""):
@@ -242,7 +284,6 @@ def describe_changes(saved, config):
     ignoring those that do not change the computation (logging, mesh, workers, ...)."""
     if not saved:
         return []
-    import json
     now = _flatten(json.loads(config.to_json_best_effort()))
     before = _flatten(saved)
     return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(now) | set(before))
@@ -287,6 +328,7 @@ def validate(config, num_devices=None):
     from clip_jax import losses
     need(config.loss.name in losses.LOSSES, "loss.name", f"must be one of {sorted(losses.LOSSES)}")
     _validate_data(config, need)
+    _validate_evals(config)
     rule_names = [r[0] for r in config.sharding_rules]
     need("batch" in rule_names, "sharding_rules", "needs a rule for the logical axis 'batch'")
     for name, axes in config.sharding_rules:

@@ -17,6 +17,11 @@ import signal
 import jax
 
 
+def is_main():
+    """True on the process that prints and writes files (process 0)."""
+    return jax.process_index() == 0
+
+
 def log(msg):
     """A line on process 0's stdout; the other processes stay quiet."""
     if jax.process_index() == 0:

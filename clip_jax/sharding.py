@@ -11,6 +11,7 @@ require `out_sharding=` on every contraction. The contrastive loss is the one
 place where we need to control communication exactly, and it uses
 `jax.shard_map` (see losses.py).
 """
+import contextlib
 import math
 
 import flax.linen as nn
@@ -101,6 +102,14 @@ def logical_to_sharding(abstract_boxed, mesh, rules):
     return jax.tree.map(
         lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
         mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def mesh_context(mesh, rules):
+    """`with` this: the mesh and the logical-axis rules that tracing the model needs."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(rules))
+    return stack
 
 
 def replicated(mesh):

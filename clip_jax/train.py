@@ -6,7 +6,6 @@ Library functions (`build`, `create_train_state`, `make_train_step`, `train`) ov
 Rerunning with the same workdir resumes from the newest checkpoint (checkpoint.py); a
 SIGTERM saves one at the current step and stops.
 """
-import contextlib
 import dataclasses
 import json
 import os
@@ -21,7 +20,7 @@ import optax
 
 from clip_jax import checkpoint, config_lib, distributed, evaluate, losses, metrics, optim, sharding
 from clip_jax.distributed import log
-from clip_jax.models import build_model, input_specs
+from clip_jax.models import abstract_variables, build_model, input_specs
 
 
 @flax.struct.dataclass
@@ -64,11 +63,9 @@ def _init_fn(config, model, tx):
 
 def train_state_shardings(config, model, tx, mesh, rules):
     """(abstract TrainState of ShapeDtypeStructs carrying their shardings, TrainState of shardings)."""
-    images, tokens = (jnp.zeros(x.shape, x.dtype) for x in input_specs(config.model))
+    var_shardings = jax.tree.map(lambda x: x.sharding,
+                                 abstract_variables(model, config.model, mesh, rules))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(lambda r: model.init(r, images, tokens, train=False),
-                               jax.random.key(0))
-        var_shardings = sharding.logical_to_sharding(boxed, mesh, rules)
         shapes = jax.eval_shape(_init_fn(config, model, tx), jax.random.key(0))
         replicated = sharding.replicated(mesh)
         opt_shardings = optax.tree_map_params(
@@ -151,32 +148,6 @@ def make_train_step(config, model, tx, schedule, mesh, rules, state_shardings):
                    donate_argnums=0)
 
 
-class ZeroShotEvaluator:
-    """Held-out synthetic zero-shot, run every `eval_every` steps and at the end."""
-
-    def __init__(self, config, model, tokenizer, mesh, rules):
-        from clip_jax.data import pipeline, synthetic
-        self.images, self.labels = pipeline.heldout_batches(config, tokenizer, config.data.synthetic.num_eval)
-        self.tasks = synthetic.zeroshot_tasks()
-        self.tokenizer = tokenizer
-        self.batch = max(sharding.num_batch_shards(mesh, rules),
-                         min(256, config.batch_size) // sharding.num_batch_shards(mesh, rules)
-                         * sharding.num_batch_shards(mesh, rules))
-        self.data_sharding = sharding.batch_sharding(mesh, rules)
-        self._state = None
-        self.encode_image, self.encode_text = evaluate.make_encoders(
-            model, lambda: _variables(self._state.params, self._state.batch_stats))
-
-    def __call__(self, state):
-        self._state = state
-        try:
-            return evaluate.synthetic_zeroshot(
-                self.encode_image, self.encode_text, self.tokenizer, self.images, self.labels,
-                self.tasks, batch_size=self.batch, sharding=self.data_sharding)
-        finally:
-            self._state = None
-
-
 @dataclasses.dataclass
 class Run:
     """What training needs; run it under `context()` (mesh + logical-axis rules)."""
@@ -190,20 +161,12 @@ class Run:
     train_step: callable
 
     def context(self):
-        return mesh_context(self.mesh, self.rules)
+        return sharding.mesh_context(self.mesh, self.rules)
 
     def init_state(self):
         """A fresh state from `config.seed`, created sharded."""
         return create_train_state(self.config, self.model, self.tx, self.mesh, self.rules,
                                   self.state_shardings, jax.random.key(self.config.seed))
-
-
-def mesh_context(mesh, rules):
-    """`with` this: the mesh and the logical-axis rules that tracing the model needs."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(mesh))
-    stack.enter_context(nn.logical_axis_rules(rules))
-    return stack
 
 
 def build(config):
@@ -213,7 +176,7 @@ def build(config):
     model = build_model(config.model)
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
     abstract_state, state_shardings = train_state_shardings(config, model, tx, mesh, rules)
-    with mesh_context(mesh, rules):
+    with sharding.mesh_context(mesh, rules):
         train_step = make_train_step(config, model, tx, schedule, mesh, rules, state_shardings)
     return Run(config, mesh, rules, model, tx, abstract_state, state_shardings, train_step)
 
@@ -266,16 +229,16 @@ def train(config, workdir):
         raise config_lib.ConfigError(str(e)) from None
 
     run = build(config)
+    try:   # opens every evaluation dataset: a bad config.evals entry stops the run here
+        evaluator = evaluate.TrainingEvaluators(config, tokenizer, run.mesh, run.rules) or None
+    except (ValueError, OSError) as e:
+        raise config_lib.ConfigError(str(e)) from None
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.max_to_keep, run.mesh)
     data = None
     try:
         with run.context():
             data = pipeline.make_train_iterator(config, tokenizer, sharding.batch_sharding(run.mesh, run.rules))
             state, start = initial_state(run, ckpt, data)
-            # The held-out zero-shot evaluation belongs to the synthetic data; the evaluation
-            # issue adds evaluators for other data.
-            evaluator = (ZeroShotEvaluator(config, run.model, tokenizer, run.mesh, run.rules)
-                         if config.data.source == "synthetic" else None)
             return _loop(config, workdir, run, state, start, data, ckpt, preemption, evaluator)
     finally:
         preemption.close()

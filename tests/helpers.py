@@ -183,3 +183,27 @@ def build_tfds_dataset(data_dir, name, classes, examples):
         "_generate_examples": generate})
     builder(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
     return str(data_dir)
+
+
+def write_model_dir(directory, seed=0, **overrides):
+    """A randomly initialised tiny CLIP saved as `clip_jax.load` opens it (no training): the
+    parameters (`checkpoint.save_params`), config.json and a SentencePiece tokenizer trained
+    on synthetic captions. Returns the directory."""
+    import jax
+    from clip_jax import checkpoint
+    from clip_jax.data import synthetic
+    from clip_jax.data.tokenizer import SentencePieceTokenizer
+    from clip_jax.models import build_model, input_specs
+    import jax.numpy as jnp
+    import flax.linen as nn
+    config = tiny_config(seed=seed, **overrides)
+    model = build_model(config.model)
+    images, tokens = (jnp.zeros(x.shape, x.dtype) for x in input_specs(config.model))
+    variables = nn.unbox(model.init(jax.random.key(seed), images, tokens))
+    spm = os.path.join(str(directory) + ".tokenizer", "spm.model")
+    os.makedirs(os.path.dirname(spm), exist_ok=True)
+    SentencePieceTokenizer.train(synthetic.caption_corpus(2000, seed), spm,
+                                 config.data.tokenizer_vocab_size)
+    checkpoint.save_params(str(directory), variables["params"], variables.get("batch_stats"),
+                           config=config, tokenizer_file=spm)
+    return str(directory)

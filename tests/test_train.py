@@ -80,6 +80,11 @@ def test_smoke_config_learns(tmp_path):
     assert losses[-1] <= 0.5 * losses[0], losses
     assert rec[-1]["zeroshot/top1"] >= 0.9, rec[-1]
     assert rec[-1]["step"] == 1000
+    # The evaluation command line on the saved model gives the accuracy logged in training.
+    for attr in ("shape", "color"):
+        out = run_cli(["clip_jax.evaluate", "zeroshot", f"--workdir={tmp_path}",
+                       f"--data=synthetic:{attr}", "--json", "--no-progress"])
+        assert json.loads(out.stdout.strip().splitlines()[-1])["top1"] == rec[-1][f"zeroshot/{attr}/top1"]
 
 
 @pytest.mark.slow

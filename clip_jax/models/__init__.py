@@ -6,7 +6,7 @@ from flax.core import meta
 
 from clip_jax.models.clip import CLIP
 
-__all__ = ["CLIP", "build_model", "count_params", "input_specs", "encoder_fns"]
+__all__ = ["CLIP", "build_model", "count_params", "input_specs", "encoder_fns", "abstract_variables"]
 
 
 def build_model(model_cfg) -> CLIP:
@@ -60,3 +60,15 @@ def encoder_fns(model):
     """Jitted (encode_image(variables, images), encode_text(variables, tokens))."""
     return (jax.jit(lambda v, x: model.apply(v, x, method=model.encode_image)),
             jax.jit(lambda v, t: model.apply(v, t, method=model.encode_text)))
+
+
+def abstract_variables(model, model_cfg, mesh, rules):
+    """The model's variables as ShapeDtypeStructs carrying their `NamedSharding`s on `mesh`."""
+    from clip_jax import sharding
+    images, tokens = (jnp.zeros(x.shape, x.dtype) for x in input_specs(model_cfg))
+    with sharding.mesh_context(mesh, rules):
+        boxed = jax.eval_shape(lambda r: model.init(r, images, tokens, train=False),
+                               jax.random.key(0))
+        shardings = sharding.logical_to_sharding(boxed, mesh, rules)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        sharding.unbox_abstract(boxed), shardings)

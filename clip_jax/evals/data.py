@@ -1,0 +1,319 @@
+"""Evaluation data: what `--data` (or an entry of `config.evals`) names, opened as `EvalData`.
+
+  DIR                 an ImageFolder, DIR/<class>/**/<image> (torchvision's layout): label =
+                      index of the class folder in sorted order, class name = folder name
+                      with '_' read as a space; files without an image extension are ignored
+  DIR                 a directory made by `python -m clip_jax.ingest` (it has manifest.json):
+                      labels and class names from an imagefolder or labelled-TFDS ingest;
+                      records with the same key (one image, several caption rows) are one
+                      image with several captions; CSV columns kept as `meta` are attributes
+  FILE.csv / .tsv     a header row; --image-column (default filepath, relative to the file's
+                      folder) and --caption-column (default caption); rows naming the same
+                      image give it several captions; --label-column makes it labelled
+                      (classes = the sorted distinct values); other columns are attributes
+  tfds:NAME[:SPLIT]   a TFDS dataset prepared on local disk (array_record), SPLIT default
+                      'test'; labels from the ClassLabel --label-key (default label),
+                      captions from the Text --caption-key (default caption) if present
+  synthetic[:ATTR]    the embedded dataset's held-out split (shape/colour combinations never
+                      seen in training), labelled by ATTR: shape (default) or color; with
+                      the run's seed and `data.synthetic.num_eval` -- the set the training
+                      run's zero-shot figures are logged on
+
+Attributes for `--group-by`: the CSV / meta columns, the synthetic data's size,
+position and background, and `level:N` -- component N of the image's relative path
+(level:0 is an ImageFolder's class folder, level:1 the sub-folder below it).
+
+Unlike training, a broken image is an error here: an evaluation must not quietly change
+its data. Images are read lazily (`EvalData.image(i)`); everything else at open time.
+"""
+import csv
+import dataclasses
+import hashlib
+import os
+from typing import Optional
+
+import numpy as np
+
+from clip_jax.data import prompts
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclasses.dataclass
+class EvalData:
+    name: str
+    reader: object                       # reader[i] -> encoded image bytes or uint8 [H, W, 3]
+    keys: list                           # per image: its relative path / record key
+    labels: Optional[np.ndarray] = None  # int64 [n], or None if unlabelled
+    classnames: Optional[list] = None
+    captions: Optional[list] = None      # per image: list of captions (retrieval)
+    attributes: dict = dataclasses.field(default_factory=dict)   # name -> list[str] per image
+    templates: Optional[tuple] = None    # the dataset's own zero-shot prompts, if any
+    presized: bool = False               # images are at the model's size already (synthetic)
+    fingerprint: str = ""                # identifies the data for the feature cache
+
+    def __len__(self):
+        return len(self.keys)
+
+    def image(self, i):
+        return self.reader[int(i)]
+
+    def need_labels(self, task):
+        if self.labels is None:
+            raise ValueError(f"{task}: --data {self.name} has no labels; it needs an ImageFolder, "
+                             "a labelled ingest (imagefolder, tfds --label-key), a CSV with "
+                             "--label-column, tfds:NAME with a ClassLabel, or synthetic")
+
+    def need_captions(self, task):
+        if not self.captions or not all(self.captions):
+            raise ValueError(f"{task}: --data {self.name} has no captions for every image")
+
+    def group_values(self, attribute):
+        """The value of `attribute` (see the module docstring) for each image, as str."""
+        if attribute.startswith("level:"):
+            try:
+                level = int(attribute[len("level:"):])
+            except ValueError:
+                raise ValueError(f"--group-by {attribute!r}: expected level:N with N an integer") from None
+            parts = [k.split("/")[:-1] for k in self.keys]
+            if level < 0 or any(len(p) <= level for p in parts):
+                bad = next(k for k, p in zip(self.keys, parts) if len(p) <= level or level < 0)
+                raise ValueError(f"--group-by {attribute}: image {bad!r} has no folder at level {level}")
+            return [p[level] for p in parts]
+        if attribute not in self.attributes:
+            names = sorted(self.attributes) + ["level:N"]
+            raise ValueError(f"--group-by {attribute!r}: {self.name} has no such attribute "
+                             f"(it has: {', '.join(names)})")
+        return [str(v) for v in self.attributes[attribute]]
+
+    def head(self, n):
+        """The first n images (for a quick, smaller evaluation); n <= 0 keeps all."""
+        if n <= 0 or n >= len(self):
+            return self
+        cut = lambda x: None if x is None else x[:n]
+        return dataclasses.replace(
+            self, keys=self.keys[:n], labels=cut(self.labels), captions=cut(self.captions),
+            attributes={k: v[:n] for k, v in self.attributes.items()},
+            fingerprint=f"{self.fingerprint}:head{n}")
+
+
+def _digest(*parts):
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
+
+
+# ----------------------------------------------------------------------------- readers
+
+class FileReader:
+    """reader[i] -> the bytes of file i."""
+
+    def __init__(self, paths):
+        self.paths = list(paths)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with open(self.paths[i], "rb") as f:
+            return f.read()
+
+
+class RecordReader:
+    """reader[i] -> the image bytes of record indices[i] of an ingested directory."""
+
+    def __init__(self, source, indices):
+        self.source, self.indices = source, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.source[self.indices[i]]["image"]
+
+
+class TfdsReader(RecordReader):
+    def __getitem__(self, i):
+        return self.source.read([self.indices[i]])[0][self.source.image_key]
+
+
+class SyntheticReader:
+    def __init__(self, seed, image_size):
+        self.seed, self.image_size = seed, image_size
+
+    def __getitem__(self, i):
+        from clip_jax.data import synthetic
+        return synthetic.example(i, self.seed, self.image_size, "heldout")["image"]
+
+
+# ----------------------------------------------------------------------------- openers
+
+def open_imagefolder(directory):
+    classes = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+    if not classes:
+        raise ValueError(f"--data {directory}: no class folders (expected DIR/<class>/<images>)")
+    paths, keys, labels = [], [], []
+    for label, cls in enumerate(classes):
+        for folder, subfolders, names in os.walk(os.path.join(directory, cls)):
+            subfolders.sort()
+            for name in sorted(names):
+                if name.lower().endswith(IMAGE_EXTENSIONS):
+                    path = os.path.join(folder, name)
+                    paths.append(path)
+                    keys.append(os.path.relpath(path, directory).replace(os.sep, "/"))
+                    labels.append(label)
+    if not paths:
+        raise ValueError(f"--data {directory}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+    stats = [(k, os.path.getsize(p), int(os.path.getmtime(p))) for k, p in zip(keys, paths)]
+    return EvalData(directory, FileReader(paths), keys, np.array(labels, np.int64),
+                    [prompts.readable_classname(c) for c in classes], fingerprint=_digest(stats))
+
+
+def open_ingested(directory):
+    from clip_jax.data import records
+    source = records.IngestedSource(directory)
+    first, captions, labels, meta = {}, [], [], {}    # first: key -> (record, image position)
+    for i in range(len(source)):
+        record = source[i]
+        key = record["key"]
+        if key not in first:
+            first[key] = (i, len(captions))
+            captions.append([])
+            labels.append(record.get("label", -1))
+            for column, value in record.get("meta", {}).items():
+                meta.setdefault(column, {})[len(captions) - 1] = value
+        captions[first[key][1]].append(record["caption"])
+    keys = list(first)
+    manifest = source.manifest
+    labelled = "classnames" in manifest and all(label >= 0 for label in labels)
+    attributes = {c: [v.get(j, "") for j in range(len(keys))] for c, v in meta.items()}
+    return EvalData(directory, RecordReader(source, [r for r, _ in first.values()]), keys,
+                    np.array(labels, np.int64) if labelled else None,
+                    list(manifest["classnames"]) if labelled else None, captions, attributes,
+                    fingerprint=_digest(manifest.get("num_records"), manifest.get("shards"),
+                                        os.path.getmtime(os.path.join(directory, records.MANIFEST))))
+
+
+def open_csv(path, image_column="filepath", caption_column="caption", label_column=""):
+    delimiter = "\t" if path.lower().endswith(".tsv") else ","
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f, delimiter=delimiter))
+    if not rows:
+        raise ValueError(f"--data {path}: empty file (expected a header row)")
+    header = rows[0]
+    for option, column in (("--image-column", image_column), ("--caption-column", caption_column),
+                           ("--label-column", label_column)):
+        if column and column not in header:
+            raise ValueError(f"--data {path}: no column {column!r} ({option}); the header has "
+                             f"{', '.join(header)}")
+    at = {c: header.index(c) for c in header}
+    folder = os.path.dirname(os.path.abspath(path))
+    index, paths, captions, attributes = {}, [], [], {c: [] for c in header
+                                                       if c not in (image_column, caption_column)}
+    for line, fields in enumerate(rows[1:], start=2):
+        if not fields:
+            continue
+        if len(fields) != len(header):
+            raise ValueError(f"--data {path}, line {line}: {len(fields)} fields, the header has {len(header)}")
+        image = fields[at[image_column]]
+        if image not in index:
+            index[image] = len(paths)
+            paths.append(os.path.join(folder, image))
+            captions.append([])
+            for c in attributes:
+                attributes[c].append(fields[at[c]])
+        if caption_column:
+            captions[index[image]].append(fields[at[caption_column]])
+    for p in paths:
+        if not os.path.isfile(p):
+            raise ValueError(f"--data {path}: image file {p} does not exist")
+    labels = classnames = None
+    if label_column:
+        classnames = sorted(set(attributes[label_column]))
+        labels = np.array([classnames.index(v) for v in attributes[label_column]], np.int64)
+    return EvalData(path, FileReader(paths), list(index), labels, classnames, captions, attributes,
+                    fingerprint=_digest(path, os.path.getmtime(path), len(rows)))
+
+
+def open_tfds(spec, data_dir="", image_key="image", label_key="label", caption_key="caption"):
+    import tensorflow_datasets as tfds
+    from clip_jax.data.sources import TfdsSource
+    name, _, split = spec[len("tfds:"):].partition(":")
+    split = split or "test"
+    source = TfdsSource(name, split, data_dir, image_key, caption_key="", label_key="")
+    features = source._ds.dataset_info.features
+    has = lambda key, kind: key in features and isinstance(features[key], kind)
+    use_label = has(label_key, tfds.features.ClassLabel)
+    use_caption = has(caption_key, tfds.features.Text)
+    labels, captions = [], []
+    for start in range(0, len(source), 256):
+        for raw in source.read(range(start, min(start + 256, len(source)))):
+            if use_label:
+                labels.append(int(raw[label_key]))
+            if use_caption:
+                c = raw[caption_key]
+                captions.append([c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c)])
+    classnames = [prompts.readable_classname(c) for c in features[label_key].names] if use_label else None
+    n = len(source)
+    return EvalData(spec, TfdsReader(source, range(n)), [f"{split}/{i}" for i in range(n)],
+                    np.array(labels, np.int64) if use_label else None, classnames,
+                    captions if use_caption else None,
+                    fingerprint=_digest(spec, data_dir, n, label_key, caption_key))
+
+
+def open_synthetic(spec, seed, image_size, num_eval):
+    from clip_jax.data import synthetic
+    attribute = spec.partition(":")[2] or "shape"
+    tasks = synthetic.zeroshot_tasks()
+    if attribute not in tasks:
+        raise ValueError(f"--data {spec}: the synthetic data is labelled by "
+                         f"{' or '.join(sorted(tasks))}, not {attribute!r}")
+    classnames, templates = tasks[attribute]
+    attrs = [synthetic.attributes(i, seed, "heldout") for i in range(num_eval)]
+    groups = {"size": synthetic.SIZES, "position": synthetic.POSITIONS,
+              "background": synthetic.BACKGROUNDS}
+    return EvalData(
+        spec, SyntheticReader(seed, image_size), [f"heldout/{i}" for i in range(num_eval)],
+        np.array([a[attribute] for a in attrs], np.int64), list(classnames),
+        [[a["caption"]] for a in attrs],
+        {name: [values[a[name]] for a in attrs] for name, values in groups.items()},
+        templates=tuple(templates), presized=True, fingerprint=_digest(spec, seed, num_eval))
+
+
+def open_eval_data(spec, config=None, data_dir="", image_key="image", label_key="label",
+                   caption_key="caption", image_column="filepath", caption_column="caption",
+                   label_column="", classnames=""):
+    """The EvalData `spec` names (see the module docstring). `config` (the model's run
+    config) supplies the synthetic data's seed, image size and size. `classnames`: a file
+    with one class name per line, replacing the dataset's (same count and order)."""
+    spec = str(spec)
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        if config is None:
+            raise ValueError(f"--data {spec}: needs the run's config")
+        data = open_synthetic(spec, int(config.seed), int(config.model.vision.image_size),
+                              int(config.data.synthetic.num_eval))
+    elif spec.startswith("tfds:"):
+        data = open_tfds(spec, data_dir, image_key, label_key, caption_key)
+    elif os.path.isfile(spec):
+        data = open_csv(spec, image_column, caption_column, label_column)
+    elif os.path.isdir(spec):
+        from clip_jax.data import records
+        data = (open_ingested(spec) if os.path.exists(os.path.join(spec, records.MANIFEST))
+                else open_imagefolder(spec))
+    else:
+        raise ValueError(f"--data {spec!r}: no such file or directory (expected an ImageFolder, "
+                         "an ingested directory, a CSV file, tfds:NAME[:SPLIT] or synthetic[:ATTR])")
+    if classnames:
+        data = dataclasses.replace(data, classnames=read_classnames(classnames, data))
+    return data
+
+
+def read_classnames(path, data):
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        raise ValueError(f"--classnames {path}: {e.strerror}") from None
+    data.need_labels("--classnames")
+    if len(names) != len(data.classnames):
+        raise ValueError(f"--classnames {path}: {len(names)} names for the {len(data.classnames)} "
+                         f"classes of {data.name} (one per line, in the dataset's class order)")
+    return names

@@ -1,0 +1,103 @@
+"""Image and text features of evaluation data, batched and sharded over the mesh.
+
+Images are decoded and centre-cropped by Grain on `DECODE_THREADS` threads (PIL releases
+the GIL while decoding and resizing), batched, and embedded by `CLIPModel.encode_image`,
+which lays each batch over the mesh's batch shards. With `cache_dir`, image features
+are stored as DIR/<key>.npy, the key hashing the checkpoint (path and modification
+time), the data's fingerprint and the image size; a second evaluation of the same
+checkpoint on the same data (another task, other prompts) skips the image tower.
+"""
+import hashlib
+import os
+
+import numpy as np
+from tqdm import tqdm
+
+from clip_jax import distributed
+
+DECODE_THREADS = 16
+
+
+class _Views:
+    """Random access to evaluation views: [i] -> uint8 [S, S, 3] (centre crop unless presized)."""
+
+    def __init__(self, data, image_size):
+        self.data, self.image_size = data, image_size
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        from clip_jax.data import images
+        image = self.data.image(i)
+        if self.data.presized:
+            return np.asarray(image, np.uint8)
+        try:
+            return images.center_crop(image, self.image_size)
+        except images.BadImage as e:
+            raise ValueError(f"{self.data.name}: image {self.data.keys[i]!r} is unusable ({e}); "
+                             "an evaluation does not skip images: remove or fix it") from None
+
+
+def _model_stamp(model):
+    path = model.source
+    try:
+        return f"{path}@{os.path.getmtime(path)}"
+    except OSError:
+        return path
+
+
+def cache_path(cache_dir, model, data):
+    key = hashlib.sha256(repr((_model_stamp(model), data.fingerprint, data.name,
+                               model.image_size, len(data))).encode()).hexdigest()[:24]
+    return os.path.join(cache_dir, f"image_features-{key}.npy")
+
+
+def decoded_batches(data, image_size, batch_size):
+    """uint8 [<=batch_size, S, S, 3] batches of `data`'s evaluation views, in order, decoded
+    on DECODE_THREADS threads by Grain."""
+    import grain
+    return (grain.MapDataset.source(_Views(data, image_size))
+            .to_iter_dataset(grain.ReadOptions(num_threads=DECODE_THREADS,
+                                               prefetch_buffer_size=2 * batch_size))
+            .batch(batch_size))
+
+
+def image_features(model, data, cache_dir="", progress=True, desc="image features"):
+    """float32 [len(data), embed_dim] unnormalised image embeddings of `data` (an EvalData)."""
+    from clip_jax.data.pipeline import normalize_images
+    path = cache_path(cache_dir, model, data) if cache_dir and model.source else ""
+    if path and os.path.exists(path):
+        features = np.load(path)
+        if features.shape[0] == len(data):
+            return features
+    out = []
+    with tqdm(total=len(data), desc=desc, disable=not progress or not distributed.is_main(),
+              dynamic_ncols=True, leave=False) as bar:
+        for batch in decoded_batches(data, model.image_size, model.batch_size):
+            out.append(model.encode_image(normalize_images(batch)))
+            bar.update(len(batch))
+    features = np.concatenate(out) if out else np.zeros((0, int(model.config.model.embed_dim)), np.float32)
+    if path and distributed.is_main():
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = path + f".tmp{os.getpid()}.npy"
+        np.save(tmp, features)
+        os.replace(tmp, path)
+    return features
+
+
+def text_features(model, texts, progress=True, desc="text features"):
+    """float32 [len(texts), embed_dim] unnormalised text embeddings."""
+    out = []
+    step = model.batch_size * 8
+    with tqdm(total=len(texts), desc=desc, disable=not progress or not distributed.is_main()
+              or len(texts) <= step, dynamic_ncols=True, leave=False) as bar:
+        for start in range(0, len(texts), step):
+            chunk = texts[start:start + step]
+            out.append(model.encode_text(model.tokenize(chunk)))
+            bar.update(len(chunk))
+    return np.concatenate(out) if out else np.zeros((0, int(model.config.model.embed_dim)), np.float32)
+
+
+def l2_normalize(x):
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)

@@ -1,0 +1,42 @@
+"""Zero-shot classification (the paper's section 3.1): a classifier made from words.
+
+A class's weight is the mean of its L2-normalised prompt embeddings over the templates,
+renormalised (prompt ensembling, section 3.1.4); an image's logits are its cosine
+similarities with the class weights. Templates come from `--templates FILE`, else the
+dataset's own (the synthetic data has some), else `prompts.DEFAULT_TEMPLATES`.
+"""
+import numpy as np
+
+from clip_jax.data import prompts
+from clip_jax.evals import features, report
+
+
+def text_classifier(model, classnames, templates, progress=False):
+    """float32 [num_classes, dim]: per class, mean of normalised prompt embeddings, renormalised."""
+    texts = [t.format(c) for c in classnames for t in templates]
+    emb = features.l2_normalize(features.text_features(model, texts, progress, "prompts"))
+    emb = emb.reshape(len(classnames), len(templates), -1).mean(axis=1)
+    return features.l2_normalize(emb)
+
+
+def evaluate(model, data, templates=None, group_by="", cache_dir="", progress=True):
+    """Top-1, top-5, mean per-class accuracy, the per-class table and (with `group_by`) groups."""
+    data.need_labels("zeroshot")
+    templates = tuple(templates or data.templates or prompts.DEFAULT_TEMPLATES)
+    groups = data.group_values(group_by) if group_by else None
+    classifier = text_classifier(model, data.classnames, templates, progress)
+    image = features.l2_normalize(features.image_features(model, data, cache_dir, progress))
+    logits = image @ classifier.T
+    out, top1 = report.classification_report(logits, data.labels, data.classnames)
+    out = {"task": "zeroshot", "data": data.name, "templates": len(templates), **out}
+    if groups is not None:
+        out.update(group_by=group_by, **report.group_report(top1, groups))
+    return out
+
+
+def predictions(model, data, templates=None):
+    """int64 [n]: the predicted class of each image (for inspection and tests)."""
+    templates = tuple(templates or data.templates or prompts.DEFAULT_TEMPLATES)
+    classifier = text_classifier(model, data.classnames, templates)
+    image = features.l2_normalize(features.image_features(model, data, progress=False))
+    return np.argmax(image @ classifier.T, axis=1)

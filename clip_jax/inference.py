@@ -1,0 +1,205 @@
+"""`clip_jax.load(PATH)`: a trained or converted CLIP, ready to embed text and images.
+
+    model = clip_jax.load("runs/smoke")          # a run's workdir: its newest checkpoint
+    ids = model.tokenize(["a photo of a red circle."])
+    text = model.encode_text(ids)                # float32 [1, embed_dim]
+    image = model.encode_image(np.stack([model.preprocess(pil_image)]))
+
+PATH may be a run's workdir, its `checkpoints` directory or one step directory in it, or
+a parameters-only checkpoint written by `checkpoint.save_params(..., config=...)`
+(converted pretrained weights). The model's config comes from WORKDIR/config.json, the
+checkpoint's own metadata, or DIR/config.json; its tokenizer from `data.tokenizer_path`
+or the run's cached SentencePiece model (WORKDIR/tokenizer/spm.model) — never trained here.
+
+Encoders are jitted and batched: inputs are cut into batches of at most `batch_size`,
+each padded to a power of two (a multiple of the mesh's batch shards), so a handful of
+shapes are compiled whatever the input sizes. Parameters are laid out by the run's
+sharding rules on a mesh of all devices (the run's mesh if it fits, else data-parallel).
+Embeddings come back as numpy float32, unnormalised unless `normalize=True` — as
+OpenAI's `encode_image`/`encode_text` do.
+"""
+import os
+
+import jax
+import numpy as np
+
+from clip_jax import checkpoint, config_lib, sharding
+from clip_jax.models import abstract_variables, build_model, encoder_fns
+
+DEFAULT_BATCH_SIZE = 256
+
+
+def _to_host(x):
+    """The whole array as numpy on every process (gathered if it spans several processes)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _l2_normalize(x):
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class CLIPModel:
+    """A CLIP's encoders over fixed variables (or, in training, the current ones).
+
+    `variables` may be replaced between calls (same shapes): the compiled encoders take
+    them as an argument. `source` says where the weights came from (for caches and logs).
+    """
+
+    def __init__(self, config, variables, tokenizer, mesh, rules, batch_size=DEFAULT_BATCH_SIZE,
+                 source=""):
+        self.config = config
+        self.model = build_model(config.model)
+        self.variables = variables
+        self.tokenizer = tokenizer
+        self.mesh, self.rules = mesh, tuple(rules)
+        self.source = source
+        self.image_size = int(config.model.vision.image_size)
+        self.context_length = int(config.model.text.context_length)
+        self._shards = sharding.num_batch_shards(mesh, self.rules)
+        self.batch_size = max(self._shards, int(batch_size) // self._shards * self._shards)
+        self._data_sharding = sharding.batch_sharding(mesh, self.rules)
+        self._encode_image, self._encode_text = encoder_fns(self.model)
+
+    # ------------------------------------------------------------------ inputs
+    def tokenize(self, texts):
+        """list[str] -> int32 [n, context_length] token ids."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return np.asarray(self.tokenizer(list(texts)), np.int32)
+
+    def preprocess(self, image):
+        """A PIL image, uint8 [H, W, 3] array or encoded image bytes -> float32 [S, S, 3]:
+        the evaluation transform (resize the short side to S, centre crop, CLIP mean/std)."""
+        from clip_jax.data import images as images_lib
+        from clip_jax.data.pipeline import normalize_images
+        if isinstance(image, np.ndarray):
+            image = images_lib.array_to_pil(image)
+        if not isinstance(image, (bytes, bytearray)):
+            image = image.convert("RGB")
+        return normalize_images(images_lib.center_crop(image, self.image_size))
+
+    # ------------------------------------------------------------------ encoders
+    def encode_image(self, images, normalize=False):
+        """float32 [n, S, S, 3] preprocessed images -> float32 [n, embed_dim]."""
+        images = np.asarray(images, np.float32)
+        if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
+            raise ValueError(f"encode_image expects float32 [n, {self.image_size}, {self.image_size}, 3] "
+                             f"preprocessed images, got shape {images.shape}; see `preprocess`")
+        out = self._batched(self._encode_image, images)
+        return _l2_normalize(out) if normalize else out
+
+    def encode_text(self, ids, normalize=False):
+        """int32 [n, context_length] token ids (from `tokenize`) -> float32 [n, embed_dim]."""
+        ids = np.asarray(ids, np.int32)
+        if ids.ndim != 2 or ids.shape[1] != self.context_length:
+            raise ValueError(f"encode_text expects int32 [n, {self.context_length}] token ids, "
+                             f"got shape {ids.shape}; see `tokenize`")
+        out = self._batched(self._encode_text, ids)
+        return _l2_normalize(out) if normalize else out
+
+    @property
+    def logit_scale(self):
+        """The learned temperature's inverse, exp(logit_scale) capped at 100 as in training:
+        logits = logit_scale * cosine similarity."""
+        from clip_jax.models.clip import MAX_LOGIT_SCALE
+        raw = float(_to_host(self.variables["params"]["logit_scale"]))
+        return min(float(np.exp(raw)), MAX_LOGIT_SCALE)
+
+    def padded_size(self, n):
+        """The batch shape `n` inputs are padded to: a power of two (>= the batch shards),
+        rounded up to a multiple of them, at most `batch_size`."""
+        size = max(self._shards, 1 << max(0, int(n) - 1).bit_length())
+        return min(self.batch_size, -(-size // self._shards) * self._shards)
+
+    def _batched(self, fn, inputs):
+        n = len(inputs)
+        outs = []
+        with sharding.mesh_context(self.mesh, self.rules):
+            for start in range(0, n, self.batch_size):
+                chunk = inputs[start:start + self.batch_size]
+                pad = self.padded_size(len(chunk)) - len(chunk)
+                if pad:
+                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+                out = fn(self.variables, jax.device_put(chunk, self._data_sharding))
+                outs.append(_to_host(out)[:len(chunk) - pad])
+        if not outs:
+            return np.zeros((0, int(self.config.model.embed_dim)), np.float32)
+        return np.concatenate(outs).astype(np.float32)
+
+
+# ---------------------------------------------------------------------- loading
+
+def _read_json(path):
+    import json
+    with open(path) as f:
+        return json.load(f)
+
+
+def locate(path):
+    """(config, state_dir, home) of PATH (see the module docstring); `home` is where the
+    run's cached tokenizer lives. Raises ValueError naming the path if it is not a model."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such checkpoint or run directory")
+    try:
+        state_dir = checkpoint.resolve_state_dir(path, what="clip_jax.load")
+    except checkpoint.CheckpointError as e:
+        raise ValueError(str(e)) from None
+    step_dir = os.path.dirname(state_dir)
+    candidates = [os.path.join(path, "config.json"), os.path.join(step_dir, "meta", "metadata"),
+                  os.path.join(os.path.dirname(os.path.dirname(step_dir)), "config.json"),
+                  os.path.join(state_dir, "config.json")]
+    for candidate in candidates:
+        if not os.path.isfile(candidate):
+            continue
+        saved = _read_json(candidate)
+        if candidate.endswith("metadata"):
+            saved = saved.get("config") if isinstance(saved, dict) else None
+        if saved:
+            config = config_lib.from_json(saved)
+            home = os.path.dirname(candidate) if candidate.endswith("config.json") else \
+                os.path.dirname(os.path.dirname(step_dir))
+            return config, state_dir, home
+    raise ValueError(f"{path}: found the checkpoint {state_dir} but no config.json beside it "
+                     "(write converted weights with checkpoint.save_params(..., config=config))")
+
+
+def load_tokenizer(config, home):
+    """The run's tokenizer: `data.tokenizer_path`, or the SentencePiece model cached in `home`."""
+    from clip_jax.data import tokenizer as tokenizer_lib
+    if config.data.tokenizer == "sentencepiece" and not config.data.tokenizer_path:
+        path = os.path.join(home, "tokenizer", "spm.model")
+        if not os.path.exists(path):
+            raise ValueError(f"{path} does not exist: the run's tokenizer is missing (set "
+                             "config.data.tokenizer_path to the .model file it was trained with)")
+        return tokenizer_lib.SentencePieceTokenizer.load(path, config.model.text.context_length)
+    return tokenizer_lib.get_tokenizer(config, home)
+
+
+def inference_mesh(config):
+    """The run's mesh if the devices here fit it, else every device on the data axis."""
+    try:
+        return sharding.make_mesh(config.mesh)
+    except ValueError:
+        return sharding.make_mesh({"data": -1, "fsdp": 1, "model": 1})
+
+
+def load(path, batch_size=DEFAULT_BATCH_SIZE):
+    """A `CLIPModel` for the checkpoint at `path` (a workdir, a checkpoint, converted weights)."""
+    config, state_dir, home = locate(path)
+    tokenizer = load_tokenizer(config, home)
+    mesh = inference_mesh(config)
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    model = build_model(config.model)
+    target = abstract_variables(model, config.model, mesh, rules)
+    target = {"params": target["params"], "batch_stats": target.get("batch_stats", {})}
+    variables, report = checkpoint.load_model_variables(state_dir, target, what="clip_jax.load")
+    if report["missing"]:
+        raise ValueError(f"{state_dir} lacks {len(report['missing'])} of the model's arrays, "
+                         f"e.g. {report['missing'][0]}")
+    if not variables["batch_stats"]:
+        variables = {"params": variables["params"]}
+    return CLIPModel(config, variables, tokenizer, mesh, rules, batch_size, source=state_dir)

@@ -1,0 +1,457 @@
+"""Evaluators (clip_jax/evals), their data, the command line and the training-time evals.
+
+Figures are checked against brute-force numpy on the same embeddings: a fake model with
+known embeddings for the pure logic, a real (randomly initialised) tiny CLIP for the
+whole path from image files to figures.
+"""
+import csv
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip_jax import evaluate, metrics, train
+from clip_jax.data import pipeline, synthetic
+from clip_jax.evals import data as data_lib
+from clip_jax.evals import features, linear_probe, report, retrieval, zeroshot
+from tests.helpers import REPO, device_env, drawn_image, run_python, tiny_config, write_model_dir
+
+
+# ----------------------------------------------------------------------------- fake model
+
+class FakeModel:
+    """Known embeddings: image i (a presized image filled with value i) -> image_vecs[i];
+    text t -> text_vecs[t]. The CLIPModel interface the evaluators use."""
+
+    image_size = 4
+    batch_size = 8
+    source = ""
+
+    def __init__(self, image_vecs, text_vecs):
+        self.image_vecs, self.text_vecs = np.asarray(image_vecs, np.float32), dict(text_vecs)
+        self.texts = list(self.text_vecs)
+        self.config = ml_collections.ConfigDict({"model": {"embed_dim": self.image_vecs.shape[1]}})
+
+    def tokenize(self, texts):
+        return np.array([[self.texts.index(t)] for t in texts], np.int32)
+
+    def encode_text(self, ids):
+        return np.stack([self.text_vecs[self.texts[i]] for i in ids[:, 0]]).astype(np.float32)
+
+    def encode_image(self, images):
+        value = (images[:, 0, 0, 0] * pipeline.CLIP_STD[0] + pipeline.CLIP_MEAN[0]) * 255
+        return self.image_vecs[np.round(value).astype(int)]
+
+
+class ValueReader:
+    def __getitem__(self, i):
+        return np.full((4, 4, 3), i, np.uint8)
+
+
+def fake_data(n, labels=None, classnames=None, captions=None, attributes=None):
+    return data_lib.EvalData("fake", ValueReader(), [f"img{i}" for i in range(n)],
+                             None if labels is None else np.asarray(labels), classnames, captions,
+                             attributes or {}, presized=True, fingerprint="fake")
+
+
+def brute_force_topk(logits, labels, k):
+    hits = 0
+    for row, label in zip(logits, labels):
+        ranked = sorted(range(len(row)), key=lambda c: -row[c])
+        hits += label in ranked[:k]
+    return hits / len(labels)
+
+
+def test_zeroshot_figures_equal_brute_force():
+    rng = np.random.default_rng(0)
+    classes, templates, n, dim = ["cat", "dog", "car", "tree", "ship", "bird", "fish"], ("a {}.", "the {}!"), 120, 6
+    texts = {t.format(c): rng.normal(size=dim) for c in classes for t in templates}
+    labels = rng.integers(0, len(classes) - 1, n)          # the last class has no image
+    model = FakeModel(rng.normal(size=(n, dim)) * rng.uniform(0.5, 3, (n, 1)), texts)
+    result = zeroshot.evaluate(model, fake_data(n, labels, classes), templates, progress=False)
+
+    norm = lambda v: np.asarray(v) / np.linalg.norm(v)
+    classifier = np.stack([norm(np.mean([norm(texts[t.format(c)]) for t in templates], 0)) for c in classes])
+    logits = np.stack([norm(v) for v in model.image_vecs]) @ classifier.T
+    assert result["top1"] == brute_force_topk(logits, labels, 1)
+    assert result["top5"] == brute_force_topk(logits, labels, 5)
+    per_class = {c: np.mean(np.argmax(logits[labels == i], 1) == i) for i, c in enumerate(classes[:-1])}
+    assert {r["class"]: r["top1"] for r in result["per_class"]} == pytest.approx(per_class)
+    assert result["mean_per_class"] == pytest.approx(np.mean(list(per_class.values())))
+    assert [r["n"] for r in result["per_class"]] == [int(np.sum(labels == i)) for i in range(len(classes) - 1)]
+    assert result["n"] == n and result["templates"] == 2
+
+
+def test_prompt_ensembling_normalises_each_prompt_then_the_mean():
+    # Unnormalised, "a {}" would dominate class x's mean (length 10 vs 1).
+    texts = {"a x": [10.0, 0.0, 0.0], "the x": [0.0, 1.0, 0.0],
+             "a y": [0.0, 0.0, 2.0], "the y": [0.0, 0.0, 5.0]}
+    model = FakeModel(np.zeros((1, 3)), texts)
+    clf = zeroshot.text_classifier(model, ["x", "y"], ["a {}", "the {}"])
+    np.testing.assert_allclose(clf, [[2 ** -0.5, 2 ** -0.5, 0], [0, 0, 1]], atol=1e-7)
+    # An image along (1, 2, 0): by the ensembled weights class x; by the prompts as given
+    # (unnormalised sum) it would still be x, but its cosine must be (1+2)/sqrt(2)/sqrt(5).
+    model = FakeModel([[1.0, 2.0, 0.0]], texts)
+    result = zeroshot.evaluate(model, fake_data(1, [0], ["x", "y"]), ["a {}", "the {}"], progress=False)
+    assert result["top1"] == 1.0
+
+
+def test_group_report_by_hand():
+    correct = [True, True, False, True, False, False]
+    out = report.group_report(correct, ["a", "a", "a", "b", "b", "c"])
+    assert out["groups"] == {"a": {"n": 3, "top1": 2 / 3}, "b": {"n": 2, "top1": 0.5}, "c": {"n": 1, "top1": 0.0}}
+    assert out["group_gap"] == pytest.approx(2 / 3) and out["worst_group"] == "c"
+
+
+def test_zeroshot_group_by_attribute_and_path_level():
+    # 6 images, 2 classes; images 0-2 in group 'in', 3-5 in 'out'. Class weights are the axes;
+    # images 0,1 and 3 point to their class, the others to the other class.
+    texts = {"x": [1.0, 0.0], "y": [0.0, 1.0]}
+    labels = [0, 1, 0, 0, 1, 1]
+    vecs = [[1, 0], [0, 1], [0, 1], [1, 0], [1, 0], [1, 0]]
+    data = fake_data(6, labels, ["x", "y"], attributes={"place": ["in"] * 3 + ["out"] * 3})
+    data.keys = [f"{'xy'[lab]}/{p}/img{i}.png" for i, (lab, p) in enumerate(zip(labels, data.attributes["place"]))]
+    model = FakeModel(vecs, texts)
+    by_column = zeroshot.evaluate(model, data, ["{}"], group_by="place", progress=False)
+    assert by_column["groups"] == {"in": {"n": 3, "top1": 2 / 3}, "out": {"n": 3, "top1": 1 / 3}}
+    assert by_column["group_gap"] == pytest.approx(1 / 3) and by_column["worst_group"] == "out"
+    by_level = zeroshot.evaluate(model, data, ["{}"], group_by="level:1", progress=False)
+    assert by_level["groups"] == by_column["groups"]
+    by_class_folder = zeroshot.evaluate(model, data, ["{}"], group_by="level:0", progress=False)
+    assert by_class_folder["groups"]["x"]["top1"] == pytest.approx(2 / 3)   # images 0, 2, 3
+    with pytest.raises(ValueError, match="no such attribute.*place, level:N"):
+        zeroshot.evaluate(model, data, ["{}"], group_by="colour", progress=False)
+    with pytest.raises(ValueError, match="has no folder at level 2"):
+        data.group_values("level:2")
+
+
+def brute_force_recall(image_vecs, text_vecs, text_image, k):
+    sims = image_vecs @ text_vecs.T
+    i2t = np.mean([any(text_image[j] == i for j in np.argsort(-sims[i])[:k]) for i in range(len(sims))])
+    t2i = np.mean([text_image[j] in np.argsort(-sims[:, j])[:k] for j in range(sims.shape[1])])
+    return i2t, t2i
+
+
+def test_retrieval_recall_equals_brute_force(monkeypatch):
+    monkeypatch.setattr(retrieval, "BLOCK", 7)      # several blocks
+    rng = np.random.default_rng(1)
+    n, dim = 40, 5
+    captions = [[f"caption {i}.{j}" for j in range(rng.integers(1, 4))] for i in range(n)]
+    texts = {c: rng.normal(size=dim) for cs in captions for c in cs}
+    # Each image near its captions' mean, so that the recalls are neither 0 nor 1.
+    image_vecs = [np.mean([texts[c] for c in cs], 0) + rng.normal(size=dim) for cs in captions]
+    model = FakeModel(image_vecs, texts)
+    result = retrieval.evaluate(model, fake_data(n, captions=captions), progress=False)
+    norm = lambda m: m / np.linalg.norm(m, axis=1, keepdims=True)
+    text_image = np.repeat(np.arange(n), [len(c) for c in captions])
+    text_vecs = norm(np.stack([texts[c] for cs in captions for c in cs]))
+    for k in (1, 5, 10):
+        i2t, t2i = brute_force_recall(norm(model.image_vecs), text_vecs, text_image, k)
+        assert result[f"image_to_text_R@{k}"] == pytest.approx(i2t)
+        assert result[f"text_to_image_R@{k}"] == pytest.approx(t2i)
+    assert result["texts"] == len(text_image) and result["images"] == n
+    assert 0 < result["image_to_text_R@1"] < result["image_to_text_R@10"] < 1
+
+
+def test_retrieval_ties_count_against_the_query():
+    # Image 0's own caption scores exactly as high as image 1's caption: not a top-1 hit.
+    out = retrieval.recall_at_k(np.array([[1.0, 0.0], [0.0, 1.0]]),
+                                np.array([[1.0, 1.0], [1.0, 1.0]]), [0, 1])
+    assert out["image_to_text_R@1"] == 0.0 and out["image_to_text_R@5"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32) / 16.0
+    return x[:600], y[:600], x[600:900], y[600:900]
+
+
+def test_linear_probe_equals_a_brute_force_fit(digits):
+    train_x, train_y, test_x, test_y = digits
+    names = [str(d) for d in range(10)]
+    out, clf, top1 = linear_probe.probe(train_x, train_y, test_x, test_y, names, val_fraction=0.25, seed=3)
+    # The chosen C is the best held-out accuracy among those tried (ties: the smaller C) ...
+    tr, va = linear_probe.split_train_val(len(train_x), 0.25, 3)
+    assert len(va) == 150 and not set(tr) & set(va)
+    sweep = {}
+    for c in (out["C"], out["C"] * 10 ** (1 / 8), out["C"] / 10 ** (1 / 8)):
+        sweep[c] = np.mean(linear_probe.fit(train_x[tr], train_y[tr], c).predict(train_x[va]) == train_y[va])
+    assert out["val_top1"] == pytest.approx(sweep[out["C"]])
+    assert all(sweep[out["C"]] >= s for s in sweep.values())
+    # ... and the reported top-1 is that of the refitted probe's weights, by numpy.
+    ref = linear_probe.fit(train_x, train_y, out["C"])
+    pred = np.argmax(test_x @ ref.coef_.T + ref.intercept_, axis=1)
+    assert out["top1"] == pytest.approx(np.mean(pred == test_y))
+    assert top1.tolist() == (pred == test_y).tolist()
+    assert out["top1"] > 0.85
+
+
+def test_linear_probe_search_refines_to_an_eighth_of_a_decade(digits, monkeypatch):
+    train_x, train_y, _, _ = digits
+    tried = []
+    real_fit = linear_probe.fit
+    monkeypatch.setattr(linear_probe, "fit", lambda x, y, c, max_iter=1000: tried.append(c) or real_fit(x, y, c, 200))
+    best, sweep = linear_probe.search_c(train_x[:300], train_y[:300], train_x[300:], train_y[300:])
+    logs = sorted(round(np.log10(c) * 8) for c in tried)
+    assert logs[:7] == [-48, -32, -16, 0, 16, 32, 48] or set(range(-48, 49, 16)) <= set(logs)
+    assert len(tried) == len(set(logs)) <= 7 + 8            # no C fitted twice
+    e = round(np.log10(best) * 8)
+    assert {e - 1, e + 1} & set(logs) == {x for x in (e - 1, e + 1) if -48 <= x <= 48}
+    assert sweep[best] == max(sweep.values())
+
+
+def test_linear_probe_evaluate_checks_classes(digits):
+    x, y, _, _ = digits
+    model = FakeModel(x[:40], {})
+    train_data = fake_data(30, y[:30] % 2, ["even", "odd"])
+    other = fake_data(10, y[30:40] % 2, ["odd", "even"])
+    with pytest.raises(ValueError, match="different classes"):
+        linear_probe.evaluate(model, train_data, other, progress=False)
+
+
+# ----------------------------------------------------------------------------- data
+
+def write_imagefolder(root, classes=("red_circle", "blue_square"), per_class=3, groups=("a", "b")):
+    for c, cls in enumerate(classes):
+        for g in groups:
+            os.makedirs(os.path.join(root, cls, g), exist_ok=True)
+            for i in range(per_class):
+                drawn_image(10 * c + i, 20 + i, 18).save(os.path.join(root, cls, g, f"{i}.png"))
+    with open(os.path.join(root, classes[0], "notes.txt"), "w") as f:
+        f.write("not an image: ignored")
+    return str(root)
+
+
+def test_imagefolder_and_csv_data(tmp_path):
+    data = data_lib.open_eval_data(write_imagefolder(tmp_path / "folder"))
+    assert data.classnames == ["blue square", "red circle"] and len(data) == 12
+    assert data.labels.tolist() == [0] * 6 + [1] * 6
+    assert data.keys[0] == "blue_square/a/0.png" and data.group_values("level:1")[:4] == ["a", "a", "a", "b"]
+    names = tmp_path / "names.txt"
+    names.write_text("square\ncircle\n")
+    assert data_lib.open_eval_data(str(tmp_path / "folder"), classnames=str(names)).classnames == ["square", "circle"]
+    names.write_text("just one\n")
+    with pytest.raises(ValueError, match="1 names for the 2 classes"):
+        data_lib.open_eval_data(str(tmp_path / "folder"), classnames=str(names))
+
+    path = tmp_path / "pairs.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filepath", "caption", "source"])
+        w.writerow(["folder/red_circle/a/0.png", "a red circle", "web"])
+        w.writerow(["folder/blue_square/a/1.png", "a blue square", "book"])
+        w.writerow(["folder/red_circle/a/0.png", "a round red thing", "web"])
+    data = data_lib.open_eval_data(str(path))
+    assert data.captions == [["a red circle", "a round red thing"], ["a blue square"]]
+    assert data.group_values("source") == ["web", "book"] and data.labels is None
+    with pytest.raises(ValueError, match="has no labels"):
+        data.need_labels("zeroshot")
+    labelled = data_lib.open_eval_data(str(path), label_column="source")
+    assert labelled.classnames == ["book", "web"] and labelled.labels.tolist() == [1, 0]
+    with pytest.raises(ValueError, match="no column 'path' \\(--image-column\\)"):
+        data_lib.open_eval_data(str(path), image_column="path")
+    with pytest.raises(ValueError, match="no such file or directory"):
+        data_lib.open_eval_data(str(tmp_path / "nowhere"))
+
+
+def test_ingested_imagefolder_keeps_labels_and_groups(tmp_path):
+    from clip_jax import ingest
+    src = write_imagefolder(tmp_path / "folder")
+    ingest.main(["imagefolder", src, "--out", str(tmp_path / "ingested"), "--workers", "0", "--min-size", "8", "--no-progress"])
+    data = data_lib.open_eval_data(str(tmp_path / "ingested"))
+    direct = data_lib.open_eval_data(src)
+    assert data.classnames == direct.classnames and data.labels.tolist() == direct.labels.tolist()
+    assert data.keys == direct.keys and data.group_values("level:1") == direct.group_values("level:1")
+    assert all(len(c) == 1 and c[0].endswith(".") for c in data.captions)   # prompt captions
+
+
+def test_a_broken_image_stops_the_evaluation_naming_it(tmp_path):
+    root = write_imagefolder(tmp_path / "folder")
+    with open(os.path.join(root, "red_circle", "b", "broken.jpg"), "wb") as f:
+        f.write(b"not a jpeg")
+    model = FakeModel(np.zeros((256, 2)), {})
+    with pytest.raises(ValueError, match="red_circle/b/broken.jpg.*not_an_image"):
+        features.image_features(model, data_lib.open_eval_data(root), progress=False)
+
+
+# ----------------------------------------------------------------------------- real model
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_model_dir(tmp_path_factory.mktemp("model") / "weights")
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    import clip_jax
+    return clip_jax.load(model_dir, batch_size=8)
+
+
+def test_zeroshot_on_image_files_equals_manual_computation(loaded, tmp_path):
+    root = write_imagefolder(tmp_path / "folder", classes=("circle", "square", "star"), per_class=4)
+    data = data_lib.open_eval_data(root)
+    templates = ("a photo of a {}.", "a {} shape.")
+    result = zeroshot.evaluate(loaded, data, templates, group_by="level:1", progress=False,
+                               cache_dir=str(tmp_path / "cache"))
+    # By hand: decode + centre crop each file, the public encoders, numpy.
+    images = np.stack([loaded.preprocess(Image.open(os.path.join(root, k))) for k in data.keys])
+    image = loaded.encode_image(images, normalize=True)
+    weights = []
+    for c in data.classnames:
+        t = loaded.encode_text(loaded.tokenize([tp.format(c) for tp in templates]), normalize=True)
+        weights.append(t.mean(0) / np.linalg.norm(t.mean(0)))
+    pred = np.argmax(image @ np.stack(weights).T, axis=1)
+    assert result["top1"] == pytest.approx(np.mean(pred == data.labels))
+    for g in ("a", "b"):
+        mask = np.array(data.group_values("level:1")) == g
+        assert result["groups"][g]["top1"] == pytest.approx(np.mean(pred[mask] == data.labels[mask]))
+    # The cached features are reused: the image tower is not run again.
+    cached = features.image_features(loaded, data, str(tmp_path / "cache"))
+    np.testing.assert_allclose(cached, loaded.encode_image(images), rtol=1e-5, atol=1e-6)
+    assert len(os.listdir(tmp_path / "cache")) == 1
+
+
+def test_loaded_model_api(loaded, model_dir):
+    import clip_jax
+    ids = loaded.tokenize(["a red circle.", "a blue square on a gray background."])
+    assert ids.dtype == np.int32 and ids.shape == (2, loaded.context_length)
+    together = loaded.encode_text(np.concatenate([ids] * 6))            # 12 texts: 2 batches of 8
+    one = loaded.encode_text(ids[:1])
+    np.testing.assert_allclose(together[0], one[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(together[7], one[0] if 7 % 2 == 0 else together[1], rtol=1e-5, atol=1e-6)
+    assert [loaded.padded_size(n) for n in (1, 3, 8, 9)] == [1, 4, 8, 8]
+    pil = drawn_image(3, 30, 20)
+    as_array = loaded.preprocess(np.asarray(pil))
+    np.testing.assert_array_equal(loaded.preprocess(pil), as_array)
+    assert as_array.shape == (16, 16, 3) and as_array.dtype == np.float32
+    emb = loaded.encode_image(as_array[None], normalize=True)
+    assert emb.shape == (1, 32) and np.linalg.norm(emb) == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="expects float32 \\[n, 16, 16, 3\\]"):
+        loaded.encode_image(np.zeros((1, 8, 8, 3)))
+    with pytest.raises(ValueError, match="see `tokenize`"):
+        loaded.encode_text(np.zeros((1, 5), np.int32))
+    raw = float(np.asarray(loaded.variables["params"]["logit_scale"]))
+    assert loaded.logit_scale == pytest.approx(np.exp(raw))
+    with pytest.raises(ValueError, match="no checkpoint found"):
+        clip_jax.load(os.path.dirname(model_dir))
+
+
+def test_training_evals_equal_the_command_line_on_the_saved_checkpoint(tmp_path, capsys):
+    """config.evals during training and `python -m clip_jax.evaluate` on the saved checkpoint
+    (loaded from disk, other batch size) give the same figures; also from a step directory."""
+    wd = str(tmp_path / "run")
+    config = tiny_config(total_steps=6, batch_size=16)
+    config.evals.caps = ml_collections.ConfigDict(dict(task="retrieval", data="synthetic"))
+    train.train(config, wd)
+    logged = metrics.read_metrics(wd)[-1]
+    assert logged["zeroshot/top1"] == pytest.approx(
+        (logged["zeroshot/shape/top1"] + logged["zeroshot/color/top1"]) / 2)
+    for attr in ("shape", "color"):
+        out = evaluate.main(["zeroshot", "--workdir", wd, "--data", f"synthetic:{attr}",
+                             "--no-progress", "--json"])
+        assert out["top1"] == logged[f"zeroshot/{attr}/top1"]
+        assert out["n"] == config.data.synthetic.num_eval
+    out = evaluate.main(["retrieval", "--checkpoint", os.path.join(wd, "checkpoints", "6"),
+                         "--data", "synthetic", "--no-progress", "--json"])
+    assert out["text_to_image_R@5"] == logged["retrieval/caps/text_to_image_R@5"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["task"] == "retrieval"
+
+
+def test_bad_evals_stop_training_before_any_step(tmp_path):
+    from clip_jax import config_lib
+    config = tiny_config()
+    config.evals.bad = ml_collections.ConfigDict(dict(task="zeroshot", data="synthetic", train_data="x"))
+    with pytest.raises(config_lib.ConfigError, match="config.evals.bad: train_data does not apply to zeroshot"):
+        config_lib.validate(config)
+    config.evals.bad = ml_collections.ConfigDict(dict(task="zeroshot", data=str(tmp_path / "missing")))
+    with pytest.raises(config_lib.ConfigError, match="missing.*no such file or directory"):
+        train.train(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_image_features_sharded_over_8_devices_equal_one_device(model_dir, tmp_path):
+    root = write_imagefolder(tmp_path / "folder", per_class=5)
+    code = f"""
+        import json, jax, numpy as np, clip_jax
+        from clip_jax.evals import data, features
+        m = clip_jax.load({model_dir!r}, batch_size=8)
+        f = features.image_features(m, data.open_eval_data({root!r}), progress=False)
+        print(json.dumps({{"devices": jax.device_count(), "shards": m._shards, "f": f.tolist()}}))
+    """
+    one, eight = run_python(code, 1), run_python(code, 8)
+    assert (one["devices"], eight["devices"], eight["shards"]) == (1, 8, 8)
+    np.testing.assert_allclose(eight["f"], one["f"], rtol=1e-5, atol=1e-6)
+
+
+def test_cli_errors_name_the_problem(model_dir):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "clip_jax.evaluate", "zeroshot", "--checkpoint", model_dir,
+                           "--data", "synthetic:size"], cwd=REPO, env=device_env(1),
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "error: --data synthetic:size: the synthetic data is labelled by color or shape" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def write_shape_folder(root, n, seed, split="train"):
+    """An ImageFolder of synthetic drawings at 48 px, ROOT/<shape>/<colour>/<i>.png, and
+    ROOT/captions.csv with each image's own synthetic caption."""
+    with open(os.path.join(os.makedirs(root) or root, "captions.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["filepath", "caption"])
+        for i in range(n):
+            a = synthetic.attributes(i, seed, split)
+            name = f"{synthetic.SHAPES[a['shape']]}/{synthetic.COLORS[a['color']]}/{i}.png"
+            os.makedirs(os.path.join(root, os.path.dirname(name)), exist_ok=True)
+            Image.fromarray(synthetic.example(i, seed, 48, split)["image"]).save(os.path.join(root, name))
+            writer.writerow([name, a["caption"]])
+    return str(root)
+
+
+@pytest.mark.slow
+def test_smoke_model_trained_on_an_ingested_imagefolder_evaluated_from_the_command_line(tmp_path):
+    """ImageFolder corpus -> ingest -> smoke training -> the three evaluators from the CLI."""
+    import subprocess
+    import sys
+    train_dir = write_shape_folder(tmp_path / "train", 960, seed=1)
+    test_dir = write_shape_folder(tmp_path / "test", 192, seed=2)
+    run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=device_env(1),
+                                       capture_output=True, text=True, timeout=600)
+    proc = run("clip_jax.ingest", "imagefolder", train_dir, "--out", str(tmp_path / "ingested"),
+               "--workers", "2", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    wd = str(tmp_path / "run")
+    proc = run("clip_jax.train", "--config=configs/smoke.py", f"--workdir={wd}",
+               f"--config.data.source={tmp_path / 'ingested'}", "--config.total_steps=200",
+               "--config.log_every=50", "--config.progress=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "zeroshot/top1" not in metrics.read_metrics(wd)[-1]   # the synthetic evals are not run
+
+    proc = run("clip_jax.evaluate", "zeroshot", f"--workdir={wd}", f"--data={test_dir}",
+               "--group-by=level:1", "--json", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "top-1" in proc.stdout and "by level:1" in proc.stdout
+    zs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert zs["n"] == 192 and [r["class"] for r in zs["per_class"]] == sorted(synthetic.SHAPES)
+    assert set(zs["groups"]) <= set(synthetic.COLORS) and sum(g["n"] for g in zs["groups"].values()) == 192
+    assert zs["top1"] > 0.5, zs["top1"]              # 6 shapes: chance is 1/6
+
+    # The same command line, in process: retrieval over a CSV of the test images with their
+    # own captions (the ingested ones are a few class prompts, shared by many images), and
+    # the linear probe on the ingested training images.
+    ret = evaluate.main(["retrieval", f"--workdir={wd}", f"--data={test_dir}/captions.csv",
+                         "--no-progress", "--json"])
+    assert ret["images"] == ret["texts"] == 192
+    assert ret["text_to_image_R@10"] > 0.15, ret      # chance: 10/192
+    probe = evaluate.main(["linear_probe", f"--workdir={wd}", f"--train-data={tmp_path / 'ingested'}",
+                           f"--data={test_dir}", "--no-progress", "--json"])
+    assert probe["train_n"] == 960 and probe["n"] == 192
+    assert probe["top1"] > 0.5, probe["top1"]
