@@ -401,28 +401,13 @@ def test_cli_errors_name_the_problem(model_dir):
 
 # ----------------------------------------------------------------------------- end to end
 
-def write_shape_folder(root, n, seed, split="train"):
-    """An ImageFolder of synthetic drawings at 48 px, ROOT/<shape>/<colour>/<i>.png, and
-    ROOT/captions.csv with each image's own synthetic caption."""
-    with open(os.path.join(os.makedirs(root) or root, "captions.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["filepath", "caption"])
-        for i in range(n):
-            a = synthetic.attributes(i, seed, split)
-            name = f"{synthetic.SHAPES[a['shape']]}/{synthetic.COLORS[a['color']]}/{i}.png"
-            os.makedirs(os.path.join(root, os.path.dirname(name)), exist_ok=True)
-            Image.fromarray(synthetic.example(i, seed, 48, split)["image"]).save(os.path.join(root, name))
-            writer.writerow([name, a["caption"]])
-    return str(root)
-
-
 @pytest.mark.slow
 def test_smoke_model_trained_on_an_ingested_imagefolder_evaluated_from_the_command_line(tmp_path):
     """ImageFolder corpus -> ingest -> smoke training -> the three evaluators from the CLI."""
     import subprocess
     import sys
-    train_dir = write_shape_folder(tmp_path / "train", 960, seed=1)
-    test_dir = write_shape_folder(tmp_path / "test", 192, seed=2)
+    train_dir = synthetic.export_imagefolder(str(tmp_path / "train"), 960, "train", seed=1, image_size=48)
+    test_dir = synthetic.export_imagefolder(str(tmp_path / "test"), 192, "train", seed=2, image_size=48)
     run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=device_env(1),
                                        capture_output=True, text=True, timeout=600)
     proc = run("clip_jax.ingest", "imagefolder", train_dir, "--out", str(tmp_path / "ingested"),

@@ -228,3 +228,53 @@ def zeroshot_tasks():
     """{attribute: (classnames, templates)} for zero-shot classification of held-out images."""
     return {"shape": (list(SHAPES), list(SHAPE_TEMPLATES)),
             "color": (list(COLORS), list(COLOR_TEMPLATES))}
+
+
+def export_imagefolder(out, n, split="heldout", seed=0, image_size=64, label="shape"):
+    """Writes n examples as an ImageFolder, OUT/<label value>/<other attribute>/<i>.png
+    (label 'shape': shape folders with colour sub-folders; 'color': the reverse), and
+    OUT/captions.csv (filepath, caption, shape, color, size, position, background): data
+    to try the evaluation and search commands on without a download."""
+    import csv
+    import os
+
+    from PIL import Image
+    if label not in ("shape", "color"):
+        raise ValueError(f"label must be 'shape' or 'color', got {label!r}")
+    os.makedirs(out, exist_ok=True)
+    names = {"shape": SHAPES, "color": COLORS, "size": SIZES, "position": POSITIONS,
+             "background": BACKGROUNDS}
+    other = "color" if label == "shape" else "shape"
+    with open(os.path.join(out, "captions.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["filepath", "caption", *names])
+        for i in range(n):
+            a = attributes(i, seed, split)
+            values = {k: names[k][a[k]] for k in names}
+            path = f"{values[label]}/{values[other]}/{i:05d}.png"
+            os.makedirs(os.path.join(out, os.path.dirname(path)), exist_ok=True)
+            Image.fromarray(render(a, image_size)).save(os.path.join(out, path))
+            writer.writerow([path, a["caption"], *values.values()])
+    return out
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m clip_jax.data.synthetic",
+                                description=export_imagefolder.__doc__)
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--n", type=int, default=512, help="how many images (default 512)")
+    p.add_argument("--split", choices=("train", "heldout"), default="heldout",
+                   help="train: the training combinations; heldout: the 8 shape/colour pairs "
+                        "never seen in training (default)")
+    p.add_argument("--seed", type=int, default=0, help="the data seed (a run's config.seed; default 0)")
+    p.add_argument("--image-size", type=int, default=64, help="pixels per side (default 64)")
+    p.add_argument("--label", choices=("shape", "color"), default="shape",
+                   help="the class folders: shape (default) or color")
+    args = p.parse_args(argv)
+    export_imagefolder(args.out, args.n, args.split, args.seed, args.image_size, args.label)
+    print(f"wrote {args.n} images to {args.out}/<{args.label}>/... and {args.out}/captions.csv")
+
+
+if __name__ == "__main__":
+    main()
