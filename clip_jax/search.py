@@ -183,7 +183,7 @@ class Index:
 
 def list_images(image_dir):
     """Absolute paths of the image files under `image_dir`, in sorted walk order."""
-    from clip_jax.data.ingest import IMAGE_EXTENSIONS
+    from clip_jax.data.images import IMAGE_EXTENSIONS
     found = []
     for root, dirs, files in os.walk(os.path.abspath(image_dir)):
         dirs.sort()

@@ -270,6 +270,22 @@ def test_ingested_imagefolder_keeps_labels_and_groups(tmp_path):
     assert all(len(c) == 1 and c[0].endswith(".") for c in data.captions)   # prompt captions
 
 
+def test_tfds_data_labels_captions_and_images(tmp_path):
+    import tensorflow_datasets as tfds
+    from tests.helpers import build_tfds_dataset, encode_image
+    examples = [(encode_image(drawn_image(i, 24, 20), "PNG"), f"picture {i}", i % 3) for i in range(7)]
+    build_tfds_dataset(tmp_path, "eval_pictures", ["golden_retriever", "cat", "car"], examples)
+    data = data_lib.open_eval_data("tfds:eval_pictures:train", data_dir=str(tmp_path))
+    stored = tfds.data_source("eval_pictures", split="train", data_dir=str(tmp_path))   # TFDS's order
+    assert data.classnames == ["golden retriever", "cat", "car"] and len(data) == 7
+    assert data.labels.tolist() == [int(stored[i]["label"]) for i in range(7)]
+    assert data.captions == [[stored[i]["caption"].decode()] for i in range(7)]
+    view = features._Views(data, 16)[3]
+    assert view.shape == (16, 16, 3) and view.dtype == np.uint8
+    with pytest.raises(ValueError, match="cannot open TFDS dataset 'eval_pictures' split 'test'"):
+        data_lib.open_eval_data("tfds:eval_pictures", data_dir=str(tmp_path))   # default split: test
+
+
 def test_a_broken_image_stops_the_evaluation_naming_it(tmp_path):
     root = write_imagefolder(tmp_path / "folder")
     with open(os.path.join(root, "red_circle", "b", "broken.jpg"), "wb") as f:

@@ -29,6 +29,9 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+# File extensions read as images (any case) by ingest, evaluation and search.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
 # Same defaults as `clip_jax.ingest`'s --min-size / --max-pixels.
 DEFAULT_MIN_SIZE = 32
 DEFAULT_MAX_PIXELS = 100_000_000

@@ -106,7 +106,7 @@ from tqdm import tqdm
 
 from clip_jax.data import images, prompts, records, sources
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_EXTENSIONS = images.IMAGE_EXTENSIONS
 # webdataset member extensions, in order of preference when a sample has several images.
 WDS_IMAGE_EXTENSIONS = tuple(ext[1:] for ext in IMAGE_EXTENSIONS)
 WDS_CAPTION_EXTENSION = "txt"

@@ -34,9 +34,9 @@ from typing import Optional
 
 import numpy as np
 
-from clip_jax.data import prompts
+from clip_jax.data import images, prompts
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_EXTENSIONS = images.IMAGE_EXTENSIONS
 
 
 @dataclasses.dataclass
@@ -238,10 +238,15 @@ def open_tfds(spec, data_dir="", image_key="image", label_key="label", caption_k
     from clip_jax.data.sources import TfdsSource
     name, _, split = spec[len("tfds:"):].partition(":")
     split = split or "test"
-    source = TfdsSource(name, split, data_dir, image_key, caption_key="", label_key="")
+    try:   # labelled if label_key is a ClassLabel; else TfdsSource insists on the caption
+        source = TfdsSource(name, split, data_dir, image_key, label_key=label_key)
+    except ValueError as e:
+        if "label_key" not in str(e):
+            raise
+        source = TfdsSource(name, split, data_dir, image_key, caption_key=caption_key)
     features = source._ds.dataset_info.features
     has = lambda key, kind: key in features and isinstance(features[key], kind)
-    use_label = has(label_key, tfds.features.ClassLabel)
+    use_label = bool(source.label_key)
     use_caption = has(caption_key, tfds.features.Text)
     labels, captions = [], []
     for start in range(0, len(source), 256):
