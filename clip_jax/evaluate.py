@@ -36,22 +36,26 @@ OPTIONS = dict(train_data="", templates="", classnames="", group_by="", max_exam
                val_fraction=0.2, data_dir="", image_key="image", label_key="label",
                caption_key="caption", image_column="filepath", caption_column="caption",
                label_column="")
+COMMAND_LINE = "python -m clip_jax.evaluate"
 TASK_OPTIONS = {"train_data": ("linear_probe",), "val_fraction": ("linear_probe",),
                 "templates": ("zeroshot",), "classnames": ("zeroshot", "linear_probe"),
                 "group_by": ("zeroshot", "linear_probe")}
 
 
 def check_spec(task, options, where):
-    """Raises ValueError (naming `where`) for an unknown task or an option it does not take."""
+    """Raises ValueError (naming `where`) for an unknown task or an option it does not take.
+    Options are named as flags (--train-data) when `where` is the command line."""
+    cli = where == COMMAND_LINE
+    name = (lambda key: "--" + key.replace("_", "-")) if cli else (lambda key: key)
     if task not in EVALUATORS:
         raise ValueError(f"{where}: unknown task {task!r} (available: {', '.join(EVALUATORS)})")
     for key, value in options.items():
         if key not in OPTIONS:
             raise ValueError(f"{where}: unknown option {key!r} (options: {', '.join(OPTIONS)})")
         if value != OPTIONS[key] and task not in TASK_OPTIONS.get(key, (task,)):
-            raise ValueError(f"{where}: {key} does not apply to {task}")
+            raise ValueError(f"{where}: {name(key)} does not apply to {task}")
     if task == "linear_probe" and not options.get("train_data"):
-        raise ValueError(f"{where}: linear_probe needs train_data (--train-data)")
+        raise ValueError(f"{where}: linear_probe needs {name('train_data')}")
 
 
 def open_data(spec, config, options):
@@ -67,7 +71,7 @@ def open_data(spec, config, options):
 class Task:
     """One evaluation: its data opened once, run on whatever variables the model holds."""
 
-    def __init__(self, task, data_spec, config, options, where="evaluate"):
+    def __init__(self, task, data_spec, config, options, where=COMMAND_LINE):
         options = {k: v for k, v in options.items() if k in OPTIONS}
         check_spec(task, options, where)
         self.task, self.options = task, {**OPTIONS, **options}

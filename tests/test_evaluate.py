@@ -456,3 +456,13 @@ def test_smoke_model_trained_on_an_ingested_imagefolder_evaluated_from_the_comma
                            f"--data={test_dir}", "--no-progress", "--json"])
     assert probe["train_n"] == 960 and probe["n"] == 192
     assert probe["top1"] > 0.5, probe["top1"]
+
+
+def test_cli_option_errors_name_the_flag(model_dir):
+    with pytest.raises(SystemExit, match="linear_probe needs --train-data"):
+        evaluate.main(["linear_probe", "--checkpoint", model_dir, "--data", "synthetic"])
+    with pytest.raises(SystemExit, match="--templates does not apply to retrieval"):
+        evaluate.main(["retrieval", "--checkpoint", model_dir, "--data", "synthetic", "--templates", "t.txt"])
+    with pytest.raises(SystemExit, match="--group-by 'colour': synthetic:shape has no such attribute "
+                                         "\\(it has: background, position, size, level:N\\)"):
+        evaluate.main(["zeroshot", "--checkpoint", model_dir, "--data", "synthetic:shape", "--group-by", "colour"])
