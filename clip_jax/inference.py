@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from clip_jax import checkpoint, config_lib, sharding
+from clip_jax.evals.features import l2_normalize
 from clip_jax.models import abstract_variables, build_model, encoder_fns
 
 DEFAULT_BATCH_SIZE = 256
@@ -35,10 +36,6 @@ def _to_host(x):
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
-
-
-def _l2_normalize(x):
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 class CLIPModel:
@@ -89,7 +86,7 @@ class CLIPModel:
             raise ValueError(f"encode_image expects float32 [n, {self.image_size}, {self.image_size}, 3] "
                              f"preprocessed images, got shape {images.shape}; see `preprocess`")
         out = self._batched(self._encode_image, images)
-        return _l2_normalize(out) if normalize else out
+        return l2_normalize(out) if normalize else out
 
     def encode_text(self, ids, normalize=False):
         """int32 [n, context_length] token ids (from `tokenize`) -> float32 [n, embed_dim]."""
@@ -98,7 +95,7 @@ class CLIPModel:
             raise ValueError(f"encode_text expects int32 [n, {self.context_length}] token ids, "
                              f"got shape {ids.shape}; see `tokenize`")
         out = self._batched(self._encode_text, ids)
-        return _l2_normalize(out) if normalize else out
+        return l2_normalize(out) if normalize else out
 
     @property
     def logit_scale(self):

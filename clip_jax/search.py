@@ -33,17 +33,14 @@ import sys
 
 import numpy as np
 
+from clip_jax.evals.features import l2_normalize
+
 FORMAT = "clip_jax.search/1"
 BLOCK_ROWS = 65536   # rows scored at once: bounds search memory to BLOCK_ROWS x queries floats
 
 
 class SearchError(ValueError):
     """A problem with an index or the inputs to it; the CLI prints it without a traceback."""
-
-
-def _normalize(x):
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def _fsync_append(path, data, keep_bytes):
@@ -134,7 +131,7 @@ class Index:
     def add(self, paths, embeddings):
         """Appends rows (L2-normalised here) for `paths` (made absolute)."""
         paths = [os.path.abspath(p) for p in paths]
-        embeddings = _normalize(embeddings)
+        embeddings = l2_normalize(embeddings)
         if embeddings.ndim != 2 or embeddings.shape != (len(paths), self.dim):
             raise SearchError(f"expected embeddings [{len(paths)}, {self.dim}], got {embeddings.shape}")
         if any("\n" in p for p in paths):
@@ -154,7 +151,7 @@ class Index:
     def search(self, queries, k):
         """Cosine top-k of each query row: (scores float32 [q, k'], indices int64 [q, k']),
         k' = min(k, count), best first; equal scores rank the lower index first."""
-        queries = _normalize(np.atleast_2d(queries))
+        queries = l2_normalize(np.atleast_2d(queries))
         if queries.shape[1] != self.dim:
             raise SearchError(f"query vectors have {queries.shape[1]} dimensions, the index {self.dim}")
         k = max(0, min(int(k), self.count))

@@ -100,4 +100,6 @@ def text_features(model, texts, progress=True, desc="text features"):
 
 
 def l2_normalize(x):
+    """Rows scaled to unit L2 norm, as float32 (numpy; the one host-side normaliser)."""
+    x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)

@@ -5,8 +5,6 @@ renormalised (prompt ensembling, section 3.1.4); an image's logits are its cosin
 similarities with the class weights. Templates come from `--templates FILE`, else the
 dataset's own (the synthetic data has some), else `prompts.DEFAULT_TEMPLATES`.
 """
-import numpy as np
-
 from clip_jax.data import prompts
 from clip_jax.evals import features, report
 
@@ -33,10 +31,3 @@ def evaluate(model, data, templates=None, group_by="", cache_dir="", progress=Tr
         out.update(group_by=group_by, **report.group_report(top1, groups))
     return out
 
-
-def predictions(model, data, templates=None):
-    """int64 [n]: the predicted class of each image (for inspection and tests)."""
-    templates = tuple(templates or data.templates or prompts.DEFAULT_TEMPLATES)
-    classifier = text_classifier(model, data.classnames, templates)
-    image = features.l2_normalize(features.image_features(model, data, progress=False))
-    return np.argmax(image @ classifier.T, axis=1)
