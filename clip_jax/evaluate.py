@@ -98,13 +98,6 @@ class Task:
 
 # ----------------------------------------------------------------------------- training
 
-def eval_batch_size(config, mesh, rules):
-    """Evaluation batch during training: min(256, the training batch), a multiple of the shards."""
-    from clip_jax import sharding
-    shards = sharding.num_batch_shards(mesh, rules)
-    return max(shards, min(256, config.batch_size) // shards * shards)
-
-
 def uses_synthetic(config):
     return str(config.data.source) == "synthetic"
 
@@ -130,8 +123,8 @@ class TrainingEvaluators:
     def __init__(self, config, tokenizer, mesh, rules):
         from clip_jax.inference import CLIPModel
         self.tasks = training_tasks(config)
-        self.model = CLIPModel(config, None, tokenizer, mesh, rules,
-                               eval_batch_size(config, mesh, rules))
+        # At most the training batch (CLIPModel rounds it to the mesh's batch shards).
+        self.model = CLIPModel(config, None, tokenizer, mesh, rules, min(256, config.batch_size))
 
     def __bool__(self):
         return bool(self.tasks)

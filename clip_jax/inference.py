@@ -147,8 +147,7 @@ def locate(path):
         raise ValueError(str(e)) from None
     step_dir = os.path.dirname(state_dir)
     candidates = [os.path.join(path, "config.json"), os.path.join(step_dir, "meta", "metadata"),
-                  os.path.join(os.path.dirname(os.path.dirname(step_dir)), "config.json"),
-                  os.path.join(state_dir, "config.json")]
+                  os.path.join(os.path.dirname(os.path.dirname(step_dir)), "config.json")]
     for candidate in candidates:
         if not os.path.isfile(candidate):
             continue

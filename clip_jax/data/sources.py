@@ -49,7 +49,7 @@ class TfdsSource:
                              f"(data_dir={data_dir or 'default'}): {type(e).__name__}: "
                              f"{(str(e).splitlines() or [''])[0]}") from None
         self.split, self.image_key, self.caption_key, self.label_key = split, image_key, caption_key, label_key
-        features = self._ds.dataset_info.features
+        self.features = features = self._ds.dataset_info.features
         self._check_feature(features, image_key, tfds.features.Image, "image_key")
         self.classes = self.classnames = None
         if label_key:

@@ -244,7 +244,7 @@ def open_tfds(spec, data_dir="", image_key="image", label_key="label", caption_k
         if "label_key" not in str(e):
             raise
         source = TfdsSource(name, split, data_dir, image_key, caption_key=caption_key)
-    features = source._ds.dataset_info.features
+    features = source.features
     has = lambda key, kind: key in features and isinstance(features[key], kind)
     use_label = bool(source.label_key)
     use_caption = has(caption_key, tfds.features.Text)
