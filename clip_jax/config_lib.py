@@ -69,6 +69,7 @@ def model_config(name):
         text=dict(vocab_size=49408, context_length=77, width=twidth, heads=theads, layers=12),
         dtype="bfloat16",   # compute dtype; parameters are always float32
         remat=True,         # rematerialise each residual block in the backward pass
+        activation="quick_gelu",   # transformer MLPs; 'gelu' for OpenCLIP's non-quickgelu models
     ))
 
 
@@ -109,7 +110,7 @@ def base_config():
         crop_scale=(0.9, 1.0), crop_ratio=(3 / 4, 4 / 3),
         # 'sentencepiece' (tokenizer_path: a .model file, or '' to train one on the
         # training captions, cached in the workdir) or 'clip_bpe' (tokenizer_path: the
-        # reference's merges file, or '' to use the one installed with open_clip).
+        # reference's merges file, or '' for the copy shipped in clip_jax/data/assets).
         tokenizer="sentencepiece", tokenizer_path="", tokenizer_vocab_size=256,
         tfds=dict(data_dir="", image_key="image", caption_key="caption", label_key=""),
         synthetic=dict(num_train=1_000_000, num_eval=512)))
@@ -195,6 +196,20 @@ def _validate_data(config, need):
     if d.tokenizer == "sentencepiece":
         need(d.tokenizer_vocab_size <= config.model.text.vocab_size, "data.tokenizer_vocab_size",
              f"must be <= model.text.vocab_size={config.model.text.vocab_size}")
+
+
+def _check_init_from_tokenizer(config):
+    """Parameters taken from a model trained with another tokenizer would read wrong ids."""
+    saved_path = os.path.join(config.init_from, "config.json") if config.init_from else ""
+    if not os.path.isfile(saved_path):
+        return
+    with open(saved_path) as f:
+        saved = json.load(f).get("data", {})
+    if saved.get("tokenizer", config.data.tokenizer) != config.data.tokenizer:
+        raise ConfigError(
+            f"config.data.tokenizer: {config.data.tokenizer!r}, but config.init_from={config.init_from} "
+            f"was trained with {saved['tokenizer']!r}: set --config.data.tokenizer={saved['tokenizer']} "
+            "(or use configs/finetune.py:DIR, which does)")
 
 
 def _validate_evals(config):
@@ -309,9 +324,12 @@ def validate(config, num_devices=None):
          "must be a positive integer")
     need(not config.init_from or os.path.exists(config.init_from), "init_from",
          "no such checkpoint directory")
+    _check_init_from_tokenizer(config)
     m = config.model
     need(m.vision.kind in ("resnet", "vit"), "model.vision.kind", "must be 'resnet' or 'vit'")
     need(m.dtype in ("float32", "bfloat16"), "model.dtype", "must be 'float32' or 'bfloat16'")
+    need(m.get("activation", "quick_gelu") in ("quick_gelu", "gelu"), "model.activation",
+         "must be 'quick_gelu' or 'gelu'")
     if m.vision.kind == "vit":
         need(m.vision.patch_size > 0 and m.vision.image_size % m.vision.patch_size == 0,
              "model.vision.patch_size", "must be positive and divide model.vision.image_size")

@@ -30,6 +30,7 @@ def build_model(model_cfg) -> CLIP:
         text_layers=int(t.layers),
         dtype=jnp.dtype(str(model_cfg.get("dtype", "float32"))),
         remat=bool(model_cfg.get("remat", False)),
+        activation=str(model_cfg.get("activation", "quick_gelu")),
     )
 
 

@@ -36,6 +36,7 @@ class CLIP(nn.Module):
     # numerics
     dtype: Any = jnp.float32    # compute dtype; parameters are always float32
     remat: bool = False
+    activation: str = "quick_gelu"   # transformer MLPs: 'quick_gelu' (OpenAI) or 'gelu'
 
     def setup(self):
         if self.vision_kind == "resnet":
@@ -48,13 +49,14 @@ class CLIP(nn.Module):
                 image_size=self.image_size, patch_size=self.vision_patch_size,
                 width=self.vision_width, layers=int(self.vision_layers),
                 heads=self.vision_heads, output_dim=self.embed_dim,
-                remat=self.remat, dtype=self.dtype)
+                remat=self.remat, activation=self.activation, dtype=self.dtype)
         else:
             raise ValueError(f"unknown vision kind {self.vision_kind!r}")
         self.text = TextTransformer(
             vocab_size=self.vocab_size, context_length=self.context_length,
             width=self.text_width, heads=self.text_heads, layers=self.text_layers,
-            output_dim=self.embed_dim, remat=self.remat, dtype=self.dtype)
+            output_dim=self.embed_dim, remat=self.remat, activation=self.activation,
+            dtype=self.dtype)
         self.logit_scale = self.param(
             "logit_scale", logical(nn.initializers.constant(math.log(1 / 0.07)), ()),
             (), jnp.float32)

@@ -35,6 +35,11 @@ def quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+# config.model.activation -> function. OpenAI's models (and OpenCLIP's '-quickgelu' ones)
+# use QuickGELU; OpenCLIP's other models use the exact (erf) GELU of torch's nn.GELU.
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
+
+
 class QuickGELU(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -119,9 +124,10 @@ class MultiHeadAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """c_fc (4x width) -> QuickGELU -> c_proj."""
+    """c_fc (4x width) -> QuickGELU (or `activation`) -> c_proj."""
     fc_std: float
     proj_std: float
+    activation: str = "quick_gelu"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -130,7 +136,7 @@ class MLP(nn.Module):
         x = nn.Dense(4 * width, dtype=self.dtype, param_dtype=jnp.float32,
                      kernel_init=logical(normal(self.fc_std), ("embed", "mlp")),
                      bias_init=logical(zeros, ("mlp",)), name="c_fc")(x)
-        x = quick_gelu(x)
+        x = ACTIVATIONS[self.activation](x)
         return nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32,
                         kernel_init=logical(normal(self.proj_std), ("mlp", "embed")),
                         bias_init=logical(zeros, ("embed",)), name="c_proj")(x)
@@ -143,6 +149,7 @@ class ResidualAttentionBlock(nn.Module):
     proj_std: float
     fc_std: float
     causal: bool = False
+    activation: str = "quick_gelu"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -152,8 +159,8 @@ class ResidualAttentionBlock(nn.Module):
             num_heads=self.heads, qkv_std=self.attn_std, out_std=self.proj_std,
             dtype=self.dtype, name="attn")(layer_norm(self.dtype, "ln_1")(x),
                                            causal=self.causal)
-        x = x + MLP(fc_std=self.fc_std, proj_std=self.proj_std, dtype=self.dtype,
-                    name="mlp")(layer_norm(self.dtype, "ln_2")(x))
+        x = x + MLP(fc_std=self.fc_std, proj_std=self.proj_std, activation=self.activation,
+                    dtype=self.dtype, name="mlp")(layer_norm(self.dtype, "ln_2")(x))
         return nn.with_logical_constraint(x, ACT_SPEC)
 
 
@@ -169,6 +176,7 @@ class Transformer(nn.Module):
     heads: int
     causal: bool = False
     remat: bool = False
+    activation: str = "quick_gelu"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -179,6 +187,7 @@ class Transformer(nn.Module):
         block_cls = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
         for i in range(self.layers):
             x = block_cls(heads=self.heads, attn_std=attn_std, proj_std=proj_std,
-                          fc_std=fc_std, causal=self.causal, dtype=self.dtype,
+                          fc_std=fc_std, causal=self.causal, activation=self.activation,
+                          dtype=self.dtype,
                           name=f"resblocks_{i}")(x)
         return x

@@ -15,6 +15,7 @@ class TextTransformer(nn.Module):
     layers: int
     output_dim: int
     remat: bool = False
+    activation: str = "quick_gelu"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -29,7 +30,8 @@ class TextTransformer(nn.Module):
         x = x + pos[: tokens.shape[1]].astype(self.dtype)
         x = nn.with_logical_constraint(x, ACT_SPEC)
         x = Transformer(width=self.width, layers=self.layers, heads=self.heads,
-                        causal=True, remat=self.remat, dtype=self.dtype,
+                        causal=True, remat=self.remat, activation=self.activation,
+                        dtype=self.dtype,
                         name="transformer")(x)
         x = layer_norm(self.dtype, "ln_final")(x)
         eot = jnp.argmax(tokens, axis=-1)

@@ -19,6 +19,7 @@ class VisionTransformer(nn.Module):
     heads: int
     output_dim: int
     remat: bool = False
+    activation: str = "quick_gelu"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -44,7 +45,8 @@ class VisionTransformer(nn.Module):
         x = layer_norm(self.dtype, "ln_pre")(x)
         x = nn.with_logical_constraint(x, ACT_SPEC)
         x = Transformer(width=self.width, layers=self.layers, heads=self.heads,
-                        causal=False, remat=self.remat, dtype=self.dtype,
+                        causal=False, remat=self.remat, activation=self.activation,
+                        dtype=self.dtype,
                         name="transformer")(x)
         x = layer_norm(self.dtype, "ln_post")(x[:, 0, :])
         proj = self.param("proj", logical(normal(scale), ("embed", "joint")),
