@@ -273,14 +273,14 @@ def from_json(saved):
     """A ConfigDict from a saved config (JSON text or the dict `json.loads` gives).
 
     JSON turns tuples into lists; the keys that hold tuples get them back."""
-    tree = json.loads(saved) if isinstance(saved, str) else saved
+    tree = json.loads(saved) if isinstance(saved, str) else json.loads(json.dumps(saved))
+    vision = tree.get("model", {}).get("vision", {})
+    if isinstance(vision.get("layers"), list):   # before ConfigDict fixes the field's type
+        vision["layers"] = tuple(vision["layers"])
     config = ml_collections.ConfigDict(tree)
     if "sharding_rules" in config:
         config.sharding_rules = tuple(
             (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.sharding_rules)
-    vision = config.get("model", {}).get("vision")
-    if vision is not None and isinstance(vision.layers, list):
-        vision.layers = tuple(vision.layers)
     return config
 
 

@@ -30,6 +30,7 @@ running_mean/var our batch_stats mean/var.
 """
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -212,10 +213,16 @@ def _entry(collection, path):
 
 def name_table(model_cfg):
     """Entries for every array of the model `model_cfg` describes (from its abstract init)."""
+    return _name_table(model_cfg.to_json(sort_keys=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _name_table(model_json):
     import jax
     import jax.numpy as jnp
     from flax.core import meta
     from clip_jax.models import build_model, input_specs
+    model_cfg = config_lib.from_json({"model": json.loads(model_json)}).model
     model = build_model(model_cfg)
     images, tokens = (jnp.zeros(x.shape, x.dtype) for x in input_specs(model_cfg))
     variables = meta.unbox(jax.eval_shape(lambda r: model.init(r, images, tokens), jax.random.key(0)))
@@ -225,7 +232,7 @@ def name_table(model_cfg):
         for keys, leaf in leaves:
             path = tuple(k.key for k in keys)
             table.append((_entry(collection, path), tuple(leaf.shape)))
-    return table
+    return tuple(table)
 
 
 def _from_torch(x, layout, shape):

@@ -1,7 +1,9 @@
 """CLIP's byte-level BPE tokenizer (clip_jax/data/bpe.py).
 
-The reference vocabulary is not shipped, so most tests use the small hand-made merges
-list MERGES below, with every expected id derived by hand in a comment. The id layout:
+Most tests use the small hand-made merges list MERGES below, with every expected id
+derived by hand in a comment; the reference merges file shipped in clip_jax/data/assets is
+checked on known ids at the end (tests/test_bpe_parity.py compares it, text by text, with
+open_clip's tokenizer when that is installed). The id layout:
 
   ids 0..255    the 256 byte symbols, in bytes_to_unicode() order:
                   bytes 0x21..0x7e ('!'..'~')  ids 0..93     id = b - 0x21  ('!' = 0)
@@ -28,12 +30,14 @@ import random
 import sys
 
 import ftfy
+import ml_collections
 import numpy as np
 import pytest
 import regex
 
 from clip_jax.data import bpe
 from clip_jax.data.bpe import ClipBPETokenizer
+from clip_jax.data.tokenizer import get_tokenizer
 
 MERGES = [
     "l l",          # rank 0 -> id 512  "ll"
@@ -457,17 +461,11 @@ def test_ascii_fast_path_is_an_identity_for_ftfy_and_html():
                 assert ftfy.fix_text(text) == text == html.unescape(text)
 
 
-def _reference_vocab():
-    path = os.environ.get("CLIP_BPE_VOCAB") or bpe.find_reference_vocab()
-    return path if path and os.path.exists(path) else None
-
-
-@pytest.mark.skipif(_reference_vocab() is None,
-                    reason="reference bpe_simple_vocab_16e6.txt.gz not available "
-                           "(set CLIP_BPE_VOCAB or install open_clip)")
 def test_real_reference_vocab_known_ids():
-    # ids printed by OpenAI CLIP's own SimpleTokenizer on the reference file.
-    tok = ClipBPETokenizer(_reference_vocab(), 77)
+    # ids printed by OpenAI CLIP's own SimpleTokenizer on the reference file, which ships
+    # with clip_jax (so this always runs).
+    assert bpe.find_reference_vocab() == bpe.VENDORED_VOCAB
+    tok = ClipBPETokenizer(bpe.VENDORED_VOCAB, 77)
     assert (tok.vocab_size, tok.sot_id, tok.eot_id) == (49408, 49406, 49407)
     assert tok("a photo of a cat")[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert tok.encode("Hello world!") == [3306, 1002, 256]
@@ -476,13 +474,51 @@ def test_real_reference_vocab_known_ids():
     assert tok.encode("!!!") == [995]
 
 
+def test_vendored_vocab_ships_with_its_licence():
+    assets = os.path.dirname(bpe.VENDORED_VOCAB)
+    assert os.path.basename(bpe.VENDORED_VOCAB) == bpe.REFERENCE_VOCAB_NAME
+    assert os.path.dirname(assets) == os.path.dirname(os.path.abspath(bpe.__file__))
+    with open(os.path.join(assets, "LICENSE-openai-clip.txt"), encoding="utf-8") as f:
+        licence = f.read()
+    assert "MIT License" in licence and "Copyright (c) 2021 OpenAI" in licence
+    with open(bpe.VENDORED_VOCAB, "rb") as f:
+        assert f.read(2) == b"\x1f\x8b"
+    assert len(bpe.read_merges(bpe.VENDORED_VOCAB)) == bpe.REFERENCE_NUM_MERGES
+
+
 def test_find_reference_vocab_never_imports_open_clip(tmp_path, monkeypatch):
-    for name in ("open_clip", "clip"):   # shadow any installed package
+    for name in ("open_clip", "clip"):   # shadow any installed package: importing it raises
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text("raise RuntimeError('imported!')\n")
+        monkeypatch.delitem(sys.modules, name, raising=False)   # e.g. the parity tests' import
     monkeypatch.syspath_prepend(str(tmp_path))
+    # The vendored copy comes first, without looking for (let alone importing) the packages.
+    assert bpe.find_reference_vocab() == bpe.VENDORED_VOCAB
+    # Fallback, only when the vendored file is missing: the packages' copies, found by path.
+    monkeypatch.setattr(bpe, "VENDORED_VOCAB", str(tmp_path / "gone" / bpe.REFERENCE_VOCAB_NAME))
     assert bpe.find_reference_vocab() is None
     vocab = tmp_path / "open_clip" / bpe.REFERENCE_VOCAB_NAME
     vocab.write_bytes(gzip.compress(b"#version: 0.2\n"))
     assert bpe.find_reference_vocab() == str(vocab)
     assert "open_clip" not in sys.modules and "clip" not in sys.modules
+
+
+def _clip_bpe_config(tokenizer_path=""):
+    return ml_collections.ConfigDict(dict(
+        data=dict(tokenizer="clip_bpe", tokenizer_path=tokenizer_path),
+        model=dict(text=dict(vocab_size=49408, context_length=77))))
+
+
+def test_clip_bpe_config_uses_the_vendored_vocab_by_default(tmp_path, monkeypatch):
+    tok = get_tokenizer(_clip_bpe_config(), str(tmp_path))
+    assert isinstance(tok, ClipBPETokenizer) and tok.vocab_size == 49408
+    assert tok("a photo of a cat")[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
+    # an explicit path still wins
+    path = _write_merges(tmp_path / "m.txt.gz", MERGES, True)
+    assert get_tokenizer(_clip_bpe_config(path), str(tmp_path)).vocab_size == VOCAB_SIZE
+    # a broken install (no vendored file, no open_clip / clip copy) is a clear error
+    monkeypatch.setattr(bpe, "VENDORED_VOCAB", str(tmp_path / "gone" / bpe.REFERENCE_VOCAB_NAME))
+    monkeypatch.setattr(bpe, "find_reference_vocab", lambda: None)
+    with pytest.raises(ValueError, match=r"tokenizer_path='' uses the merges file shipped with "
+                                         r"clip_jax, .*gone.*missing"):
+        get_tokenizer(_clip_bpe_config(), str(tmp_path))

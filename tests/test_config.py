@@ -8,14 +8,35 @@ import pytest
 from clip_jax import config_lib
 from tests.helpers import REPO, run_cli
 
-CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+# configs/finetune.py needs an argument (converted weights): tested on its own below.
+CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
+                 if not p.endswith("finetune.py"))
 
 
-def load(path):
+def load(path, *args):
     spec = importlib.util.spec_from_file_location("cfg", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.get_config()
+    return mod.get_config(*args)
+
+
+def test_finetune_config_takes_model_tokenizer_and_weights_from_converted_weights(tmp_path):
+    from clip_jax import checkpoint, convert
+    from tests.test_convert import _model, _random_variables
+    cfg = _model("resnet", embed_dim=32)
+    cfg.text.vocab_size = 49408
+    out = str(tmp_path / "converted")
+    checkpoint.save_params(out, _random_variables(cfg)["params"], config=convert.converted_config(cfg))
+    path = os.path.join(REPO, "configs", "finetune.py")
+    c = load(path, out)
+    config_lib.validate(c, num_devices=8)
+    assert c.init_from == out and c.data.tokenizer == "clip_bpe"
+    assert c.model.vision.layers == (1, 2, 1, 1) and c.model.text.vocab_size == 49408
+    assert (c.model.dtype, c.model.remat, c.optim.lr) == ("bfloat16", True, 1e-5)
+    with pytest.raises(ValueError, match="configs/finetune.py:DIR"):
+        load(path)
+    with pytest.raises(ValueError, match="no .*config.json"):
+        load(path, str(tmp_path))
 
 
 def test_every_paper_model_has_a_config():

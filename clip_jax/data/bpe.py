@@ -24,7 +24,16 @@ Two deliberate departures from the `Tokenizer` id contract, both kept for parity
     at argmax(ids), the first eot, which is the largest id. Padding is never masked by
     value.
   * as in the reference, the literal strings '<|startoftext|>' / '<|endoftext|>' in a
-    caption are matched by the pre-tokeniser and become the sot / eot ids.
+    caption are matched by the pre-tokeniser and become the sot / eot ids. (OpenCLIP
+    renamed its special tokens '<start_of_text>' / '<end_of_text>': there those strings
+    become sot / eot and OpenAI's are ordinary text, the only difference between the two
+    on any text; tests/test_bpe_parity.py.)
+
+The merges file: OpenAI CLIP's `bpe_simple_vocab_16e6.txt.gz` ships with this package
+(`VENDORED_VOCAB`, clip_jax/data/assets/, MIT licence, byte-identical to the one in the
+openai/CLIP repository and in open_clip_torch), so `find_reference_vocab()` and
+`config.data.tokenizer=clip_bpe` with `tokenizer_path=''` need no other package; any other
+merges file in the same format can be given instead.
 
 Reading the merges file: gzip'd or plain UTF-8 text, split on '\\n' like the reference;
 the first line is a version header and must contain '#version' (the reference file's is
@@ -58,6 +67,9 @@ import regex
 from clip_jax.data.tokenizer import Tokenizer
 
 REFERENCE_VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
+# OpenAI CLIP's merges file, shipped as package data (see assets/README.md).
+VENDORED_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
+                              REFERENCE_VOCAB_NAME)
 # The reference keeps merges[1 : 49152-256-2+1]: 48,894 merges after the header line,
 # so that 256 bytes + 256 bytes</w> + merges + sot + eot = 49,408 ids.
 REFERENCE_NUM_MERGES = 49152 - 256 - 2
@@ -158,8 +170,12 @@ def read_merges(path, max_merges=REFERENCE_NUM_MERGES):
 
 
 def find_reference_vocab():
-    """Path of `bpe_simple_vocab_16e6.txt.gz` in an installed open_clip (or OpenAI clip)
-    package, or None. Never imports the package (both import torch)."""
+    """Path of the reference `bpe_simple_vocab_16e6.txt.gz`: the copy shipped with clip_jax
+    (`VENDORED_VOCAB`); only if that is missing (a broken install), the one in an installed
+    open_clip (or OpenAI clip) package; else None. Never imports those packages (both
+    import torch)."""
+    if os.path.isfile(VENDORED_VOCAB):
+        return VENDORED_VOCAB
     for package in ("open_clip", "clip"):
         try:
             spec = importlib.util.find_spec(package)

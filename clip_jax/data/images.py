@@ -191,17 +191,28 @@ def random_crop_box(width, height, rng, scale=TRAIN_CROP_SCALE, ratio=TRAIN_CROP
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def center_crop_box(width, height):
-    """The largest centred square: (left, top, side, side)."""
-    side = min(width, height)
-    return (width - side) // 2, (height - side) // 2, side, side
+def center_crop_box(width, height, size):
+    """The evaluation view's box in the image's own pixels: exactly the region that
+    OpenAI's / OpenCLIP's `Resize(size)` (short side to `size`, the long side to
+    int(size * long / short), bicubic) then `CenterCrop(size)` (offsets
+    round((new - size) / 2)) keeps. Resampling that box straight to size x size samples
+    the same points with the same filter scale, so the pixels equal the reference's."""
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_w, new_h = int(size * width / height), size
+    sx, sy = width / new_w, height / new_h
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+    return left * sx, top * sy, size * sx, size * sy
 
 
-def _crop(image, size, box_fn):
+def _crop(image, size, box_fn, reduced_decode=True):
     """Encoded bytes or a uint8 array -> uint8 [size, size, 3]: `box_fn(width, height)` picks
-    the crop in the upright image's pixel coordinates; it is resized to size x size."""
-    if not isinstance(image, (bytes, bytearray, memoryview)):
-        img = array_to_pil(image)
+    the crop in the upright image's pixel coordinates; it is resized to size x size.
+    `reduced_decode`: JPEGs may be decoded at a smaller DCT scale that still covers the box."""
+    if not isinstance(image, (bytes, bytearray, memoryview)) or not reduced_decode:
+        img = array_to_pil(image) if not isinstance(image, (bytes, bytearray, memoryview)) \
+            else load_rgb(bytes(image), min_size=1)[0]
         box = box_fn(*img.size)
         return resize_box(img, box, img.size, size)
     planned = []
@@ -233,8 +244,10 @@ def random_resized_crop(image, size, rng, scale=TRAIN_CROP_SCALE, ratio=TRAIN_CR
 
 
 def center_crop(image, size):
-    """Evaluation view (short side resized to `size`, centre crop): uint8 [size, size, 3]."""
-    return _crop(image, size, center_crop_box)
+    """Evaluation view (short side resized to `size`, centre crop): uint8 [size, size, 3],
+    the reference's pixels (`center_crop_box`); JPEGs are decoded at full scale for that
+    (a reduced DCT decode changes pixels by a few levels)."""
+    return _crop(image, size, lambda w, h: center_crop_box(w, h, size), reduced_decode=False)
 
 
 def array_to_pil(image):

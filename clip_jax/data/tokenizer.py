@@ -212,14 +212,17 @@ def _check_trained_on(path, trained_on):
 
 
 def _clip_bpe(config, workdir):
-    """The reference CLIP BPE from its merges file (`data.tokenizer_path`, or open_clip's copy)."""
+    """The reference CLIP BPE from its merges file: `data.tokenizer_path`, or with '' the
+    copy of OpenAI CLIP's bpe_simple_vocab_16e6.txt.gz shipped with clip_jax."""
     del workdir
     from clip_jax.data import bpe
     path = config.data.tokenizer_path or bpe.find_reference_vocab()
     if not path:
-        raise ValueError("config.data.tokenizer=clip_bpe needs config.data.tokenizer_path: the "
-                         "reference merges file bpe_simple_vocab_16e6.txt.gz (shipped with the "
-                         "open_clip_torch package, or in the openai/CLIP repository)")
+        raise ValueError("config.data.tokenizer=clip_bpe with config.data.tokenizer_path='' uses "
+                         f"the merges file shipped with clip_jax, {bpe.VENDORED_VOCAB}, which is "
+                         "missing (a broken install?): reinstall clip_jax, or set "
+                         "config.data.tokenizer_path to a copy of bpe_simple_vocab_16e6.txt.gz "
+                         "(from the openai/CLIP repository or the open_clip_torch package)")
     tok = bpe.ClipBPETokenizer(path, config.model.text.context_length)
     if tok.vocab_size > config.model.text.vocab_size:
         raise ValueError(f"config.data.tokenizer_path={path!r} has {tok.vocab_size} ids, more than "

@@ -1,0 +1,275 @@
+"""Parity with the reference implementation (OpenCLIP's `CLIP`, the OpenAI architecture).
+
+Needs the `parity` extra (torch, torchvision, open_clip_torch; DEVELOPERS.md); CI installs
+it. Reference models are randomly initialised, with every LayerNorm / BatchNorm weight,
+bias and running statistic drawn at random (so a swapped or untransposed tensor cannot
+hide behind an identity), saved as the reference saves them, converted with
+`python -m clip_jax.convert`'s code path and compared on the same inputs: image and text
+embeddings and logits within 1e-3 of the output scale (max |ours - ref| / max |ref|),
+token ids identical.
+"""
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+open_clip = pytest.importorskip("open_clip")
+
+import clip_jax  # noqa: E402
+from clip_jax import checkpoint, config_lib, convert  # noqa: E402
+from clip_jax.models import count_params  # noqa: E402
+from tests.helpers import REPO, run_cli, tiny_flags, write_model_dir  # noqa: E402
+
+TOLERANCE = 1e-3
+TEXTS = ["a photo of a cat.", "A DOG, running!!", "", "   ", "emoji 🙂🐶 and café",
+         "a very long caption " * 40]
+TINY = {   # name: (vision_cfg, quick_gelu); text: width 128, 2 heads (= width / 64), 2 layers
+    "vit": (dict(layers=2, width=128, patch_size=8, image_size=32), True),
+    "resnet": (dict(layers=[1, 2, 1, 1], width=16, image_size=64), True),
+    "vit_gelu": (dict(layers=2, width=128, patch_size=8, image_size=32), False),
+}
+
+
+def randomize_norms(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+def tiny_reference(kind, seed=0):
+    torch.manual_seed(seed)
+    vision, quick = TINY[kind]
+    model = open_clip.CLIP(embed_dim=64, vision_cfg=vision, quick_gelu=quick,
+                           text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=2))
+    return randomize_norms(model, seed)
+
+
+def relative_error(ours, ref):
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def compare(reference, converted, batch=3, seed=0):
+    """{'image', 'text', 'logits'}: relative errors of ours against the reference."""
+    size = converted.image_size
+    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    ids = open_clip.tokenize(TEXTS, context_length=converted.context_length)
+    assert np.array_equal(converted.tokenize(TEXTS), ids.numpy())
+    with torch.no_grad():
+        ref_image, ref_text = reference.encode_image(images).numpy(), reference.encode_text(ids).numpy()
+        ref_logits = (reference.logit_scale.exp() * torch.nn.functional.normalize(torch.from_numpy(ref_image))
+                      @ torch.nn.functional.normalize(torch.from_numpy(ref_text)).T).numpy()
+    image = converted.encode_image(images.permute(0, 2, 3, 1).numpy())
+    text = converted.encode_text(ids.numpy())
+    logits = converted.logit_scale * converted.encode_image(images.permute(0, 2, 3, 1).numpy(), normalize=True) \
+        @ converted.encode_text(ids.numpy(), normalize=True).T
+    return {"image": relative_error(image, ref_image), "text": relative_error(text, ref_text),
+            "logits": relative_error(logits, ref_logits)}
+
+
+def _state_dict_numpy(model):
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- tiny models
+
+@pytest.mark.parametrize("kind", list(TINY))
+def test_converted_tiny_model_matches_the_reference(kind, tmp_path):
+    reference = tiny_reference(kind)
+    torch.save(reference.state_dict(), tmp_path / "model.pt")
+    args = [str(tmp_path / "model.pt"), "--out", str(tmp_path / "out")]
+    convert.main(args + (["--activation", "gelu"] if kind.endswith("gelu") else []))
+    errors = compare(reference, clip_jax.load(str(tmp_path / "out")))
+    assert max(errors.values()) <= TOLERANCE, errors
+
+
+def _save(fmt, reference, path):
+    """The reference's weights at `path` in one of the formats users meet."""
+    sd = reference.state_dict()
+    if fmt == "torchscript":            # OpenAI's released .pt files are TorchScript archives
+        torch.jit.script(reference).save(str(path))
+    elif fmt == "fp16_state_dict":      # OpenAI's weights are float16
+        torch.save({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, path)
+    elif fmt == "open_clip_checkpoint":   # a training checkpoint from OpenCLIP's DDP training
+        torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in sd.items()},
+                    "optimizer": {"state": {0: {"exp_avg": torch.zeros(2)}}}}, path)
+    elif fmt == "safetensors":
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+@pytest.mark.parametrize("fmt", ["torchscript", "fp16_state_dict", "open_clip_checkpoint", "safetensors"])
+def test_every_checkpoint_format_converts_to_the_same_arrays(kind, fmt, tmp_path):
+    reference = tiny_reference(kind)
+    torch.save(reference.state_dict(), tmp_path / "plain.pt")
+    convert.import_checkpoint(str(tmp_path / "plain.pt"), str(tmp_path / "plain"))
+    suffix = ".safetensors" if fmt == "safetensors" else ".pt"
+    src = _save(fmt, reference, tmp_path / f"model{suffix}")
+    convert.import_checkpoint(str(src), str(tmp_path / "out"))
+    want, got = checkpoint.read_arrays(str(tmp_path / "plain")), checkpoint.read_arrays(str(tmp_path / "out"))
+    for (path, a), (_, b) in zip(_leaves(want), _leaves(got)):
+        if fmt == "fp16_state_dict":
+            a = np.asarray(a, np.float16).astype(np.float32)
+        np.testing.assert_array_equal(a, b, err_msg=str(path))
+
+
+def _leaves(tree, prefix=()):
+    for k in sorted(tree):
+        if isinstance(tree[k], dict):
+            yield from _leaves(tree[k], prefix + (k,))
+        else:
+            yield prefix + (k,), tree[k]
+
+
+# ----------------------------------------------------------------------------- export
+
+def test_export_loads_in_open_clip_with_identical_outputs(tmp_path):
+    reference = tiny_reference("resnet", seed=1)     # BatchNorm statistics travel too
+    torch.save(reference.state_dict(), tmp_path / "model.pt")
+    convert.import_checkpoint(str(tmp_path / "model.pt"), str(tmp_path / "converted"))
+    out = tmp_path / "hub" / "open_clip_model.safetensors"
+    convert.main([str(tmp_path / "converted"), "--to", "open_clip", "--out", str(out)])
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'hub'}")
+    model.eval()
+    images = torch.randn(2, 3, 64, 64)
+    ids = open_clip.tokenize(TEXTS)
+    with torch.no_grad():
+        for fn, x in ((lambda m, x: m.encode_image(x), images), (lambda m, x: m.encode_text(x), ids)):
+            torch.testing.assert_close(fn(model, x), fn(reference, x), rtol=0, atol=0)
+    # .pt export: OpenCLIP's own loader, strict
+    convert.main([str(tmp_path / "converted"), "--to", "open_clip", "--out", str(tmp_path / "pt" / "model.pt")])
+    fresh = open_clip.CLIP(embed_dim=64, vision_cfg=TINY["resnet"][0], quick_gelu=True,
+                           text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=2))
+    assert not open_clip.load_checkpoint(fresh, str(tmp_path / "pt" / "model.pt"), strict=True).missing_keys
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.encode_image(images), reference.encode_image(images), rtol=0, atol=0)
+
+
+def test_a_clip_jax_model_with_its_own_head_width_runs_in_open_clip(tmp_path):
+    # The tiny test model: 2 heads of 16 in both towers, a SentencePiece vocabulary of 256.
+    src = write_model_dir(tmp_path / "model", seed=2)
+    ours = clip_jax.load(src)
+    out = tmp_path / "hub" / "open_clip_model.safetensors"
+    convert.main([src, "--to", "open_clip", "--out", str(out)])
+    model = open_clip.create_model(f"local-dir:{tmp_path / 'hub'}").eval()
+    ids = ours.tokenize(["a photo of a red circle.", "a blue square"])
+    images = np.random.default_rng(0).standard_normal((2, ours.image_size, ours.image_size, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref_text = model.encode_text(torch.from_numpy(ids).long()).numpy()
+        ref_image = model.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+    assert relative_error(ours.encode_text(ids), ref_text) <= TOLERANCE
+    assert relative_error(ours.encode_image(images), ref_image) <= TOLERANCE
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+@pytest.mark.slow
+def test_a_converted_model_fine_tunes_from_the_command_line(tmp_path):
+    reference = tiny_reference("vit", seed=3)
+    torch.save(reference.state_dict(), tmp_path / "model.pt")
+    run_cli(["clip_jax.convert", str(tmp_path / "model.pt"), "--out", str(tmp_path / "converted")])
+    wd = tmp_path / "ft"
+    flags = [f for f in tiny_flags(total_steps=3, batch_size=16, **{"data.synthetic.num_eval": 32})
+             if f.startswith(("--config.batch_size", "--config.total_steps", "--config.log_every",
+                              "--config.progress", "--config.data.synthetic"))]
+    proc = run_cli(["clip_jax.train", f"--config={REPO}/configs/finetune.py:{tmp_path / 'converted'}",
+                    f"--workdir={wd}", "--config.model.dtype=float32", "--config.model.remat=False",
+                    "--config.optim.warmup_steps=1", *flags])
+    out = proc.stdout + proc.stderr
+    assert "init_from" in out and "arrays loaded" in out, out[-3000:]
+    saved = json.loads((wd / "config.json").read_text())
+    assert saved["data"]["tokenizer"] == "clip_bpe" and saved["init_from"] == str(tmp_path / "converted")
+    losses = [json.loads(line)["loss"] for line in (wd / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    before, after = checkpoint.read_arrays(str(tmp_path / "converted")), checkpoint.read_arrays(str(wd))
+    moved = [float(np.abs(a - b).max()) for (_, a), (_, b) in zip(_leaves(before["params"]), _leaves(after["params"]))]
+    assert 0 < max(moved) < 1e-3, max(moved)      # fine-tuned from the weights, not from scratch
+
+
+# ----------------------------------------------------------------------------- real shapes
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["RN50", "ViT-B-32"])
+def test_full_size_paper_model_matches_the_reference(name, tmp_path):
+    torch.manual_seed(0)
+    reference = randomize_norms(open_clip.create_model(name, pretrained=None, force_quick_gelu=True))
+    torch.save(reference.state_dict(), tmp_path / "model.pt")
+    report = convert.import_checkpoint(str(tmp_path / "model.pt"), str(tmp_path / "out"))
+    assert report["architecture"] == {"RN50": "rn50", "ViT-B-32": "vit_b32"}[name]
+    errors = compare(reference, clip_jax.load(str(tmp_path / "out"), batch_size=8), batch=2)
+    print(f"parity {name}: {errors}")
+    assert max(errors.values()) <= TOLERANCE, errors
+
+
+OPEN_CLIP_NAMES = {"rn50": "RN50", "rn101": "RN101", "rn50x4": "RN50x4", "rn50x16": "RN50x16",
+                   "rn50x64": "RN50x64", "vit_b32": "ViT-B-32", "vit_b16": "ViT-B-16",
+                   "vit_l14": "ViT-L-14", "vit_l14_336": "ViT-L-14-336"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(OPEN_CLIP_NAMES))
+def test_each_paper_architecture_converts_from_a_reference_state_dict(name):
+    oc_name = OPEN_CLIP_NAMES[name]
+    torch.manual_seed(0)
+    reference = open_clip.create_model(oc_name, pretrained=None, force_quick_gelu=True)
+    tensors = _state_dict_numpy(reference)
+    model_cfg = convert.infer_model_config(tensors, oc_name)
+    assert convert.paper_name(model_cfg) == name
+    assert convert._shape_dict(model_cfg) == convert._shape_dict(config_lib.model_config(name))
+    variables = convert.from_torch(tensors, model_cfg, oc_name)
+    counts = count_params(variables["params"])
+    assert counts["total"] == sum(p.numel() for p in reference.parameters())
+    assert counts["image"] == sum(p.numel() for p in reference.visual.parameters())
+    for entry, _ in convert.name_table(model_cfg):   # every array is its tensor, re-laid
+        node = variables[entry.collection]
+        for k in entry.path:
+            node = node[k]
+        source = tensors[entry.torch_name]
+        if entry.part is not None:
+            source = np.split(source, 3)[entry.part]
+        np.testing.assert_array_equal(convert._to_torch(node, entry.layout), source, err_msg=entry.torch_name)
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+def _photo(width, height, seed):
+    """A photo-like image: scikit-learn's bundled photograph, resized and shifted."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+    photo = load_sample_images().images[seed % 2]
+    return Image.fromarray(np.roll(photo, 37 * seed, axis=1)).resize((width, height), Image.BICUBIC)
+
+
+@pytest.mark.parametrize("size", [224, 336])
+def test_evaluation_view_equals_the_reference_preprocessing(size):
+    """`preprocess` (resize the short side, centre crop, normalise) gives the reference's
+    input tensor: OpenCLIP's eval transform (OpenAI's Resize + CenterCrop, bicubic)."""
+    import io
+    from PIL import Image
+    from clip_jax.data import images as images_lib
+    from clip_jax.data.pipeline import CLIP_STD, normalize_images
+    reference = open_clip.image_transform(size, is_train=False)
+    diffs = []
+    for i, (w, h) in enumerate([(640, 427), (500, 375), (333, 500), (1280, 853), (size + 1, size), (300, 900)]):
+        buf = io.BytesIO()
+        _photo(w, h, i).save(buf, "JPEG", quality=95)
+        ref = reference(Image.open(io.BytesIO(buf.getvalue()))).permute(1, 2, 0).numpy()
+        ours = normalize_images(images_lib.center_crop(buf.getvalue(), size))
+        diffs.append(np.abs(ours - ref) * np.asarray(CLIP_STD) * 255)   # in 8-bit levels
+    levels = np.concatenate([d.ravel() for d in diffs])
+    print(f"preprocess {size}: max {levels.max():.2f} levels, mean {levels.mean():.4f}, "
+          f">=1.5 levels: {(levels >= 1.5).mean():.2e}")
+    assert levels.mean() < 0.05 and (levels >= 1.5).mean() < 1e-3 and levels.max() <= 8
