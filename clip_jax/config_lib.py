@@ -93,7 +93,16 @@ def base_config():
         warmup_steps=2000, grad_clip_norm=0.0))   # 0: no clipping
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))  # -1: the rest
     c.sharding_rules = DEFAULT_RULES
-    c.loss = ml_collections.ConfigDict(dict(name="clip"))
+    # The contrastive loss (clip_jax/losses.py): 'clip' (the paper's, sharded), 'clip_blockwise'
+    # (the same value, logits streamed over column blocks of `block_size`: O(B_local x block)
+    # memory), 'siglip' (pairwise sigmoid, learned temperature and bias).
+    c.loss = ml_collections.ConfigDict(dict(name="clip", block_size=1024))
+    # >1: each step computes the full-batch loss from K micro-batches (gradient cache):
+    # the same update as one big batch, with the activations of batch_size / K examples.
+    c.micro_batches = 1
+    # Locked-image tuning (LiT): freeze the image tower, except its last `unlocked_blocks`
+    # residual blocks (and what follows them); frozen parameters get no optimiser state.
+    c.lock_image = ml_collections.ConfigDict(dict(enabled=False, unlocked_blocks=0))
     # Evaluations run every `eval_every` steps and at the end: name -> {task, data, options}
     # as `python -m clip_jax.evaluate` takes them (README "Evaluation"); logged as
     # <task>/<name>/<figure>. Entries on synthetic[:ATTR] data run only when training on
