@@ -16,6 +16,15 @@
                    (optimiser moments filled with random values, like a trained state's).
                    Reports the blocking part of a save (what training waits for), the
                    whole save, the restore (with its checksum verification), and the size.
+  loss             compiled memory per device of each contrastive loss + its backward
+                   (--losses; the embeddings, scale and bias only: no towers) at each global
+                   batch in --global_batches (--embed_dim, float32), compiled ahead of time
+                   from shapes (nothing runs), and the largest global batch whose peak fits
+                   in --budget_gib per device. Peak = XLA's argument + output + temp bytes
+                   of the compiled program (`compiled.memory_analysis()`). The batch is split
+                   over all devices JAX sees; the config is not used. For N simulated
+                   devices on a CPU machine, start it with
+                   XLA_FLAGS=--xla_force_host_platform_device_count=N in the environment.
 
 Figures are medians over --repeats timing windows; with --json the last line printed is
 one JSON object holding them (`samples_per_sec` for train, `images_per_sec` per worker
@@ -221,6 +230,107 @@ def benchmark_evaluate(config, source, num_images, repeats, batch_size):
             "backend": jax.default_backend(), "data": source or f"{n} generated 500x375 JPEGs"}
 
 
+LOSS_BATCHES = [1024 * 2 ** i for i in range(7)]    # 1k .. 64k
+
+
+def _loss_memory(name, batch, embed_dim, block_size, mesh, batch_axes):
+    """XLA's compiled-memory figures (bytes per device) of value_and_grad of loss `name` with
+    respect to both embeddings and the scale (and bias), for a global `batch`: compiled
+    ahead of time from shapes, nothing is allocated or run."""
+    import jax.numpy as jnp
+    import ml_collections
+
+    from clip_jax import losses, sharding
+    loss = losses.make_loss(ml_collections.ConfigDict(dict(name=name, block_size=block_size)),
+                            mesh, batch_axes)
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes))
+    embeds = jax.ShapeDtypeStruct((batch, embed_dim), jnp.float32, sharding=split)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
+    if name == "siglip":
+        fn, args = jax.value_and_grad(loss, argnums=(0, 1, 2, 3)), (embeds, embeds, scalar, scalar)
+    else:
+        fn = jax.value_and_grad(lambda i, t, s: loss(i, t, s, None), argnums=(0, 1, 2))
+        args = (embeds, embeds, scalar)
+    stats = jax.jit(fn).lower(*args).compile().memory_analysis()
+    out = {"argument_bytes": int(stats.argument_size_in_bytes),
+           "output_bytes": int(stats.output_size_in_bytes),
+           "temp_bytes": int(stats.temp_size_in_bytes)}
+    out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
+    return out
+
+
+def benchmark_loss(names, batches, embed_dim, block_size, budget_gib, search_max):
+    """Per-device compiled memory of each loss + its backward at each global batch, and the
+    largest global batch (a multiple of min(batches), up to `search_max`) whose peak
+    estimate fits in `budget_gib` GiB, found by doubling then bisection."""
+    import ml_collections
+
+    from clip_jax import sharding
+    from clip_jax.config_lib import DEFAULT_RULES
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1)))
+    batch_axes = sharding.batch_axes(DEFAULT_RULES)
+    devices = jax.device_count()
+    if any(b % devices for b in batches):
+        raise ValueError(f"--global_batches must be multiples of the {devices} devices, got {batches}")
+    budget = budget_gib * 2 ** 30
+    step = min(batches)
+    results, largest = {}, {}
+    for name in names:
+        peak = {}
+
+        def measure(b):
+            if b not in peak:
+                peak[b] = _loss_memory(name, b, embed_dim, block_size, mesh, batch_axes)
+            return peak[b]["peak_bytes"]
+
+        for b in batches:
+            measure(b)
+        results[name] = {str(b): peak[b] for b in batches}
+        fits = [b for b in batches if peak[b]["peak_bytes"] <= budget]
+        lo = max(fits, default=0)
+        over = [b for b in batches if b > lo and peak[b]["peak_bytes"] > budget]
+        hi = min(over, default=None)
+        while hi is None and search_max and lo < search_max:   # doubling past the table
+            b = min(2 * lo, search_max) if lo else step
+            if measure(b) <= budget:
+                lo = b
+            else:
+                hi = b
+        while hi is not None and hi - lo > step:                 # bisection, to `step`
+            mid = (lo + hi) // 2 // step * step
+            if not lo < mid < hi:
+                break
+            if measure(mid) <= budget:
+                lo = mid
+            else:
+                hi = mid
+        largest[name] = {"global_batch": lo, "local_batch": lo // devices,
+                         "peak_bytes": peak[lo]["peak_bytes"] if lo else None,
+                         "capped": hi is None}
+    return {"devices": devices, "backend": jax.default_backend(), "embed_dim": embed_dim,
+            "block_size": block_size, "dtype": "float32", "budget_gib": budget_gib,
+            "search_step": step, "search_max": search_max, "results": results,
+            "largest_fitting": largest}
+
+
+def print_loss_table(r):
+    mib = lambda x: f"{x / 2 ** 20:,.1f}"
+    names = list(r["results"])
+    print(f"loss: compiled memory per device (MiB) of value_and_grad(loss) wrt the embeddings, "
+          f"scale (and bias); {r['devices']} {r['backend']} devices, embed_dim {r['embed_dim']}, "
+          f"float32, clip_blockwise block {r['block_size']}; peak = argument + output + temp")
+    print("| global batch | local batch | " + " | ".join(f"{n} peak (temp)" for n in names) + " |")
+    print("|---:|---:|" + "---:|" * len(names))
+    for b in r["results"][names[0]]:
+        cells = [f"{mib(r['results'][n][b]['peak_bytes'])} ({mib(r['results'][n][b]['temp_bytes'])})"
+                 for n in names]
+        print(f"| {int(b):,} | {int(b) // r['devices']:,} | " + " | ".join(cells) + " |")
+    for n, f in r["largest_fitting"].items():
+        limit = f" (search capped at {r['search_max']:,})" if f["capped"] else ""
+        print(f"largest global batch within {r['budget_gib']:g} GiB per device, {n}: "
+              f"{f['global_batch']:,} (local {f['local_batch']:,}; resolution {r['search_step']:,}){limit}")
+
+
 def main():
     from absl import app, flags
     from ml_collections import config_flags
@@ -244,15 +354,35 @@ def main():
     flags.DEFINE_integer("eval_batch_size", 256, "evaluate: images or texts per batch")
     flags.DEFINE_string("checkpoint_dir", None, "checkpoint: where to write (default: a temporary "
                         "directory); point it at the filesystem your runs use")
+    flags.DEFINE_list("losses", ["clip", "clip_blockwise", "siglip"], "loss: the losses to measure")
+    flags.DEFINE_list("global_batches", [str(b) for b in LOSS_BATCHES],
+                      "loss: global batch sizes (multiples of the device count)")
+    flags.DEFINE_integer("embed_dim", 512, "loss: embedding dimension")
+    flags.DEFINE_integer("block_size", 1024, "loss: clip_blockwise's column block")
+    flags.DEFINE_float("budget_gib", 16.0, "loss: per-device memory budget in GiB (2^30 bytes) "
+                       "for the largest-batch search")
+    flags.DEFINE_integer("search_max", 2 ** 24, "loss: largest global batch the search tries "
+                         "(0: report only the largest fitting batch of --global_batches)")
     flags.DEFINE_bool("json", False, "print the figures as one JSON object on the last line")
     FLAGS = flags.FLAGS
 
     def run(argv):
         config_lib.quiet_absl_logging()
         mode = argv[1] if len(argv) > 1 else "train"
-        if mode not in ("train", "data", "evaluate", "checkpoint") or len(argv) > 2:
-            sys.exit("error: usage: python -m clip_jax.benchmark [train|data|evaluate|checkpoint] [flags]; "
-                     f"got {argv[1:]}")
+        if mode not in ("train", "data", "evaluate", "checkpoint", "loss") or len(argv) > 2:
+            sys.exit("error: usage: python -m clip_jax.benchmark [train|data|evaluate|checkpoint|loss] "
+                     f"[flags]; got {argv[1:]}")
+        if mode == "loss":                  # no config: the loss alone, on synthetic shapes
+            try:
+                result = {"mode": "loss", **benchmark_loss(
+                    FLAGS.losses, [int(b) for b in FLAGS.global_batches], FLAGS.embed_dim,
+                    FLAGS.block_size, FLAGS.budget_gib, FLAGS.search_max)}
+            except ValueError as e:
+                sys.exit(f"error: {e}")
+            print_loss_table(result)
+            if FLAGS.json:
+                print(json.dumps(result))
+            return
         config = config_flag.value
         try:
             with config.unlocked():

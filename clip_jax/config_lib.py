@@ -354,6 +354,15 @@ def validate(config, num_devices=None):
     need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     from clip_jax import losses
     need(config.loss.name in losses.LOSSES, "loss.name", f"must be one of {sorted(losses.LOSSES)}")
+    need(isinstance(config.loss.block_size, int) and config.loss.block_size > 0, "loss.block_size",
+         "must be a positive integer")
+    need(isinstance(config.micro_batches, int) and config.micro_batches >= 1, "micro_batches",
+         "must be a positive integer")
+    need(config.batch_size % config.micro_batches == 0, "micro_batches", "must divide batch_size")
+    need(isinstance(config.lock_image.unlocked_blocks, int) and config.lock_image.unlocked_blocks >= 0,
+         "lock_image.unlocked_blocks", "must be an integer >= 0")
+    need(not config.lock_image.enabled or config.init_from, "lock_image.enabled",
+         "locks the image tower of a pretrained model: set config.init_from too")
     _validate_data(config, need)
     _validate_evals(config)
     rule_names = [r[0] for r in config.sharding_rules]
@@ -371,3 +380,5 @@ def validate(config, num_devices=None):
             shards *= shape[a]
         need(config.batch_size % shards == 0, "batch_size",
              f"must be divisible by the {shards} batch shards of the mesh {shape}")
+        need(config.batch_size % (shards * config.micro_batches) == 0, "micro_batches",
+             f"batch_size={config.batch_size} must split into micro_batches x {shards} batch shards")

@@ -5,12 +5,32 @@
 local rows of the logits against the all-gathered embeddings of the other tower,
 so a device holds B_local x B logits, never B x B. The transpose of `all_gather`
 (a reduce-scatter) makes the gradients exact; tests check both against the naive loss.
+
+`clip_loss_blockwise` is the same value and sharding, but each row's log-sum-exp over the
+B gathered columns is streamed over column blocks (online max + sum, `lax.scan`), with a
+`custom_vjp` backward that recomputes each block's logits from the saved row LSE: a device
+holds B_local x block logits, forward and backward.
+
+`siglip_loss_naive` / `siglip_loss` are the pairwise sigmoid loss of SigLIP (Zhai et al.
+2023). The sharded one never gathers the text embeddings: text blocks travel round a ring
+of the batch shards (`ppermute`), each device scoring its images against the block it holds
+(B_local x B_local logits); its `custom_vjp` backward runs the ring again, the text
+gradients travelling with their blocks back to their owners.
+
+`make_loss(config.loss, mesh, batch_axes)` gives the trainer one signature for all of them:
+fn(image_embeds, text_embeds, logit_scale, logit_bias) -> scalar. `logit_scale` is the
+model's output, exp(t') (the temperature's inverse), in every loss.
 """
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+
+# ---------------------------------------------------------------- CLIP (softmax) losses
 
 def clip_loss_naive(image_embeds, text_embeds, logit_scale):
     """Symmetric InfoNCE on the whole batch: mean of image->text and text->image CE."""
@@ -38,22 +58,247 @@ def clip_loss_local(image_local, text_local, logit_scale, axis_name):
     return jax.lax.psum(local_sum, axis_name) / (2 * n_global)
 
 
+def _on_batch_shards(local_fn, mesh, batch_axes, n_sharded, n_replicated):
+    """shard_map of `local_fn` over the batch axes: the first `n_sharded` arguments are
+    split along their leading dimension, the next `n_replicated` are replicated; the
+    result is a replicated scalar."""
+    spec = P(tuple(batch_axes), None)
+    return jax.shard_map(local_fn, mesh=mesh, in_specs=(spec,) * n_sharded + (P(),) * n_replicated,
+                         out_specs=P())
+
+
 def clip_loss(image_embeds, text_embeds, logit_scale, mesh, batch_axes):
     """Sharded symmetric InfoNCE over the mesh's batch axes (equals `clip_loss_naive`)."""
     if not batch_axes:
         return clip_loss_naive(image_embeds, text_embeds, logit_scale)
     axes = tuple(batch_axes)
-    spec = P(axes, None)
-    fn = jax.shard_map(
-        lambda i, t, s: clip_loss_local(i, t, s, axes),
-        mesh=mesh, in_specs=(spec, spec, P()), out_specs=P())
+    fn = _on_batch_shards(lambda i, t, s: clip_loss_local(i, t, s, axes), mesh, axes, 2, 1)
     return fn(image_embeds, text_embeds, logit_scale)
 
 
-LOSSES = {"clip": clip_loss}
+# ------------------------------------------------- blockwise (streaming log-sum-exp) CLIP
+
+def _column_blocks(cols, block_size):
+    """cols [B, d] -> ([n_blocks, block, d] zero-padded, [n_blocks, block] validity mask)."""
+    n, d = cols.shape
+    block = min(block_size, n)
+    n_blocks = -(-n // block)
+    pad = n_blocks * block - n
+    blocks = jnp.pad(cols, ((0, pad), (0, 0))).reshape(n_blocks, block, d)
+    valid = (jnp.arange(n_blocks * block) < n).reshape(n_blocks, block)
+    return blocks, valid
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def row_logsumexp(rows, cols, block_size):
+    """log(sum_j exp(<rows_i, cols_j>)) for each row, streamed over column blocks of
+    `block_size`: memory O(rows x block), not O(rows x cols), forward and backward."""
+    return _row_lse_fwd(rows, cols, block_size)[0]
+
+
+def _row_lse_fwd(rows, cols, block_size):
+    blocks, valid = _column_blocks(cols, block_size)
+
+    def step(carry, block_and_mask):
+        running_max, running_sum = carry
+        block, mask = block_and_mask
+        logits = jnp.where(mask, rows @ block.T, -jnp.inf)      # [rows, block]
+        new_max = jnp.maximum(running_max, logits.max(axis=1))   # finite: a block has >= 1 column
+        running_sum = (running_sum * jnp.exp(running_max - new_max)
+                       + jnp.exp(logits - new_max[:, None]).sum(axis=1))
+        return (new_max, running_sum), None
+
+    # *_like keeps the shard_map type of `rows` (varying over the batch axes), as scan
+    # carries must: a fresh jnp.full would be invariant.
+    init = (jnp.full_like(rows[:, 0], -jnp.inf), jnp.zeros_like(rows[:, 0]))
+    (row_max, row_sum), _ = jax.lax.scan(step, init, (blocks, valid))
+    lse = row_max + jnp.log(row_sum)
+    return lse, (rows, cols, lse)
+
+
+def _row_lse_bwd(block_size, residuals, g):
+    rows, cols, lse = residuals
+    blocks, valid = _column_blocks(cols, block_size)
+
+    def step(d_rows, block_and_mask):
+        block, mask = block_and_mask
+        # d lse_i / d logit_ij = softmax_ij, recomputed from the saved lse; padding gives 0.
+        probs = jnp.where(mask, jnp.exp(rows @ block.T - lse[:, None]), 0.0)
+        d_logits = g[:, None] * probs                            # [rows, block]
+        return d_rows + d_logits @ block, d_logits.T @ rows
+
+    d_rows, d_blocks = jax.lax.scan(step, jnp.zeros_like(rows), (blocks, valid))
+    d_cols = d_blocks.reshape(-1, cols.shape[1])[:cols.shape[0]]
+    return d_rows, d_cols
+
+
+row_logsumexp.defvjp(_row_lse_fwd, _row_lse_bwd)
+
+
+def clip_loss_blockwise_local(image_local, text_local, logit_scale, axis_name, block_size):
+    """Per-shard part of `clip_loss_blockwise`; call inside shard_map over `axis_name`
+    (None: no sharding, the whole batch is local). Returns the global loss."""
+    gather = (lambda x: x) if axis_name is None else (
+        lambda x: jax.lax.all_gather(x, axis_name, tiled=True))
+    all_image, all_text = gather(image_local), gather(text_local)
+    # Both directions are "local rows against all gathered columns", so only row LSEs are
+    # needed. The scale goes into the rows, so its gradient comes from ordinary autodiff.
+    lse_i = row_logsumexp(logit_scale * image_local, all_text, block_size)   # image -> text
+    lse_t = row_logsumexp(logit_scale * text_local, all_image, block_size)   # text -> image
+    positives = logit_scale * jnp.sum(image_local * text_local, axis=1)
+    local_sum = jnp.sum(lse_i + lse_t - 2 * positives)
+    total = local_sum if axis_name is None else jax.lax.psum(local_sum, axis_name)
+    return total / (2 * all_image.shape[0])
+
+
+def clip_loss_blockwise(image_embeds, text_embeds, logit_scale, mesh, batch_axes, block_size):
+    """`clip_loss` with each row's log-sum-exp streamed over column blocks of `block_size`
+    (the last one padded with masked columns): equal value and gradients, O(B_local x
+    block) logits per device instead of O(B_local x B)."""
+    if block_size < 1:
+        raise ValueError(f"config.loss.block_size must be >= 1, got {block_size}")
+    if not batch_axes:
+        return clip_loss_blockwise_local(image_embeds, text_embeds, logit_scale, None, block_size)
+    axes = tuple(batch_axes)
+    fn = _on_batch_shards(
+        lambda i, t, s: clip_loss_blockwise_local(i, t, s, axes, block_size), mesh, axes, 2, 1)
+    return fn(image_embeds, text_embeds, logit_scale)
+
+
+# ----------------------------------------------------------------------- SigLIP losses
+
+def siglip_loss_naive(image_embeds, text_embeds, logit_scale, logit_bias):
+    """-(1/B) sum_ij log sigmoid(z_ij (t <img_i, txt_j> + b)), z = +1 on the diagonal, else -1."""
+    logits = logit_scale * image_embeds @ text_embeds.T + logit_bias
+    z = 2 * jnp.eye(logits.shape[0], dtype=logits.dtype) - 1
+    return -jnp.sum(jax.nn.log_sigmoid(z * logits)) / logits.shape[0]
+
+
+def _siglip_block(image, text_block, scale, bias, positives):
+    """Sum of log sigmoid(z * logits) over one [B_local, B_local] block, and d/d logits."""
+    logits = scale * image @ text_block.T + bias
+    n = logits.shape[0]
+    z = 2 * jnp.eye(n, dtype=logits.dtype) - 1 if positives else -jnp.ones((n, n), logits.dtype)
+    return jnp.sum(jax.nn.log_sigmoid(z * logits)), z * jax.nn.sigmoid(-z * logits)
+
+
+def _ring(axis_name, n_shards):
+    """Send each block to the next shard along the (linearised) batch axes."""
+    perm = [(i, (i + 1) % n_shards) for i in range(n_shards)]
+    return lambda x: jax.lax.ppermute(x, axis_name, perm)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def siglip_ring_sum(image, text, scale, bias, axis_name, n_shards):
+    """This shard's sum of log sigmoid(z_ij logit_ij) over its images and ALL texts, the
+    text blocks coming round the ring (n_shards - 1 ppermutes); no psum."""
+    return _siglip_ring_fwd(image, text, scale, bias, axis_name, n_shards)[0]
+
+
+def _siglip_ring_fwd(image, text, scale, bias, axis_name, n_shards):
+    send = _ring(axis_name, n_shards)
+    own, _ = _siglip_block(image, text, scale, bias, True)    # positives: own block only
+
+    def step(carry, _):
+        block, total = carry
+        block = send(block)
+        return (block, total + _siglip_block(image, block, scale, bias, False)[0]), None
+
+    (_, total), _ = jax.lax.scan(step, (text, own), None, length=n_shards - 1)
+    return total, (image, text, scale, bias)
+
+
+def _siglip_ring_bwd(axis_name, n_shards, residuals, g):
+    image, text, scale, bias = residuals
+    send = _ring(axis_name, n_shards)
+
+    def grads(block, positives):
+        _, d_logits = _siglip_block(image, block, scale, bias, positives)
+        d_logits = g * d_logits
+        return (d_logits @ block * scale, d_logits.T @ image * scale,
+                jnp.sum(d_logits * (image @ block.T)), jnp.sum(d_logits))
+
+    d_image, d_text, d_scale, d_bias = grads(text, True)
+
+    def step(carry, _):
+        block, d_block, d_image, d_scale, d_bias = carry
+        # The text gradient travels with its block and is back at its owner after n_shards sends.
+        block, d_block = send(block), send(d_block)
+        di, dt, ds, db = grads(block, False)
+        return (block, d_block + dt, d_image + di, d_scale + ds, d_bias + db), None
+
+    (_, d_text, d_image, d_scale, d_bias), _ = jax.lax.scan(
+        step, (text, d_text, d_image, d_scale, d_bias), None, length=n_shards - 1)
+    return d_image, send(d_text), d_scale, d_bias
+
+
+siglip_ring_sum.defvjp(_siglip_ring_fwd, _siglip_ring_bwd)
+
+
+def siglip_loss(image_embeds, text_embeds, logit_scale, logit_bias, mesh, batch_axes):
+    """Sharded SigLIP loss (equals `siglip_loss_naive`): as in the paper, each shard keeps its
+    images and the text blocks go round a ring of the batch shards, so no device holds all
+    text embeddings and logits are B_local x B_local per step."""
+    if not batch_axes:
+        return siglip_loss_naive(image_embeds, text_embeds, logit_scale, logit_bias)
+    axes = tuple(batch_axes)
+    n_shards = math.prod(mesh.shape[a] for a in axes)
+
+    def local(image, text, scale, bias):
+        # Varying copies of the replicated scalars: the custom backward returns per-shard
+        # gradients for them, which pcast's transpose sums over the shards.
+        scale, bias = (jax.lax.pcast(x, axes, to="varying") for x in (scale, bias))
+        # ppermute takes the tuple of batch axes; its indices are the linearised (row-major)
+        # shard index, the same order as axis_index(axes) and P(axes) sharding.
+        total = siglip_ring_sum(image, text, scale, bias, axes, n_shards)
+        return -jax.lax.psum(total, axes) / (image.shape[0] * n_shards)
+
+    return _on_batch_shards(local, mesh, axes, 2, 2)(image_embeds, text_embeds, logit_scale,
+                                                     logit_bias)
+
+
+# ------------------------------------------------------------------------ entry points
+
+LOSSES = {"clip": clip_loss, "clip_blockwise": clip_loss_blockwise, "siglip": siglip_loss}
 
 
 def get_loss(name):
+    """The loss function registered as `name` (its own signature; the trainer uses make_loss)."""
     if name not in LOSSES:
         raise ValueError(f"config.loss.name={name!r} is not one of {sorted(LOSSES)}")
     return LOSSES[name]
+
+
+def make_loss(loss_cfg, mesh, batch_axes):
+    """fn(image_embeds, text_embeds, logit_scale, logit_bias) -> scalar loss for `config.loss`
+    (`name`, `block_size`). `logit_bias` must be None for the CLIP losses and an array for
+    'siglip'."""
+    name = loss_cfg.name
+    loss = get_loss(name)
+    if name == "clip_blockwise" and int(loss_cfg.block_size) < 1:
+        raise ValueError(f"config.loss.block_size must be >= 1, got {loss_cfg.block_size}")
+
+    def fn(image_embeds, text_embeds, logit_scale, logit_bias=None):
+        if name == "siglip":
+            if logit_bias is None:
+                raise ValueError("config.loss.name='siglip' needs a logit_bias (the model "
+                                 "makes one when built with losses.model_options(config.loss))")
+            return loss(image_embeds, text_embeds, logit_scale, logit_bias, mesh, batch_axes)
+        if logit_bias is not None:
+            raise ValueError(f"config.loss.name={name!r} takes no logit_bias (it would get no "
+                             "gradient); only 'siglip' uses one")
+        if name == "clip_blockwise":
+            return loss(image_embeds, text_embeds, logit_scale, mesh, batch_axes,
+                        int(loss_cfg.block_size))
+        return loss(image_embeds, text_embeds, logit_scale, mesh, batch_axes)
+
+    return fn
+
+
+def model_options(loss_cfg):
+    """Model keyword options the loss needs: SigLIP's initial t' = log 10 and bias -10 (the
+    paper's), nothing for the CLIP losses."""
+    get_loss(loss_cfg.name)
+    if loss_cfg.name == "siglip":
+        return {"logit_scale_init": math.log(10.0), "logit_bias_init": -10.0}
+    return {}

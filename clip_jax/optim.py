@@ -27,14 +27,38 @@ def make_schedule(optim_cfg, total_steps):
         decay_steps=max(int(total_steps), warmup + 1), end_value=0.0)
 
 
-def make_optimizer(optim_cfg, total_steps):
-    """Returns (optax transformation, learning-rate schedule)."""
+def frozen_labels(params, lock_cfg):
+    """'frozen' / 'trained' per parameter for locked-image tuning (`config.lock_image`): the
+    whole image tower ('visual') is frozen except its last `unlocked_blocks` residual blocks
+    (ViT: transformer blocks; ResNet: bottlenecks, in order) and what follows them (ViT:
+    ln_post, proj; ResNet: the attention pool)."""
+    visual = params.get("visual", {})
+    blocks = sorted(visual.get("transformer", {}), key=lambda k: int(k.split("_")[-1])) or \
+        sorted((k for k in visual if k.startswith("layer")),
+               key=lambda k: tuple(int(n) for n in k[len("layer"):].split("_")))
+    n = int(lock_cfg.unlocked_blocks)
+    trained = set(blocks[len(blocks) - n:]) if n else set()
+    heads = {"ln_post", "proj", "attnpool"} if n else set()
+
+    def label(path, _):
+        keys = [getattr(k, "key", None) for k in path]
+        if not lock_cfg.enabled or keys[0] != "visual":
+            return "trained"
+        return "trained" if (set(keys[1:3]) & trained) or keys[1] in heads else "frozen"
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(optim_cfg, total_steps, labels=None):
+    """Returns (optax transformation, learning-rate schedule). `labels` ('frozen' / 'trained'
+    per parameter, `frozen_labels`): frozen parameters get zero updates and no optimiser state."""
     schedule = make_schedule(optim_cfg, total_steps)
-    adamw = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                        weight_decay=optim_cfg.weight_decay, mask=weight_decay_mask)
+    tx = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                     weight_decay=optim_cfg.weight_decay, mask=weight_decay_mask)
     if optim_cfg.grad_clip_norm and optim_cfg.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip_norm), adamw), schedule
-    return adamw, schedule
+        tx = optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip_norm), tx)
+    if labels is not None:
+        tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx, schedule
 
 
 def clip_logit_scale(params):

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clip_jax import checkpoint, config_lib, distributed, evaluate, losses, metrics, optim, sharding
 from clip_jax.distributed import log
@@ -61,6 +62,22 @@ def _init_fn(config, model, tx):
     return init_state
 
 
+def _opt_state_shardings(opt_shapes, param_shardings, default):
+    """Each optimiser-state leaf laid out as the parameter it tracks (the parameter whose key
+    path ends its own, e.g. `…mu['visual']['proj']`), scalars and the rest by `default`.
+    (optax.tree_map_params cannot map states that `multi_transform` masks.)"""
+    by_path = {tuple(p): s for p, s in jax.tree_util.tree_leaves_with_path(param_shardings)}
+    longest = max((len(p) for p in by_path), default=0)
+
+    def find(path, leaf):
+        for n in range(min(len(path), longest), 0, -1):
+            sharding_ = by_path.get(tuple(path[-n:]))
+            if sharding_ is not None and len(sharding_.spec) <= len(leaf.shape):
+                return sharding_
+        return default
+    return jax.tree_util.tree_map_with_path(find, opt_shapes)
+
+
 def train_state_shardings(config, model, tx, mesh, rules):
     """(abstract TrainState of ShapeDtypeStructs carrying their shardings, TrainState of shardings)."""
     var_shardings = jax.tree.map(lambda x: x.sharding,
@@ -68,9 +85,7 @@ def train_state_shardings(config, model, tx, mesh, rules):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         shapes = jax.eval_shape(_init_fn(config, model, tx), jax.random.key(0))
         replicated = sharding.replicated(mesh)
-        opt_shardings = optax.tree_map_params(
-            tx, lambda _, s: s, shapes.opt_state, var_shardings["params"],
-            transform_non_params=lambda _: replicated)
+        opt_shardings = _opt_state_shardings(shapes.opt_state, var_shardings["params"], replicated)
     shardings = TrainState(
         step=replicated, params=var_shardings["params"],
         batch_stats=var_shardings.get("batch_stats", {}), opt_state=opt_shardings,
@@ -98,27 +113,108 @@ def _cheap_compile_options():
     return {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
+def _frozen_mask(config, params):
+    """True for parameters locked by `config.lock_image` (None when nothing is locked)."""
+    if not config.lock_image.enabled:
+        return None
+    return jax.tree.map(lambda label: label == "frozen", optim.frozen_labels(params, config.lock_image))
+
+
+def _micro_split(x, k, shards):
+    """[B, ...] -> [k, B/k, ...]: micro-batch m holds rows m*b/k..(m+1)*b/k of every batch
+    shard's b local rows, so each micro-batch stays spread over all devices (no exchange)."""
+    x = x.reshape((shards, k, -1) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape((k, -1) + x.shape[3:])
+
+
+def _micro_merge(x, k, shards):
+    """The inverse of `_micro_split`: [k, B/k, ...] -> [B, ...] in the original row order."""
+    x = x.reshape((k, shards, -1) + x.shape[2:])
+    return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[3:])
+
+
+def make_gradient_fn(config, model, mesh, rules):
+    """(params, batch_stats, batch) -> ((loss, (new batch_stats, logit_scale)), grads).
+
+    With `config.micro_batches = K > 1` the gradient is the full-batch one, computed as the
+    gradient cache does: (1) the embeddings of the K micro-batches, keeping no activations;
+    (2) the loss of the whole batch and its gradient with respect to the embeddings (and the
+    temperature / bias); (3) each micro-batch again, its embedding gradient pulled back to
+    the parameters and accumulated. The logged loss is the full-batch loss. BatchNorm
+    (ResNets) normalises each micro-batch by its own statistics, so for ResNets the update
+    is that of K BatchNorm groups, not of one batch.
+    """
+    batch_axes = sharding.batch_axes(rules)
+    loss_fn = losses.make_loss(config.loss, mesh, batch_axes)
+    has_bn = config.model.vision.kind == "resnet"
+    # A fully locked image tower runs in inference mode: BatchNorm uses (and keeps) its
+    # running statistics, and no gradient is taken through it.
+    lock = config.lock_image
+    bn_train = has_bn and not (lock.enabled and lock.unlocked_blocks == 0)
+    k, shards = int(config.micro_batches), sharding.num_batch_shards(mesh, rules)
+    micro_spec = NamedSharding(mesh, P(None, batch_axes or None))
+
+    def forward(params, batch_stats, images, tokens):
+        out, updates = model.apply(_variables(params, batch_stats), images, tokens,
+                                   train=bn_train, mutable=["batch_stats"] if bn_train else [])
+        return out, updates.get("batch_stats", batch_stats)
+
+    def logit_params(params):
+        return model.apply({"params": params}, method=model.logit_params)
+
+    def full_batch(params, batch_stats, batch):
+        def objective(params):
+            out, new_stats = forward(params, batch_stats, batch["images"], batch["tokens"])
+            loss = loss_fn(out["image_embeds"], out["text_embeds"], out["logit_scale"], out["logit_bias"])
+            return loss, (new_stats, out["logit_scale"])
+        return jax.value_and_grad(objective, has_aux=True)(params)
+
+    def gradient_cache(params, batch_stats, batch):
+        images, tokens = (jax.lax.with_sharding_constraint(_micro_split(batch[key], k, shards), micro_spec)
+                          for key in ("images", "tokens"))
+
+        def embed(params, stats, x):
+            out, new_stats = forward(params, stats, *x)
+            return (out["image_embeds"], out["text_embeds"]), new_stats
+
+        def no_grad_pass(stats, x):        # (1): embeddings only, no activations kept
+            embeds, new_stats = embed(jax.lax.stop_gradient(params), stats, x)
+            return new_stats, embeds
+        new_stats, (image_mb, text_mb) = jax.lax.scan(no_grad_pass, batch_stats, (images, tokens))
+
+        def batch_loss(image_embeds, text_embeds, params):   # (2): the full-batch loss
+            scale, bias = logit_params(params)
+            return loss_fn(_micro_merge(image_embeds, k, shards), _micro_merge(text_embeds, k, shards),
+                           scale, bias), scale
+        (loss, scale), (g_image, g_text, grads) = jax.value_and_grad(
+            batch_loss, argnums=(0, 1, 2), has_aux=True)(image_mb, text_mb, params)
+
+        def pull_back(grads, x):          # (3): one micro-batch's parameter gradient
+            *inputs, g_i, g_t = x
+            _, vjp = jax.vjp(lambda p: embed(p, batch_stats, inputs)[0], params)
+            return jax.tree.map(jnp.add, grads, vjp((g_i, g_t))[0]), None
+        grads, _ = jax.lax.scan(pull_back, grads, (images, tokens, g_image, g_text))
+        return (loss, (new_stats, scale)), grads
+
+    def compute(params, batch_stats, batch):
+        frozen = _frozen_mask(config, params)
+        if frozen is not None:       # no gradient is computed for locked parameters
+            params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+        return (gradient_cache if k > 1 else full_batch)(params, batch_stats, batch)
+    return compute
+
+
 def make_train_step(config, model, tx, schedule, mesh, rules, state_shardings):
-    """One jitted step: forward, sharded contrastive loss, AdamW update. State is donated.
+    """One jitted step: `make_gradient_fn`'s loss and gradient, AdamW update. State is donated.
 
     A step whose loss or gradient is not finite changes nothing but the step counter and
     the non-finite counters: parameters, optimiser state and BatchNorm statistics keep their
     values (the select fuses into the update, so the guard costs no extra pass).
     """
-    loss_fn = losses.get_loss(config.loss.name)
-    batch_axes = sharding.batch_axes(rules)
-    has_bn = config.model.vision.kind == "resnet"
+    compute = make_gradient_fn(config, model, mesh, rules)
 
     def step_fn(state, batch):
-        def objective(params):
-            out, updates = model.apply(
-                _variables(params, state.batch_stats), batch["images"], batch["tokens"],
-                train=True, mutable=["batch_stats"] if has_bn else [])
-            loss = loss_fn(out["image_embeds"], out["text_embeds"], out["logit_scale"],
-                           mesh, batch_axes)
-            return loss, (updates.get("batch_stats", {}), out["logit_scale"])
-
-        (loss, (batch_stats, scale)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        (loss, (batch_stats, scale)), grads = compute(state.params, state.batch_stats, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optim.clip_logit_scale(optax.apply_updates(state.params, updates))
         grad_norm = optax.global_norm(grads)
@@ -173,8 +269,12 @@ def build(config):
     """Mesh, model, optimiser, the state's shapes and shardings, and the jitted step."""
     mesh = sharding.make_mesh(config.mesh)
     rules = tuple(tuple(r) for r in config.sharding_rules)
-    model = build_model(config.model)
-    tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+    model = build_model(config.model, **losses.model_options(config.loss))
+    labels = None
+    if config.lock_image.enabled:
+        labels = optim.frozen_labels(abstract_variables(model, config.model, mesh, rules)["params"],
+                                     config.lock_image)
+    tx, schedule = optim.make_optimizer(config.optim, config.total_steps, labels)
     abstract_state, state_shardings = train_state_shardings(config, model, tx, mesh, rules)
     with sharding.mesh_context(mesh, rules):
         train_step = make_train_step(config, model, tx, schedule, mesh, rules, state_shardings)

@@ -1,4 +1,6 @@
 """The sharded contrastive loss equals the plain full-batch loss, forward and backward."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,30 +60,65 @@ k1, k2 = jax.random.split(jax.random.key(1))
 norm = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 img, txt = norm(jax.random.normal(k1, (32, 16))), norm(jax.random.normal(k2, (32, 16)))
 v0, g0 = jax.value_and_grad(losses.clip_loss_naive, argnums=(0, 1, 2))(img, txt, 9.0)
+sv0, sg0 = jax.value_and_grad(losses.siglip_loss_naive, argnums=(0, 1, 2, 3))(img, txt, 9.0, -3.0)
+rel = lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
 for name, shape in {"data8": (-1, 1, 1), "data4_fsdp2": (4, 2, 1), "data2_fsdp2_model2": (2, 2, 2)}.items():
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(zip(("data", "fsdp", "model"), shape))))
     axes = sharding.batch_axes(DEFAULT_RULES)
     bs = sharding.batch_sharding(mesh, DEFAULT_RULES)
+    n_local = 32 // sharding.num_batch_shards(mesh, DEFAULT_RULES)
+    i, t = jax.device_put(img, bs), jax.device_put(txt, bs)
     f = jax.jit(jax.value_and_grad(lambda i, t, s: losses.clip_loss(i, t, s, mesh, axes), argnums=(0, 1, 2)))
-    v, g = f(jax.device_put(img, bs), jax.device_put(txt, bs), 9.0)
-    hlo = jax.jit(lambda i, t, s: losses.clip_loss(i, t, s, mesh, axes)).lower(
-        jax.device_put(img, bs), jax.device_put(txt, bs), 9.0).compile().as_text()
+    v, g = f(i, t, 9.0)
+    hlo = jax.jit(lambda i, t, s: losses.clip_loss(i, t, s, mesh, axes)).lower(i, t, 9.0).compile().as_text()
     out[name] = {
         "loss_err": abs(float(v) - float(v0)) / abs(float(v0)),
         "grad_err": max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(g, g0)),
         "shards": sharding.num_batch_shards(mesh, DEFAULT_RULES),
         "has_full_logits": "f32[32,32]" in hlo,
-        "has_local_logits": "f32[%d,32]" % (32 // sharding.num_batch_shards(mesh, DEFAULT_RULES)) in hlo,
+        "has_local_logits": "f32[%d,32]" % n_local in hlo,
+    }
+    # clip_loss_blockwise: a non-dividing block (5 of 32: the last one padded) and one block.
+    for block in (5, 64):
+        compiled = jax.jit(jax.value_and_grad(
+            lambda i, t, s: losses.clip_loss_blockwise(i, t, s, mesh, axes, block),
+            argnums=(0, 1, 2))).lower(i, t, 9.0).compile()
+        v, g = compiled(i, t, 9.0)
+        hlo = compiled.as_text()   # forward and backward
+        out[name]["blockwise%d" % block] = {
+            "loss_err": abs(float(v) - float(v0)) / abs(float(v0)),
+            "grad_err": max(rel(a, b) for a, b in zip(g, g0)),
+            "has_local_logits": "f32[%d,32]" % n_local in hlo,
+            "has_block_logits": "f32[%d,%d]" % (n_local, min(block, 32)) in hlo,
+        }
+    compiled = jax.jit(jax.value_and_grad(
+        lambda i, t, s, b: losses.siglip_loss(i, t, s, b, mesh, axes),
+        argnums=(0, 1, 2, 3))).lower(i, t, 9.0, -3.0).compile()
+    v, g = compiled(i, t, 9.0, -3.0)
+    hlo = compiled.as_text()
+    out[name]["siglip"] = {
+        "loss_err": abs(float(v) - float(sv0)) / abs(float(sv0)),
+        "grad_err": max(rel(a, b) for a, b in zip(g, sg0)),
+        "has_all_text": "f32[32,16]" in hlo, "all_gather": "all-gather" in hlo,
+        "permutes": "collective-permute" in hlo,
+        "has_block_logits": "f32[%d,%d]" % (n_local, n_local) in hlo,
     }
 print(json.dumps(out))
 """
 
+MESHES = [("data8", 8), ("data4_fsdp2", 8), ("data2_fsdp2_model2", 4)]
 
-@pytest.mark.parametrize("mesh_name,shards", [("data8", 8), ("data4_fsdp2", 8), ("data2_fsdp2_model2", 4)])
-def test_sharded_loss_on_8_devices_equals_naive(mesh_name, shards, _multi_result={}):
-    if not _multi_result:
-        _multi_result.update(run_python(MULTI, n_devices=8))
-    r = _multi_result[mesh_name]
+
+def _multi(_cache={}):
+    """All 8-device checks, in one subprocess (started once per test process)."""
+    if not _cache:
+        _cache.update(run_python(MULTI, n_devices=8))
+    return _cache
+
+
+@pytest.mark.parametrize("mesh_name,shards", MESHES)
+def test_sharded_loss_on_8_devices_equals_naive(mesh_name, shards):
+    r = _multi()[mesh_name]
     assert r["shards"] == shards
     assert r["loss_err"] < 1e-6
     assert r["grad_err"] < 1e-6
@@ -89,6 +126,149 @@ def test_sharded_loss_on_8_devices_equals_naive(mesh_name, shards, _multi_result
     assert r["has_local_logits"] and not r["has_full_logits"]
 
 
+@pytest.mark.parametrize("mesh_name,shards", MESHES)
+def test_blockwise_loss_on_8_devices_equals_naive(mesh_name, shards):
+    for block in (5, 64):
+        r = _multi()[mesh_name]["blockwise%d" % block]
+        assert r["loss_err"] < 1e-5 and r["grad_err"] < 1e-5, (block, r)
+        assert r["has_block_logits"], block
+    # With a block < B, no [B_local, B] logits anywhere, forward or backward.
+    assert not _multi()[mesh_name]["blockwise5"]["has_local_logits"]
+
+
+@pytest.mark.parametrize("mesh_name,shards", MESHES)
+def test_siglip_loss_on_8_devices_equals_naive(mesh_name, shards):
+    r = _multi()[mesh_name]["siglip"]
+    assert r["loss_err"] < 1e-5 and r["grad_err"] < 1e-5, r
+    # Text blocks go round the ring: no all-gather, no [B, d] text array, B_local^2 logits.
+    assert r["permutes"] and not r["all_gather"] and not r["has_all_text"]
+    assert r["has_block_logits"]
+
+
 def test_unknown_loss_name_is_rejected():
     with pytest.raises(ValueError, match="config.loss.name"):
         losses.get_loss("nope")
+
+
+def _one_device_mesh():
+    import ml_collections
+    from clip_jax import sharding
+    from clip_jax.config_lib import DEFAULT_RULES
+    return (sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1)),
+                               devices=jax.devices()[:1]), sharding.batch_axes(DEFAULT_RULES))
+
+
+def _assert_close(got, want, rtol=1e-5):
+    """Values / gradient trees equal to `rtol` relative to each array's largest entry."""
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(a, b, rtol=0, atol=rtol * max(np.max(np.abs(b)), 1e-30))
+
+
+@pytest.fixture(scope="module")
+def clip_references():
+    """(value, grads) of the plain sharded loss and the naive loss on _embeds(16, 8), scale 7."""
+    mesh, axes = _one_device_mesh()
+    img, txt = _embeds(16, 8)
+    plain = jax.jit(jax.value_and_grad(lambda i, t, s: losses.clip_loss(i, t, s, mesh, axes), argnums=(0, 1, 2)))
+    naive = jax.jit(jax.value_and_grad(losses.clip_loss_naive, argnums=(0, 1, 2)))
+    return plain(img, txt, 7.0), naive(img, txt, 7.0)
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 8, 16, 64])   # 5: padded last block; 16, 64: one block
+def test_blockwise_loss_equals_plain_single_device(block_size, clip_references):
+    mesh, axes = _one_device_mesh()
+    img, txt = _embeds(16, 8)
+    blockwise = jax.jit(jax.value_and_grad(
+        lambda i, t, s: losses.clip_loss_blockwise(i, t, s, mesh, axes, block_size), argnums=(0, 1, 2)))
+    compiled = blockwise.lower(img, txt, 7.0).compile()
+    got = compiled(img, txt, 7.0)
+    for reference in clip_references:
+        _assert_close(got, reference)
+    if block_size == 5:   # no sharding at all (batch_axes=()) takes the same blockwise path
+        _assert_close(jax.jit(jax.value_and_grad(
+            lambda i, t, s: losses.clip_loss_blockwise(i, t, s, None, (), block_size),
+            argnums=(0, 1, 2)))(img, txt, 7.0), got)
+    hlo = compiled.as_text()
+    assert ("f32[16,16]" in hlo) == (block_size >= 16)            # B x B logits only as one block
+    assert f"f32[16,{min(block_size, 16)}]" in hlo
+
+
+def test_blockwise_loss_is_stable_for_large_logits():
+    # The streaming LSE must not overflow: scale 1000 gives logits up to ~1000 (exp: inf).
+    img, txt = _embeds(12, 8)
+    got = jax.jit(jax.value_and_grad(lambda i, t, s: losses.clip_loss_blockwise(i, t, s, None, (), 5),
+                                     argnums=(0, 1, 2)))(img, txt, 1000.0)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(got))
+    _assert_close(got, jax.jit(jax.value_and_grad(losses.clip_loss_naive, argnums=(0, 1, 2)))(img, txt, 1000.0))
+
+
+def test_siglip_naive_matches_hand_computation():
+    img = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    txt = jnp.array([[0.6, 0.8], [0.8, -0.6]])
+    t, b = 10.0, -2.0
+    log_sigmoid = lambda x: -np.log1p(np.exp(-x))
+    # logits t<img_i, txt_j> + b: [[6 - 2, 8 - 2], [8 - 2, -6 - 2]]; z = +1 on the diagonal.
+    expected = -(log_sigmoid(4.0) + log_sigmoid(-6.0) + log_sigmoid(-6.0) + log_sigmoid(-8.0)) / 2
+    np.testing.assert_allclose(losses.siglip_loss_naive(img, txt, t, b), expected, rtol=1e-6)
+
+
+def test_siglip_sharded_single_device_equals_naive():
+    mesh, axes = _one_device_mesh()
+    img, txt = _embeds(16, 8)
+    args = (img, txt, 10.0, -10.0)
+    got = jax.jit(jax.value_and_grad(lambda i, t, s, b: losses.siglip_loss(i, t, s, b, mesh, axes),
+                                     argnums=(0, 1, 2, 3)))(*args)
+    _assert_close(got, jax.jit(jax.value_and_grad(losses.siglip_loss_naive, argnums=(0, 1, 2, 3)))(*args))
+
+
+def _loss_cfg(name, block_size=4):
+    import ml_collections
+    return ml_collections.ConfigDict(dict(name=name, block_size=block_size))
+
+
+def test_make_loss_dispatches_and_checks_the_bias():
+    mesh, axes = _one_device_mesh()
+    img, txt = _embeds(8, 4)
+    clip = losses.clip_loss_naive(img, txt, 5.0)
+    run = lambda name, bias, block=4: jax.jit(losses.make_loss(_loss_cfg(name, block), mesh, axes))(
+        img, txt, 5.0, bias)
+    np.testing.assert_allclose(run("clip", None), clip, rtol=1e-6)
+    np.testing.assert_allclose(run("clip_blockwise", None, 3), clip, rtol=1e-5)
+    np.testing.assert_allclose(run("siglip", -1.0), losses.siglip_loss_naive(img, txt, 5.0, -1.0), rtol=1e-5)
+    with pytest.raises(ValueError, match="siglip.*logit_bias"):
+        losses.make_loss(_loss_cfg("siglip"), mesh, axes)(img, txt, 5.0, None)
+    with pytest.raises(ValueError, match="takes no logit_bias"):
+        losses.make_loss(_loss_cfg("clip"), mesh, axes)(img, txt, 5.0, 0.0)
+    with pytest.raises(ValueError, match="config.loss.block_size"):
+        losses.make_loss(_loss_cfg("clip_blockwise", 0), mesh, axes)
+    with pytest.raises(ValueError, match="config.loss.name"):
+        losses.make_loss(_loss_cfg("nope"), mesh, axes)
+    assert set(losses.LOSSES) == {"clip", "clip_blockwise", "siglip"}
+
+
+def test_model_options():
+    import math
+    assert losses.model_options(_loss_cfg("clip")) == {}
+    assert losses.model_options(_loss_cfg("clip_blockwise")) == {}
+    assert losses.model_options(_loss_cfg("siglip")) == {"logit_scale_init": math.log(10.0),
+                                                         "logit_bias_init": -10.0}
+
+
+def test_loss_memory_benchmark_mode():
+    from tests.helpers import run_cli
+    proc = run_cli(["clip_jax.benchmark", "loss", "--global_batches=64,128", "--embed_dim=8",
+                    "--block_size=8", "--budget_gib=0.00005", "--search_max=512", "--json"], n_devices=8)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["mode"] == "loss" and r["devices"] == 8 and set(r["results"]) == {"clip", "clip_blockwise", "siglip"}
+    for name, by_batch in r["results"].items():
+        assert set(by_batch) == {"64", "128"}
+        for m in by_batch.values():
+            assert m["peak_bytes"] == m["argument_bytes"] + m["output_bytes"] + m["temp_bytes"] > 0
+        fit = r["largest_fitting"][name]
+        assert fit["global_batch"] % 64 == 0 and fit["local_batch"] == fit["global_batch"] // 8
+        assert fit["global_batch"] == 0 or fit["peak_bytes"] <= 0.00005 * 2 ** 30
+    clip, blockwise = r["results"]["clip"], r["results"]["clip_blockwise"]
+    assert clip["128"]["peak_bytes"] > clip["64"]["peak_bytes"]
+    assert blockwise["128"]["peak_bytes"] < clip["128"]["peak_bytes"]
+    assert "| 128 | 16 |" in proc.stdout                              # the table

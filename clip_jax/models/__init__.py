@@ -9,8 +9,9 @@ from clip_jax.models.clip import CLIP
 __all__ = ["CLIP", "build_model", "count_params", "input_specs", "encoder_fns", "abstract_variables"]
 
 
-def build_model(model_cfg) -> CLIP:
-    """Builds a `CLIP` module from a model ConfigDict (see `config_lib.model_config`)."""
+def build_model(model_cfg, **options) -> CLIP:
+    """Builds a `CLIP` module from a model ConfigDict (see `config_lib.model_config`);
+    `options` are further CLIP fields (the loss's `logit_scale_init`, `logit_bias_init`)."""
     v, t = model_cfg.vision, model_cfg.text
     kind = str(v.kind)
     layers = v.layers
@@ -31,6 +32,7 @@ def build_model(model_cfg) -> CLIP:
         dtype=jnp.dtype(str(model_cfg.get("dtype", "float32"))),
         remat=bool(model_cfg.get("remat", False)),
         activation=str(model_cfg.get("activation", "quick_gelu")),
+        **options,
     )
 
 

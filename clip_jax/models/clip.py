@@ -1,6 +1,6 @@
 """The CLIP model: image tower `visual`, text tower `text`, learned temperature."""
 import math
-from typing import Any, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import jax.numpy as jnp
 import flax.linen as nn
@@ -37,6 +37,10 @@ class CLIP(nn.Module):
     dtype: Any = jnp.float32    # compute dtype; parameters are always float32
     remat: bool = False
     activation: str = "quick_gelu"   # transformer MLPs: 'quick_gelu' (OpenAI) or 'gelu'
+    # The learned temperature's initial log, and the learned logit bias (None: none): the
+    # paper's 1/0.07; SigLIP's log 10 and -10 (losses.model_options).
+    logit_scale_init: float = math.log(1 / 0.07)
+    logit_bias_init: Optional[float] = None
 
     def setup(self):
         if self.vision_kind == "resnet":
@@ -58,8 +62,12 @@ class CLIP(nn.Module):
             output_dim=self.embed_dim, remat=self.remat, activation=self.activation,
             dtype=self.dtype)
         self.logit_scale = self.param(
-            "logit_scale", logical(nn.initializers.constant(math.log(1 / 0.07)), ()),
+            "logit_scale", logical(nn.initializers.constant(self.logit_scale_init), ()),
             (), jnp.float32)
+        if self.logit_bias_init is not None:
+            self.logit_bias = self.param(
+                "logit_bias", logical(nn.initializers.constant(self.logit_bias_init), ()),
+                (), jnp.float32)
 
     def encode_image(self, images, train: bool = False):
         """images: float [B, H, W, 3] (normalised). Returns float32 [B, embed_dim]."""
@@ -69,10 +77,14 @@ class CLIP(nn.Module):
         """tokens: int32 [B, context_length]. Returns float32 [B, embed_dim]."""
         return self.text(tokens).astype(jnp.float32)
 
+    def logit_params(self):
+        """(logit_scale = min(exp(param), 100), logit_bias or None), as the losses take them."""
+        scale = jnp.minimum(jnp.exp(self.logit_scale.astype(jnp.float32)), MAX_LOGIT_SCALE)
+        return scale, (self.logit_bias if self.logit_bias_init is not None else None)
+
     def __call__(self, images, tokens, train: bool = False):
         image_embeds = l2_normalize(self.encode_image(images, train))
         text_embeds = l2_normalize(self.encode_text(tokens))
-        logit_scale = jnp.minimum(jnp.exp(self.logit_scale.astype(jnp.float32)),
-                                  MAX_LOGIT_SCALE)
+        logit_scale, logit_bias = self.logit_params()
         return dict(image_embeds=image_embeds, text_embeds=text_embeds,
-                    logit_scale=logit_scale)
+                    logit_scale=logit_scale, logit_bias=logit_bias)

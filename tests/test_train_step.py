@@ -1,0 +1,140 @@
+"""The train step's batch scaling and locking (train.make_gradient_fn, optim.frozen_labels):
+the micro-batched (gradient-cache) gradient equals the full-batch gradient, and locked
+image-tower parameters stay put with no optimiser state."""
+import jax
+import numpy as np
+import pytest
+
+from clip_jax import checkpoint, optim, train
+from tests.helpers import run_python, tiny_config
+
+
+def _batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    s, n = config.model.vision.image_size, config.batch_size
+    tokens = rng.integers(1, 200, (n, config.model.text.context_length)).astype(np.int32)
+    tokens[:, 0], tokens[:, 7] = 254, 255     # sot ... eot (the largest id)
+    return {"images": rng.standard_normal((n, s, s, 3)).astype(np.float32), "tokens": tokens}
+
+
+def loss_and_grads(config, batch):
+    """(loss, grads) of the gradient function at the config's fresh initial state."""
+    run = train.build(config)
+    with run.context():
+        state = run.init_state()
+        fn = jax.jit(train.make_gradient_fn(config, run.model, run.mesh, run.rules))
+        sharded = jax.device_put(batch, train.sharding.batch_sharding(run.mesh, run.rules))
+        (loss, _), grads = fn(state.params, state.batch_stats, sharded)
+    return float(loss), jax.tree.map(np.asarray, grads)
+
+
+def assert_same_gradient(a, b, rtol=1e-5):
+    """Each leaf within rtol of its own scale, or of the whole gradient's for leaves whose
+    true gradient is 0 (attention key biases: softmax ignores them) and hold only rounding."""
+    flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)
+    overall = max(np.abs(x).max() for _, x in flat_a)
+    for (path, x), y in zip(flat_a, flat_b):
+        scale = max(np.abs(x).max(), 1e-3 * overall)
+        assert np.abs(x - y).max() <= rtol * scale, (jax.tree_util.keystr(path), np.abs(x - y).max(), scale)
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_micro_batched_gradient_equals_the_full_batch_gradient(loss):
+    config = tiny_config(batch_size=32, **{"loss.name": loss})
+    batch = _batch(config)
+    loss1, grads1 = loss_and_grads(config, batch)
+    config.micro_batches = 4
+    loss4, grads4 = loss_and_grads(config, batch)
+    np.testing.assert_allclose(loss4, loss1, rtol=1e-6)
+    assert_same_gradient(grads4, grads1)
+    if loss != "clip":   # (SigLIP at initialisation is dominated by the positives' bias term)
+        return
+    # ... and it is not the mean of the micro-batches' own losses, a different objective.
+    small = tiny_config(batch_size=8, **{"loss.name": loss})
+    mean_of_small = np.mean([loss_and_grads(small, {k: v[i::4] for k, v in batch.items()})[0]
+                             for i in range(4)])
+    assert abs(mean_of_small - loss1) > 1e-3 * abs(loss1)
+
+
+MULTI = """
+import json, jax, numpy as np
+from tests.helpers import tiny_config
+from tests.test_train_step import _batch, loss_and_grads
+out = {}
+for mesh in ({"data": 4, "fsdp": 1}, {"data": 2, "fsdp": 2}):
+    config = tiny_config(batch_size=32)
+    config.mesh.update(mesh)
+    batch = _batch(config)
+    l1, g1 = loss_and_grads(config, batch)
+    config.micro_batches = 4
+    l4, g4 = loss_and_grads(config, batch)
+    overall = max(float(np.abs(a).max()) for a in jax.tree.leaves(g1))
+    err = max(float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-3 * overall))
+              for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4)))
+    out["x".join(map(str, mesh.values()))] = {"loss": [l1, l4], "grad_err": err}
+print(json.dumps(out))
+"""
+
+
+def test_micro_batched_gradient_on_4_devices_equals_the_full_batch_gradient():
+    out = run_python(MULTI, n_devices=4)
+    assert set(out) == {"4x1", "2x2"}
+    for r in out.values():
+        np.testing.assert_allclose(r["loss"][1], r["loss"][0], rtol=1e-6)
+        assert r["grad_err"] <= 1e-5, out
+
+
+def _leaves(tree):
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.mark.parametrize("kind,unlocked", [("vit", 0), ("resnet", 0), ("resnet", 1), ("vit", 1)])
+def test_locked_image_tower_is_unchanged_after_steps(kind, unlocked, tmp_path):
+    overrides = {"lock_image.enabled": True, "lock_image.unlocked_blocks": unlocked, "total_steps": 3}
+    if kind == "resnet":
+        import ml_collections
+        base = tiny_config()
+        base.model.vision = ml_collections.ConfigDict(dict(kind="resnet", image_size=32, layers=(1, 1, 1, 1),
+                                                           width=16, patch_size=0, heads=8))
+    else:
+        base = tiny_config()
+        base.model.vision.layers = 2
+    src = str(tmp_path / "pretrained")
+    run = train.build(base)
+    with run.context():
+        state = run.init_state()
+    checkpoint.save_params(src, state.params, state.batch_stats)
+    config = base.copy_and_resolve_references()
+    config.init_from = src
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    wd = str(tmp_path / "run")
+    train.train(config, wd)
+    before, after = _leaves(state.params), _leaves(checkpoint.read_arrays(wd)["params"])
+    labels = {jax.tree_util.keystr(p): v for p, v in
+              jax.tree_util.tree_leaves_with_path(optim.frozen_labels(state.params, config.lock_image))}
+    frozen = [k for k in before if labels[k] == "frozen"]
+    trained = [k for k in before if labels[k] == "trained"]
+    assert frozen and all(k.startswith("['visual']") for k in frozen)
+    for k in frozen:
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+    assert any(not np.array_equal(after[k], before[k]) for k in trained if k.startswith("['text']"))
+    unlocked_visual = [k for k in trained if k.startswith("['visual']")]
+    if unlocked:
+        assert any("attnpool" in k or "ln_post" in k or "proj" in k for k in unlocked_visual)
+        assert any(not np.array_equal(after[k], before[k]) for k in unlocked_visual)
+    else:
+        assert not unlocked_visual
+        if kind == "resnet":   # a fully locked ResNet runs BatchNorm on its running statistics
+            stats_after = _leaves(checkpoint.read_arrays(wd)["batch_stats"])
+            for k, v in _leaves(state.batch_stats).items():
+                np.testing.assert_array_equal(stats_after[k], v, err_msg=k)
+    # Frozen parameters have no optimiser state: the Adam moments cover the trained ones only.
+    run = train.build(config)
+    mu_sizes = sum(x.size for x in jax.tree.leaves(run.abstract_state.opt_state))
+    trained_size = sum(before[k].size for k in trained)
+    assert trained_size * 2 <= mu_sizes < trained_size * 2 + 64, (mu_sizes, trained_size)
