@@ -61,7 +61,7 @@ import json, jax, numpy as np
 from tests.helpers import tiny_config
 from tests.test_train_step import _batch, loss_and_grads
 out = {}
-for mesh in ({"data": 4, "fsdp": 1}, {"data": 2, "fsdp": 2}):
+for mesh in ({"data": 2, "fsdp": 2},):   # both batch axes: micro-batches split over 4 shards
     config = tiny_config(batch_size=32)
     config.mesh.update(mesh)
     batch = _batch(config)
@@ -76,9 +76,10 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_micro_batched_gradient_on_4_devices_equals_the_full_batch_gradient():
     out = run_python(MULTI, n_devices=4)
-    assert set(out) == {"4x1", "2x2"}
+    assert set(out) == {"2x2"}
     for r in out.values():
         np.testing.assert_allclose(r["loss"][1], r["loss"][0], rtol=1e-6)
         assert r["grad_err"] <= 1e-5, out
@@ -88,6 +89,7 @@ def _leaves(tree):
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,unlocked", [("vit", 0), ("resnet", 0), ("resnet", 1), ("vit", 1)])
 def test_locked_image_tower_is_unchanged_after_steps(kind, unlocked, tmp_path):
     overrides = {"lock_image.enabled": True, "lock_image.unlocked_blocks": unlocked, "total_steps": 3}
@@ -106,6 +108,7 @@ def test_locked_image_tower_is_unchanged_after_steps(kind, unlocked, tmp_path):
     checkpoint.save_params(src, state.params, state.batch_stats)
     config = base.copy_and_resolve_references()
     config.init_from = src
+    config.evals = {}        # (no evaluation: only the parameters matter here)
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
         node = config
