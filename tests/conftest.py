@@ -13,11 +13,3 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"clip_jax_test_xla_cache_{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
-
-def pytest_collection_modifyitems(config, items):
-    """Slow end-to-end tests first: with two xdist workers the long runs then overlap each
-    other and the short tests fill the gaps, instead of one long run starting last and
-    leaving the other worker idle (a 908 s suite became ... s)."""
-    longest = ("test_smoke_config_learns", "test_trains_from_an_ingested_csv_corpus")
-    items.sort(key=lambda item: (item.get_closest_marker("slow") is None,
-                                 not item.name.startswith(longest)))
