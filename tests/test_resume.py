@@ -57,6 +57,7 @@ def reference_1dev(tmp_path_factory):
     return metrics(wd)
 
 
+@pytest.mark.xdist_group("resume_reference_1dev")   # shares the module-scoped run
 def test_sigterm_saves_at_the_current_step_and_the_resumed_run_is_bit_exact(reference_1dev, tmp_path):
     wd = tmp_path / "run"
     proc = start_cli(train_cmd(wd), log=tmp_path / "log1")
@@ -73,6 +74,7 @@ def test_sigterm_saves_at_the_current_step_and_the_resumed_run_is_bit_exact(refe
     assert_one_history_equal_to(metrics(wd), reference_1dev)
 
 
+@pytest.mark.xdist_group("resume_reference_1dev")   # shares the module-scoped run
 def test_sigkill_resumes_from_the_last_periodic_checkpoint_bit_exact(reference_1dev, tmp_path):
     wd = tmp_path / "run"
     proc = start_cli(train_cmd(wd), log=tmp_path / "log1")

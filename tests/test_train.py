@@ -24,6 +24,7 @@ def one_device_run(tmp_path_factory):
     return wd, proc, rec
 
 
+@pytest.mark.xdist_group("smoke_one_device")   # shares the module-scoped run
 def test_cli_writes_metrics_tensorboard_and_plot(one_device_run):
     wd, proc, rec = one_device_run
     assert [r["step"] for r in rec] == [1, 2, 3]
@@ -38,6 +39,7 @@ def test_cli_writes_metrics_tensorboard_and_plot(one_device_run):
     assert json.loads((wd / "config.json").read_text())["batch_size"] == 128
 
 
+@pytest.mark.xdist_group("smoke_one_device")   # shares the module-scoped run
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh_args", [[], ["--config.mesh.data=4", "--config.mesh.fsdp=2"]],
                          ids=["data8", "data4_fsdp2"])
@@ -56,6 +58,7 @@ def resnet_one_device(tmp_path_factory):
     return rec
 
 
+@pytest.mark.xdist_group("resnet_one_device")   # shares the module-scoped run
 @pytest.mark.slow
 def test_resnet_losses_on_4_devices_equal_1_device(resnet_one_device, tmp_path):
     """BatchNorm statistics are global-batch statistics, so a ResNet is device-count independent too."""
@@ -64,6 +67,7 @@ def test_resnet_losses_on_4_devices_equal_1_device(resnet_one_device, tmp_path):
     np.testing.assert_allclose([r["loss"] for r in rec4], [r["loss"] for r in resnet_one_device], rtol=1e-4)
 
 
+@pytest.mark.xdist_group("smoke_one_device")   # shares the module-scoped run
 def test_same_seed_same_losses_other_seed_differs(one_device_run, tmp_path):
     _, _, rec1 = one_device_run
     _, rec_again = train(tmp_path / "a", 1, *SHORT)
@@ -87,6 +91,7 @@ def test_smoke_config_learns(tmp_path):
         assert json.loads(out.stdout.strip().splitlines()[-1])["top1"] == rec[-1][f"zeroshot/{attr}/top1"]
 
 
+@pytest.mark.xdist_group("resnet_one_device")   # shares the module-scoped run
 @pytest.mark.slow
 def test_paper_code_path_bf16_remat_resnet_trains(resnet_one_device, tmp_path):
     """The paper configs' settings (bfloat16 compute, remat, ResNet + BatchNorm) through the real step."""
@@ -114,6 +119,7 @@ def test_trains_from_an_ingested_csv_corpus(tmp_path):
     assert (wd / "tokenizer" / "spm.model").exists()              # trained on the ingested captions
 
 
+@pytest.mark.xdist_group("smoke_one_device")   # shares the module-scoped run
 @pytest.mark.slow
 def test_blockwise_loss_and_micro_batches_log_the_plain_losses_on_4_devices(one_device_run, tmp_path):
     """The losses issue's acceptance run: the same 3 smoke steps with `clip_blockwise` (4
