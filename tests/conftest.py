@@ -13,3 +13,11 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"clip_jax_test_xla_cache_{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest test (the 1000-step smoke acceptance run, ~4 min) goes first, so that it
+    does not start late and leave one xdist worker alone at the end. (Moving every slow test
+    first made the suite slower: their concurrent first runs missed the XLA compilation
+    cache that the default order lets one run fill for the next.)"""
+    items.sort(key=lambda item: item.name != "test_smoke_config_learns")

@@ -111,14 +111,16 @@ def _save(fmt, reference, path):
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 @pytest.mark.parametrize("kind", ["vit", "resnet"])
 @pytest.mark.parametrize("fmt", ["torchscript", "fp16_state_dict", "open_clip_checkpoint", "safetensors"])
-def test_every_checkpoint_format_converts_to_the_same_arrays(kind, fmt, tmp_path):
+def test_every_checkpoint_format_converts_to_the_same_arrays(kind, fmt, tmp_path, plain_conversions={}):
     reference = tiny_reference(kind)
-    torch.save(reference.state_dict(), tmp_path / "plain.pt")
-    convert.import_checkpoint(str(tmp_path / "plain.pt"), str(tmp_path / "plain"))
+    if kind not in plain_conversions:   # the plain state_dict's conversion, once per kind
+        torch.save(reference.state_dict(), tmp_path / "plain.pt")
+        convert.import_checkpoint(str(tmp_path / "plain.pt"), str(tmp_path / "plain"))
+        plain_conversions[kind] = checkpoint.read_arrays(str(tmp_path / "plain"))
     suffix = ".safetensors" if fmt == "safetensors" else ".pt"
     src = _save(fmt, reference, tmp_path / f"model{suffix}")
     convert.import_checkpoint(str(src), str(tmp_path / "out"))
-    want, got = checkpoint.read_arrays(str(tmp_path / "plain")), checkpoint.read_arrays(str(tmp_path / "out"))
+    want, got = plain_conversions[kind], checkpoint.read_arrays(str(tmp_path / "out"))
     for (path, a), (_, b) in zip(_leaves(want), _leaves(got)):
         if fmt == "fp16_state_dict":
             a = np.asarray(a, np.float16).astype(np.float32)
