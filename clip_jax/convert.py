@@ -236,14 +236,10 @@ def _name_table(model_json):
 
 
 def _from_torch(x, layout, shape):
-    if layout == "dense":
-        return x.T
     if layout == "conv":
         return x.transpose(2, 3, 1, 0)
-    if layout == "heads_in":            # [N*H, in] -> [in, N, H]
-        return x.T.reshape(shape)
-    if layout == "heads_out":           # [out, N*H] -> [N, H, out]
-        return x.T.reshape(shape)
+    if layout in ("dense", "heads_in", "heads_out"):   # [out, in] -> [in, out], heads split:
+        return x.T.reshape(shape)       # [N*H, in] -> [in, N, H]; [out, N*H] -> [N, H, out]
     return x.reshape(shape)             # same, heads_bias
 
 
@@ -378,6 +374,7 @@ def converted_config(model_cfg):
 def import_checkpoint(src, out, arch=None, activation=None):
     """Converts the reference checkpoint `src` into the directory `out`; returns convert.json."""
     from clip_jax import checkpoint
+    from clip_jax.models import count_params
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ConvertError(f"--out {out}: already exists and is not empty; choose a new directory")
     weights, open_clip_cfg = find_weights(src)
@@ -398,15 +395,10 @@ def import_checkpoint(src, out, arch=None, activation=None):
     report = dict(source=os.path.abspath(weights), architecture=paper_name(model_cfg) or "custom",
                   description=_describe(model_cfg), activation=model_cfg.activation,
                   tensors=len(tensors), arrays=len(name_table(model_cfg)),
-                  parameters=int(sum(np.size(x) for x in _leaves(variables["params"]))))
+                  parameters=count_params(variables["params"])["total"])
     with open(os.path.join(out, "convert.json"), "w") as f:
         json.dump(report, f, indent=2)
     return report
-
-
-def _leaves(tree):
-    for v in tree.values():
-        yield from (_leaves(v) if isinstance(v, dict) else [v])
 
 
 def open_clip_config(config):
