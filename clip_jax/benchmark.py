@@ -2,7 +2,12 @@
 
   train (default)  compiles the real train step of the config and times --steps steps on a
                    device-resident batch after --warmup steps (blocking on each step's
-                   result), --repeats times. Reports samples/s and step times.
+                   result), --repeats times. Reports samples/s, step times (median/min/max),
+                   the FLOP/s executed (XLA's cost analysis of the compiled step, recomputed
+                   forward passes included), the model's FLOP/s (the step lowered without
+                   rematerialisation) and MFU = model FLOP/s / (peak x devices), the peak
+                   per device given by --peak_tflops or measured here with a large matmul
+                   in the compute dtype (`measure_peak_tflops`); HFU uses executed FLOPs.
   data             times the input pipeline alone: this process's host batches (read,
                    decode, crop, tokenise) for `--source` (default: the config's
                    data.source), with each worker count in --workers. Reports images/s.
@@ -68,8 +73,50 @@ def benchmark_data(config, workers_list, batches, repeats):
     return results
 
 
-def benchmark_train(config, steps, warmup, repeats):
-    """Samples/s of the compiled train step on a fixed device-resident batch."""
+def measure_peak_tflops(dtype, sizes=(2048, 4096), repeats=5):
+    """The machine's matmul peak in TFLOP/s for the compute `dtype`: the best, over `sizes`,
+    of the median time of an n x n x n product (bfloat16: float32 accumulation, rounded, the
+    form the models use), on the default device."""
+    import jax.numpy as jnp
+    dtype = jnp.dtype(dtype)
+    best = 0.0
+    for n in sizes:
+        a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+        f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(dtype))
+        f(a, a).block_until_ready()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f(a, a).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        best = max(best, 2 * n ** 3 / statistics.median(times) / 1e12)
+    return best
+
+
+def _flops(staged):
+    cost = staged.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def _model_flops(config, state, batch):
+    """FLOPs of one step as the model defines them (XLA's count of the step lowered without
+    rematerialisation: recomputed forward passes are not model FLOPs)."""
+    from clip_jax import train
+    if not config.model.remat:
+        return None
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.model.remat = False
+    run = train.build(config)
+    with run.context():
+        return _flops(run.train_step.lower(state, batch))
+
+
+def benchmark_train(config, steps, warmup, repeats, peak_tflops=None):
+    """Samples/s of the compiled train step on a fixed device-resident batch, its FLOP/s
+    (XLA's cost analysis of the compiled step) and MFU against `peak_tflops` per device
+    (None: measured with `measure_peak_tflops`)."""
     from clip_jax import sharding, train
     from clip_jax.data import pipeline
     run = train.build(config)
@@ -86,27 +133,42 @@ def benchmark_train(config, steps, warmup, repeats):
     step_times = []
     with run.context():
         t0 = time.perf_counter()
-        state, m = run.train_step(state, batch)
-        jax.block_until_ready(m)
+        compiled = run.train_step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
+        flops = _flops(compiled)
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
         for _ in range(warmup):
-            state, m = run.train_step(state, batch)
+            state, m = compiled(state, batch)
         jax.block_until_ready(m)
         windows = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             for _ in range(steps):
                 t_step = time.perf_counter()
-                state, m = run.train_step(state, batch)
+                state, m = compiled(state, batch)
                 jax.block_until_ready(m)
                 step_times.append(time.perf_counter() - t_step)
             windows.append(time.perf_counter() - t0)
+    model_flops = _model_flops(config, state, batch) or flops
+    del state
     per_step = statistics.median(windows) / steps
+    devices = jax.device_count()
+    peak_source = "given" if peak_tflops else "measured"
+    if not peak_tflops:
+        peak_tflops = measure_peak_tflops(config.model.dtype)
+    achieved = flops / per_step / 1e12
     return {"samples_per_sec": config.batch_size / per_step,
             "step_seconds_median": statistics.median(step_times),
             "step_seconds_min": min(step_times), "step_seconds_max": max(step_times),
             "compile_seconds": compile_s, "batch_size": config.batch_size,
-            "devices": jax.device_count(), "backend": jax.default_backend()}
+            "flops_per_step": flops, "model_flops_per_step": model_flops,
+            "achieved_tflops": achieved, "model_tflops": model_flops / per_step / 1e12,
+            "peak_tflops_per_device": peak_tflops, "peak_source": peak_source,
+            "mfu": model_flops / per_step / 1e12 / (peak_tflops * devices),
+            "hfu": achieved / (peak_tflops * devices),
+            "dtype": config.model.dtype, "remat": bool(config.model.remat),
+            "devices": devices, "backend": jax.default_backend()}
 
 
 def _dir_bytes(path):
@@ -338,6 +400,8 @@ def main():
     # Before the config flag is defined: with a default file, config_flags applies the
     # --config.* overrides at definition time and would fail there with a bare AttributeError.
     config_lib.check_cli_overrides_or_exit(sys.argv, default=DEFAULT_CONFIG)
+    sys.argv = [a.replace("--peak-tflops", "--peak_tflops", 1) if a.startswith("--peak-tflops") else a
+                for a in sys.argv]
 
     config_flag = config_flags.DEFINE_config_file(
         "config", DEFAULT_CONFIG, "Config file; override keys with --config.key=value.",
@@ -363,6 +427,9 @@ def main():
                        "for the largest-batch search")
     flags.DEFINE_integer("search_max", 2 ** 24, "loss: largest global batch the search tries "
                          "(0: report only the largest fitting batch of --global_batches)")
+    flags.DEFINE_float("peak_tflops", None, "train: peak TFLOP/s of one device for MFU (e.g. 989 "
+                       "for an H100's dense bfloat16); default: measured here with a large matmul "
+                       "in the config's compute dtype. Also spelled --peak-tflops")
     flags.DEFINE_bool("json", False, "print the figures as one JSON object on the last line")
     FLAGS = flags.FLAGS
 
@@ -416,10 +483,17 @@ def main():
                       f"{result['save_seconds']:.2f} s; restore {result['restore_seconds']:.2f} s")
             else:
                 result = {"mode": "train", **benchmark_train(config, FLAGS.steps, FLAGS.warmup,
-                                                             FLAGS.repeats)}
-                print(f"train: {result['samples_per_sec']:.1f} samples/s, step median "
-                      f"{result['step_seconds_median'] * 1e3:.1f} ms (batch {config.batch_size}, "
-                      f"{result['devices']} {result['backend']} devices)")
+                                                             FLAGS.repeats, FLAGS.peak_tflops)}
+                r = result
+                print(f"train: {r['samples_per_sec']:.2f} samples/s, step median "
+                      f"{r['step_seconds_median'] * 1e3:.1f} ms (min {r['step_seconds_min'] * 1e3:.1f}, "
+                      f"max {r['step_seconds_max'] * 1e3:.1f}; batch {config.batch_size}, "
+                      f"{r['dtype']}, remat {r['remat']}, {r['devices']} {r['backend']} devices)\n"
+                      f"       {r['achieved_tflops'] * 1e3:.1f} GFLOP/s executed "
+                      f"({r['flops_per_step'] / 1e9:.0f} GFLOP/step, XLA cost analysis), model "
+                      f"{r['model_tflops'] * 1e3:.1f} GFLOP/s; peak {r['peak_tflops_per_device'] * 1e3:.0f} "
+                      f"GFLOP/s per device ({r['peak_source']}): MFU {100 * r['mfu']:.1f}%, "
+                      f"HFU {100 * r['hfu']:.1f}%")
         except (config_lib.ConfigError, ValueError) as e:
             sys.exit(f"error: {e}")
         if FLAGS.json:

@@ -300,3 +300,51 @@ def test_init_statistics():
     assert abs(np.std(blk["attn"]["query"]["kernel"]) - w ** -0.5) < 0.02
     assert abs(np.std(blk["mlp"]["c_fc"]["kernel"]) - (2 * w) ** -0.5) < 0.02
     assert not np.any(blk["attn"]["query"]["bias"])
+
+
+def test_low_precision_matmul_gradients():
+    """bfloat16 `layers.matmul` (custom VJP: float32 accumulation, products in bfloat16) has the
+    value and gradients of the float32 product to bfloat16 accuracy, the parameters' gradients
+    in float32; and float32 `matmul` is exactly jnp.dot + bias."""
+    from clip_jax.models.layers import matmul
+    kx, kk, kb, kr = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(kx, (5, 7, 48))
+    kernel = jax.random.normal(kk, (48, 40)) * 48 ** -0.5
+    bias = jax.random.normal(kb, (40,))
+    r = jax.random.normal(kr, (5, 7, 40))
+
+    def loss(dtype):
+        return lambda x, k, b: jnp.sum(matmul(x.astype(dtype), k, dtype, b).astype(jnp.float32) * r)
+
+    ref_loss = lambda x, k, b: jnp.sum((jnp.einsum("abk,kn->abn", x, k, precision="highest") + b) * r)
+    want, want_g = jax.value_and_grad(ref_loss, argnums=(0, 1, 2))(x, kernel, bias)
+    got32, g32 = jax.value_and_grad(loss(jnp.float32), argnums=(0, 1, 2))(x, kernel, bias)
+    got16, g16 = jax.value_and_grad(loss(jnp.bfloat16), argnums=(0, 1, 2))(x, kernel, bias)
+    np.testing.assert_allclose(got32, want, rtol=1e-4)
+    np.testing.assert_allclose(got16, want, rtol=2e-2, atol=0.5)
+    assert [g.dtype for g in g16] == [jnp.float32] * 3      # x's cotangent upcast by astype's VJP
+    for w, a, b in zip(want_g, g32, g16):
+        np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-4)
+        scale = float(np.abs(w).max())
+        assert float(np.abs(b - w).max()) < 2e-2 * scale, (float(np.abs(b - w).max()), scale)
+    # The bfloat16 product is one rounding of the float32-accumulated one.
+    y16 = matmul(x.astype(jnp.bfloat16), kernel, jnp.bfloat16, bias)
+    assert y16.dtype == jnp.bfloat16 and y16.shape == (5, 7, 40)
+    exact = jnp.dot(x.astype(jnp.bfloat16).reshape(35, 48), kernel.astype(jnp.bfloat16),
+                    preferred_element_type=jnp.float32) + bias
+    np.testing.assert_array_equal(np.asarray(y16.reshape(35, 40), np.float32),
+                                  np.asarray(exact.astype(jnp.bfloat16), np.float32))
+
+
+def test_pointwise_conv_is_the_1x1_convolution():
+    """ResNet's 1x1 convolutions run as matmuls with the convolution's own parameter."""
+    from clip_jax.models.resnet import PointwiseConv
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 16))
+    layer = PointwiseConv(24)
+    variables = layer.init(jax.random.key(1), x)
+    kernel = meta.unbox(variables)["params"]["kernel"]
+    assert kernel.shape == (1, 1, 16, 24)
+    want = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision="highest")
+    np.testing.assert_allclose(layer.apply(variables, x), want, rtol=1e-5, atol=1e-5)
