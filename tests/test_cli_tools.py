@@ -51,10 +51,19 @@ def test_benchmark_data_and_train_report_json(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["mode"] == "data" and result["batch_size"] == 8 and result["image_size"] == 32
     assert np.isfinite(result["workers"]["0"]["images_per_sec"]) and result["workers"]["0"]["images_per_sec"] > 0
-    proc = cli("clip_jax.benchmark", "--steps=1", "--warmup=0", "--repeats=1", "--config.batch_size=8", "--json")
+    proc = cli("clip_jax.benchmark", "--steps=1", "--warmup=0", "--repeats=1", "--config.batch_size=8",
+               "--config.model.remat=True", "--peak-tflops=0.5", "--json")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["mode"] == "train" and result["batch_size"] == 8 and result["samples_per_sec"] > 0
     assert result["step_seconds_min"] <= result["step_seconds_median"] <= result["step_seconds_max"]
+    # FLOPs from XLA's cost analysis: rematerialisation executes more than the model needs;
+    # MFU = model FLOP/s over the given peak.
+    assert result["remat"] and result["flops_per_step"] > result["model_flops_per_step"] > 0
+    assert result["peak_source"] == "given" and result["peak_tflops_per_device"] == 0.5
+    model_tflops = result["model_flops_per_step"] * result["samples_per_sec"] / 8 / 1e12
+    np.testing.assert_allclose(result["model_tflops"], model_tflops, rtol=1e-6)
+    np.testing.assert_allclose(result["mfu"], model_tflops / 0.5, rtol=1e-6)
+    assert "MFU" in proc.stdout and "GFLOP/s" in proc.stdout
     proc = cli("clip_jax.benchmark", "checkpoint", "--repeats=2", f"--checkpoint_dir={tmp_path}", "--json")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["mode"] == "checkpoint" and result["parameters"] == 484_321
@@ -66,3 +75,10 @@ def test_benchmark_data_and_train_report_json(tmp_path):
     assert bad.returncode != 0 and "lossy" in bad.stderr
     bad = cli("clip_jax.benchmark", "data", "--config.data.sourse=x", check=False)
     assert bad.returncode != 0 and "data.sourse" in bad.stderr and "data.source" in bad.stderr
+
+
+def test_measured_peak_is_a_matmul_rate():
+    from clip_jax.benchmark import measure_peak_tflops
+    for dtype in ("float32", "bfloat16"):
+        peak = measure_peak_tflops(dtype, sizes=(64, 128), repeats=2)
+        assert np.isfinite(peak) and peak > 0
