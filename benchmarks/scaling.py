@@ -27,7 +27,11 @@ def bench(args, env_devices=None, mode=None):
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                             f" --xla_force_host_platform_device_count={env_devices}").strip()
     cmd = [sys.executable, "-m", "clip_jax.benchmark", *([mode] if mode else []), *args, "--json"]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if out.returncode != 0:     # e.g. killed for memory: 8 replicas of a large state
+        print(f"  failed ({'killed' if out.returncode < 0 else 'exit'} {abs(out.returncode)}): "
+              f"{' '.join(cmd[2:])}\n  {out.stderr.strip()[-300:]}", flush=True)
+        return None
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -47,10 +51,12 @@ def main():
         name, _, batch = entry.partition(":")
         common = [f"--config=configs/{name}.py", *([f"--config.batch_size={batch}"] if batch else []),
                   *args.flag]
-        base = None
+        base, consumption = None, float("nan")
         for d in [int(x) for x in args.devices.split(",")]:
             r = bench([*common, "--steps", str(args.steps), "--repeats", str(args.repeats),
                        "--warmup", "1", "--peak_tflops", "1"], env_devices=d)
+            if r is None:
+                continue
             base = base or r["step_seconds_median"]
             rows.append((name, r["batch_size"], d, r["step_seconds_median"], r["samples_per_sec"],
                          r["step_seconds_median"] / base))
@@ -60,6 +66,8 @@ def main():
                 consumption = r["samples_per_sec"]
         data = bench([*common, "--batches", "10", "--repeats", str(args.repeats), "--workers", args.workers],
                      mode="data")
+        if data is None:
+            continue
         for w, figures in data["workers"].items():
             data_rows.append((name, data["batch_size"], data["image_size"], w, figures["images_per_sec"],
                               consumption))

@@ -100,8 +100,9 @@ def _flops(staged):
 
 
 def _model_flops(config, state, batch):
-    """FLOPs of one step as the model defines them (XLA's count of the step lowered without
-    rematerialisation: recomputed forward passes are not model FLOPs)."""
+    """FLOPs of one step as the model defines them (XLA's count of the whole step lowered,
+    before partitioning, without rematerialisation: recomputed forward passes are not
+    model FLOPs)."""
     from clip_jax import train
     if not config.model.remat:
         return None
@@ -135,7 +136,8 @@ def benchmark_train(config, steps, warmup, repeats, peak_tflops=None):
         t0 = time.perf_counter()
         compiled = run.train_step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
-        flops = _flops(compiled)
+        # The compiled program is one device's share of the partitioned step.
+        flops = _flops(compiled) * run.mesh.size
         state, m = compiled(state, batch)
         jax.block_until_ready(m)
         for _ in range(warmup):
