@@ -82,3 +82,27 @@ def test_measured_peak_is_a_matmul_rate():
     for dtype in ("float32", "bfloat16"):
         peak = measure_peak_tflops(dtype, sizes=(64, 128), repeats=2)
         assert np.isfinite(peak) and peak > 0
+
+
+def test_profile_summary_groups_ops_by_kind_and_layer(tmp_path):
+    """benchmarks/profile_step.py's trace summary: durations summed per HLO op kind and per
+    layer (block indices folded, backward told from forward), runtime bookkeeping left out."""
+    import gzip
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "profile_step.py")
+    spec = importlib.util.spec_from_file_location("profile_step", path)
+    profile_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_step)
+    hlo = "\n".join([
+        '  %ynn_fusion.3 = f32[8,4]{1,0} fusion(%a), kind=kCustom, metadata={op_name="jit(step_fn)/jvp(CLIP)/text/transformer/resblocks_0/mlp/c_fc/dot_general"}',
+        '  %ynn_fusion.7 = f32[8,4]{1,0} fusion(%b), kind=kCustom, metadata={op_name="jit(step_fn)/jvp(CLIP)/text/transformer/resblocks_11/mlp/c_fc/dot_general"}',
+        '  %add_fusion.2 = f32[8,4]{1,0} fusion(%c), kind=kLoop, metadata={op_name="jit(step_fn)/transpose(jvp(CLIP))/text/transformer/resblocks_3/mlp/c_fc/dot_general"}'])
+    events = [{"ph": "X", "name": "ynn_fusion.3", "dur": 100}, {"ph": "X", "name": "ynn_fusion.7", "dur": 50},
+              {"ph": "X", "name": "add_fusion.2", "dur": 30}, {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 999},
+              {"ph": "i", "name": "ynn_fusion.3"}]
+    trace = tmp_path / "t.trace.json.gz"
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    by_kind, by_layer = profile_step.summarize(str(trace), profile_step.op_names(hlo))
+    assert dict(by_kind) == {"ynn_fusion": 150, "add_fusion": 30}
+    assert by_layer == {"forward  mlp/c_fc/dot_general": 150, "backward mlp/c_fc/dot_general": 30}

@@ -1,0 +1,108 @@
+"""Where a train step's time goes: `python benchmarks/profile_step.py --config=configs/X.py [--top N] [--config.key=value ...]`.
+
+Compiles the config's train step, runs it twice, then traces one step with
+`jax.profiler.trace` (XLA:CPU thunks are traced because this script sets
+`--xla_cpu_enable_xprof_traceme=true` before JAX starts). Prints the op time summed by
+HLO op kind and by model layer (the compiled HLO's `op_name` metadata, block indices folded:
+`resblocks_*`, `layer3_*`), with XLA's FLOPs per step. Op times are per thread: on CPU
+several run at once, so their sum exceeds the step's wall time. The raw trace stays in
+--trace_dir for Perfetto (ui.perfetto.dev) or TensorBoard. BUILD_NOTES "Performance" was
+made this way.
+"""
+import os
+import sys
+
+if __name__ == "__main__":     # before JAX starts; not when the helpers are imported
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
+
+import collections  # noqa: E402
+import glob  # noqa: E402
+import gzip  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import clip_jax  # noqa: E402,F401  (its XLA:CPU defaults, before JAX starts)
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from clip_jax import config_lib, sharding, train  # noqa: E402
+from clip_jax.data import pipeline  # noqa: E402
+
+_SKIP = ("ThunkExecutor", "$", "SlinkyThreadPool", "end:", "PjitFunction", "CommonPjRt",
+         "ParseArguments", "Handle inputs")
+
+
+def op_names(hlo_text):
+    """{instruction name: op_name metadata} of a compiled module's text."""
+    return dict(re.findall(r"%([\w.\-]+) = \S+ .*?op_name=\"([^\"]*)\"", hlo_text))
+
+
+def summarize(trace_file, names):
+    """(op time by HLO op kind, op time by layer) in microseconds, from a perfetto trace."""
+    events = json.load(gzip.open(trace_file))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    by_kind, by_layer = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") != "X" or e["name"].startswith(_SKIP):
+            continue
+        by_kind[re.sub(r"\.\d+$", "", e["name"])] += e.get("dur", 0)
+        op = names.get(e["name"], "?")
+        op = re.sub(r"resblocks_\d+", "resblocks_*", re.sub(r"layer(\d)_\d+", r"layer\1_*", op))
+        direction = "backward" if "transpose(" in op else "forward"
+        parts = [p for p in op.split("/") if not p.startswith(("jit(", "jvp(", "transpose(", "vmap("))]
+        by_layer[f"{direction:8s} {'/'.join(parts[-3:])}"] += e.get("dur", 0)
+    return by_kind, by_layer
+
+
+def main():
+    from absl import app, flags
+    from ml_collections import config_flags
+    config_lib.check_cli_overrides_or_exit(sys.argv)
+    config_flag = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+    flags.DEFINE_integer("top", 25, "rows per table")
+    flags.DEFINE_string("trace_dir", None, "where the trace goes (default: a new temporary directory)")
+    flags.mark_flags_as_required(["config"])
+
+    def run(argv):
+        del argv
+        config_lib.quiet_absl_logging()
+        config, top = config_flag.value, flags.FLAGS.top
+        trace_dir = flags.FLAGS.trace_dir or tempfile.mkdtemp(prefix="clip_jax_profile_")
+        built = train.build(config)
+        size, rng = config.model.vision.image_size, np.random.default_rng(0)
+        data_sharding = sharding.batch_sharding(built.mesh, built.rules)
+        batch = {"images": jax.device_put(pipeline.normalize_images(
+                     rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8)), data_sharding),
+                 "tokens": jax.device_put(rng.integers(
+                     1, config.model.text.vocab_size, (config.batch_size, config.model.text.context_length),
+                     dtype=np.int32), data_sharding)}
+        state = built.init_state()
+        with built.context():
+            compiled = built.train_step.lower(state, batch).compile()
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            for _ in range(2):
+                state, m = compiled(state, batch)
+            jax.block_until_ready(m)
+            with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+                t0 = time.perf_counter()
+                state, m = compiled(state, batch)
+                jax.block_until_ready(m)
+                wall = time.perf_counter() - t0
+        trace_file = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[0]
+        by_kind, by_layer = summarize(trace_file, op_names(compiled.as_text()))
+        total = sum(by_kind.values())
+        print(f"step {wall * 1e3:.0f} ms wall (traced), {total / 1e3:.0f} ms op time; "
+              f"{cost.get('flops', 0) / 1e9:.0f} GFLOP per step per device (XLA cost analysis); trace: {trace_file}")
+        for title, table in (("HLO op kind", by_kind), ("layer", by_layer)):
+            print(f"\nop time by {title}:")
+            for key, us in table.most_common(top):
+                print(f"  {us / 1e3:9.1f} ms {100 * us / total:5.1f}%  {key[:110]}")
+
+    app.run(run)
+
+
+if __name__ == "__main__":
+    main()
