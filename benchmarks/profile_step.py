@@ -25,10 +25,8 @@ import time  # noqa: E402
 
 import clip_jax  # noqa: E402,F401  (its XLA:CPU defaults, before JAX starts)
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
-from clip_jax import config_lib, sharding, train  # noqa: E402
-from clip_jax.data import pipeline  # noqa: E402
+from clip_jax import benchmark, config_lib, train  # noqa: E402
 
 _SKIP = ("ThunkExecutor", "$", "SlinkyThreadPool", "end:", "PjitFunction", "CommonPjRt",
          "ParseArguments", "Handle inputs")
@@ -71,18 +69,10 @@ def main():
         config, top = config_flag.value, flags.FLAGS.top
         trace_dir = flags.FLAGS.trace_dir or tempfile.mkdtemp(prefix="clip_jax_profile_")
         built = train.build(config)
-        size, rng = config.model.vision.image_size, np.random.default_rng(0)
-        data_sharding = sharding.batch_sharding(built.mesh, built.rules)
-        batch = {"images": jax.device_put(pipeline.normalize_images(
-                     rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8)), data_sharding),
-                 "tokens": jax.device_put(rng.integers(
-                     1, config.model.text.vocab_size, (config.batch_size, config.model.text.context_length),
-                     dtype=np.int32), data_sharding)}
+        batch = benchmark.synthetic_batch(built)
         state = built.init_state()
         with built.context():
             compiled = built.train_step.lower(state, batch).compile()
-            cost = compiled.cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
             for _ in range(2):
                 state, m = compiled(state, batch)
             jax.block_until_ready(m)
@@ -95,7 +85,7 @@ def main():
         by_kind, by_layer = summarize(trace_file, op_names(compiled.as_text()))
         total = sum(by_kind.values())
         print(f"step {wall * 1e3:.0f} ms wall (traced), {total / 1e3:.0f} ms op time; "
-              f"{cost.get('flops', 0) / 1e9:.0f} GFLOP per step per device (XLA cost analysis); trace: {trace_file}")
+              f"{benchmark.xla_flops(compiled) / 1e9:.0f} GFLOP per step per device (XLA cost analysis); trace: {trace_file}")
         for title, table in (("HLO op kind", by_kind), ("layer", by_layer)):
             print(f"\nop time by {title}:")
             for key, us in table.most_common(top):

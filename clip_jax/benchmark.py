@@ -93,10 +93,27 @@ def measure_peak_tflops(dtype, sizes=(2048, 4096), repeats=5):
     return best
 
 
-def _flops(staged):
-    cost = staged.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+def xla_flops(staged):
+    """FLOPs of a lowered or compiled program by XLA's cost analysis (0 when it has none)."""
+    from clip_jax.summary import xla_cost
+    cost = xla_cost(staged)
     return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def synthetic_batch(run):
+    """A random global batch of the run's config (uint8 pixels normalised, token ids), laid out
+    on the run's mesh as the input pipeline lays out real ones."""
+    from clip_jax import sharding
+    from clip_jax.data import pipeline
+    config = run.config
+    size = config.model.vision.image_size
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8)
+    tokens = rng.integers(1, config.model.text.vocab_size,
+                          (config.batch_size, config.model.text.context_length), dtype=np.int32)
+    data_sharding = sharding.batch_sharding(run.mesh, run.rules)
+    return {"images": jax.device_put(pipeline.normalize_images(images), data_sharding),
+            "tokens": jax.device_put(tokens, data_sharding)}
 
 
 def _model_flops(config, state, batch):
@@ -111,25 +128,16 @@ def _model_flops(config, state, batch):
         config.model.remat = False
     run = train.build(config)
     with run.context():
-        return _flops(run.train_step.lower(state, batch))
+        return xla_flops(run.train_step.lower(state, batch))
 
 
 def benchmark_train(config, steps, warmup, repeats, peak_tflops=None):
     """Samples/s of the compiled train step on a fixed device-resident batch, its FLOP/s
     (XLA's cost analysis of the compiled step) and MFU against `peak_tflops` per device
     (None: measured with `measure_peak_tflops`)."""
-    from clip_jax import sharding, train
-    from clip_jax.data import pipeline
+    from clip_jax import train
     run = train.build(config)
-    size = config.model.vision.image_size
-    rng = np.random.default_rng(0)
-    host = {"images": rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8),
-            "tokens": rng.integers(1, config.model.text.vocab_size,
-                                   (config.batch_size, config.model.text.context_length),
-                                   dtype=np.int32)}
-    data_sharding = sharding.batch_sharding(run.mesh, run.rules)
-    batch = {"images": jax.device_put(pipeline.normalize_images(host["images"]), data_sharding),
-             "tokens": jax.device_put(host["tokens"], data_sharding)}
+    batch = synthetic_batch(run)
     state = run.init_state()
     step_times = []
     with run.context():
@@ -137,7 +145,7 @@ def benchmark_train(config, steps, warmup, repeats, peak_tflops=None):
         compiled = run.train_step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
         # The compiled program is one device's share of the partitioned step.
-        flops = _flops(compiled) * run.mesh.size
+        flops = xla_flops(compiled) * run.mesh.size
         state, m = compiled(state, batch)
         jax.block_until_ready(m)
         for _ in range(warmup):
@@ -155,7 +163,7 @@ def benchmark_train(config, steps, warmup, repeats, peak_tflops=None):
     model_flops = _model_flops(config, state, batch) or flops
     del state
     per_step = statistics.median(windows) / steps
-    devices = jax.device_count()
+    devices = run.mesh.size
     peak_source = "given" if peak_tflops else "measured"
     if not peak_tflops:
         peak_tflops = measure_peak_tflops(config.model.dtype)

@@ -33,11 +33,12 @@ def param_counts(model_cfg):
 def gflops(model, model_cfg, variables):
     img, txt = input_specs(model_cfg)
     enc_i, enc_t = encoder_fns(model)
-    flops = lambda lowered: _cost(lowered)["flops"] / 1e9
+    flops = lambda lowered: xla_cost(lowered)["flops"] / 1e9
     return {"image": flops(enc_i.lower(variables, img)), "text": flops(enc_t.lower(variables, txt))}
 
 
-def _cost(lowered):
+def xla_cost(lowered):
+    """XLA's cost analysis (a dict: 'flops', ...) of a lowered or compiled program."""
     cost = lowered.cost_analysis()
     return cost[0] if isinstance(cost, (list, tuple)) else cost
 
