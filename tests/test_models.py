@@ -1,5 +1,6 @@
 """Model tests: exact paper parameter counts (abstractly), small-config behaviour."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -334,6 +335,29 @@ def test_low_precision_matmul_gradients():
                     preferred_element_type=jnp.float32) + bias
     np.testing.assert_array_equal(np.asarray(y16.reshape(35, 40), np.float32),
                                   np.asarray(exact.astype(jnp.bfloat16), np.float32))
+
+
+def test_low_precision_matmul_backward_keeps_bfloat16_products():
+    """The compiled gradient of a bfloat16 `matmul` has no product that contracts dimension 0
+    of an operand (the form XLA:CPU upcasts to float32): the kernel gradient takes a stored
+    transpose of the activations, and every product's operands are bfloat16."""
+    from clip_jax.models.layers import matmul
+    x = jnp.ones((64, 32), jnp.bfloat16)
+    kernel = jnp.ones((32, 48), jnp.float32)
+    grads = jax.jit(jax.grad(lambda k, x: jnp.sum(matmul(x, k, jnp.bfloat16).astype(jnp.float32) ** 2),
+                             argnums=(0, 1)))
+    hlo = grads.lower(kernel, x).compile().as_text()
+    products = []
+    for computation in hlo.split("\n\n"):        # instruction names are local to each
+        operand_types = dict(re.findall(r"(%[\w.\-]+) = (\w+)\[", computation))
+        for operands, lhs_dim in re.findall(r"= \S+ dot\((.*?)\), lhs_contracting_dims=\{(\d)\}",
+                                            computation):
+            products.append((lhs_dim, [operand_types[n] for n in re.findall(r"%[\w.\-]+", operands)]))
+    assert len(products) == 3, hlo              # forward, input gradient, kernel gradient
+    assert products == [("1", ["bf16", "bf16"])] * 3, products
+    assert "transpose" in hlo
+    g = grads(kernel, x)
+    np.testing.assert_allclose(np.asarray(g[0]), np.full((32, 48), 2 * 32 * 64, np.float32))
 
 
 def test_pointwise_conv_is_the_1x1_convolution():
