@@ -1,0 +1,54 @@
+"""Residual blocks alone, forward + backward: `python benchmarks/blocks.py [--dtype bfloat16]
+[--width 768 --heads 12 --tokens 50 --batch 32 --layers 2 --runs 7]`.
+
+Times the jitted gradient of `layers.Transformer` (ViT-B/32's image blocks by default) and
+prints the median time and GFLOP/s (XLA's cost analysis). It isolates the dense layers from
+the rest of the step (embeddings, loss, optimiser): BUILD_NOTES "Performance" compares
+layer-level changes with it before timing whole steps.
+"""
+import argparse
+import time
+
+import clip_jax  # noqa: F401  (its XLA:CPU defaults, before JAX starts)
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clip_jax import benchmark
+from clip_jax.models import layers
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype (parameters stay float32)")
+    parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--tokens", type=int, default=50, help="sequence length")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--causal", action="store_true", help="causal attention (text tower)")
+    parser.add_argument("--runs", type=int, default=7, help="timed runs after one warm-up")
+    args = parser.parse_args()
+
+    model = layers.Transformer(width=args.width, layers=args.layers, heads=args.heads,
+                               causal=args.causal, dtype=jnp.dtype(args.dtype))
+    x = jax.random.normal(jax.random.key(0), (args.batch, args.tokens, args.width))
+    params = jax.jit(model.init)(jax.random.key(1), x)
+    loss = lambda p, x: jnp.sum(model.apply(p, x).astype(jnp.float32) ** 2)
+    compiled = jax.jit(jax.grad(loss)).lower(params, x).compile()
+    flops = benchmark.xla_flops(compiled)
+    jax.block_until_ready(compiled(params, x))
+    times = []
+    for _ in range(args.runs):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(params, x))
+        times.append(time.perf_counter() - start)
+    median = float(np.median(times))
+    print(f"{args.layers} blocks, width {args.width}, {args.batch}x{args.tokens} tokens, {args.dtype}: "
+          f"median {median * 1e3:.1f} ms (min {min(times) * 1e3:.1f}), "
+          f"{flops / median / 1e9:.0f} GFLOP/s ({flops / 1e9:.1f} GFLOP per step)")
+
+
+if __name__ == "__main__":
+    main()
