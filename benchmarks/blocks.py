@@ -7,7 +7,6 @@ the rest of the step (embeddings, loss, optimiser): BUILD_NOTES "Performance" co
 layer-level changes with it before timing whole steps.
 """
 import argparse
-import time
 
 import clip_jax  # noqa: F401  (its XLA:CPU defaults, before JAX starts)
 import jax
@@ -38,12 +37,7 @@ def main():
     loss = lambda p, x: jnp.sum(model.apply(p, x).astype(jnp.float32) ** 2)
     compiled = jax.jit(jax.grad(loss)).lower(params, x).compile()
     flops = benchmark.xla_flops(compiled)
-    jax.block_until_ready(compiled(params, x))
-    times = []
-    for _ in range(args.runs):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(params, x))
-        times.append(time.perf_counter() - start)
+    times = benchmark.timings(lambda: jax.block_until_ready(compiled(params, x)), args.runs)
     median = float(np.median(times))
     print(f"{args.layers} blocks, width {args.width}, {args.batch}x{args.tokens} tokens, {args.dtype}: "
           f"median {median * 1e3:.1f} ms (min {min(times) * 1e3:.1f}), "

@@ -73,6 +73,18 @@ def benchmark_data(config, workers_list, batches, repeats):
     return results
 
 
+def timings(fn, repeats):
+    """Calls `fn` once (compiling, warming caches), then returns the wall times in seconds of
+    `repeats` more calls. `fn` must block until its work is done."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def measure_peak_tflops(dtype, sizes=(2048, 4096), repeats=5):
     """The machine's matmul peak in TFLOP/s for the compute `dtype`: the best, over `sizes`,
     of the median time of an n x n x n product (bfloat16: float32 accumulation, rounded, the
@@ -83,12 +95,7 @@ def measure_peak_tflops(dtype, sizes=(2048, 4096), repeats=5):
     for n in sizes:
         a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
         f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(dtype))
-        f(a, a).block_until_ready()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            f(a, a).block_until_ready()
-            times.append(time.perf_counter() - t0)
+        times = timings(lambda: f(a, a).block_until_ready(), repeats)
         best = max(best, 2 * n ** 3 / statistics.median(times) / 1e12)
     return best
 
@@ -279,14 +286,8 @@ def benchmark_evaluate(config, source, num_images, repeats, batch_size):
         data = data_lib.open_eval_data(source or _photo_folder(tmp + "/photos", num_images)).head(num_images)
         views = features._Views(data, clip.image_size)
 
-        def timed(fn):
-            fn()                                          # compile / warm the file cache
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            return statistics.median(times)
+        def timed(fn):                                    # the first call compiles, warms the file cache
+            return statistics.median(timings(fn, repeats))
 
         pixels = normalize_images(np.stack([views[i] for i in range(len(data))]))
         prompts = [f"a photo of a {i % 1000} thing." for i in range(4 * len(data))]

@@ -338,9 +338,10 @@ def test_low_precision_matmul_gradients():
 
 
 def test_low_precision_matmul_backward_keeps_bfloat16_products():
-    """The compiled gradient of a bfloat16 `matmul` has no product that contracts dimension 0
-    of an operand (the form XLA:CPU upcasts to float32): the kernel gradient takes a stored
-    transpose of the activations, and every product's operands are bfloat16."""
+    """In the compiled gradient of a bfloat16 `matmul`, all three products (forward, input
+    gradient, kernel gradient) keep bfloat16 operands, and none contracts dimension 0 of its
+    left operand (the forms XLA:CPU upcasts to float32): both backward products read stored
+    transposes."""
     from clip_jax.models.layers import matmul
     x = jnp.ones((64, 32), jnp.bfloat16)
     kernel = jnp.ones((32, 48), jnp.float32)

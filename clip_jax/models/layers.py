@@ -62,7 +62,7 @@ def _stored_transpose(x):
     dimension, or, via `allow_excess_precision`, reading the float32 kernel), and XLA:CPU
     runs those forms by upcasting to float32: ~200 GFLOP/s on the profiled CPU against ~400
     for its bfloat16 kernel, which a stored copy of a few MB lets it use (ViT-B/32 bf16
-    step 9.9 s -> 6.8 s; BUILD_NOTES "Performance"). Other backends take x.T as it is."""
+    step 8.9 s -> 6.1 s; BUILD_NOTES "Performance"). Other backends take x.T as it is."""
     if jax.default_backend() != "cpu":
         return x.T
     return with_layout_constraint(jnp.transpose(x), Layout(major_to_minor=(0, 1)))
