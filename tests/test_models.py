@@ -153,6 +153,89 @@ def test_resnet_batch_stats_and_init():
     assert not np.allclose(eval_out["image_embeds"], out["image_embeds"])
 
 
+@pytest.mark.parametrize("relu,with_residual", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batch_norm_matches_flax(relu, with_residual, dtype):
+    """resnet.BatchNorm (custom VJP, residual and ReLU fused) against flax's nn.BatchNorm
+    followed by the same add and ReLU: variables, outputs, running statistics, gradients."""
+    from clip_jax.models.resnet import BatchNorm
+
+    class Reference(nn.Module):
+        train: bool
+
+        @nn.compact
+        def __call__(self, x, residual=None):
+            y = nn.BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5,
+                             dtype=dtype, param_dtype=jnp.float32, name="bn")(x)
+            y = y if residual is None else y + residual
+            return nn.relu(y) if relu else y
+
+    class Fused(nn.Module):
+        train: bool
+
+        @nn.compact
+        def __call__(self, x, residual=None):
+            return BatchNorm(self.train, relu=relu, dtype=dtype, name="bn")(x, residual)
+
+    k = jax.random.split(jax.random.key(0), 6)
+    x = (3.0 * jax.random.normal(k[0], (4, 5, 6, 8)) + 1.5).astype(dtype)
+    residual = jax.random.normal(k[1], x.shape).astype(dtype) if with_residual else None
+    weights = jax.random.normal(k[2], x.shape)
+    variables = Reference(True).init(k[3], x, residual)
+    assert jax.tree.map(jnp.shape, meta.unbox(Fused(True).init(k[3], x, residual))) == \
+        jax.tree.map(jnp.shape, variables)
+    # Non-trivial parameters and running statistics.
+    variables = {"params": {"bn": {"scale": 1 + jax.random.normal(k[4], (8,)),
+                                   "bias": jax.random.normal(k[5], (8,))}},
+                 "batch_stats": {"bn": {"mean": jnp.full((8,), 0.5), "var": jnp.full((8,), 2.0)}}}
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+
+    def objective(module, params, x, residual):
+        y, updates = module.apply({**variables, "params": params}, x, residual,
+                                  mutable=["batch_stats"])
+        return (y.astype(jnp.float32) * weights).sum(), (y, updates)
+
+    results = {}
+    for name, module in (("reference", Reference(True)), ("fused", Fused(True))):
+        grad_fn = jax.jit(jax.grad(functools.partial(objective, module), argnums=(0, 1, 2),
+                                   has_aux=True))
+        grads, (y, updates) = grad_fn(variables["params"], x, residual)
+        assert y.dtype == dtype
+        results[name] = (y, updates, grads)
+    for got, want in zip(jax.tree.leaves(results["fused"]), jax.tree.leaves(results["reference"])):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)
+    # Evaluation mode: running statistics.
+    np.testing.assert_allclose(
+        np.asarray(Fused(False).apply(variables, x, residual), np.float32),
+        np.asarray(Reference(False).apply(variables, x, residual), np.float32), **tol)
+
+
+def test_batch_norm_statistics_gradient():
+    """batch_norm_act's VJP also carries the batch mean's and variance's cotangents."""
+    from clip_jax.models.resnet import batch_norm_act
+
+    k = jax.random.split(jax.random.key(1), 4)
+    x = 2.0 * jax.random.normal(k[0], (3, 4, 4, 5)) - 1.0
+    scale, bias = 1 + jax.random.normal(k[1], (5,)), jax.random.normal(k[2], (5,))
+    u, v = jax.random.normal(k[3], (2, 5))
+
+    def plain(x, scale, bias):
+        mean = x.mean((0, 1, 2))
+        var = (x * x).mean((0, 1, 2)) - mean ** 2
+        y = jax.nn.relu((x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias)
+        return y, mean, var
+
+    def objective(fn, *args):
+        y, mean, var = fn(*args)
+        return jnp.sin(y).sum() + (mean * u).sum() + (var * v).sum()
+
+    fused = lambda x, s, b: batch_norm_act(x, s, b, None, 1e-5, True, jnp.dtype(jnp.float32))
+    got = jax.grad(functools.partial(objective, fused), argnums=(0, 1, 2))(x, scale, bias)
+    want = jax.grad(functools.partial(objective, plain), argnums=(0, 1, 2))(x, scale, bias)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
 def test_causal_text():
     _, size, variables = init_small("vit")
     images = make_images(B, size)
