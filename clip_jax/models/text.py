@@ -29,13 +29,12 @@ class TextTransformer(nn.Module):
                          (self.context_length, self.width), jnp.float32)
         x = x + pos[: tokens.shape[1]].astype(self.dtype)
         x = nn.with_logical_constraint(x, ACT_SPEC)
+        eot = jnp.argmax(tokens, axis=-1)
         x = Transformer(width=self.width, layers=self.layers, heads=self.heads,
                         causal=True, remat=self.remat, activation=self.activation,
                         dtype=self.dtype,
-                        name="transformer")(x)
+                        name="transformer")(x, readout=eot)             # [B, width]
         x = layer_norm(self.dtype, "ln_final")(x)
-        eot = jnp.argmax(tokens, axis=-1)
-        x = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]   # [B, width]
         proj = self.param("text_projection",
                           logical(normal(self.width ** -0.5), ("embed", "joint")),
                           (self.width, self.output_dim), jnp.float32)

@@ -47,8 +47,8 @@ class VisionTransformer(nn.Module):
         x = Transformer(width=self.width, layers=self.layers, heads=self.heads,
                         causal=False, remat=self.remat, activation=self.activation,
                         dtype=self.dtype,
-                        name="transformer")(x)
-        x = layer_norm(self.dtype, "ln_post")(x[:, 0, :])
+                        name="transformer")(x, readout=jnp.zeros((b,), jnp.int32))
+        x = layer_norm(self.dtype, "ln_post")(x)                    # the class token
         proj = self.param("proj", logical(normal(scale), ("embed", "joint")),
                           (self.width, self.output_dim), jnp.float32)
         return jnp.dot(x, proj.astype(self.dtype), preferred_element_type=jnp.float32)
