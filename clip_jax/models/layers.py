@@ -231,10 +231,11 @@ class ResidualAttentionBlock(nn.Module):
         if readout is None:
             x = x + attn(h, causal=self.causal)
         else:
-            rows = jnp.asarray(readout, jnp.int32)[:, None, None]
+            readout = jnp.asarray(readout, jnp.int32)
+            rows = readout[:, None, None]
             x = jnp.take_along_axis(x, rows, axis=1)                  # [B, 1, width]
             x = x + attn(jnp.take_along_axis(h, rows, axis=1), h,
-                         kv_lengths=rows[:, 0, 0] + 1 if self.causal else None)
+                         kv_lengths=readout + 1 if self.causal else None)
         x = x + MLP(fc_std=self.fc_std, proj_std=self.proj_std, activation=self.activation,
                     dtype=self.dtype, name="mlp")(layer_norm(self.dtype, "ln_2")(x))
         return nn.with_logical_constraint(x, ACT_SPEC)
