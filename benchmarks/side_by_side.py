@@ -9,6 +9,10 @@ drift in machine speed falls on both. Each run times `--steps` steps after `--wa
 one fixed batch already in memory (no data loading on either side), blocking on each step.
 Printed: per-round samples/s, the medians, and the ratio clip_jax / OpenCLIP of the medians.
 
+Each framework runs as its users run it: `python -m clip_jax.benchmark` restarts itself
+with glibc's huge-page tunable (`clip_jax.host_memory`), the OpenCLIP child does not
+(huge pages did not change its speed; BUILD_NOTES "Performance", finding 10).
+
 Precision: `fp32` runs both in float32; `bf16` runs clip_jax with bfloat16 compute
 (float32 parameters) and OpenCLIP under `torch.autocast('cpu', torch.bfloat16)`, which is
 what each framework's mixed precision does.

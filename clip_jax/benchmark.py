@@ -36,7 +36,12 @@ one JSON object holding them (`samples_per_sec` for train, `images_per_sec` per 
 count for data). The config's keys can be overridden as in training
 (`--config.batch_size=32`).
 """
+if __name__ == "__main__":          # before JAX starts: see host_memory
+    from clip_jax.host_memory import reexec_with_malloc_tunables
+    reexec_with_malloc_tunables()
+
 import json
+import os
 import statistics
 import sys
 import time
@@ -185,7 +190,9 @@ def benchmark_train(config, steps, warmup, repeats, peak_tflops=None):
             "mfu": model_flops / per_step / 1e12 / (peak_tflops * devices),
             "hfu": achieved / (peak_tflops * devices),
             "dtype": config.model.dtype, "remat": bool(config.model.remat),
-            "devices": devices, "backend": jax.default_backend()}
+            "devices": devices, "backend": jax.default_backend(),
+            # The host allocator's settings the figure was measured under (host_memory).
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
 def _dir_bytes(path):

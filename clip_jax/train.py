@@ -6,6 +6,10 @@ Library functions (`build`, `create_train_state`, `make_train_step`, `train`) ov
 Rerunning with the same workdir resumes from the newest checkpoint (checkpoint.py); a
 SIGTERM saves one at the current step and stops.
 """
+if __name__ == "__main__":          # before JAX starts: see host_memory
+    from clip_jax.host_memory import reexec_with_malloc_tunables
+    reexec_with_malloc_tunables()
+
 import dataclasses
 import json
 import os
