@@ -57,4 +57,8 @@ def reexec_with_malloc_tunables(environ=None, execve=os.execve):
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    execve(sys.executable, sys.orig_argv, env)
+    try:
+        execve(sys.executable, sys.orig_argv, env)
+    except OSError as e:        # e.g. no usable sys.executable: run on without the tunable
+        print(f"clip_jax: could not restart with {TUNABLE} ({e}); continuing without it",
+              file=sys.stderr)

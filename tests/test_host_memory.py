@@ -48,6 +48,15 @@ def test_leaves_the_environment_alone(linux_glibc, monkeypatch, tmp_path, case):
     assert calls == []
 
 
+def test_a_failed_restart_runs_on(linux_glibc, monkeypatch, capsys):
+    monkeypatch.setattr(host_memory, "THP_MODE", linux_glibc)
+
+    def fail(*args):
+        raise PermissionError("not allowed")
+    host_memory.reexec_with_malloc_tunables({}, execve=fail)
+    assert "not allowed" in capsys.readouterr().err
+
+
 def test_reexecutes_the_same_command_line_once():
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_memory._DONE)}
     if host_memory.tunables_env(env) is None:
