@@ -13,9 +13,9 @@ glibc reads its tunables once, when the process starts, so the command-line entr
 before anything else: if the tunable is missing it re-executes the same command once with
 it added to `GLIBC_TUNABLES`. Nothing happens off Linux/glibc, where the kernel's
 transparent huge pages are `never`, or where the user set `glibc.malloc.hugetlb`
-themselves; `CLIP_JAX_MALLOC_TUNABLES=0` turns it off. Only this module's standard-library
-imports run before the re-execution. On GPU/TPU hosts the setting only affects host
-buffers and does no harm.
+themselves; `CLIP_JAX_MALLOC_TUNABLES=0` turns it off. Only `clip_jax/__init__.py` and this
+module (standard library only) run before the re-execution. On GPU/TPU hosts it changes
+only how host memory is allocated (not measured there: no accelerator was lent).
 """
 import os
 import platform
