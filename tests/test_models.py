@@ -497,3 +497,67 @@ def test_pointwise_conv_is_the_1x1_convolution():
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                         precision="highest")
     np.testing.assert_allclose(layer.apply(variables, x), want, rtol=1e-5, atol=1e-5)
+
+
+def _lax_conv3x3(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision="highest")
+
+
+@pytest.mark.parametrize("dtype,channels", [(jnp.float32, 5), (jnp.bfloat16, 6), (jnp.bfloat16, 5)])
+def test_conv3x3_im2col_matches_the_convolution(dtype, channels):
+    """The im2col form of the 3x3 convolution, forward and both gradients, against
+    lax.conv_general_dilated: float32 to rounding; bfloat16 (packed pairs for an even channel
+    count, plain copies for an odd one) against the float32 convolution of the same
+    bfloat16 values, to bfloat16's precision."""
+    from clip_jax.models.resnet import conv3x3_im2col
+    kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (2, 7, 5, channels)).astype(dtype)   # H != W: catches a swap
+    kernel = jax.random.normal(kk, (3, 3, channels, 4)) / 3.0
+    cotangent = jax.random.normal(kg, (2, 7, 5, 4))
+
+    def loss(conv, x, kernel):
+        return jnp.sum(conv(x, kernel).astype(jnp.float32) * cotangent)
+
+    def reference(x, kernel):     # float32 throughout, on the values the fast path sees
+        return _lax_conv3x3(x.astype(jnp.float32), kernel.astype(dtype).astype(jnp.float32))
+
+    def assert_close(got, want):      # relative to the largest entry: sums of rounded terms
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        assert np.max(np.abs(got - want)) <= tol * np.max(np.abs(want)), (got, want)
+
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    got = jax.jit(conv3x3_im2col)(x, kernel)
+    assert got.dtype == dtype and got.shape == (2, 7, 5, 4)
+    assert_close(got, reference(x, kernel))
+    dx, dk = jax.jit(jax.grad(functools.partial(loss, conv3x3_im2col), (0, 1)))(x, kernel)
+    want_dx, want_dk = jax.grad(functools.partial(loss, reference), (0, 1))(x, kernel)
+    assert dx.dtype == dtype and dk.dtype == jnp.float32 and dk.shape == kernel.shape
+    assert_close(dx, want_dx)
+    assert_close(dk, want_dk)
+
+
+@pytest.mark.parametrize("dtype,channels,im2col", [
+    (jnp.bfloat16, 128, True), (jnp.bfloat16, 64, False), (jnp.float32, 128, False)])
+def test_conv3x3_has_nn_conv_parameters_and_picks_its_path(dtype, channels, im2col):
+    """Conv3x3 initialises exactly the parameter nn.Conv would (name, shape, values), and
+    takes the im2col path only on CPU in bfloat16 from IM2COL_MIN_CHANNELS input channels."""
+    from clip_jax.models.resnet import IM2COL_MIN_CHANNELS, Conv3x3
+    assert (channels >= IM2COL_MIN_CHANNELS) == im2col or dtype == jnp.float32
+    x = jax.random.normal(jax.random.key(0), (1, 4, 3, channels)).astype(dtype)
+    layer = Conv3x3(8, dtype=dtype)
+    plain = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dtype,
+                    param_dtype=jnp.float32,
+                    kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
+    variables = meta.unbox(layer.init(jax.random.key(1), x))
+    plain_variables = plain.init(jax.random.key(1), x)
+    assert jax.tree.structure(variables) == jax.tree.structure(plain_variables)
+    np.testing.assert_array_equal(variables["params"]["kernel"], plain_variables["params"]["kernel"])
+    jaxpr = str(jax.make_jaxpr(layer.apply)(variables, x))
+    assert ("conv_general_dilated" not in jaxpr) == im2col, jaxpr
+    got = layer.apply(variables, x)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32),
+                               np.asarray(plain.apply(plain_variables, x), np.float32),
+                               rtol=2e-2, atol=5e-2)

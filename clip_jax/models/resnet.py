@@ -15,7 +15,10 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from clip_jax.models.layers import MultiHeadAttention, logical, matmul, normal, ones, zeros
+from jax.experimental.layout import Layout, with_layout_constraint
+
+from clip_jax.models.layers import (MultiHeadAttention, _stored_transpose, logical, matmul,
+                                    normal, ones, zeros)
 
 STAGE_SPEC = ("batch", None, None, None)
 CONV_NAMES = (None, None, "conv_in", "conv_out")
@@ -40,9 +43,98 @@ class PointwiseConv(nn.Module):
         return matmul(x, kernel[0, 0], self.dtype)
 
 
+def _im2col_3x3(x):
+    """x [N, H, W, C] -> [N*H*W, 9*C]: the 3x3 neighbourhood of each position (zero padding 1),
+    tap-major (dy, dx), so that cols @ kernel.reshape(9*C, O) is the 'same' convolution.
+
+    Two-byte values are moved as pairs packed in uint32 words (C even): XLA:CPU copies the
+    nine shifted windows about twice as fast so."""
+    n, h, w, c = x.shape
+    packed = x.dtype.itemsize == 2 and c % 2 == 0
+    v = jax.lax.bitcast_convert_type(x.reshape(n, h, w, c // 2, 2), jnp.uint32) if packed else x
+    v = jnp.pad(v, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    cols = jnp.concatenate([v[:, dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], -1)
+    if packed:
+        cols = jax.lax.bitcast_convert_type(cols, x.dtype)
+    return cols.reshape(n * h * w, 9 * c)
+
+
+@jax.custom_vjp
+def conv3x3_im2col(x, kernel):
+    """The 3x3, stride-1, padding-1 convolution of x [N, H, W, C] (compute dtype) with the
+    float32 kernel [3, 3, C, O] (HWIO), as im2col + one product that takes x's dtype and
+    accumulates in float32; the result is rounded to x's dtype once. The backward is two
+    products of the same kind: dx = im2col(g) @ the flipped kernel, and dkernel = g.T @
+    im2col(x), straight in float32. See `Conv3x3` for when it is used."""
+    n, h, w, c = x.shape
+    y = jnp.dot(_im2col_3x3(x), kernel.astype(x.dtype).reshape(9 * c, -1),
+                preferred_element_type=jnp.float32)
+    return y.astype(x.dtype).reshape(n, h, w, -1)
+
+
+def _conv3x3_im2col_fwd(x, kernel):
+    return conv3x3_im2col(x, kernel), (x, kernel)
+
+
+def _conv3x3_im2col_bwd(saved, g):
+    x, kernel = saved
+    n, h, w, c = x.shape
+    o = kernel.shape[-1]
+    # The input gradient is the 'same' convolution of g with the kernel rotated by 180
+    # degrees and its channel axes swapped: [3, 3, O, C] -> [9*O, C].
+    flipped = jnp.transpose(kernel[::-1, ::-1].astype(x.dtype), (0, 1, 3, 2)).reshape(9 * o, c)
+    dx = jnp.dot(_im2col_3x3(g), flipped, preferred_element_type=jnp.float32)
+    # g.T stored transposed (see `_stored_transpose`), and the [O, 9C] product kept in that
+    # layout until the transpose below: XLA:CPU has no bf16 x bf16 -> f32 product writing
+    # the transposed layout ("DotThunk" error).
+    dkernel_t = jnp.dot(_stored_transpose(g.reshape(n * h * w, o)), _im2col_3x3(x),
+                        preferred_element_type=jnp.float32)
+    if jax.default_backend() == "cpu":
+        dkernel_t = with_layout_constraint(dkernel_t, Layout(major_to_minor=(0, 1)))
+    return dx.astype(x.dtype).reshape(x.shape), dkernel_t.T.reshape(3, 3, c, o)
+
+
+conv3x3_im2col.defvjp(_conv3x3_im2col_fwd, _conv3x3_im2col_bwd)
+
+
+# The smallest input width at which `Conv3x3` takes the im2col path (XLA:CPU, bfloat16).
+IM2COL_MIN_CHANNELS = 128
+
+
+class Conv3x3(nn.Module):
+    """A 3x3, stride-1, padding-1 convolution without bias; its parameter is `nn.Conv`'s
+    (`kernel` [3, 3, in, out], the same initialiser), so checkpoints are unchanged.
+
+    On XLA:CPU in bfloat16 with at least IM2COL_MIN_CHANNELS input channels it runs as
+    `conv3x3_im2col`: XLA:CPU's bfloat16 convolution upcasts to float32 (RN50's 3x3
+    convolutions, forward and backward, took twice as long as torch's oneDNN ones), while
+    its bfloat16 product accumulating in float32 runs at ~2x the rate. Measured per shape
+    (BUILD_NOTES "Performance", finding 11) the im2col form wins from 128 channels (56x56
+    and smaller) and loses slightly on the stem's and the first stage's 32-64 channels at
+    112x112 and 56x56, where the copies cost more than the product gains. Everywhere else
+    (float32, GPU, TPU) it is `lax.conv_general_dilated`, as `nn.Conv`.
+    """
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", logical(_he_fan_out, CONV_NAMES),
+                            (3, 3, x.shape[-1], self.features), jnp.float32)
+        x = jnp.asarray(x, self.dtype)
+        if (jax.default_backend() == "cpu" and x.dtype == jnp.bfloat16
+                and x.shape[-1] >= IM2COL_MIN_CHANNELS):
+            return conv3x3_im2col(x, kernel)
+        return jax.lax.conv_general_dilated(x, kernel.astype(self.dtype), (1, 1),
+                                            ((1, 1), (1, 1)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 def _conv(features, kernel, name, dtype, stride=1):
     if kernel == 1 and stride == 1:
         return PointwiseConv(features, dtype=dtype, name=name)
+    if kernel == 3 and stride == 1:
+        return Conv3x3(features, dtype=dtype, name=name)
     pad = (kernel - 1) // 2
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((pad, pad), (pad, pad)), use_bias=False,
