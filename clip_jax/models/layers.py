@@ -56,6 +56,14 @@ def layer_norm(dtype, name):
         name=name)
 
 
+def _row_major(x):
+    """The 2-D array x, stored row-major on CPU (other backends: as it is). Pins the layout
+    XLA:CPU's bfloat16 product kernel reads and writes; see `_stored_transpose`."""
+    if jax.default_backend() != "cpu":
+        return x
+    return with_layout_constraint(x, Layout(major_to_minor=(0, 1)))
+
+
 def _stored_transpose(x):
     """x.T, stored transposed on CPU, for the backward products g @ kernel.T and x.T @ g.
     Left to itself XLA folds a transpose into the product (contracting the operand's other
@@ -63,9 +71,7 @@ def _stored_transpose(x):
     runs those forms by upcasting to float32: ~200 GFLOP/s on the profiled CPU against ~400
     for its bfloat16 kernel, which a stored copy of a few MB lets it use (ViT-B/32 bf16
     step 8.9 s -> 6.1 s; BUILD_NOTES "Performance"). Other backends take x.T as it is."""
-    if jax.default_backend() != "cpu":
-        return x.T
-    return with_layout_constraint(jnp.transpose(x), Layout(major_to_minor=(0, 1)))
+    return _row_major(jnp.transpose(x))
 
 
 @jax.custom_vjp
