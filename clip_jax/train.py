@@ -213,25 +213,31 @@ def make_train_step(config, model, tx, schedule, mesh, rules, state_shardings):
 
     A step whose loss or gradient is not finite changes nothing but the step counter and
     the non-finite counters: parameters, optimiser state and BatchNorm statistics keep their
-    values (the select fuses into the update, so the guard costs no extra pass).
+    values. The guard is a `lax.cond` around the update, not a `where` per leaf: XLA fuses a
+    `where` into the update's loops, which then read the old moments after the in-place
+    write of the new ones, so it copied every moment first (797 copies per ViT-B/32 step;
+    an AdamW update over 151M parameters 0.57 s with the `where`s, 0.16 s with the
+    `cond`; BUILD_NOTES "Performance", finding 12).
     """
     compute = make_gradient_fn(config, model, mesh, rules)
 
     def step_fn(state, batch):
         (loss, (batch_stats, scale)), grads = compute(state.params, state.batch_stats, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optim.clip_logit_scale(optax.apply_updates(state.params, updates))
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        def if_finite(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        def update(params, opt_state, _old_stats):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optim.clip_logit_scale(optax.apply_updates(params, updates))
+            return params, opt_state, batch_stats
 
+        params, opt_state, batch_stats = jax.lax.cond(
+            finite, update, lambda *unchanged: unchanged,
+            state.params, state.opt_state, state.batch_stats)
         streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
         new_state = TrainState(
-            step=state.step + 1, params=if_finite(params, state.params),
-            batch_stats=if_finite(batch_stats, state.batch_stats),
-            opt_state=if_finite(opt_state, state.opt_state), rng=state.rng,
+            step=state.step + 1, params=params, batch_stats=batch_stats,
+            opt_state=opt_state, rng=state.rng,
             nonfinite_streak=streak,
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
         step_metrics = {"loss": loss, "logit_scale": scale, "temperature": 1.0 / scale,
