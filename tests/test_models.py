@@ -461,6 +461,32 @@ def test_low_precision_matmul_gradients():
                                   np.asarray(exact.astype(jnp.bfloat16), np.float32))
 
 
+
+def test_low_precision_matmul_can_return_the_float32_accumulator():
+    """`out_dtype=float32` (ResNet's convolutions feeding BatchNorm): the float32 accumulator
+    of the bfloat16 product, unrounded; the backward rounds the incoming gradient to bfloat16,
+    so the input and kernel gradients equal the rounded form's exactly."""
+    from clip_jax.models.layers import matmul
+    kx, kk, kb, kr = jax.random.split(jax.random.key(1), 4)
+    x = jax.random.normal(kx, (6, 48)).astype(jnp.bfloat16)
+    kernel = jax.random.normal(kk, (48, 40)) * 48 ** -0.5
+    bias = jax.random.normal(kb, (40,))
+    r = jax.random.normal(kr, (6, 40)).astype(jnp.bfloat16).astype(jnp.float32)
+    y = matmul(x, kernel, jnp.bfloat16, bias, out_dtype=jnp.float32)
+    exact = jnp.dot(x, kernel.astype(jnp.bfloat16), preferred_element_type=jnp.float32) + bias
+    assert y.dtype == jnp.float32
+    np.testing.assert_array_equal(y, exact)
+
+    def loss(out_dtype):
+        return lambda x, k, b: jnp.sum(
+            matmul(x, k, jnp.bfloat16, b, out_dtype=out_dtype).astype(jnp.float32) * r)
+
+    unrounded = jax.grad(loss(jnp.float32), argnums=(0, 1, 2))(x, kernel, bias)
+    rounded = jax.grad(loss(None), argnums=(0, 1, 2))(x, kernel, bias)
+    for a, b in zip(unrounded, rounded):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
 def test_low_precision_matmul_backward_keeps_bfloat16_products():
     """In the compiled gradient of a bfloat16 `matmul`, all three products (forward, input
     gradient, kernel gradient) keep bfloat16 operands, and none contracts dimension 0 of its
@@ -505,12 +531,15 @@ def _lax_conv3x3(x, kernel):
                                         precision="highest")
 
 
-@pytest.mark.parametrize("dtype,channels", [(jnp.float32, 5), (jnp.bfloat16, 6), (jnp.bfloat16, 5)])
-def test_conv3x3_im2col_matches_the_convolution(dtype, channels):
+@pytest.mark.parametrize("dtype,channels,out_dtype", [
+    (jnp.float32, 5, None), (jnp.bfloat16, 6, None), (jnp.bfloat16, 5, None),
+    (jnp.bfloat16, 6, jnp.float32)])
+def test_conv3x3_im2col_matches_the_convolution(dtype, channels, out_dtype):
     """The im2col form of the 3x3 convolution, forward and both gradients, against
     lax.conv_general_dilated: float32 to rounding; bfloat16 (packed pairs for an even channel
     count, plain copies for an odd one) against the float32 convolution of the same
-    bfloat16 values, to bfloat16's precision."""
+    bfloat16 values, to bfloat16's precision, or, with a float32 output (the unrounded
+    accumulator), the forward to float32's."""
     from clip_jax.models.resnet import conv3x3_im2col
     kx, kk, kg = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (2, 7, 5, channels)).astype(dtype)   # H != W: catches a swap
@@ -527,11 +556,13 @@ def test_conv3x3_im2col_matches_the_convolution(dtype, channels):
         got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
         assert np.max(np.abs(got - want)) <= tol * np.max(np.abs(want)), (got, want)
 
-    tol = 1e-5 if dtype == jnp.float32 else 1e-2
-    got = jax.jit(conv3x3_im2col)(x, kernel)
-    assert got.dtype == dtype and got.shape == (2, 7, 5, 4)
+    conv = functools.partial(conv3x3_im2col, out_dtype=out_dtype)
+    tol = 1e-5 if dtype == jnp.float32 or out_dtype == jnp.float32 else 1e-2
+    got = jax.jit(conv)(x, kernel)
+    assert got.dtype == (out_dtype or dtype) and got.shape == (2, 7, 5, 4)
     assert_close(got, reference(x, kernel))
-    dx, dk = jax.jit(jax.grad(functools.partial(loss, conv3x3_im2col), (0, 1)))(x, kernel)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    dx, dk = jax.jit(jax.grad(functools.partial(loss, conv), (0, 1)))(x, kernel)
     want_dx, want_dk = jax.grad(functools.partial(loss, reference), (0, 1))(x, kernel)
     assert dx.dtype == dtype and dk.dtype == jnp.float32 and dk.shape == kernel.shape
     assert_close(dx, want_dx)

@@ -5,6 +5,7 @@ Every parameter initialiser carries logical axis names (MaxText style) via
 `nn.with_logical_partitioning`; the names are mapped to mesh axes by the rules in
 `config_lib.DEFAULT_RULES`.
 """
+import functools
 import math
 from typing import Any, Callable, Optional, Tuple, Union
 
@@ -74,34 +75,36 @@ def _stored_transpose(x):
     return _row_major(jnp.transpose(x))
 
 
-@jax.custom_vjp
-def _low_precision_matmul(x, kernel, bias):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _low_precision_matmul(x, kernel, bias, out_dtype):
     """x [M, K] (bfloat16) @ kernel [K, N] + bias [N] (float32 parameters, the kernel cast to
-    x's dtype), accumulated in float32 and rounded to x's dtype once; the backward products
-    likewise (see `matmul`)."""
+    x's dtype), accumulated in float32 and rounded to `out_dtype` once (float32: not rounded);
+    the backward products likewise (see `matmul`)."""
     y = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
-    return (y + bias).astype(x.dtype)
+    return (y + bias).astype(out_dtype)
 
 
-def _low_precision_matmul_fwd(x, kernel, bias):
-    return _low_precision_matmul(x, kernel, bias), (x, kernel.astype(x.dtype))
+def _low_precision_matmul_fwd(x, kernel, bias, out_dtype):
+    return _low_precision_matmul(x, kernel, bias, out_dtype), (x, kernel.astype(x.dtype))
 
 
-def _low_precision_matmul_bwd(saved, g):
+def _low_precision_matmul_bwd(out_dtype, saved, g):
     x, kernel = saved
+    dbias = jnp.sum(g, axis=0, dtype=jnp.float32)
+    g = g.astype(x.dtype)
     dx = jnp.dot(g, _stored_transpose(kernel), preferred_element_type=jnp.float32).astype(x.dtype)
     # The parameters' gradients straight in float32 (their dtype): no rounding to bfloat16
     # and back.
     dkernel = jnp.dot(_stored_transpose(x), g, preferred_element_type=jnp.float32)
-    return dx, dkernel, jnp.sum(g, axis=0, dtype=jnp.float32)
+    return dx, dkernel, dbias
 
 
 _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
 
 
-def matmul(x, kernel, dtype, bias=None):
-    """x [..., K] @ kernel [K, N] (+ bias [N]) -> [..., N] in the compute `dtype`; kernel and
-    bias are float32 parameters.
+def matmul(x, kernel, dtype, bias=None, out_dtype=None):
+    """x [..., K] @ kernel [K, N] (+ bias [N]) -> [..., N] in `out_dtype` (default: the
+    compute `dtype`); kernel and bias are float32 parameters.
 
     In float32 this is `jnp.dot`. In a lower precision (bfloat16) the products take bfloat16
     inputs, accumulate in float32 and round the result to bfloat16, forward and backward
@@ -109,7 +112,8 @@ def matmul(x, kernel, dtype, bias=None):
     because XLA:CPU runs a bfloat16 x bfloat16 -> bfloat16 dot, which is what JAX's own
     gradient of a bfloat16 dot gives, on a slow upcasting path: profiled on a 2-core
     AVX512-BF16 CPU, ~160 GFLOP/s against ~350 for the same product accumulated in float32
-    and rounded (BUILD_NOTES "Performance").
+    and rounded (BUILD_NOTES "Performance"). `out_dtype=float32` returns the float32
+    accumulator unrounded (for a consumer that computes in float32 anyway: BatchNorm).
     """
     lead = x.shape[:-1]
     x = jnp.asarray(x, dtype).reshape(-1, x.shape[-1])
@@ -119,7 +123,8 @@ def matmul(x, kernel, dtype, bias=None):
             y = y + bias
     else:
         zero = jnp.zeros(kernel.shape[1:], jnp.float32)
-        y = _low_precision_matmul(x, kernel, zero if bias is None else bias)
+        y = _low_precision_matmul(x, kernel, zero if bias is None else bias,
+                                  jnp.dtype(out_dtype or dtype))
     return y.reshape(lead + kernel.shape[1:])
 
 

@@ -33,12 +33,13 @@ class PointwiseConv(nn.Module):
     """
     features: int
     dtype: Any = jnp.float32
+    out_dtype: Any = None      # None: `dtype`; float32: the accumulator, unrounded
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", logical(_he_fan_out, CONV_NAMES),
                             (1, 1, x.shape[-1], self.features), jnp.float32)
-        return matmul(x, kernel[0, 0], self.dtype)
+        return matmul(x, kernel[0, 0], self.dtype, out_dtype=self.out_dtype)
 
 
 def _im2col_3x3(x):
@@ -57,26 +58,28 @@ def _im2col_3x3(x):
     return cols.reshape(n * h * w, 9 * c)
 
 
-@jax.custom_vjp
-def conv3x3_im2col(x, kernel):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv3x3_im2col(x, kernel, out_dtype=None):
     """The 3x3, stride-1, padding-1 convolution of x [N, H, W, C] (compute dtype) with the
     float32 kernel [3, 3, C, O] (HWIO), as im2col + one product that takes x's dtype and
-    accumulates in float32; the result is rounded to x's dtype once. The backward is two
+    accumulates in float32; the result is rounded once to `out_dtype` (None: x's dtype;
+    float32: not rounded). The backward is two
     products of the same kind: dx = im2col(g) @ the flipped kernel, and dkernel = g.T @
     im2col(x), straight in float32. See `Conv3x3` for when it is used."""
     n, h, w, c = x.shape
     y = jnp.dot(_im2col_3x3(x), kernel.astype(x.dtype).reshape(9 * c, -1),
                 preferred_element_type=jnp.float32)
-    return y.astype(x.dtype).reshape(n, h, w, -1)
+    return y.astype(out_dtype or x.dtype).reshape(n, h, w, -1)
 
 
-def _conv3x3_im2col_fwd(x, kernel):
+def _conv3x3_im2col_fwd(x, kernel, out_dtype):
     # The backward rebuilds the im2col buffer: saving it (9x x's memory) was no faster.
-    return conv3x3_im2col(x, kernel), (x, kernel)
+    return conv3x3_im2col(x, kernel, out_dtype), (x, kernel)
 
 
-def _conv3x3_im2col_bwd(saved, g):
+def _conv3x3_im2col_bwd(out_dtype, saved, g):
     x, kernel = saved
+    g = g.astype(x.dtype)
     n, h, w, c = x.shape
     o = kernel.shape[-1]
     # The input gradient is the 'same' convolution of g with the kernel rotated by 180
@@ -113,6 +116,7 @@ class Conv3x3(nn.Module):
     """
     features: int
     dtype: Any = jnp.float32
+    out_dtype: Any = None      # None: `dtype`; float32: the accumulator, unrounded
 
     @nn.compact
     def __call__(self, x):
@@ -121,17 +125,21 @@ class Conv3x3(nn.Module):
         x = jnp.asarray(x, self.dtype)
         if (jax.default_backend() == "cpu" and x.dtype == jnp.bfloat16
                 and x.shape[-1] >= IM2COL_MIN_CHANNELS):
-            return conv3x3_im2col(x, kernel)
+            return conv3x3_im2col(x, kernel, self.out_dtype)
         return jax.lax.conv_general_dilated(x, kernel.astype(self.dtype), (1, 1),
                                             ((1, 1), (1, 1)),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            preferred_element_type=self.out_dtype)
 
 
 def _conv(features, kernel, name, dtype, stride=1):
+    """Every convolution here feeds a BatchNorm, which computes in float32: the stride-1 ones
+    hand it their float32 accumulator instead of rounding it to `dtype` and converting it
+    back (one pass fewer per convolution in bfloat16; BUILD_NOTES "Performance", finding 13)."""
     if kernel == 1 and stride == 1:
-        return PointwiseConv(features, dtype=dtype, name=name)
+        return PointwiseConv(features, dtype=dtype, out_dtype=jnp.float32, name=name)
     if kernel == 3 and stride == 1:
-        return Conv3x3(features, dtype=dtype, name=name)
+        return Conv3x3(features, dtype=dtype, out_dtype=jnp.float32, name=name)
     pad = (kernel - 1) // 2
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((pad, pad), (pad, pad)), use_bias=False,
