@@ -461,7 +461,6 @@ def test_low_precision_matmul_gradients():
                                   np.asarray(exact.astype(jnp.bfloat16), np.float32))
 
 
-
 def test_low_precision_matmul_can_return_the_float32_accumulator():
     """`out_dtype=float32` (ResNet's convolutions feeding BatchNorm): the float32 accumulator
     of the bfloat16 product, unrounded; the backward rounds the incoming gradient to bfloat16,
@@ -486,6 +485,7 @@ def test_low_precision_matmul_can_return_the_float32_accumulator():
     for a, b in zip(unrounded, rounded):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
 
 def test_low_precision_matmul_backward_keeps_bfloat16_products():
     """In the compiled gradient of a bfloat16 `matmul`, all three products (forward, input
