@@ -592,3 +592,34 @@ def test_conv3x3_has_nn_conv_parameters_and_picks_its_path(dtype, channels, im2c
     np.testing.assert_allclose(np.asarray(got, np.float32),
                                np.asarray(plain.apply(plain_variables, x), np.float32),
                                rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("dtype,k,height,width", [
+    (jnp.float32, 2, 8, 6), (jnp.bfloat16, 2, 8, 6), (jnp.float32, 4, 8, 12),
+    (jnp.float32, 2, 7, 6)])
+def test_avg_pool_matches_flax(dtype, k, height, width):
+    """ResNet's reshape-and-mean pool against `nn.avg_pool` (k x k, stride k, 'VALID'),
+    forward and gradient: float32 to rounding; bfloat16 to one rounding of the float32 mean
+    (nn.avg_pool sums in bfloat16); an odd side (height 7) takes the fallback and floors."""
+    from clip_jax.models.resnet import _avg_pool
+    kx, kg = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (2, height, width, 3)).astype(dtype)    # H != W: catches a swap
+    cotangent = jax.random.normal(kg, (2, height // k, width // k, 3))
+
+    def loss(pool, x):
+        return jnp.sum(pool(x).astype(jnp.float32) * cotangent)
+
+    def reference(x):
+        return nn.avg_pool(x.astype(jnp.float32), (k, k), strides=(k, k), padding="VALID")
+
+    got = jax.jit(_avg_pool, static_argnums=1)(x, k)
+    assert got.dtype == dtype and got.shape == (2, height // k, width // k, 3)
+    want = reference(x)
+    tol = 1e-6 if dtype == jnp.float32 else 2 ** -8
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol, atol=tol)
+    dx = jax.jit(jax.grad(lambda x: loss(lambda v: _avg_pool(v, k), x)))(x)
+    want_dx = jax.grad(functools.partial(loss, reference))(x)
+    assert dx.dtype == dtype
+    np.testing.assert_allclose(np.asarray(dx, np.float32), want_dx, rtol=tol, atol=tol)
+    if height % k:                                # the floored row gets no gradient
+        assert not np.any(np.asarray(dx, np.float32)[:, height - height % k:])

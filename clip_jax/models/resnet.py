@@ -237,9 +237,18 @@ class BatchNorm(nn.Module):
 
 
 def _avg_pool(x, k):
+    """The k x k, stride-k average pool ('VALID'), as a reshape and a mean accumulated in
+    float32. Its gradient is then a broadcast; `nn.avg_pool`'s is a padded `reduce_window`,
+    which XLA:CPU runs in float32 between two conversions: in bfloat16 that pool, forward and
+    backward, took 3-9x as long (BUILD_NOTES "Performance", finding 14). Sides not divisible
+    by k (no CLIP resolution has them) fall back to `nn.avg_pool`."""
+    n, h, w, c = x.shape
     if k == 1:
         return x
-    return nn.avg_pool(x, (k, k), strides=(k, k), padding="VALID")
+    if h % k or w % k:
+        return nn.avg_pool(x, (k, k), strides=(k, k), padding="VALID")
+    pooled = x.reshape(n, h // k, k, w // k, k, c).mean((2, 4), dtype=jnp.float32)
+    return pooled.astype(x.dtype)
 
 
 class Bottleneck(nn.Module):
