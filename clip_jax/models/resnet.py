@@ -187,9 +187,14 @@ def _bn_act_bwd(epsilon, relu, dtype, saved, cotangents):
     g = dy.astype(jnp.float32)
     if relu:
         g = jnp.where(y > 0, g, 0.0)        # the ReLU's mask, read from the saved output
-    centred = x.astype(jnp.float32) - mean
+    xf = x.astype(jnp.float32)
+    centred = xf - mean
     dbias = g.sum(_STAT_AXES)
-    dscale = (g * centred).sum(_STAT_AXES) * inv
+    # sum(g * centred) as sum(g * x) - mean * sum(g), the same expansion as the forward's
+    # fast variance: XLA:CPU's reduction kernels (YNNPACK) take a product, not the
+    # subtraction, so the centred form stored x - mean in float32 for them, one more
+    # pass over the activations per BatchNorm (BUILD_NOTES "Performance", finding 15).
+    dscale = ((g * xf).sum(_STAT_AXES) - mean * dbias) * inv
     dx = ((scale * inv) * (g - dbias / m - centred * (inv * dscale / m))
           + dmean / m + centred * (2.0 * dvar / m))
     dresidual = None if residual_marker is None else g.astype(residual_marker.dtype)
