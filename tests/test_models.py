@@ -569,6 +569,21 @@ def test_conv3x3_im2col_matches_the_convolution(dtype, channels, out_dtype):
     assert_close(dk, want_dk)
 
 
+@pytest.mark.parametrize("dtype,channels", [
+    (jnp.bfloat16, 6), (jnp.bfloat16, 5), (jnp.float32, 3)])
+def test_im2col_3x3_is_the_nine_shifted_windows(dtype, channels):
+    """`_im2col_3x3` (one gather; packed pairs for an even bfloat16 channel count) equals the
+    nine zero-padded windows side by side, tap-major, bit for bit."""
+    from clip_jax.models.resnet import _im2col_3x3
+    x = jax.random.normal(jax.random.key(0), (2, 4, 3, channels)).astype(dtype)  # H != W
+    padded = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = np.concatenate([padded[:, dy:dy + 4, dx:dx + 3] for dy in range(3) for dx in range(3)],
+                          -1).reshape(2 * 4 * 3, 9 * channels)
+    got = jax.jit(_im2col_3x3)(x)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
 @pytest.mark.parametrize("dtype,channels,im2col", [
     (jnp.bfloat16, 128, True), (jnp.bfloat16, 64, False), (jnp.float32, 128, False)])
 def test_conv3x3_has_nn_conv_parameters_and_picks_its_path(dtype, channels, im2col):
