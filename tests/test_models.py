@@ -569,19 +569,39 @@ def test_conv3x3_im2col_matches_the_convolution(dtype, channels, out_dtype):
     assert_close(dk, want_dk)
 
 
+@pytest.mark.parametrize("per_image", [False, True])
 @pytest.mark.parametrize("dtype,channels", [
     (jnp.bfloat16, 6), (jnp.bfloat16, 5), (jnp.float32, 3)])
-def test_im2col_3x3_is_the_nine_shifted_windows(dtype, channels):
-    """`_im2col_3x3` (one gather; packed pairs for an even bfloat16 channel count) equals the
-    nine zero-padded windows side by side, tap-major, bit for bit."""
+def test_im2col_3x3_is_the_nine_shifted_windows(dtype, channels, per_image):
+    """`_im2col_3x3` (one gather, flat or per image; packed pairs for an even bfloat16
+    channel count) equals the nine zero-padded windows side by side, tap-major, bit for
+    bit."""
     from clip_jax.models.resnet import _im2col_3x3
     x = jax.random.normal(jax.random.key(0), (2, 4, 3, channels)).astype(dtype)  # H != W
     padded = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
     want = np.concatenate([padded[:, dy:dy + 4, dx:dx + 3] for dy in range(3) for dx in range(3)],
                           -1).reshape(2 * 4 * 3, 9 * channels)
-    got = jax.jit(_im2col_3x3)(x)
+    got = jax.jit(functools.partial(_im2col_3x3, per_image=per_image))(x)
     assert got.dtype == dtype
     np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_im2col_3x3_keeps_a_batch_sharded_input_sharded():
+    """Under a batch-sharded input (4 fake devices, so the per-image gather) the im2col
+    compiles to no collective: each device gathers its own images' windows."""
+    from tests.helpers import run_python
+    out = run_python("""
+        import json, jax, jax.numpy as jnp
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from clip_jax.models.resnet import _im2col_3x3
+        mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+        batch = NamedSharding(mesh, P("data"))
+        x = jax.device_put(jnp.zeros((8, 6, 5, 8), jnp.bfloat16), batch)
+        hlo = jax.jit(_im2col_3x3, out_shardings=batch).lower(x).compile().as_text()
+        ops = ("all-gather", "all-to-all", "collective-permute", "all-reduce")
+        print(json.dumps({"collectives": [op for op in ops if op + "(" in hlo]}))
+    """, n_devices=4)
+    assert out["collectives"] == []
 
 
 @pytest.mark.parametrize("dtype,channels,im2col", [
