@@ -5,12 +5,11 @@ __version__ = "0.1.0"
 
 # XLA:CPU options clip_jax sets unless XLA_FLAGS already names them (they only touch the CPU
 # backend; they take effect if clip_jax is imported before JAX starts its backends):
-# convolutions through XNNPACK instead of YNNPACK, whose CPU convolutions ran RN50's 3x3
-# kernels at 80-175 GFLOP/s against 140-200 (BUILD_NOTES "Performance"). Set
-# CLIP_JAX_XLA_DEFAULTS=0 to leave XLA_FLAGS alone.
+# convolutions left to XLA:CPU's own convolution thunks instead of YNNPACK, whose CPU
+# convolutions ran RN50's 3x3 kernels at 80-175 GFLOP/s against 140-200 (BUILD_NOTES
+# "Performance", findings 3 and 17). Set CLIP_JAX_XLA_DEFAULTS=0 to leave XLA_FLAGS alone.
 XLA_CPU_DEFAULTS = {
     "xla_cpu_experimental_ynn_fusion_type": "-individual_convolution",
-    "xla_cpu_experimental_xnn_fusion_type": "individual_convolution",
 }
 
 

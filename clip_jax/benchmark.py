@@ -6,8 +6,9 @@
                    the FLOP/s executed (XLA's cost analysis of the compiled step, recomputed
                    forward passes included), the model's FLOP/s (the step lowered without
                    rematerialisation) and MFU = model FLOP/s / (peak x devices), the peak
-                   per device given by --peak_tflops or measured here with a large matmul
-                   in the compute dtype (`measure_peak_tflops`); HFU uses executed FLOPs.
+                   per device given by --peak_tflops or measured here: the best rate of
+                   square matmuls of several sizes in the compute dtype
+                   (`measure_peak_tflops`); HFU uses executed FLOPs.
   data             times the input pipeline alone: this process's host batches (read,
                    decode, crop, tokenise) for `--source` (default: the config's
                    data.source), with each worker count in --workers. Reports images/s.
@@ -90,12 +91,23 @@ def timings(fn, repeats):
     return times
 
 
-def measure_peak_tflops(dtype, sizes=(2048, 4096), repeats=5):
-    """The machine's matmul peak in TFLOP/s for the compute `dtype`: the best, over `sizes`,
-    of the median time of an n x n x n product (bfloat16: float32 accumulation, rounded, the
-    form the models use), on the default device."""
+# Square product sizes tried for the measured peak. XLA:CPU's rate depends on the size by
+# more than 10% and not monotonically (bfloat16 on the 2-vCPU VM of BUILD_NOTES: ~360 GFLOP/s
+# at 2048 and 4096, ~405 at 2560; float32 best at 1024), so a peak taken from one or two
+# sizes understates the machine and overstates MFU.
+PEAK_SIZES = {"cpu": (1024, 1536, 2048, 2560, 3072, 3584, 4096)}
+PEAK_SIZES_OTHER = (2048, 4096, 8192)
+
+
+def measure_peak_tflops(dtype, sizes=None, repeats=5):
+    """The machine's matmul peak in TFLOP/s for the compute `dtype`: the best, over `sizes`
+    (None: PEAK_SIZES for the default backend), of the median time of an n x n x n product
+    (bfloat16: float32 accumulation, rounded, the form the models use), on the default
+    device."""
     import jax.numpy as jnp
     dtype = jnp.dtype(dtype)
+    if sizes is None:
+        sizes = PEAK_SIZES.get(jax.default_backend(), PEAK_SIZES_OTHER)
     best = 0.0
     for n in sizes:
         a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
@@ -446,8 +458,8 @@ def main():
     flags.DEFINE_integer("search_max", 2 ** 24, "loss: largest global batch the search tries "
                          "(0: report only the largest fitting batch of --global_batches)")
     flags.DEFINE_float("peak_tflops", None, "train: peak TFLOP/s of one device for MFU (e.g. 989 "
-                       "for an H100's dense bfloat16); default: measured here with a large matmul "
-                       "in the config's compute dtype. Also spelled --peak-tflops")
+                       "for an H100's dense bfloat16); default: measured here, the best rate of square "
+                       "matmuls of several sizes in the config's compute dtype. Also spelled --peak-tflops")
     flags.DEFINE_bool("json", False, "print the figures as one JSON object on the last line")
     FLAGS = flags.FLAGS
 

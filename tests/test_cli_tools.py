@@ -88,6 +88,21 @@ def test_measured_peak_is_a_matmul_rate():
         assert np.isfinite(peak) and peak > 0
 
 
+def test_measured_peak_is_the_best_size(monkeypatch):
+    """With no sizes given, the peak is the fastest of the backend's PEAK_SIZES (not the
+    first or the last), each size timed by the median of its repeats."""
+    from clip_jax import benchmark
+    monkeypatch.setattr(benchmark, "PEAK_SIZES", {"cpu": (64, 96, 128)})
+    seconds = {64: [1.0, 9.0, 1.0], 96: [1e-3, 1e-3, 5.0], 128: [2.0, 2.0, 2.0]}
+
+    def fake_timings(fn, repeats):       # the size of the operand `fn` multiplies
+        fn()
+        captured = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__)))
+        return seconds[captured["a"].shape[0]]
+    monkeypatch.setattr(benchmark, "timings", fake_timings)
+    assert benchmark.measure_peak_tflops("float32", repeats=3) == 2 * 96 ** 3 / 1e-3 / 1e12
+
+
 def test_profile_summary_groups_ops_by_kind_and_layer(tmp_path):
     """benchmarks/profile_step.py's trace summary: durations summed per HLO op kind and per
     layer (block indices folded, backward told from forward), runtime bookkeeping left out."""
