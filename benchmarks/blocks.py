@@ -1,5 +1,5 @@
 """Residual blocks alone, forward + backward: `python benchmarks/blocks.py [--dtype bfloat16]
-[--width 768 --heads 12 --tokens 50 --batch 32 --layers 2 --runs 7]`.
+[--width 768 --heads 12 --tokens 50 --batch 32 --layers 2 --runs 7] [--ops cpu|xla]`.
 
 Times the jitted gradient of `layers.Transformer` (ViT-B/32's image blocks by default) and
 prints the median time and GFLOP/s (XLA's cost analysis). It isolates the dense layers from
@@ -8,13 +8,13 @@ layer-level changes with it before timing whole steps.
 """
 import argparse
 
-import clip_jax  # noqa: F401  (its XLA:CPU defaults, before JAX starts)
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from clip_jax import benchmark
 from clip_jax.models import layers
+from clip_jax.ops import cpu
 
 
 def main():
@@ -28,10 +28,13 @@ def main():
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--causal", action="store_true", help="causal attention (text tower)")
     parser.add_argument("--runs", type=int, default=7, help="timed runs after one warm-up")
+    parser.add_argument("--ops", default="cpu", choices=("cpu", "xla"),
+                        help="the XLA:CPU kernels (clip_jax.ops.cpu) or the plain model code")
     args = parser.parse_args()
 
     model = layers.Transformer(width=args.width, layers=args.layers, heads=args.heads,
-                               causal=args.causal, dtype=jnp.dtype(args.dtype))
+                               causal=args.causal, dtype=jnp.dtype(args.dtype),
+                               ops=cpu.CpuOps() if args.ops == "cpu" else None)
     x = jax.random.normal(jax.random.key(0), (args.batch, args.tokens, args.width))
     params = jax.jit(model.init)(jax.random.key(1), x)
     loss = lambda p, x: jnp.sum(model.apply(p, x).astype(jnp.float32) ** 2)
@@ -39,7 +42,8 @@ def main():
     flops = benchmark.xla_flops(compiled)
     times = benchmark.timings(lambda: jax.block_until_ready(compiled(params, x)), args.runs)
     median = float(np.median(times))
-    print(f"{args.layers} blocks, width {args.width}, {args.batch}x{args.tokens} tokens, {args.dtype}: "
+    print(f"{args.layers} blocks, width {args.width}, {args.batch}x{args.tokens} tokens, {args.dtype}, "
+          f"ops {args.ops}: "
           f"median {median * 1e3:.1f} ms (min {min(times) * 1e3:.1f}), "
           f"{flops / median / 1e9:.0f} GFLOP/s ({flops / 1e9:.1f} GFLOP per step)")
 

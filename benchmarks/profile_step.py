@@ -25,10 +25,9 @@ import re  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-import clip_jax  # noqa: E402,F401  (its XLA:CPU defaults, before JAX starts)
 import jax  # noqa: E402
 
-from clip_jax import benchmark, config_lib, train  # noqa: E402
+from clip_jax import benchmark, config_lib, summary, train  # noqa: E402
 
 _SKIP = ("ThunkExecutor", "$", "SlinkyThreadPool", "end:", "PjitFunction", "CommonPjRt",
          "ParseArguments", "Handle inputs")
@@ -87,7 +86,8 @@ def main():
         by_kind, by_layer = summarize(trace_file, op_names(compiled.as_text()))
         total = sum(by_kind.values())
         print(f"step {wall * 1e3:.0f} ms wall (traced), {total / 1e3:.0f} ms op time; "
-              f"{benchmark.xla_flops(compiled) / 1e9:.0f} GFLOP per step per device (XLA cost analysis); trace: {trace_file}")
+              f"{summary.step_flops(config) / built.mesh.size / 1e9:.0f} GFLOP per step per device "
+              f"(XLA cost analysis); trace: {trace_file}")
         for title, table in (("HLO op kind", by_kind), ("layer", by_layer)):
             print(f"\nop time by {title}:")
             for key, us in table.most_common(top):

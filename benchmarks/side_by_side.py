@@ -9,9 +9,14 @@ drift in machine speed falls on both. Each run times `--steps` steps after `--wa
 one fixed batch already in memory (no data loading on either side), blocking on each step.
 Printed: per-round samples/s, the medians, and the ratio clip_jax / OpenCLIP of the medians.
 
-Each framework runs as its users run it: `python -m clip_jax.benchmark` restarts itself
-with glibc's huge-page tunable (`clip_jax.host_memory`), the OpenCLIP child does not
-(huge pages did not change its speed; BUILD_NOTES "Performance", finding 10).
+Each framework runs as its users run it on a CPU host: clip_jax through `launch/cpu_env.sh`
+(XLA:CPU's convolution option and glibc's huge pages; `--plain_env` runs it without), the
+OpenCLIP child as it is (huge pages did not change its speed; BUILD_NOTES, finding 10).
+
+`--variant NAME=FLAG[,FLAG...]` adds a clip_jax run with those extra flags to every round,
+in the same alternation: e.g. `--variant plain=--config.model.ops=xla` times the plain model
+code beside the CPU kernels (`clip_jax.ops`), and `--variant bare=env` clip_jax without the
+CPU launcher. Its ratio to the default clip_jax run is printed beside OpenCLIP's.
 
 Precision: `fp32` runs both in float32; `bf16` runs clip_jax with bfloat16 compute
 (float32 parameters) and OpenCLIP under `torch.autocast('cpu', torch.bfloat16)`, which is
@@ -102,23 +107,27 @@ def run_openclip(name, batch, args):
     return _last_json(out.stdout)
 
 
-def run_clip_jax(name, batch, args):
+def run_clip_jax(name, batch, args, extra=()):
+    """`extra`: further benchmark flags; the word 'env' among them drops launch/cpu_env.sh."""
     dtype = "bfloat16" if args.precision == "bf16" else "float32"
-    cmd = [sys.executable, "-m", "clip_jax.benchmark", f"--config=configs/{name}.py",
+    launcher = [] if args.plain_env or "env" in extra else [os.path.join(ROOT, "launch", "cpu_env.sh")]
+    cmd = [*launcher, sys.executable, "-m", "clip_jax.benchmark", f"--config=configs/{name}.py",
            f"--config.batch_size={batch}", f"--config.model.dtype={dtype}",
            f"--config.model.remat={args.remat}",
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats", "1", "--json",
-           *args.clip_jax_flags]
+           *args.clip_jax_flags, *(f for f in extra if f != "env")]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT,
                          preexec_fn=_pinned(args.threads))
     return _last_json(out.stdout)
 
 
 def compare(name, batch, args):
-    runs = {"openclip": [], "clip_jax": []}
-    order = [("openclip", run_openclip), ("clip_jax", run_clip_jax)]
+    sides = [("openclip", run_openclip), ("clip_jax", run_clip_jax)] + [
+        (label, lambda n, b, a, flags=flags: run_clip_jax(n, b, a, flags))
+        for label, flags in args.variants]
+    runs = {side: [] for side, _ in sides}
     for r in range(args.rounds):
-        for side, fn in (order if r % 2 == 0 else order[::-1]):
+        for side, fn in (sides if r % 2 == 0 else sides[::-1]):
             result = fn(name, batch, args)
             runs[side].append(result)
             print(f"  {name} batch {batch} round {r + 1}: {side:8s} "
@@ -128,6 +137,9 @@ def compare(name, batch, args):
             "openclip_samples_per_sec": med["openclip"], "clip_jax_samples_per_sec": med["clip_jax"],
             "ratio": med["clip_jax"] / med["openclip"],
             "clip_jax_mfu": statistics.median(r["mfu"] for r in runs["clip_jax"]),
+            "variants": {label: {"samples_per_sec": med[label],
+                                 "clip_jax_over_variant": med["clip_jax"] / med[label]}
+                         for label, _ in args.variants},
             "rounds": {side: [r["samples_per_sec"] for r in rs] for side, rs in runs.items()}}
 
 
@@ -147,6 +159,12 @@ def main():
     parser.add_argument("--clip_jax_flag", action="append", default=[], dest="clip_jax_flags",
                         help="an extra flag for python -m clip_jax.benchmark, written with '=': "
                              "--clip_jax_flag=--config.data.workers=0 (repeatable)")
+    parser.add_argument("--plain_env", action="store_true",
+                        help="run clip_jax without launch/cpu_env.sh")
+    parser.add_argument("--variant", action="append", default=[], dest="variants",
+                        type=lambda v: (v.split("=", 1)[0], tuple(v.split("=", 1)[1].split(","))),
+                        help="LABEL=FLAG[,FLAG...]: another clip_jax run per round with these extra "
+                             "flags ('env': without launch/cpu_env.sh), e.g. plain=--config.model.ops=xla")
     parser.add_argument("--json", action="store_true", help="print all results as JSON on the last line")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -165,6 +183,9 @@ def main():
     for r in results:
         print(f"| {r['model']} | {r['batch']} | {r['openclip_samples_per_sec']:.2f} | "
               f"{r['clip_jax_samples_per_sec']:.2f} | {r['ratio']:.2f}x | {100 * r['clip_jax_mfu']:.0f}% |")
+        for label, v in r["variants"].items():
+            print(f"  clip_jax [{label}]: {v['samples_per_sec']:.2f} samples/s; clip_jax / "
+                  f"[{label}] = {v['clip_jax_over_variant']:.2f}x")
     if args.json:
         print(json.dumps(results))
 

@@ -3,9 +3,10 @@
   train (default)  compiles the real train step of the config and times --steps steps on a
                    device-resident batch after --warmup steps (blocking on each step's
                    result), --repeats times. Reports samples/s, step times (median/min/max),
-                   the FLOP/s executed (XLA's cost analysis of the compiled step, recomputed
-                   forward passes included), the model's FLOP/s (the step lowered without
-                   rematerialisation) and MFU = model FLOP/s / (peak x devices), the peak
+                   the FLOP/s executed (XLA's cost analysis of the step, recomputed forward
+                   passes included), the model's FLOP/s (the step without rematerialisation,
+                   plain model code; both `summary.step_flops`, towers unrolled) and
+                   MFU = model FLOP/s / (peak x devices), the peak
                    per device given by --peak_tflops or measured here: the best rate of
                    square matmuls of several sizes in the compute dtype
                    (`measure_peak_tflops`); HFU uses executed FLOPs.
@@ -37,10 +38,6 @@ one JSON object holding them (`samples_per_sec` for train, `images_per_sec` per 
 count for data). The config's keys can be overridden as in training
 (`--config.batch_size=32`).
 """
-if __name__ == "__main__":          # before JAX starts: see host_memory
-    from clip_jax.host_memory import reexec_with_malloc_tunables
-    reexec_with_malloc_tunables()
-
 import json
 import os
 import statistics
@@ -140,26 +137,11 @@ def synthetic_batch(run):
             "tokens": jax.device_put(tokens, data_sharding)}
 
 
-def _model_flops(config, state, batch):
-    """FLOPs of one step as the model defines them (XLA's count of the whole step lowered,
-    before partitioning, without rematerialisation: recomputed forward passes are not
-    model FLOPs)."""
-    from clip_jax import train
-    if not config.model.remat:
-        return None
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        config.model.remat = False
-    run = train.build(config)
-    with run.context():
-        return xla_flops(run.train_step.lower(state, batch))
-
-
 def benchmark_train(config, steps, warmup, repeats, peak_tflops=None):
     """Samples/s of the compiled train step on a fixed device-resident batch, its FLOP/s
     (XLA's cost analysis of the compiled step) and MFU against `peak_tflops` per device
     (None: measured with `measure_peak_tflops`)."""
-    from clip_jax import train
+    from clip_jax import summary, train
     run = train.build(config)
     batch = synthetic_batch(run)
     state = run.init_state()
@@ -168,8 +150,6 @@ def benchmark_train(config, steps, warmup, repeats, peak_tflops=None):
         t0 = time.perf_counter()
         compiled = run.train_step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
-        # The compiled program is one device's share of the partitioned step.
-        flops = xla_flops(compiled) * run.mesh.size
         state, m = compiled(state, batch)
         jax.block_until_ready(m)
         for _ in range(warmup):
@@ -184,7 +164,9 @@ def benchmark_train(config, steps, warmup, repeats, peak_tflops=None):
                 jax.block_until_ready(m)
                 step_times.append(time.perf_counter() - t_step)
             windows.append(time.perf_counter() - t0)
-    model_flops = _model_flops(config, state, batch) or flops
+    # XLA's counts of the whole step, towers unrolled (a loop's body counts once).
+    flops = summary.step_flops(config)
+    model_flops = summary.step_flops(config, model_flops=True)
     del state
     per_step = statistics.median(windows) / steps
     devices = run.mesh.size
@@ -203,7 +185,7 @@ def benchmark_train(config, steps, warmup, repeats, peak_tflops=None):
             "hfu": achieved / (peak_tflops * devices),
             "dtype": config.model.dtype, "remat": bool(config.model.remat),
             "devices": devices, "backend": jax.default_backend(),
-            # The host allocator's settings the figure was measured under (host_memory).
+            # The host allocator's settings the figure was measured under (launch/cpu_env.sh).
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
@@ -358,6 +340,7 @@ def benchmark_loss(names, batches, embed_dim, block_size, budget_gib, search_max
     import ml_collections
 
     from clip_jax import sharding
+    from clip_jax.aot import search_largest
     from clip_jax.config_lib import DEFAULT_RULES
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1)))
     batch_axes = sharding.batch_axes(DEFAULT_RULES)
@@ -378,27 +361,12 @@ def benchmark_loss(names, batches, embed_dim, block_size, budget_gib, search_max
         for b in batches:
             measure(b)
         results[name] = {str(b): peak[b] for b in batches}
-        fits = [b for b in batches if peak[b]["peak_bytes"] <= budget]
-        lo = max(fits, default=0)
-        over = [b for b in batches if b > lo and peak[b]["peak_bytes"] > budget]
-        hi = min(over, default=None)
-        while hi is None and search_max and lo < search_max:   # doubling past the table
-            b = min(2 * lo, search_max) if lo else step
-            if measure(b) <= budget:
-                lo = b
-            else:
-                hi = b
-        while hi is not None and hi - lo > step:                 # bisection, to `step`
-            mid = (lo + hi) // 2 // step * step
-            if not lo < mid < hi:
-                break
-            if measure(mid) <= budget:
-                lo = mid
-            else:
-                hi = mid
+        fitting = [b for b in batches if peak[b]["peak_bytes"] <= budget]
+        lo, _ = search_largest(lambda b: measure(b) <= budget, step, max(fitting, default=step),
+                               limit=max(search_max, max(fitting, default=0)))
         largest[name] = {"global_batch": lo, "local_batch": lo // devices,
                          "peak_bytes": peak[lo]["peak_bytes"] if lo else None,
-                         "capped": hi is None}
+                         "capped": bool(search_max) and lo >= search_max // step * step}
     return {"devices": devices, "backend": jax.default_backend(), "embed_dim": embed_dim,
             "block_size": block_size, "dtype": "float32", "budget_gib": budget_gib,
             "search_step": step, "search_max": search_max, "results": results,

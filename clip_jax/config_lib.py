@@ -29,6 +29,9 @@ PAPER_LR = {
     "vit_b32": 5e-4, "vit_b16": 5e-4, "vit_l14": 4e-4, "vit_l14_336": 2e-5,
 }
 
+# config.model.ops: which platform kernels the models take (clip_jax/ops/__init__.py).
+MODEL_OPS = ("auto", "xla", "cpu")
+
 # Logical axis name -> mesh axes (MaxText style). The only place sharding is decided.
 # Parameters: 'embed' (model width), 'mlp' (MLP hidden), 'heads', 'kv' (head dim),
 # 'vocab', 'joint' (shared embedding space), 'conv_in'/'conv_out' (conv channels),
@@ -69,7 +72,9 @@ def model_config(name):
         text=dict(vocab_size=49408, context_length=77, width=twidth, heads=theads, layers=12),
         dtype="bfloat16",   # compute dtype; parameters are always float32
         remat=True,         # rematerialise each residual block in the backward pass
+        scan_layers=True,   # each tower's repeated blocks compiled once, as a lax.scan
         activation="quick_gelu",   # transformer MLPs; 'gelu' for OpenCLIP's non-quickgelu models
+        ops="auto",         # platform kernels (clip_jax.ops): 'auto', 'xla' (plain) or 'cpu'
     ))
 
 
@@ -126,11 +131,22 @@ def base_config():
     return c
 
 
+# The three largest models do not fit a v4-256 or v5e-256 slice at the paper's batch as
+# plain data parallelism (their compiled steps need 35-79 GB per chip on v4): they shard
+# parameters and optimiser state over every device (FSDP) and take the batch's gradient from
+# micro-batches (`micro_batches`). Compiled for both slices in BUILD_NOTES ("TPU pods").
+POD_FIT = {"rn50x16": dict(micro_batches=2), "rn50x64": dict(micro_batches=4),
+           "vit_l14_336": dict(micro_batches=2)}
+
+
 def paper_config(name):
     """The paper's recipe for model `name` at its real scale."""
     c = base_config()
     c.model = model_config(name)
     c.optim.lr = PAPER_LR[name]
+    if name in POD_FIT:
+        c.micro_batches = POD_FIT[name]["micro_batches"]
+        c.mesh.update(data=1, fsdp=-1)
     if name.startswith("rn"):
         c.optim.b2, c.optim.eps = 0.999, 1e-8
     if name == "vit_l14_336":
@@ -339,6 +355,7 @@ def validate(config, num_devices=None):
     need(m.dtype in ("float32", "bfloat16"), "model.dtype", "must be 'float32' or 'bfloat16'")
     need(m.get("activation", "quick_gelu") in ("quick_gelu", "gelu"), "model.activation",
          "must be 'quick_gelu' or 'gelu'")
+    need(m.get("ops", "auto") in MODEL_OPS, "model.ops", f"must be one of {MODEL_OPS}")
     if m.vision.kind == "vit":
         need(m.vision.patch_size > 0 and m.vision.image_size % m.vision.patch_size == 0,
              "model.vision.patch_size", "must be positive and divide model.vision.image_size")

@@ -68,7 +68,7 @@ def _need(tensors, name, source):
 
 
 def infer_model_config(tensors, source="checkpoint", open_clip_cfg=None):
-    """The model ConfigDict (float32, no remat) whose parameters these tensors are.
+    """The model ConfigDict (float32, no remat, not scanned) whose parameters these tensors are.
 
     Shapes decide everything but the heads (and the activation), which follow the
     reference's convention unless `open_clip_cfg` (an open_clip_config.json `model_cfg`)
@@ -102,8 +102,8 @@ def infer_model_config(tensors, source="checkpoint", open_clip_cfg=None):
         text=dict(vocab_size=int(vocab), context_length=int(context), width=text_width,
                   heads=int(text_heads or text_width // 64),
                   layers=_count(tensors, "transformer.resblocks.")),
-        dtype="float32", remat=False,
-        activation="quick_gelu" if quick else "gelu")
+        dtype="float32", remat=False, scan_layers=False,
+        activation="quick_gelu" if quick else "gelu", ops="auto")
     import ml_collections
     return ml_collections.ConfigDict(model)
 
@@ -162,7 +162,7 @@ def arch_config(arch):
 
 def _shape_dict(model_cfg):
     d = json.loads(model_cfg.to_json())
-    for k in ("dtype", "remat", "activation"):
+    for k in ("dtype", "remat", "scan_layers", "activation", "ops"):
         d.pop(k, None)
     d["vision"]["layers"] = list(d["vision"]["layers"]) if isinstance(d["vision"]["layers"], (list, tuple)) \
         else d["vision"]["layers"]
@@ -219,13 +219,9 @@ def name_table(model_cfg):
 @functools.lru_cache(maxsize=16)
 def _name_table(model_json):
     import jax
-    import jax.numpy as jnp
-    from flax.core import meta
-    from clip_jax.models import build_model, input_specs
+    from clip_jax.models import abstract_variables, build_model
     model_cfg = config_lib.from_json({"model": json.loads(model_json)}).model
-    model = build_model(model_cfg)
-    images, tokens = (jnp.zeros(x.shape, x.dtype) for x in input_specs(model_cfg))
-    variables = meta.unbox(jax.eval_shape(lambda r: model.init(r, images, tokens), jax.random.key(0)))
+    variables = abstract_variables(build_model(model_cfg), model_cfg)
     table = []
     for collection in ("params", "batch_stats"):
         leaves = jax.tree_util.tree_flatten_with_path(variables.get(collection, {}))[0]

@@ -17,10 +17,6 @@ The same evaluators run during training for each entry of `config.evals`
 (`TrainingEvaluators`), every `config.eval_every` steps and at the end, logging
 `<task>/<name>/<figure>` (and `zeroshot/top1`, the mean top-1 of the zero-shot entries).
 """
-if __name__ == "__main__":          # before JAX starts: see host_memory
-    from clip_jax.host_memory import reexec_with_malloc_tunables
-    reexec_with_malloc_tunables()
-
 import argparse
 import json
 import sys

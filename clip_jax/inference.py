@@ -23,7 +23,7 @@ import os
 import jax
 import numpy as np
 
-from clip_jax import checkpoint, config_lib, sharding
+from clip_jax import checkpoint, config_lib, ops, sharding
 from clip_jax.evals.features import l2_normalize
 from clip_jax.models import abstract_variables, build_model, encoder_fns
 
@@ -48,7 +48,7 @@ class CLIPModel:
     def __init__(self, config, variables, tokenizer, mesh, rules, batch_size=DEFAULT_BATCH_SIZE,
                  source=""):
         self.config = config
-        self.model = build_model(config.model)
+        self.model = build_model(config.model, ops.select(config.model.get("ops", "auto"), mesh))
         self.variables = variables
         self.tokenizer = tokenizer
         self.mesh, self.rules = mesh, tuple(rules)

@@ -15,14 +15,20 @@ import math
 import sys
 
 import jax
+import ml_collections
 
 from clip_jax import config_lib, losses, sharding
-from clip_jax.models import build_model, count_params, encoder_fns, input_specs
+from clip_jax.models import abstract_variables, build_model, count_params, encoder_fns, input_specs
 
 
-def abstract_variables(model, model_cfg):
-    images, tokens = input_specs(model_cfg)
-    return sharding.unbox_abstract(jax.eval_shape(model.init, jax.random.key(0), images, tokens))
+def unrolled(model_cfg):
+    """`model_cfg` with its towers unrolled: XLA's cost analysis counts the body of a loop
+    once, so the FLOPs of a scanned tower (`scan_layers`) are counted on this copy (the
+    same computation)."""
+    model_cfg = model_cfg.copy_and_resolve_references()
+    with model_cfg.unlocked():
+        model_cfg.scan_layers = False
+    return model_cfg
 
 
 def param_counts(model_cfg):
@@ -30,7 +36,29 @@ def param_counts(model_cfg):
     return count_params(abstract_variables(model, model_cfg)["params"])
 
 
+def step_flops(config, model_flops=False, ops=None):
+    """XLA's FLOP count of one whole train step of `config` (all devices together): the step
+    lowered, not compiled, for one local device with the towers unrolled. `ops` overrides
+    `config.model.ops` (e.g. 'xla' to count what a TPU runs). With `model_flops`, the
+    model's FLOPs as MFU counts them: no recomputed forward passes (no remat) and the plain
+    model code (no CPU kernel's products over zero padding)."""
+    from clip_jax import train
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.model = unrolled(config.model)
+        config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, model=1))
+        if ops is not None:
+            config.model.ops = ops
+        if model_flops:
+            config.model.remat, config.model.ops = False, "xla"
+    run = train.build(config, jax.local_devices()[:1])
+    with run.context():
+        lowered = run.train_step.lower(run.abstract_state, run.abstract_batch())
+    return float(xla_cost(lowered).get("flops", 0.0))
+
+
 def gflops(model, model_cfg, variables):
+    """Forward GFLOPs of one image and of one text (XLA's cost analysis; `model` unrolled)."""
     img, txt = input_specs(model_cfg)
     enc_i, enc_t = encoder_fns(model)
     flops = lambda lowered: xla_cost(lowered)["flops"] / 1e9
@@ -45,17 +73,15 @@ def xla_cost(lowered):
 
 def activation_bytes(model, model_cfg, variables, batch):
     """XLA's temp-buffer size for forward+backward of the loss at `batch` examples."""
-    has_bn = model_cfg.vision.kind == "resnet"
     img, txt = input_specs(model_cfg, batch)
 
-    def loss(params, images, tokens):
-        v = {**variables, "params": params}
-        out, _ = model.apply(v, images, tokens, train=True,
-                             mutable=["batch_stats"] if has_bn else [])
+    def loss(params, other, images, tokens):   # `other`: BatchNorm statistics (ResNets)
+        out, _ = model.apply({**other, "params": params}, images, tokens, train=True,
+                             mutable=list(other))
         return losses.clip_loss_naive(out["image_embeds"], out["text_embeds"], out["logit_scale"])
 
-    compiled = jax.jit(jax.grad(loss)).lower(
-        variables["params"], img, txt).compile()
+    other = {k: v for k, v in variables.items() if k != "params"}
+    compiled = jax.jit(jax.grad(loss)).lower(variables["params"], other, img, txt).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
 
@@ -77,10 +103,11 @@ def memory_estimate(config, model, variables, n_params, num_devices):
 
 
 def summarize(config, memory=True, num_devices=None):
-    model = build_model(config.model)
-    variables = abstract_variables(model, config.model)
+    model_cfg = unrolled(config.model)
+    model = build_model(model_cfg)
+    variables = abstract_variables(model, model_cfg)
     counts = count_params(variables["params"])
-    out = {"params": counts, "gflops": gflops(model, config.model, variables)}
+    out = {"params": counts, "gflops": gflops(model, model_cfg, variables)}
     if memory:
         out["memory"] = memory_estimate(config, model, variables, counts["total"],
                                         num_devices or jax.device_count())

@@ -6,10 +6,6 @@ Library functions (`build`, `create_train_state`, `make_train_step`, `train`) ov
 Rerunning with the same workdir resumes from the newest checkpoint (checkpoint.py); a
 SIGTERM saves one at the current step and stops.
 """
-if __name__ == "__main__":          # before JAX starts: see host_memory
-    from clip_jax.host_memory import reexec_with_malloc_tunables
-    reexec_with_malloc_tunables()
-
 import dataclasses
 import json
 import os
@@ -24,6 +20,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clip_jax import checkpoint, config_lib, distributed, evaluate, losses, metrics, optim, sharding
+from clip_jax import ops as ops_lib
 from clip_jax.distributed import log
 from clip_jax.models import abstract_variables, build_model, input_specs
 
@@ -53,9 +50,8 @@ def _variables(params, batch_stats):
 
 def _init_fn(config, model, tx):
     """rng -> a fresh TrainState (unsharded; traced under the mesh and the rules)."""
-    images, tokens = (jnp.zeros(x.shape, x.dtype) for x in input_specs(config.model))
-
     def init_state(rng):
+        images, tokens = (jnp.zeros(x.shape, x.dtype) for x in input_specs(config.model))
         variables = nn.unbox(model.init(rng, images, tokens, train=False))
         zero = jnp.zeros((), jnp.int32)
         return TrainState(step=zero, params=variables["params"],
@@ -87,7 +83,8 @@ def train_state_shardings(config, model, tx, mesh, rules):
     var_shardings = jax.tree.map(lambda x: x.sharding,
                                  abstract_variables(model, config.model, mesh, rules))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        shapes = jax.eval_shape(_init_fn(config, model, tx), jax.random.key(0))
+        init = _init_fn(config, model, tx)
+        shapes = jax.eval_shape(lambda: init(jax.random.key(0)))
         replicated = sharding.replicated(mesh)
         opt_shardings = _opt_state_shardings(shapes.opt_state, var_shardings["params"], replicated)
     shardings = TrainState(
@@ -103,16 +100,16 @@ def create_train_state(config, model, tx, mesh, rules, shardings, rng):
     """Initialises the state directly sharded on `mesh` (`jit(init, out_shardings=...)`)."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return jax.jit(_init_fn(config, model, tx), out_shardings=shardings,
-                       compiler_options=_cheap_compile_options())(rng)
+                       compiler_options=_cheap_compile_options(mesh))(rng)
 
 
-def _cheap_compile_options():
+def _cheap_compile_options(mesh):
     """XLA options for one-off programs (parameter init): optimising them costs more than it saves.
 
     On CPU, the random-init program of a small ResNet took ~25 s to compile at the default
-    optimisation level, and ~1 s with these options. Other backends keep their defaults.
+    optimisation level, and ~1 s with these options. Other platforms keep their defaults.
     """
-    if jax.default_backend() != "cpu":
+    if mesh.devices.flat[0].platform != "cpu":
         return None
     return {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -274,12 +271,24 @@ class Run:
         return create_train_state(self.config, self.model, self.tx, self.mesh, self.rules,
                                   self.state_shardings, jax.random.key(self.config.seed))
 
+    def abstract_batch(self, batch_size=None):
+        """A global batch of `batch_size` (default: the config's) as ShapeDtypeStructs with
+        the step's input sharding, e.g. to compile the step ahead of time."""
+        data = sharding.batch_sharding(self.mesh, self.rules)
+        images, tokens = input_specs(self.config.model, batch_size or self.config.batch_size)
+        return {"images": jax.ShapeDtypeStruct(images.shape, images.dtype, sharding=data),
+                "tokens": jax.ShapeDtypeStruct(tokens.shape, tokens.dtype, sharding=data)}
 
-def build(config):
-    """Mesh, model, optimiser, the state's shapes and shardings, and the jitted step."""
-    mesh = sharding.make_mesh(config.mesh)
+
+def build(config, devices=None):
+    """Mesh, model, optimiser, the state's shapes and shardings, and the jitted step.
+
+    `devices` (default: all of them, across processes) may be another platform's, such as
+    a TPU topology's compile-only devices (clip_jax.aot): nothing here runs on them."""
+    mesh = sharding.make_mesh(config.mesh, devices)
     rules = tuple(tuple(r) for r in config.sharding_rules)
-    model = build_model(config.model, **losses.model_options(config.loss))
+    model = build_model(config.model, ops_lib.select(config.model.get("ops", "auto"), mesh),
+                        **losses.model_options(config.loss))
     labels = None
     if config.lock_image.enabled:
         labels = optim.frozen_labels(abstract_variables(model, config.model, mesh, rules)["params"],

@@ -4,7 +4,8 @@ DIR is what `python -m clip_jax.convert` wrote (or any run's workdir / checkpoin
 config.json): the model comes from DIR/config.json, the parameters from DIR
 (`init_from`), the tokenizer is the model's own. The recipe is a gentle one for
 continued contrastive training (lr 1e-5, 500 warm-up steps, cosine to 0, weight decay
-0.1, batch 4,096, bfloat16 compute with rematerialisation, AdamW b2 0.98 / eps 1e-6);
+0.1, batch 4,096, bfloat16 compute with rematerialisation and scanned layers, AdamW b2
+0.98 / eps 1e-6);
 set the data with `--config.data.source=...` and override anything else as usual, e.g.
 `--config.model.dtype=float32 --config.model.remat=False` on a CPU.
 """
@@ -26,8 +27,9 @@ def get_config(arg=None):
         saved = config_lib.from_json(json.load(f))
     c = config_lib.base_config()
     c.model = saved.model
-    c.model.dtype, c.model.remat = "bfloat16", True
+    c.model.dtype, c.model.remat, c.model.scan_layers = "bfloat16", True, True
     c.model.activation = saved.model.get("activation", "quick_gelu")
+    c.model.ops = saved.model.get("ops", "auto")
     c.init_from = os.path.abspath(arg)
     c.data.tokenizer = saved.data.tokenizer
     c.data.tokenizer_path = saved.data.tokenizer_path

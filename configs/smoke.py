@@ -17,7 +17,9 @@ def get_config(arg=None):
         text=dict(vocab_size=256, context_length=24, width=64, heads=2, layers=2),
         dtype="float32",
         remat=False,
+        scan_layers=False,
         activation="quick_gelu",
+        ops="auto",
     ))
     if arg == "resnet":
         c.model.vision = ml_collections.ConfigDict(dict(

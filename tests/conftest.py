@@ -12,6 +12,10 @@ import tempfile
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"clip_jax_test_xla_cache_{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# The tests run on the CPU. With the `tpu` extra installed, JAX would otherwise try to start
+# libtpu's backend in every process (~0.6 s each, and warnings); the AOT tests compile for
+# TPU topologies without it.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 

@@ -129,20 +129,3 @@ def test_describe_changes_lists_only_keys_that_change_the_computation():
     changes = config_lib.describe_changes(json.loads(saved.to_json_best_effort()), now)
     assert changes == ["optim.lr: 0.001 -> 0.5", "total_steps: 1000 -> 5"]
     assert config_lib.describe_changes(None, now) == []
-
-
-def test_xla_cpu_defaults_respect_the_users_flags():
-    """clip_jax adds its XLA:CPU defaults to XLA_FLAGS, keeping the user's flags, and adds
-    nothing when the user names one of them or opts out."""
-    from clip_jax import XLA_CPU_DEFAULTS, _set_xla_defaults
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    _set_xla_defaults(env)
-    flags = env["XLA_FLAGS"].split()
-    assert flags[0] == "--xla_force_host_platform_device_count=8"
-    assert sorted(flags[1:]) == sorted(f"--{k}={v}" for k, v in XLA_CPU_DEFAULTS.items())
-    own = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}
-    _set_xla_defaults(own)
-    assert own == {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}
-    off = {"CLIP_JAX_XLA_DEFAULTS": "0"}
-    _set_xla_defaults(off)
-    assert "XLA_FLAGS" not in off

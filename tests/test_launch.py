@@ -17,7 +17,7 @@ SCRIPTS = sorted(glob.glob(os.path.join(REPO, "launch", "*.sh")) + [os.path.join
 
 def test_every_launch_script_is_there_and_executable():
     names = {os.path.basename(p) for p in SCRIPTS}
-    assert {"local.sh", "tpu_vm.sh", "slurm.sbatch"} <= names
+    assert {"local.sh", "tpu_vm.sh", "slurm.sbatch", "cpu_env.sh"} <= names
     assert all(os.access(p, os.X_OK) for p in SCRIPTS)
 
 
@@ -42,3 +42,26 @@ def test_tpu_vm_sh_needs_a_command_and_a_bucket():
     proc = subprocess.run(["bash", "launch/tpu_vm.sh", "train"], cwd=REPO, capture_output=True,
                           text=True, env=env)
     assert proc.returncode == 2 and "BUCKET" in proc.stderr
+
+
+def _cpu_env(environ):
+    proc = subprocess.run(["bash", "launch/cpu_env.sh", "env"], cwd=REPO, capture_output=True,
+                          text=True, env=environ, check=True)
+    return dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+
+
+def test_cpu_env_sh_adds_the_cpu_settings_and_keeps_the_users():
+    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
+    env = _cpu_env({**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2",
+                                        "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"]
+    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
+    huge_pages = os.path.exists(thp) and "[never]" not in open(thp).read()
+    assert (env.get("GLIBC_TUNABLES") == "glibc.malloc.hugetlb=1") == huge_pages
+    # The user's own choices are kept as they are.
+    own = _cpu_env({**base, "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=",
+                    "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    assert own["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
+    assert own["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+    proc = subprocess.run(["bash", "launch/cpu_env.sh"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage" in proc.stderr

@@ -1,6 +1,5 @@
 """Model tests: exact paper parameter counts (abstractly), small-config behaviour."""
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -151,89 +150,6 @@ def test_resnet_batch_stats_and_init():
     # Eval mode uses running stats and differs from train mode.
     eval_out = forward_fn("resnet")(variables, images, tokens)
     assert not np.allclose(eval_out["image_embeds"], out["image_embeds"])
-
-
-@pytest.mark.parametrize("relu,with_residual", [(True, False), (False, False), (True, True)])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_batch_norm_matches_flax(relu, with_residual, dtype):
-    """resnet.BatchNorm (custom VJP, residual and ReLU fused) against flax's nn.BatchNorm
-    followed by the same add and ReLU: variables, outputs, running statistics, gradients."""
-    from clip_jax.models.resnet import BatchNorm
-
-    class Reference(nn.Module):
-        train: bool
-
-        @nn.compact
-        def __call__(self, x, residual=None):
-            y = nn.BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5,
-                             dtype=dtype, param_dtype=jnp.float32, name="bn")(x)
-            y = y if residual is None else y + residual
-            return nn.relu(y) if relu else y
-
-    class Fused(nn.Module):
-        train: bool
-
-        @nn.compact
-        def __call__(self, x, residual=None):
-            return BatchNorm(self.train, relu=relu, dtype=dtype, name="bn")(x, residual)
-
-    k = jax.random.split(jax.random.key(0), 6)
-    x = (3.0 * jax.random.normal(k[0], (4, 5, 6, 8)) + 1.5).astype(dtype)
-    residual = jax.random.normal(k[1], x.shape).astype(dtype) if with_residual else None
-    weights = jax.random.normal(k[2], x.shape)
-    variables = Reference(True).init(k[3], x, residual)
-    assert jax.tree.map(jnp.shape, meta.unbox(Fused(True).init(k[3], x, residual))) == \
-        jax.tree.map(jnp.shape, variables)
-    # Non-trivial parameters and running statistics.
-    variables = {"params": {"bn": {"scale": 1 + jax.random.normal(k[4], (8,)),
-                                   "bias": jax.random.normal(k[5], (8,))}},
-                 "batch_stats": {"bn": {"mean": jnp.full((8,), 0.5), "var": jnp.full((8,), 2.0)}}}
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
-
-    def objective(module, params, x, residual):
-        y, updates = module.apply({**variables, "params": params}, x, residual,
-                                  mutable=["batch_stats"])
-        return (y.astype(jnp.float32) * weights).sum(), (y, updates)
-
-    results = {}
-    for name, module in (("reference", Reference(True)), ("fused", Fused(True))):
-        grad_fn = jax.jit(jax.grad(functools.partial(objective, module), argnums=(0, 1, 2),
-                                   has_aux=True))
-        grads, (y, updates) = grad_fn(variables["params"], x, residual)
-        assert y.dtype == dtype
-        results[name] = (y, updates, grads)
-    for got, want in zip(jax.tree.leaves(results["fused"]), jax.tree.leaves(results["reference"])):
-        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)
-    # Evaluation mode: running statistics.
-    np.testing.assert_allclose(
-        np.asarray(Fused(False).apply(variables, x, residual), np.float32),
-        np.asarray(Reference(False).apply(variables, x, residual), np.float32), **tol)
-
-
-def test_batch_norm_statistics_gradient():
-    """batch_norm_act's VJP also carries the batch mean's and variance's cotangents."""
-    from clip_jax.models.resnet import batch_norm_act
-
-    k = jax.random.split(jax.random.key(1), 4)
-    x = 2.0 * jax.random.normal(k[0], (3, 4, 4, 5)) - 1.0
-    scale, bias = 1 + jax.random.normal(k[1], (5,)), jax.random.normal(k[2], (5,))
-    u, v = jax.random.normal(k[3], (2, 5))
-
-    def plain(x, scale, bias):
-        mean = x.mean((0, 1, 2))
-        var = (x * x).mean((0, 1, 2)) - mean ** 2
-        y = jax.nn.relu((x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias)
-        return y, mean, var
-
-    def objective(fn, *args):
-        y, mean, var = fn(*args)
-        return jnp.sin(y).sum() + (mean * u).sum() + (var * v).sum()
-
-    fused = lambda x, s, b: batch_norm_act(x, s, b, None, 1e-5, True, jnp.dtype(jnp.float32))
-    got = jax.grad(functools.partial(objective, fused), argnums=(0, 1, 2))(x, scale, bias)
-    want = jax.grad(functools.partial(objective, plain), argnums=(0, 1, 2))(x, scale, bias)
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
 def test_causal_text():
@@ -427,235 +343,52 @@ def test_init_statistics():
     assert not np.any(blk["attn"]["query"]["bias"])
 
 
-def test_low_precision_matmul_gradients():
-    """bfloat16 `layers.matmul` (custom VJP: float32 accumulation, products in bfloat16) has the
-    value and gradients of the float32 product to bfloat16 accuracy, the parameters' gradients
-    in float32; and float32 `matmul` is exactly jnp.dot + bias."""
-    from clip_jax.models.layers import matmul
-    kx, kk, kb, kr = jax.random.split(jax.random.key(0), 4)
-    x = jax.random.normal(kx, (5, 7, 48))
-    kernel = jax.random.normal(kk, (48, 40)) * 48 ** -0.5
-    bias = jax.random.normal(kb, (40,))
-    r = jax.random.normal(kr, (5, 7, 40))
-
-    def loss(dtype):
-        return lambda x, k, b: jnp.sum(matmul(x.astype(dtype), k, dtype, b).astype(jnp.float32) * r)
-
-    ref_loss = lambda x, k, b: jnp.sum((jnp.einsum("abk,kn->abn", x, k, precision="highest") + b) * r)
-    want, want_g = jax.value_and_grad(ref_loss, argnums=(0, 1, 2))(x, kernel, bias)
-    got32, g32 = jax.value_and_grad(loss(jnp.float32), argnums=(0, 1, 2))(x, kernel, bias)
-    got16, g16 = jax.value_and_grad(loss(jnp.bfloat16), argnums=(0, 1, 2))(x, kernel, bias)
-    np.testing.assert_allclose(got32, want, rtol=1e-4)
-    np.testing.assert_allclose(got16, want, rtol=2e-2, atol=0.5)
-    assert [g.dtype for g in g16] == [jnp.float32] * 3      # x's cotangent upcast by astype's VJP
-    for w, a, b in zip(want_g, g32, g16):
-        np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-4)
-        scale = float(np.abs(w).max())
-        assert float(np.abs(b - w).max()) < 2e-2 * scale, (float(np.abs(b - w).max()), scale)
-    # The bfloat16 product is one rounding of the float32-accumulated one.
-    y16 = matmul(x.astype(jnp.bfloat16), kernel, jnp.bfloat16, bias)
-    assert y16.dtype == jnp.bfloat16 and y16.shape == (5, 7, 40)
-    exact = jnp.dot(x.astype(jnp.bfloat16).reshape(35, 48), kernel.astype(jnp.bfloat16),
-                    preferred_element_type=jnp.float32) + bias
-    np.testing.assert_array_equal(np.asarray(y16.reshape(35, 40), np.float32),
-                                  np.asarray(exact.astype(jnp.bfloat16), np.float32))
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_transformer_equals_the_unrolled_one(remat):
+    """`scan=True` runs the blocks before the last as one lax.scan over the same parameters
+    (same tree): the same outputs and gradients, with and without the read-out row."""
+    from clip_jax.models.layers import Transformer
+    kwargs = dict(width=32, layers=4, heads=4, causal=True, remat=remat)
+    plain, scanned = Transformer(**kwargs), Transformer(**kwargs, scan=True)
+    x = jax.random.normal(jax.random.key(0), (3, 7, 32))
+    params = plain.init(jax.random.key(1), x)
+    assert jax.tree.structure(scanned.init(jax.random.key(1), x)) == jax.tree.structure(params)
+    for readout in (None, jnp.array([0, 6, 3], jnp.int32)):
+        objective = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x, readout)))
+        want = jax.value_and_grad(objective(plain), argnums=(0, 1))(params, x)
+        got = jax.value_and_grad(objective(scanned), argnums=(0, 1))(params, x)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    jaxpr = str(jax.make_jaxpr(lambda p, x: scanned.apply(p, x))(params, x))
+    assert jaxpr.count("scan[") == 1 and "scan[" not in str(jax.make_jaxpr(plain.apply)(params, x))
 
 
-def test_low_precision_matmul_can_return_the_float32_accumulator():
-    """`out_dtype=float32` (ResNet's convolutions feeding BatchNorm): the float32 accumulator
-    of the bfloat16 product, unrounded; the backward rounds the incoming gradient to bfloat16,
-    so the input and kernel gradients equal the rounded form's exactly."""
-    from clip_jax.models.layers import matmul
-    kx, kk, kb, kr = jax.random.split(jax.random.key(1), 4)
-    x = jax.random.normal(kx, (6, 48)).astype(jnp.bfloat16)
-    kernel = jax.random.normal(kk, (48, 40)) * 48 ** -0.5
-    bias = jax.random.normal(kb, (40,))
-    r = jax.random.normal(kr, (6, 40)).astype(jnp.bfloat16).astype(jnp.float32)
-    y = matmul(x, kernel, jnp.bfloat16, bias, out_dtype=jnp.float32)
-    exact = jnp.dot(x, kernel.astype(jnp.bfloat16), preferred_element_type=jnp.float32) + bias
-    assert y.dtype == jnp.float32
-    np.testing.assert_array_equal(y, exact)
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_resnet_equals_the_unrolled_one(remat):
+    """A ResNet's stages scanned over their repeated blocks: the same embeddings, gradients and
+    BatchNorm statistics (every block's updated in training), and in evaluation mode."""
+    from clip_jax.models.resnet import ModifiedResNet
+    kwargs = dict(layers=(1, 3, 4, 1), output_dim=16, heads=2, image_size=64, width=16, remat=remat)
+    plain, scanned = ModifiedResNet(**kwargs), ModifiedResNet(**kwargs, scan=True)
+    x = make_images(3, 64)
+    variables = meta.unbox(plain.init(jax.random.key(1), x))
+    assert jax.tree.structure(meta.unbox(scanned.init(jax.random.key(1), x))) == \
+        jax.tree.structure(variables)
 
-    def loss(out_dtype):
-        return lambda x, k, b: jnp.sum(
-            matmul(x, k, jnp.bfloat16, b, out_dtype=out_dtype).astype(jnp.float32) * r)
+    def objective(m):
+        def loss(params, x):
+            y, updates = m.apply({**variables, "params": params}, x, True, mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(y)), updates
+        return loss
 
-    unrounded = jax.grad(loss(jnp.float32), argnums=(0, 1, 2))(x, kernel, bias)
-    rounded = jax.grad(loss(None), argnums=(0, 1, 2))(x, kernel, bias)
-    for a, b in zip(unrounded, rounded):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-
-
-def test_low_precision_matmul_backward_keeps_bfloat16_products():
-    """In the compiled gradient of a bfloat16 `matmul`, all three products (forward, input
-    gradient, kernel gradient) keep bfloat16 operands, and none contracts dimension 0 of its
-    left operand (the forms XLA:CPU upcasts to float32): both backward products read stored
-    transposes."""
-    from clip_jax.models.layers import matmul
-    x = jnp.ones((64, 32), jnp.bfloat16)
-    kernel = jnp.ones((32, 48), jnp.float32)
-    grads = jax.jit(jax.grad(lambda k, x: jnp.sum(matmul(x, k, jnp.bfloat16).astype(jnp.float32) ** 2),
-                             argnums=(0, 1)))
-    hlo = grads.lower(kernel, x).compile().as_text()
-    products = []
-    for computation in hlo.split("\n\n"):        # instruction names are local to each
-        operand_types = dict(re.findall(r"(%[\w.\-]+) = (\w+)\[", computation))
-        for operands, lhs_dim in re.findall(r"= \S+ dot\((.*?)\), lhs_contracting_dims=\{(\d)\}",
-                                            computation):
-            products.append((lhs_dim, [operand_types[n] for n in re.findall(r"%[\w.\-]+", operands)]))
-    assert len(products) == 3, hlo              # forward, input gradient, kernel gradient
-    assert products == [("1", ["bf16", "bf16"])] * 3, products
-    assert "transpose" in hlo
-    g = grads(kernel, x)
-    np.testing.assert_allclose(np.asarray(g[0]), np.full((32, 48), 2 * 32 * 64, np.float32))
-
-
-def test_pointwise_conv_is_the_1x1_convolution():
-    """ResNet's 1x1 convolutions run as matmuls with the convolution's own parameter."""
-    from clip_jax.models.resnet import PointwiseConv
-    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 16))
-    layer = PointwiseConv(24)
-    variables = layer.init(jax.random.key(1), x)
-    kernel = meta.unbox(variables)["params"]["kernel"]
-    assert kernel.shape == (1, 1, 16, 24)
-    want = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                        precision="highest")
-    np.testing.assert_allclose(layer.apply(variables, x), want, rtol=1e-5, atol=1e-5)
-
-
-def _lax_conv3x3(x, kernel):
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                        precision="highest")
-
-
-@pytest.mark.parametrize("dtype,channels,out_dtype", [
-    (jnp.float32, 5, None), (jnp.bfloat16, 6, None), (jnp.bfloat16, 5, None),
-    (jnp.bfloat16, 6, jnp.float32)])
-def test_conv3x3_im2col_matches_the_convolution(dtype, channels, out_dtype):
-    """The im2col form of the 3x3 convolution, forward and both gradients, against
-    lax.conv_general_dilated: float32 to rounding; bfloat16 (packed pairs for an even channel
-    count, plain copies for an odd one) against the float32 convolution of the same
-    bfloat16 values, to bfloat16's precision, or, with a float32 output (the unrounded
-    accumulator), the forward to float32's."""
-    from clip_jax.models.resnet import conv3x3_im2col
-    kx, kk, kg = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (2, 7, 5, channels)).astype(dtype)   # H != W: catches a swap
-    kernel = jax.random.normal(kk, (3, 3, channels, 4)) / 3.0
-    cotangent = jax.random.normal(kg, (2, 7, 5, 4))
-
-    def loss(conv, x, kernel):
-        return jnp.sum(conv(x, kernel).astype(jnp.float32) * cotangent)
-
-    def reference(x, kernel):     # float32 throughout, on the values the fast path sees
-        return _lax_conv3x3(x.astype(jnp.float32), kernel.astype(dtype).astype(jnp.float32))
-
-    def assert_close(got, want):      # relative to the largest entry: sums of rounded terms
-        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-        assert np.max(np.abs(got - want)) <= tol * np.max(np.abs(want)), (got, want)
-
-    conv = functools.partial(conv3x3_im2col, out_dtype=out_dtype)
-    tol = 1e-5 if dtype == jnp.float32 or out_dtype == jnp.float32 else 1e-2
-    got = jax.jit(conv)(x, kernel)
-    assert got.dtype == (out_dtype or dtype) and got.shape == (2, 7, 5, 4)
-    assert_close(got, reference(x, kernel))
-    tol = 1e-5 if dtype == jnp.float32 else 1e-2
-    dx, dk = jax.jit(jax.grad(functools.partial(loss, conv), (0, 1)))(x, kernel)
-    want_dx, want_dk = jax.grad(functools.partial(loss, reference), (0, 1))(x, kernel)
-    assert dx.dtype == dtype and dk.dtype == jnp.float32 and dk.shape == kernel.shape
-    assert_close(dx, want_dx)
-    assert_close(dk, want_dk)
-
-
-@pytest.mark.parametrize("per_image", [False, True])
-@pytest.mark.parametrize("dtype,channels", [
-    (jnp.bfloat16, 6), (jnp.bfloat16, 5), (jnp.float32, 3)])
-def test_im2col_3x3_is_the_nine_shifted_windows(dtype, channels, per_image):
-    """`_im2col_3x3` (one gather, flat or per image; packed pairs for an even bfloat16
-    channel count) equals the nine zero-padded windows side by side, tap-major, bit for
-    bit."""
-    from clip_jax.models.resnet import _im2col_3x3
-    x = jax.random.normal(jax.random.key(0), (2, 4, 3, channels)).astype(dtype)  # H != W
-    padded = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
-    want = np.concatenate([padded[:, dy:dy + 4, dx:dx + 3] for dy in range(3) for dx in range(3)],
-                          -1).reshape(2 * 4 * 3, 9 * channels)
-    got = jax.jit(functools.partial(_im2col_3x3, per_image=per_image))(x)
-    assert got.dtype == dtype
-    np.testing.assert_array_equal(np.asarray(got), want)
-
-
-def test_im2col_3x3_keeps_a_batch_sharded_input_sharded():
-    """Under a batch-sharded input (4 fake devices, so the per-image gather) the im2col
-    compiles to no collective: each device gathers its own images' windows."""
-    from tests.helpers import run_python
-    out = run_python("""
-        import json, jax, jax.numpy as jnp
-        from jax.sharding import NamedSharding, PartitionSpec as P
-        from clip_jax.models.resnet import _im2col_3x3
-        mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-        batch = NamedSharding(mesh, P("data"))
-        x = jax.device_put(jnp.zeros((8, 6, 5, 8), jnp.bfloat16), batch)
-        hlo = jax.jit(_im2col_3x3, out_shardings=batch).lower(x).compile().as_text()
-        ops = ("all-gather", "all-to-all", "collective-permute", "all-reduce")
-        found = [op for op in ops if op + "(" in hlo or op + "-start(" in hlo]
-        print(json.dumps({"collectives": found}))
-    """, n_devices=4)
-    assert out["collectives"] == []
-
-
-@pytest.mark.parametrize("dtype,channels,im2col", [
-    (jnp.bfloat16, 128, True), (jnp.bfloat16, 64, False), (jnp.float32, 128, False)])
-def test_conv3x3_has_nn_conv_parameters_and_picks_its_path(dtype, channels, im2col):
-    """Conv3x3 initialises exactly the parameter nn.Conv would (name, shape, values), and
-    takes the im2col path only on CPU in bfloat16 from IM2COL_MIN_CHANNELS input channels."""
-    from clip_jax.models.resnet import IM2COL_MIN_CHANNELS, Conv3x3
-    assert (channels >= IM2COL_MIN_CHANNELS) == im2col or dtype == jnp.float32
-    x = jax.random.normal(jax.random.key(0), (1, 4, 3, channels)).astype(dtype)
-    layer = Conv3x3(8, dtype=dtype)
-    plain = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dtype,
-                    param_dtype=jnp.float32,
-                    kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
-    variables = meta.unbox(layer.init(jax.random.key(1), x))
-    plain_variables = plain.init(jax.random.key(1), x)
-    assert jax.tree.structure(variables) == jax.tree.structure(plain_variables)
-    np.testing.assert_array_equal(variables["params"]["kernel"], plain_variables["params"]["kernel"])
-    jaxpr = str(jax.make_jaxpr(layer.apply)(variables, x))
-    assert ("conv_general_dilated" not in jaxpr) == im2col, jaxpr
-    got = layer.apply(variables, x)
-    assert got.dtype == dtype
-    np.testing.assert_allclose(np.asarray(got, np.float32),
-                               np.asarray(plain.apply(plain_variables, x), np.float32),
-                               rtol=2e-2, atol=5e-2)
-
-
-@pytest.mark.parametrize("dtype,k,height,width", [
-    (jnp.float32, 2, 8, 6), (jnp.bfloat16, 2, 8, 6), (jnp.float32, 4, 8, 12),
-    (jnp.float32, 2, 7, 6)])
-def test_avg_pool_matches_flax(dtype, k, height, width):
-    """ResNet's reshape-and-mean pool against `nn.avg_pool` (k x k, stride k, 'VALID'),
-    forward and gradient: float32 to rounding; bfloat16 to one rounding of the float32 mean
-    (nn.avg_pool sums in bfloat16); an odd side (height 7) takes the fallback and floors."""
-    from clip_jax.models.resnet import _avg_pool
-    kx, kg = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(kx, (2, height, width, 3)).astype(dtype)    # H != W: catches a swap
-    cotangent = jax.random.normal(kg, (2, height // k, width // k, 3))
-
-    def loss(pool, x):
-        return jnp.sum(pool(x).astype(jnp.float32) * cotangent)
-
-    def reference(x):
-        return nn.avg_pool(x.astype(jnp.float32), (k, k), strides=(k, k), padding="VALID")
-
-    got = jax.jit(_avg_pool, static_argnums=1)(x, k)
-    assert got.dtype == dtype and got.shape == (2, height // k, width // k, 3)
-    want = reference(x)
-    tol = 1e-6 if dtype == jnp.float32 else 2 ** -8
-    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol, atol=tol)
-    dx = jax.jit(jax.grad(lambda x: loss(lambda v: _avg_pool(v, k), x)))(x)
-    want_dx = jax.grad(functools.partial(loss, reference))(x)
-    assert dx.dtype == dtype
-    np.testing.assert_allclose(np.asarray(dx, np.float32), want_dx, rtol=tol, atol=tol)
-    if height % k:                                # the floored row gets no gradient
-        assert not np.any(np.asarray(dx, np.float32)[:, height - height % k:])
+    (l0, stats0), g0 = jax.value_and_grad(objective(plain), has_aux=True)(variables["params"], x)
+    (l1, stats1), g1 = jax.value_and_grad(objective(scanned), has_aux=True)(variables["params"], x)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    assert jax.tree.structure(stats1) == jax.tree.structure(stats0)
+    for a, b in zip(jax.tree.leaves(stats1), jax.tree.leaves(stats0)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(stats1["batch_stats"]["layer3_3"]["bn1"]["mean"],
+                           variables["batch_stats"]["layer3_3"]["bn1"]["mean"])
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(scanned.apply(variables, x), plain.apply(variables, x), rtol=1e-5, atol=1e-6)

@@ -25,12 +25,16 @@ def test_gflops_scale_with_resolution():
     assert g["vit_b16"]["text"] == pytest.approx(g["vit_b32"]["text"])
 
 
-def test_cli_json_last_line_with_memory_estimate():
+@pytest.mark.parametrize("variant", ["vit", "resnet"])
+def test_cli_json_last_line_with_memory_estimate(variant):
+    """The README's command on a mesh larger than this machine, for a ViT and a ResNet (whose
+    BatchNorm statistics the memory estimate must carry through its backward)."""
     import json
-    proc = run_cli(["clip_jax.summary", "--config=configs/smoke.py", "--json", "--devices=1"],
+    config = "configs/smoke.py" + (":resnet" if variant == "resnet" else "")
+    proc = run_cli(["clip_jax.summary", f"--config={config}", "--json", "--devices=4"],
                    timeout=300)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["params"]["total"] == out["params"]["image"] + out["params"]["text"] + 1
     m = out["memory"]
-    assert m["local_batch"] == 128 and m["total_gib"] > m["state_gib"] > 0
-    assert m["activation_mib_per_example"] > 0
+    assert m["devices"] == 4 and m["local_batch"] == 128 // 4
+    assert m["total_gib"] > m["state_gib"] > 0 and m["activation_mib_per_example"] > 0

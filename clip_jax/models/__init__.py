@@ -4,14 +4,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
+from clip_jax import sharding
 from clip_jax.models.clip import CLIP
 
 __all__ = ["CLIP", "build_model", "count_params", "input_specs", "encoder_fns", "abstract_variables"]
 
 
-def build_model(model_cfg, **options) -> CLIP:
-    """Builds a `CLIP` module from a model ConfigDict (see `config_lib.model_config`);
-    `options` are further CLIP fields (the loss's `logit_scale_init`, `logit_bias_init`)."""
+def build_model(model_cfg, ops=None, **options) -> CLIP:
+    """Builds a `CLIP` module from a model ConfigDict (see `config_lib.model_config`).
+    `ops`: a platform's kernels, as `clip_jax.ops.select` chooses them for the mesh the
+    model runs on (None: the plain code). `options` are further CLIP fields (the loss's
+    `logit_scale_init`, `logit_bias_init`)."""
     v, t = model_cfg.vision, model_cfg.text
     kind = str(v.kind)
     layers = v.layers
@@ -31,7 +34,9 @@ def build_model(model_cfg, **options) -> CLIP:
         text_layers=int(t.layers),
         dtype=jnp.dtype(str(model_cfg.get("dtype", "float32"))),
         remat=bool(model_cfg.get("remat", False)),
+        scan_layers=bool(model_cfg.get("scan_layers", False)),
         activation=str(model_cfg.get("activation", "quick_gelu")),
+        ops=ops,
         **options,
     )
 
@@ -65,13 +70,16 @@ def encoder_fns(model):
             jax.jit(lambda v, t: model.apply(v, t, method=model.encode_text)))
 
 
-def abstract_variables(model, model_cfg, mesh, rules):
-    """The model's variables as ShapeDtypeStructs carrying their `NamedSharding`s on `mesh`."""
-    from clip_jax import sharding
-    images, tokens = (jnp.zeros(x.shape, x.dtype) for x in input_specs(model_cfg))
+def abstract_variables(model, model_cfg, mesh=None, rules=()):
+    """The model's variables as ShapeDtypeStructs (nothing is allocated), carrying their
+    `NamedSharding`s on `mesh` when one is given."""
+    def init(images, tokens):
+        return model.init(jax.random.key(0), images, tokens, train=False)
+    if mesh is None:
+        return sharding.unbox_abstract(jax.eval_shape(init, *input_specs(model_cfg)))
     with sharding.mesh_context(mesh, rules):
-        boxed = jax.eval_shape(lambda r: model.init(r, images, tokens, train=False),
-                               jax.random.key(0))
+        # Everything inside eval_shape: no array is created, on the mesh's devices or any.
+        boxed = jax.eval_shape(init, *input_specs(model_cfg))
         shardings = sharding.logical_to_sharding(boxed, mesh, rules)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         sharding.unbox_abstract(boxed), shardings)

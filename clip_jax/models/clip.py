@@ -36,7 +36,9 @@ class CLIP(nn.Module):
     # numerics
     dtype: Any = jnp.float32    # compute dtype; parameters are always float32
     remat: bool = False
+    scan_layers: bool = False   # each tower's repeated blocks as one lax.scan
     activation: str = "quick_gelu"   # transformer MLPs: 'quick_gelu' (OpenAI) or 'gelu'
+    ops: Any = None             # a platform's kernels (clip_jax.ops.select); None: plain XLA
     # The learned temperature's initial log, and the learned logit bias (None: none): the
     # paper's 1/0.07; SigLIP's log 10 and -10 (losses.model_options).
     logit_scale_init: float = math.log(1 / 0.07)
@@ -47,20 +49,22 @@ class CLIP(nn.Module):
             self.visual = ModifiedResNet(
                 layers=tuple(self.vision_layers), output_dim=self.embed_dim,
                 heads=self.vision_heads, image_size=self.image_size,
-                width=self.vision_width, remat=self.remat, dtype=self.dtype)
+                width=self.vision_width, remat=self.remat, scan=self.scan_layers, dtype=self.dtype,
+                ops=self.ops)
         elif self.vision_kind == "vit":
             self.visual = VisionTransformer(
                 image_size=self.image_size, patch_size=self.vision_patch_size,
                 width=self.vision_width, layers=int(self.vision_layers),
                 heads=self.vision_heads, output_dim=self.embed_dim,
-                remat=self.remat, activation=self.activation, dtype=self.dtype)
+                remat=self.remat, scan=self.scan_layers, activation=self.activation,
+                dtype=self.dtype, ops=self.ops)
         else:
             raise ValueError(f"unknown vision kind {self.vision_kind!r}")
         self.text = TextTransformer(
             vocab_size=self.vocab_size, context_length=self.context_length,
             width=self.text_width, heads=self.text_heads, layers=self.text_layers,
-            output_dim=self.embed_dim, remat=self.remat, activation=self.activation,
-            dtype=self.dtype)
+            output_dim=self.embed_dim, remat=self.remat, scan=self.scan_layers,
+            activation=self.activation, dtype=self.dtype, ops=self.ops)
         self.logit_scale = self.param(
             "logit_scale", logical(nn.initializers.constant(self.logit_scale_init), ()),
             (), jnp.float32)

@@ -1,9 +1,12 @@
-"""Shared building blocks: QuickGELU, multi-head attention, pre-LN residual blocks.
+"""Shared building blocks: dense layers, multi-head attention, pre-LN residual blocks.
 
 Parameters are always float32 (`param_dtype`); `dtype` is the compute dtype.
 Every parameter initialiser carries logical axis names (MaxText style) via
 `nn.with_logical_partitioning`; the names are mapped to mesh axes by the rules in
 `config_lib.DEFAULT_RULES`.
+
+`ops` (None, or a platform's kernels from `clip_jax.ops`) may replace `matmul`; with None
+the code here is all that runs, on every platform.
 """
 import functools
 import math
@@ -12,7 +15,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-from jax.experimental.layout import Layout, with_layout_constraint
+from flax.core import meta
 
 Dtype = Any
 
@@ -43,12 +46,6 @@ def quick_gelu(x):
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
 
-class QuickGELU(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return quick_gelu(x)
-
-
 def layer_norm(dtype, name):
     """LayerNorm (eps 1e-5) with logically-named scale/bias ('norm')."""
     return nn.LayerNorm(
@@ -57,82 +54,54 @@ def layer_norm(dtype, name):
         name=name)
 
 
-def _row_major(x):
-    """The 2-D array x, stored row-major on CPU (other backends: as it is). Pins the layout
-    XLA:CPU's bfloat16 product kernel reads and writes; see `_stored_transpose`."""
-    if jax.default_backend() != "cpu":
-        return x
-    return with_layout_constraint(x, Layout(major_to_minor=(0, 1)))
+def matmul(x, kernel, bias, dtype, out_dtype=None, transpose=jnp.transpose):
+    """x [M, K] @ kernel [K, N] (+ bias [N]) in the compute `dtype`; kernel and bias are
+    float32 parameters. The result is in `out_dtype` (default: `dtype`).
+
+    float32: `jnp.dot` + bias. A lower precision (bfloat16): the products take `dtype`
+    operands and accumulate in float32, the bias is added in float32 before the one
+    rounding, and the backward products likewise, with the parameters' gradients left in
+    float32. JAX's own gradient would round the kernel's gradient to bfloat16 (the dtype of
+    its cast copy), and XLA then sums it across the data-parallel devices in bfloat16 (the
+    TPU compile shows bf16 all-reduces; BUILD_NOTES "Plain models and platform ops"); so the
+    backward is written out, as plain `jnp.dot`s. `transpose` is how those products take
+    their transposed operands (a platform may store them: clip_jax.ops)."""
+    x = x.astype(dtype)
+    if jnp.dtype(dtype) == jnp.float32:
+        y = jnp.dot(x, kernel)
+        return (y if bias is None else y + bias).astype(out_dtype or dtype)
+    zero = jnp.zeros(kernel.shape[1:], jnp.float32)
+    return _low_precision_matmul(x, kernel, zero if bias is None else bias,
+                                 jnp.dtype(out_dtype or dtype), transpose)
 
 
-def _stored_transpose(x):
-    """x.T, stored transposed on CPU, for the backward products g @ kernel.T and x.T @ g.
-    Left to itself XLA folds a transpose into the product (contracting the operand's other
-    dimension, or, via `allow_excess_precision`, reading the float32 kernel), and XLA:CPU
-    runs those forms by upcasting to float32: ~200 GFLOP/s on the profiled CPU against ~400
-    for its bfloat16 kernel, which a stored copy of a few MB lets it use (ViT-B/32 bf16
-    step 8.9 s -> 6.1 s; BUILD_NOTES "Performance"). Other backends take x.T as it is."""
-    return _row_major(jnp.transpose(x))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _low_precision_matmul(x, kernel, bias, out_dtype):
-    """x [M, K] (bfloat16) @ kernel [K, N] + bias [N] (float32 parameters, the kernel cast to
-    x's dtype), accumulated in float32 and rounded to `out_dtype` once (float32: not rounded);
-    the backward products likewise (see `matmul`)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _low_precision_matmul(x, kernel, bias, out_dtype, transpose):
     y = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
     return (y + bias).astype(out_dtype)
 
 
-def _low_precision_matmul_fwd(x, kernel, bias, out_dtype):
-    return _low_precision_matmul(x, kernel, bias, out_dtype), (x, kernel.astype(x.dtype))
+def _low_precision_matmul_fwd(x, kernel, bias, out_dtype, transpose):
+    return _low_precision_matmul(x, kernel, bias, out_dtype, transpose), (x, kernel.astype(x.dtype))
 
 
-def _low_precision_matmul_bwd(out_dtype, saved, g):
+def _low_precision_matmul_bwd(out_dtype, transpose, saved, g):
     x, kernel = saved
     dbias = jnp.sum(g, axis=0, dtype=jnp.float32)
     g = g.astype(x.dtype)
-    dx = jnp.dot(g, _stored_transpose(kernel), preferred_element_type=jnp.float32).astype(x.dtype)
-    # The parameters' gradients straight in float32 (their dtype): no rounding to bfloat16
-    # and back.
-    dkernel = jnp.dot(_stored_transpose(x), g, preferred_element_type=jnp.float32)
+    dx = jnp.dot(g, transpose(kernel), preferred_element_type=jnp.float32).astype(x.dtype)
+    dkernel = jnp.dot(transpose(x), g, preferred_element_type=jnp.float32)
     return dx, dkernel, dbias
 
 
 _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
 
 
-def matmul(x, kernel, dtype, bias=None, out_dtype=None):
-    """x [..., K] @ kernel [K, N] (+ bias [N]) -> [..., N] in `out_dtype` (default: the
-    compute `dtype`); kernel and bias are float32 parameters.
-
-    In float32 this is `jnp.dot`. In a lower precision (bfloat16) the products take bfloat16
-    inputs, accumulate in float32 and round the result to bfloat16, forward and backward
-    (what mixed precision does on GPUs and TPUs, and torch.autocast on CPUs). Written so
-    because XLA:CPU runs a bfloat16 x bfloat16 -> bfloat16 dot, which is what JAX's own
-    gradient of a bfloat16 dot gives, on a slow upcasting path: profiled on a 2-core
-    AVX512-BF16 CPU, ~160 GFLOP/s against ~350 for the same product accumulated in float32
-    and rounded (BUILD_NOTES "Performance"). `out_dtype=float32` returns the float32
-    accumulator unrounded (for a consumer that computes in float32 anyway: BatchNorm).
-    """
-    lead = x.shape[:-1]
-    x = jnp.asarray(x, dtype).reshape(-1, x.shape[-1])
-    if jnp.dtype(dtype) == jnp.float32:
-        y = jnp.dot(x, kernel)
-        if bias is not None:
-            y = y + bias
-    else:
-        zero = jnp.zeros(kernel.shape[1:], jnp.float32)
-        y = _low_precision_matmul(x, kernel, zero if bias is None else bias,
-                                  jnp.dtype(out_dtype or dtype))
-    return y.reshape(lead + kernel.shape[1:])
-
-
 class DenseGeneral(nn.Module):
     """A dense layer over the trailing input axes `axis` to output axes `features`, whose
     kernel is created with its full shape (flax's `nn.DenseGeneral` initialises a flattened
     2-D kernel and reshapes it, which breaks logical sharding constraints on 3-D kernels
-    under a mesh). The product runs as one 2-D `matmul` (float32 accumulation in bfloat16)."""
+    under a mesh). The product is one 2-D `matmul`."""
     features: Union[int, Tuple[int, ...]]
     axis: Union[int, Tuple[int, ...]] = -1
     use_bias: bool = True
@@ -140,6 +109,7 @@ class DenseGeneral(nn.Module):
     bias_init: Callable = zeros
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    ops: Any = None
 
     @nn.compact
     def __call__(self, x):
@@ -152,8 +122,10 @@ class DenseGeneral(nn.Module):
                             tuple(x.shape[a] for a in axis) + features, self.param_dtype)
         lead = x.shape[:x.ndim - len(axis)]
         bias = self.param("bias", self.bias_init, features, self.param_dtype) if self.use_bias else None
-        y = matmul(x.reshape(lead + (-1,)), kernel.reshape(-1, math.prod(features)), self.dtype,
-                   None if bias is None else bias.reshape(-1))
+        n_in, n_out = math.prod(kernel.shape[:len(axis)]), math.prod(features)
+        y = getattr(self.ops, "matmul", matmul)(
+            x.reshape(-1, n_in), kernel.reshape(n_in, n_out),
+            None if bias is None else bias.reshape(n_out), self.dtype)
         return y.reshape(lead + features)
 
 
@@ -169,6 +141,7 @@ class MultiHeadAttention(nn.Module):
     out_features: Optional[int] = None
     out_name: str = "embed"       # logical name of the output dimension
     dtype: Dtype = jnp.float32
+    ops: Any = None
 
     @nn.compact
     def __call__(self, inputs_q, inputs_kv=None, causal=False, kv_lengths=None):
@@ -183,7 +156,7 @@ class MultiHeadAttention(nn.Module):
         def proj(name):
             return DenseGeneral(
                 features=(self.num_heads, head_dim), axis=-1, use_bias=True,
-                dtype=self.dtype, param_dtype=jnp.float32,
+                dtype=self.dtype, param_dtype=jnp.float32, ops=self.ops,
                 kernel_init=logical(normal(self.qkv_std), ("embed", "heads", "kv")),
                 bias_init=logical(zeros, ("heads", "kv")), name=name)
 
@@ -194,7 +167,7 @@ class MultiHeadAttention(nn.Module):
                                          key_value_seq_lengths=kv_lengths)
         return DenseGeneral(
             features=out_features, axis=(-2, -1), use_bias=True,
-            dtype=self.dtype, param_dtype=jnp.float32,
+            dtype=self.dtype, param_dtype=jnp.float32, ops=self.ops,
             kernel_init=logical(normal(self.out_std), ("heads", "kv", self.out_name)),
             bias_init=logical(zeros, (self.out_name,)), name="out")(x)
 
@@ -205,15 +178,16 @@ class MLP(nn.Module):
     proj_std: float
     activation: str = "quick_gelu"
     dtype: Dtype = jnp.float32
+    ops: Any = None
 
     @nn.compact
     def __call__(self, x):
         width = x.shape[-1]
-        x = DenseGeneral(4 * width, dtype=self.dtype,
+        x = DenseGeneral(4 * width, dtype=self.dtype, ops=self.ops,
                          kernel_init=logical(normal(self.fc_std), ("embed", "mlp")),
                          bias_init=logical(zeros, ("mlp",)), name="c_fc")(x)
         x = ACTIVATIONS[self.activation](x)
-        return DenseGeneral(width, dtype=self.dtype,
+        return DenseGeneral(width, dtype=self.dtype, ops=self.ops,
                             kernel_init=logical(normal(self.proj_std), ("mlp", "embed")),
                             bias_init=logical(zeros, ("embed",)), name="c_proj")(x)
 
@@ -232,12 +206,14 @@ class ResidualAttentionBlock(nn.Module):
     causal: bool = False
     activation: str = "quick_gelu"
     dtype: Dtype = jnp.float32
+    ops: Any = None
 
     @nn.compact
     def __call__(self, x, readout=None):
         x = nn.with_logical_constraint(x, ACT_SPEC)
         attn = MultiHeadAttention(num_heads=self.heads, qkv_std=self.attn_std,
-                                  out_std=self.proj_std, dtype=self.dtype, name="attn")
+                                  out_std=self.proj_std, dtype=self.dtype, ops=self.ops,
+                                  name="attn")
         h = layer_norm(self.dtype, "ln_1")(x)
         if readout is None:
             x = x + attn(h, causal=self.causal)
@@ -248,7 +224,7 @@ class ResidualAttentionBlock(nn.Module):
             x = x + attn(jnp.take_along_axis(h, rows, axis=1), h,
                          kv_lengths=readout + 1 if self.causal else None)
         x = x + MLP(fc_std=self.fc_std, proj_std=self.proj_std, activation=self.activation,
-                    dtype=self.dtype, name="mlp")(layer_norm(self.dtype, "ln_2")(x))
+                    dtype=self.dtype, ops=self.ops, name="mlp")(layer_norm(self.dtype, "ln_2")(x))
         return nn.with_logical_constraint(x, ACT_SPEC)
 
 
@@ -264,25 +240,66 @@ class Transformer(nn.Module):
     (ViT's class token, the text's end-of-text token), so the last block's query, output
     projection and MLP over the other rows are dead work, ~80% of that block (~6% of a
     ViT-B/32 or text tower step). Same parameters, same result up to rounding.
+
+    With `scan`, the blocks before the last run as one `lax.scan` (`scan_blocks`).
     """
     width: int
     layers: int
     heads: int
     causal: bool = False
     remat: bool = False
+    scan: bool = False
     activation: str = "quick_gelu"
     dtype: Dtype = jnp.float32
+    ops: Any = None
 
     @nn.compact
     def __call__(self, x, readout=None):
-        attn_std = self.width ** -0.5
-        proj_std = self.width ** -0.5 * (2 * self.layers) ** -0.5
-        fc_std = (2 * self.width) ** -0.5
-        block_cls = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
-        for i in range(self.layers):
-            last = i == self.layers - 1
-            x = block_cls(heads=self.heads, attn_std=attn_std, proj_std=proj_std,
-                          fc_std=fc_std, causal=self.causal, activation=self.activation,
-                          dtype=self.dtype,
-                          name=f"resblocks_{i}")(x, readout if last else None)
+        block = functools.partial(
+            ResidualAttentionBlock, heads=self.heads, attn_std=self.width ** -0.5,
+            proj_std=self.width ** -0.5 * (2 * self.layers) ** -0.5,
+            fc_std=(2 * self.width) ** -0.5, causal=self.causal, activation=self.activation,
+            dtype=self.dtype, ops=self.ops)
+        names = [f"resblocks_{i}" for i in range(self.layers)]
+        if self.scan and self.layers > 2 and not self.is_initializing():
+            x = scan_blocks(self, block(parent=None), names[:-1], x, remat=self.remat)
+        else:
+            block_cls = nn.remat(block.func) if self.remat else block.func
+            for name in names[:-1]:
+                x = block_cls(**block.keywords, name=name)(x)
+        last = (nn.remat(block.func) if self.remat else block.func)(**block.keywords, name=names[-1])
+        x = last(x, readout)
         return x if readout is None else x[:, 0]
+
+
+def scan_blocks(parent, block, names, x, *args, remat=False):
+    """`x` through `parent`'s child blocks `names` in order, all of them the module `block`
+    (unbound, same shapes; called as block(x, *args)), as one `lax.scan` over their
+    variables stacked.
+
+    XLA then compiles the block once instead of len(names) times: unrolled, a ViT-L/14
+    train step took more than the 24 GB of this project's host to compile for a TPU pod
+    (BUILD_NOTES "Plain models and platform ops"). Each block keeps its own variables in
+    the tree (`resblocks_{i}`, `layer3_{i}`), so checkpoints, converted weights and the
+    locked-tower labels see one layout whether or not a tower is scanned; the price is a
+    stacked copy of those parameters (and of their gradients) in every step. Collections
+    `parent` may change (BatchNorm statistics in training) are updated for every block.
+    `remat`: each block's activations are recomputed in the backward pass, as `nn.remat`
+    does."""
+    variables = meta.unbox(parent.variables)
+    cols = [c for c in variables if all(n in variables[c] for n in names)]
+    stacked = {c: jax.tree.map(lambda *v: jnp.stack(v), *(variables[c][n] for n in names))
+               for c in cols}
+    mutable = [c for c in cols if c != "params" and parent.is_mutable_collection(c)]
+
+    def body(x, v):
+        if mutable:
+            return block.apply(v, x, *args, mutable=mutable)
+        return block.apply(v, x, *args), None
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    x, updates = jax.lax.scan(body, x, stacked)
+    for col, tree in (updates or {}).items():
+        for i, name in enumerate(names):
+            parent.put_variable(col, name, jax.tree.map(lambda v: v[i], tree))
+    return x

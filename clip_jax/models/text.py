@@ -15,24 +15,28 @@ class TextTransformer(nn.Module):
     layers: int
     output_dim: int
     remat: bool = False
+    scan: bool = False   # the transformer's blocks as one lax.scan (layers.scan_blocks)
     activation: str = "quick_gelu"
     dtype: Any = jnp.float32
+    ops: Any = None      # a platform's kernels (clip_jax.ops); None: plain
 
     @nn.compact
     def __call__(self, tokens):
         """tokens: int32 [B, context_length], 0 = padding; EOT has the largest id."""
         tokens = jnp.asarray(tokens, jnp.int32)
-        x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=jnp.float32,
+        # Looked up in float32, then cast: the table's gradient (a scatter-add of every
+        # token's gradient) is summed in float32, not in the compute dtype.
+        x = nn.Embed(self.vocab_size, self.width, dtype=jnp.float32, param_dtype=jnp.float32,
                      embedding_init=logical(normal(0.02), ("vocab", "embed")),
-                     name="token_embedding")(tokens)
+                     name="token_embedding")(tokens).astype(self.dtype)
         pos = self.param("positional_embedding", logical(normal(0.01), ("pos", "embed")),
                          (self.context_length, self.width), jnp.float32)
         x = x + pos[: tokens.shape[1]].astype(self.dtype)
         x = nn.with_logical_constraint(x, ACT_SPEC)
         eot = jnp.argmax(tokens, axis=-1)
         x = Transformer(width=self.width, layers=self.layers, heads=self.heads,
-                        causal=True, remat=self.remat, activation=self.activation,
-                        dtype=self.dtype,
+                        causal=True, remat=self.remat, scan=self.scan,
+                        activation=self.activation, dtype=self.dtype, ops=self.ops,
                         name="transformer")(x, readout=eot)             # [B, width]
         x = layer_norm(self.dtype, "ln_final")(x)
         proj = self.param("text_projection",

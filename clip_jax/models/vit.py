@@ -19,8 +19,10 @@ class VisionTransformer(nn.Module):
     heads: int
     output_dim: int
     remat: bool = False
+    scan: bool = False   # the transformer's blocks as one lax.scan (layers.scan_blocks)
     activation: str = "quick_gelu"
     dtype: Any = jnp.float32
+    ops: Any = None      # a platform's kernels (clip_jax.ops); None: plain
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -45,8 +47,8 @@ class VisionTransformer(nn.Module):
         x = layer_norm(self.dtype, "ln_pre")(x)
         x = nn.with_logical_constraint(x, ACT_SPEC)
         x = Transformer(width=self.width, layers=self.layers, heads=self.heads,
-                        causal=False, remat=self.remat, activation=self.activation,
-                        dtype=self.dtype,
+                        causal=False, remat=self.remat, scan=self.scan,
+                        activation=self.activation, dtype=self.dtype, ops=self.ops,
                         name="transformer")(x, readout=jnp.zeros((b,), jnp.int32))
         x = layer_norm(self.dtype, "ln_post")(x)                    # the class token
         proj = self.param("proj", logical(normal(scale), ("embed", "joint")),

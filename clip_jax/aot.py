@@ -1,0 +1,448 @@
+"""Ahead-of-time compilation of the real train step for a TPU pod, on any host.
+
+    python -m clip_jax.aot --config=configs/rn50.py --topology=v4:4x4x8 \\
+        [--config.key=value ...] [--json] [--find-max-batch] [--hlo_dir=DIR]
+
+The step is the trainer's own (`train.build` with the topology's compile-only devices, then
+`run.train_step.lower(...).compile()`), compiled by libtpu for `--topology` (what
+`jax.experimental.topologies.get_topology_desc` takes: `v4:4x4x8` is a v4-256 slice, 128
+chips; `v5e:16x16` a v5e-256; `v5p:4x4x8`, `v6e:16x16`, ...). It needs libtpu
+(`pip install -e '.[tpu]'`), not a TPU. Nothing is allocated or run.
+
+Reported per chip (v4 and v5p chips are one JAX device each, both TensorCores, as JAX runs
+them):
+- memory: XLA's memory analysis, arguments + outputs - aliased (donated) + temporaries +
+  generated code, against the chip's HBM, and whether it `fits`;
+- FLOPs: what one chip executes per step (rematerialised forward passes included) and the
+  model's FLOPs per step (no recomputation: what MFU counts), both XLA's counts of the step
+  with the towers unrolled (`summary.step_flops`);
+- collectives: for each kind (all-gather, reduce-scatter, all-reduce, collective-permute,
+  all-to-all), how many run per step and the bytes they carry per chip, summed from the
+  compiled HLO (an op in a loop counted once per iteration). The bytes are each op's data:
+  an all-gather's gathered result, the input of a reduce-scatter, all-reduce, all-to-all or
+  collective-permute. `minimum_collective_bytes` is what the mesh and sharding rules imply:
+  the loss's gathered embeddings (2 x B x D, forward) and their reduce-scatter (backward),
+  and the gradients' all-reduce over the data axis (FSDP: the parameters' all-gathers and
+  the gradients' reduce-scatter, per micro-batch with `micro_batches`);
+- time: XLA's estimate when its cost analysis gives a usable one (libtpu 0.0.42's is
+  negative for these steps, so none), and the compute bound (the chip's FLOPs at its
+  peak), with the MFU each implies.
+
+`--find-max-batch` bisects the largest global batch that fits (a multiple of the batch
+shards x micro-batches, to within 1/16). A batch that does not fit is one XLA refuses to
+compile (out of HBM) or whose memory exceeds the HBM. With `--json` the last line printed
+is one JSON object.
+
+The libtpu warnings about worker hostnames on a host without TPUs are quieted by setting
+TPU_ACCELERATOR_TYPE and TPU_WORKER_HOSTNAMES, in this command's process only, unless they
+are set.
+"""
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import jax
+
+from clip_jax import config_lib, sharding, summary
+
+GIB = 2 ** 30
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    hbm_gib: float          # HBM per chip
+    peak_tflops: float      # dense bfloat16 peak per chip
+    megacore: bool          # two TensorCores compiled as one device
+
+
+# Per-chip figures from Cloud TPU's system-architecture pages.
+CHIPS = {"v4": Chip(32, 275, True), "v5e": Chip(16, 197, False), "v5p": Chip(95, 459, True),
+         "v6e": Chip(32, 918, False)}
+
+
+def topology_devices(topology):
+    """The compile-only devices of a TPU topology such as 'v4:4x4x8', and its chip."""
+    from jax.experimental import topologies
+    generation = topology.split(":")[0]
+    if generation not in CHIPS or ":" not in topology:
+        raise ValueError(f"--topology: expected GENERATION:SHAPE with GENERATION one of "
+                         f"{sorted(CHIPS)}, e.g. v4:4x4x8 or v5e:16x16; got {topology!r}")
+    chip = CHIPS[generation]
+    options = {"chip_config_name": "megacore"} if chip.megacore else {}
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **options)
+    except Exception as e:   # noqa: BLE001  (libtpu missing, or a shape it does not know)
+        raise ValueError(f"--topology={topology}: {type(e).__name__}: {e} (the TPU compiler "
+                         "comes with pip install -e '.[tpu]')") from None
+    return list(desc.devices), chip
+
+
+# ------------------------------------------------------------------ the compiled HLO
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][a-z0-9\-]*)\((.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_CALLS = re.compile(r"\b(body|condition|to_apply|calls|branch_computations|true_computation|"
+                    r"false_computation)=(\{[^}]*\}|%?[\w.\-]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def shape_bytes(text):
+    """Bytes of every array shape written in `text` (a tuple's elements summed)."""
+    total = 0
+    for dtype, dims in _SHAPE.findall(text):
+        total += math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES[dtype]
+    return total
+
+
+def _operands(rest):
+    """The operand names of an instruction, from the text after its opcode's '('."""
+    depth, i = 1, 0
+    while i < len(rest) and depth:
+        depth += {"(": 1, ")": -1}.get(rest[i], 0)
+        i += 1
+    operands = re.sub(r"/\*.*?\*/", "", rest[:i - 1])       # /*index=5*/ markers
+    return [o.strip().split(" ")[-1].lstrip("%") for o in operands.split(",") if o.strip()]
+
+
+def _trip_count(while_line, computations):
+    """A `while` loop's trip count: XLA's `known_trip_count` when it records one, else the
+    bound of the loop's condition when that is `counter < constant` (how `lax.scan` and
+    `fori_loop` compile; the counter starts at 0), else 1."""
+    m = _TRIP_COUNT.search(while_line)
+    if m:
+        return int(m.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", while_line)
+    lines = computations.get(cond.group(1), []) if cond else []
+    bounds = [int(c) for line in lines for c in re.findall(r"= s32\[\]\S* constant\((\d+)\)", line)]
+    compares = [line for line in lines if " compare(" in line and "direction=LT" in line]
+    return bounds[0] if len(bounds) == 1 and len(compares) == 1 else 1
+
+
+def collective_bytes(hlo_text):
+    """{kind: {'count', 'bytes'}} per device and step from a compiled module's HLO text.
+
+    Each instruction is weighted by how often it runs: once, or the trip count of each
+    `while` loop around it (XLA records it as `known_trip_count`); each branch of a
+    conditional counts once (an upper bound: one of them runs). Async pairs count once (the
+    `-start`). The TPU compiler splits some collectives into a start and continuations
+    fused into later computations (`continuation_config`); only the start counts. An
+    all-gather counts its result (the gathered data), every other kind its input."""
+    computations, current, entry = {}, None, None
+    for line in hlo_text.splitlines():
+        if not line.startswith(" ") and line.rstrip().endswith("{"):
+            m = _COMPUTATION.match(line)
+            if m:
+                current = m.group(1)
+                computations[current] = []
+                if line.startswith("ENTRY"):
+                    entry = current
+                continue
+        if current is not None and line.startswith(" "):
+            computations[current].append(line)
+    weight, continuations = {entry: 1}, set()
+    order = [entry]
+    for name in order:                   # callers before callees (the HLO is acyclic)
+        for line in computations.get(name, []):
+            trips = 1
+            if " while(" in line:
+                trips = _trip_count(line, computations)
+            called = {}
+            for key, callees in _CALLS.findall(line):
+                for callee in callees.strip("{}").split(","):
+                    called[callee.strip().lstrip("%")] = key
+            for callee, key in called.items():
+                if "continuation_config" in line:
+                    continuations.add(callee)
+                if callee in computations:
+                    weight[callee] = weight.get(callee, 0) + weight[name] * (
+                        trips if key in ("body", "condition") else 1)
+                    if callee not in order:
+                        order.append(callee)
+    shapes = {}
+    for lines in computations.values():
+        for line in lines:
+            m = _INSTRUCTION.match(line)
+            if m:
+                shapes[m.group(1)] = m.group(2)
+    out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+    for name, lines in computations.items():
+        if name in continuations:
+            continue
+        for line in lines:
+            m = _INSTRUCTION.match(line)
+            if not m:
+                continue
+            _, result_type, opcode, rest = m.groups()
+            kind = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
+            if kind not in out:
+                continue
+            operand_bytes = sum(shape_bytes(shapes.get(o, "")) for o in _operands(rest))
+            if kind == "all-gather":
+                size = shape_bytes(result_type)
+                if opcode.endswith("-start"):        # the result tuple holds the operands too
+                    size -= operand_bytes
+            else:
+                size = operand_bytes
+            out[kind]["count"] += weight.get(name, 1)
+            out[kind]["bytes"] += weight.get(name, 1) * size
+    return out
+
+
+# ------------------------------------------------------------------ compile and measure
+
+def minimum_collective_bytes(config, run):
+    """The collective bytes per chip and step that the mesh and sharding rules imply (see the
+    module docstring): {kind: bytes}."""
+    params = run.abstract_state.params
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    shards = sharding.num_batch_shards(run.mesh, run.rules)
+    embeds = 2 * config.batch_size * int(config.model.embed_dim) * 4   # two towers, float32
+    out = {kind: 0 for kind in COLLECTIVES}
+    if shards > 1:
+        out["all-gather"] += embeds
+        out["reduce-scatter"] += embeds
+    if run.mesh.shape["data"] > 1:
+        out["all-reduce"] += 4 * n_params / (run.mesh.shape["fsdp"] * run.mesh.shape["model"])
+    if run.mesh.shape["fsdp"] > 1:
+        # Each parameter gathered in the compute dtype for the forward (again for the backward
+        # with remat), its float32 gradient reduce-scattered. With K micro-batches (the
+        # gradient cache) that is per micro-batch, plus one gather for its no-gradient pass.
+        width = 2 if config.model.dtype == "bfloat16" else 4
+        k = int(config.micro_batches)
+        gathers = (2 if config.model.remat else 1) + (1 if k > 1 else 0)
+        out["all-gather"] += k * gathers * width * n_params / run.mesh.shape["model"]
+        out["reduce-scatter"] += k * 4 * n_params / run.mesh.shape["model"]
+    return {k: int(v) for k, v in out.items()}
+
+
+def _out_of_memory(error):
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text or "out of memory" in text
+
+
+def compile_step(config, devices):
+    """(run, compiled step) for `config` on `devices`, or (run, the out-of-memory error)."""
+    from clip_jax import train
+    run = train.build(config, devices)
+    with run.context():
+        lowered = run.train_step.lower(run.abstract_state, run.abstract_batch())
+        try:
+            return run, lowered.compile()
+        except Exception as e:   # noqa: BLE001   (jax raises XlaRuntimeError)
+            if _out_of_memory(e):
+                return run, e
+            raise
+
+
+def analyse(config, devices, chip, hlo_dir=None):
+    """The report for one compile of `config`'s train step on `devices` (see the docstring)."""
+    t0 = time.perf_counter()
+    run, compiled = compile_step(config, devices)
+    report = {"topology_chips": len(devices), "device_kind": devices[0].device_kind,
+              "batch_size": config.batch_size,
+              "mesh": {a: int(run.mesh.shape[a]) for a in sharding.MESH_AXES},
+              "local_batch": config.batch_size // sharding.num_batch_shards(run.mesh, run.rules),
+              "loss": config.loss.name, "micro_batches": int(config.micro_batches),
+              "remat": bool(config.model.remat), "dtype": str(config.model.dtype),
+              "hbm_bytes": int(chip.hbm_gib * GIB), "compile_seconds": time.perf_counter() - t0}
+    if isinstance(compiled, Exception):
+        report.update(fits=False, memory_per_chip_bytes=None,
+                      error=str(compiled).strip().splitlines()[0][:500])
+        return report
+    mem = compiled.memory_analysis()
+    used = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+            + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+    report.update(memory_per_chip_bytes=int(used), fits=used <= report["hbm_bytes"],
+                  memory_bytes={k: int(getattr(mem, k + "_size_in_bytes"))
+                                for k in ("argument", "output", "alias", "temp", "generated_code")})
+    cost = summary.xla_cost(compiled) or {}
+    chips = len(devices)
+    # XLA's cost analysis of the compiled program counts a loop's body once (a scanned
+    # tower's blocks once), so FLOPs are counted on the step lowered with the towers unrolled.
+    flops = summary.step_flops(config, ops="xla") / chips
+    model_flops = summary.step_flops(config, model_flops=True)
+    peak = chip.peak_tflops * 1e12
+    estimate = cost.get("optimal_seconds")
+    estimate = float(estimate) if estimate is not None and estimate > 0 else None
+    compute_bound = flops / peak
+    report.update(
+        flops=flops, model_flops=model_flops, bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+        xla_seconds_estimate=estimate,
+        mfu_at_xla_estimate=model_flops / (chips * peak * estimate) if estimate else None,
+        compute_bound_seconds=compute_bound,
+        mfu_at_compute_bound=model_flops / (chips * peak * compute_bound) if flops else None)
+    hlo = compiled.as_text()
+    found = collective_bytes(hlo)
+    report["collectives"] = found
+    report["collective_bytes"] = {k: v["bytes"] for k, v in found.items()}
+    report["minimum_collective_bytes"] = minimum_collective_bytes(config, run)
+    batch = config.batch_size
+    # A global B x B block anywhere in the program (the loss must hold B_local x B at most),
+    # unless a parameter has that shape too (tiny test models).
+    param_shapes = {tuple(x.shape) for x in jax.tree.leaves(run.abstract_state.params)}
+    report["global_square_blocks"] = [] if (batch, batch) in param_shapes else sorted(set(
+        re.findall(rf"\b(?:f32|bf16)\[{batch},{batch}\]", hlo)))[:3]
+    if hlo_dir:
+        os.makedirs(hlo_dir, exist_ok=True)
+        with open(os.path.join(hlo_dir, f"train_step_b{batch}.hlo.txt"), "w") as f:
+            f.write(hlo)
+    return report
+
+
+def search_largest(fits, unit, start, limit=None, resolution=None):
+    """The largest multiple of `unit` for which `fits(n)` holds (0 if none), assuming it holds
+    below some size and not above: doubling from `start`, then bisection until the bracket
+    is within `unit` (or, with `resolution`, within max(unit, largest / resolution)).
+    `limit` caps the doubling. Returns (largest, {n: fits(n)} for every n tried)."""
+    tried = {}
+
+    def check(n):
+        if n not in tried:
+            tried[n] = bool(fits(n))
+        return tried[n]
+
+    n = max(unit, start // unit * unit)
+    lo, hi = (n, None) if check(n) else (0, n)
+    while hi is None and (limit is None or lo < limit):
+        n = lo * 2 if limit is None else min(lo * 2, limit // unit * unit)
+        if n <= lo:
+            break
+        if check(n):
+            lo = n
+        else:
+            hi = n
+    while hi is not None and hi - lo > max(unit, lo // resolution if resolution else 0):
+        mid = (lo + hi) // 2 // unit * unit
+        if not lo < mid < hi:
+            break
+        if check(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, tried
+
+
+def find_max_batch(config, devices, chip):
+    """(largest fitting global batch, [report of each compile tried])."""
+    shards = sharding.num_batch_shards(
+        sharding.make_mesh(config.mesh, devices), tuple(tuple(r) for r in config.sharding_rules))
+    reports = []
+
+    def fits(batch):
+        trial = config.copy_and_resolve_references()
+        with trial.unlocked():
+            trial.batch_size = batch
+        report = analyse(trial, devices, chip)
+        reports.append(report)
+        print(f"  batch {batch:>9,}: " + _memory_line(report), flush=True)
+        return report["fits"]
+
+    largest, _ = search_largest(fits, shards * int(config.micro_batches), config.batch_size,
+                                resolution=16)
+    return largest, reports
+
+
+# ------------------------------------------------------------------ command line
+
+def _memory_line(r):
+    if r["memory_per_chip_bytes"] is None:
+        return f"does not fit ({r.get('error', '')[:160]})"
+    return (f"{r['memory_per_chip_bytes'] / GIB:.2f} GiB of {r['hbm_bytes'] / GIB:.0f} GiB per "
+            f"chip: {'fits' if r['fits'] else 'does NOT fit'}")
+
+
+def format_report(name, topology, r):
+    lines = [f"{name} on {topology} ({r['topology_chips']} x {r['device_kind']}), global batch "
+             f"{r['batch_size']:,} (local {r['local_batch']:,}), mesh "
+             + " x ".join(f"{a}={n}" for a, n in r["mesh"].items())
+             + f", loss {r['loss']}, micro-batches {r['micro_batches']}, remat {r['remat']}",
+             "  memory      " + _memory_line(r)]
+    if r["memory_per_chip_bytes"] is None:
+        return "\n".join(lines)
+    m = r["memory_bytes"]
+    lines.append(f"              arguments {m['argument'] / GIB:.2f}, outputs {m['output'] / GIB:.2f} "
+                 f"(donated {m['alias'] / GIB:.2f}), temporaries {m['temp'] / GIB:.2f}, code "
+                 f"{m['generated_code'] / GIB:.2f} GiB")
+    lines.append(f"  FLOPs       {r['flops'] / 1e12:.1f} TFLOP per chip compiled; model "
+                 f"{r['model_flops'] / 1e15:.2f} PFLOP per step")
+    if r["xla_seconds_estimate"]:
+        lines.append(f"  time        XLA's estimate {r['xla_seconds_estimate']:.3f} s/step, "
+                     f"MFU {r['mfu_at_xla_estimate']:.0%}")
+    else:
+        lines.append("  time        XLA's cost analysis gives no usable estimate")
+    lines.append(f"              compute bound {r['compute_bound_seconds']:.3f} s/step "
+                 f"(MFU {r['mfu_at_compute_bound']:.0%} at it)")
+    lines.append("  collectives per chip and step (MiB; minimum the sharding implies):")
+    for kind in COLLECTIVES:
+        c = r["collectives"][kind]
+        lines.append(f"              {kind:<19} {c['count']:>5} ops {c['bytes'] / 2**20:>10,.1f} "
+                     f"({r['minimum_collective_bytes'][kind] / 2**20:,.1f})")
+    if r["global_square_blocks"]:
+        lines.append(f"  WARNING: global B x B blocks in the program: {r['global_square_blocks']}")
+    return "\n".join(lines)
+
+
+def main():
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")   # see the docstring
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # Compile-only TPU programs cannot be stored in (or read back from) JAX's persistent
+    # compilation cache.
+    jax.config.update("jax_enable_compilation_cache", False)
+    config_lib.check_cli_overrides_or_exit(sys.argv)
+    sys.argv = [a.replace("--find-max-batch", "--find_max_batch", 1) for a in sys.argv]
+    config_flag = config_flags.DEFINE_config_file(
+        "config", None, "Config file; override keys with --config.key=value.", lock_config=True)
+    flags.DEFINE_string("topology", None, "TPU topology, e.g. v4:4x4x8 (v4-256), v5e:16x16 "
+                        "(v5e-256), v5p:4x4x8, v6e:16x16")
+    flags.DEFINE_bool("find_max_batch", False, "bisect the largest global batch that fits "
+                      "(also spelled --find-max-batch)")
+    flags.DEFINE_float("hbm_gib", None, "HBM per chip to fit in, in GiB (default: the chip's; "
+                       "less leaves headroom)")
+    flags.DEFINE_string("hlo_dir", None, "write the compiled HLO text here")
+    flags.DEFINE_bool("json", False, "print the figures as one JSON object on the last line")
+    flags.mark_flags_as_required(["config", "topology"])
+
+    def run(argv):
+        del argv
+        config_lib.quiet_absl_logging()
+        F = flags.FLAGS
+        config, name = config_flag.value, config_flags.get_config_filename(F["config"])
+        try:
+            devices, chip = topology_devices(F.topology)
+            if F.hbm_gib:
+                chip = dataclasses.replace(chip, hbm_gib=F.hbm_gib)
+            config_lib.validate(config, len(devices))
+        except (ValueError, config_lib.ConfigError) as e:
+            sys.exit(f"error: {e}")
+        if F.find_max_batch:
+            largest, reports = find_max_batch(config, devices, chip)
+            result = {"config": name, "topology": F.topology, "largest_global_batch": largest,
+                      "tried": reports}
+            best = [r for r in reports if r["batch_size"] == largest]
+            print(f"largest global batch that fits: {largest:,}")
+            if best:
+                print(format_report(name, F.topology, best[0]))
+                result.update(best[0])
+        else:
+            result = analyse(config, devices, chip, F.hlo_dir)
+            print(format_report(name, F.topology, result))
+            result.update(config=name, topology=F.topology)
+        if F.json:
+            print(json.dumps(result))
+
+    app.run(run)
+
+
+if __name__ == "__main__":
+    main()

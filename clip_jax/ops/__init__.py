@@ -1,0 +1,36 @@
+"""Platform-specific kernels for the models, chosen once from the mesh's devices.
+
+The models (`clip_jax/models`) are plain Flax/XLA. A few of their pieces take an `ops`
+object that may replace them: `matmul` (every dense layer), `conv` and `batch_norm`
+(the ResNet), `avg_pool` (the ResNet's pools). `ops=None` is the plain code, which is what
+runs on TPUs and GPUs, whose compilers fuse and lay out those pieces themselves.
+`CpuOps` (clip_jax/ops/cpu.py) holds the XLA:CPU variants; a test checks each against the
+plain piece, forward and backward.
+
+`config.model.ops`:
+- 'auto' (default): `CpuOps` on a mesh of CPU devices, the plain code on any other;
+- 'xla': the plain code everywhere (e.g. to compare on a CPU);
+- 'cpu': `CpuOps`; only on CPU devices (they pin XLA:CPU memory layouts).
+
+The choice is made from the devices of the mesh the model runs on, never from the
+process's default backend, so a step traced on a CPU host for a TPU topology (clip_jax.aot)
+is the TPU program.
+"""
+from clip_jax.config_lib import MODEL_OPS as CHOICES
+from clip_jax.ops.cpu import CpuOps
+
+
+def select(name, mesh):
+    """The `ops` for `config.model.ops = name` (`models.build_model(..., ops=)`) when the
+    model runs on `mesh` (None: the plain code)."""
+    if name not in CHOICES:
+        raise ValueError(f"config.model.ops: must be one of {CHOICES}, got {name!r}")
+    if name == "xla":
+        return None
+    platform = mesh.devices.flat[0].platform
+    if name == "cpu" and platform != "cpu":
+        raise ValueError(f"config.model.ops: 'cpu' kernels need CPU devices, but the mesh's "
+                         f"devices are {platform!r} (use 'auto' or 'xla')")
+    if platform != "cpu":
+        return None
+    return CpuOps(per_image_im2col=mesh.size > 1)

@@ -1,0 +1,402 @@
+"""clip_jax.ops: each XLA:CPU variant equals the plain model code it replaces, forward and
+backward; the choice follows the mesh's devices; models/ never asks the process."""
+import functools
+import os
+import re
+import types
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.core import meta
+
+from clip_jax import ops
+from clip_jax.models import build_model, layers, resnet
+from clip_jax.ops import cpu
+from tests.helpers import REPO, run_python
+from tests.test_models import make_images, make_tokens, small_cfg
+
+CPU = cpu.CpuOps()
+
+
+def _fake_mesh(platform, size=1):
+    device = types.SimpleNamespace(platform=platform)
+    return types.SimpleNamespace(devices=np.array([device] * size), size=size)
+
+
+def test_select_follows_the_mesh_devices_not_the_process():
+    assert ops.select("auto", _fake_mesh("cpu")) == cpu.CpuOps(per_image_im2col=False)
+    assert ops.select("auto", _fake_mesh("cpu", 4)) == cpu.CpuOps(per_image_im2col=True)
+    assert ops.select("cpu", _fake_mesh("cpu")) == cpu.CpuOps()
+    # On this CPU process, a TPU or GPU mesh still gets the plain code.
+    for platform in ("tpu", "gpu"):
+        assert ops.select("auto", _fake_mesh(platform)) is None
+        with pytest.raises(ValueError, match="'cpu' kernels need CPU devices"):
+            ops.select("cpu", _fake_mesh(platform))
+    assert ops.select("xla", _fake_mesh("cpu")) is None
+    with pytest.raises(ValueError, match="config.model.ops"):
+        ops.select("fast", _fake_mesh("cpu"))
+
+
+def test_models_never_ask_the_process_for_its_backend_or_devices():
+    """The platform comes from the mesh (clip_jax.ops.select), so a step traced on a CPU
+    host for a TPU topology is the TPU program."""
+    forbidden = re.compile(r"default_backend\(|device_count\(|jax\.devices\(|local_devices\(")
+    models = os.path.join(REPO, "clip_jax", "models")
+    for name in sorted(os.listdir(models)):
+        if name.endswith(".py"):
+            with open(os.path.join(models, name)) as f:
+                assert not forbidden.search(f.read()), name
+
+
+@pytest.mark.parametrize("kind", ["resnet", "vit"])
+def test_cpu_ops_model_equals_the_plain_model_in_float32(kind):
+    """The whole model with the CPU kernels (ResNet: 1x1 convolutions as products, the
+    BatchNorm's custom backward, the pools; ViT: the dense layers) against the plain code:
+    embeddings, BatchNorm statistics and every parameter's gradient."""
+    cfg = small_cfg(kind)
+    plain, fast = build_model(cfg), build_model(cfg, ops.select("auto", _cpu_mesh()))
+    assert plain.ops is None and fast.ops == cpu.CpuOps()
+    images, tokens = make_images(4, cfg.vision.image_size), make_tokens(4)
+    variables = meta.unbox(plain.init(jax.random.key(0), images, tokens))
+    weights = jax.random.normal(jax.random.key(1), (4, cfg.embed_dim))
+
+    def objective(model, params):
+        out, stats = model.apply({**variables, "params": params}, images, tokens, train=True,
+                                 mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(3 * out["image_embeds"]) * weights + out["text_embeds"] * weights), stats
+
+    results = [jax.jit(jax.value_and_grad(functools.partial(objective, m), has_aux=True))(
+        variables["params"]) for m in (plain, fast)]
+    (loss0, stats0), grads0 = results[0]
+    (loss1, stats1), grads1 = results[1]
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves((stats1, grads1)), jax.tree.leaves((stats0, grads0))):
+        _assert_close(a, b, 1e-4)       # relative to each array's largest entry
+
+
+def _cpu_mesh():
+    return jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+# ------------------------------------------------------------------------ matmul
+
+def test_cpu_matmul_equals_the_plain_one():
+    """The CPU matmul (stored transposes in the backward) equals the plain one, forward bit
+    for bit and backward to float32 rounding (the kernels sum in another order), in both
+    precisions; in bfloat16 both have the value and gradients of the float32 product to
+    bfloat16 accuracy, the parameters' gradients in float32."""
+    kx, kk, kb, kr = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(kx, (35, 48))
+    kernel = jax.random.normal(kk, (48, 40)) * 48 ** -0.5
+    bias = jax.random.normal(kb, (40,))
+    r = jax.random.normal(kr, (35, 40))
+
+    def loss(fn, dtype):
+        return lambda x, k, b: jnp.sum(fn(x.astype(dtype), k, b, dtype).astype(jnp.float32) * r)
+
+    exact, exact_g = jax.value_and_grad(loss(layers.matmul, jnp.float32), argnums=(0, 1, 2))(
+        x, kernel, bias)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        want, want_g = jax.jit(jax.value_and_grad(loss(layers.matmul, dtype), argnums=(0, 1, 2)))(
+            x, kernel, bias)
+        got, got_g = jax.jit(jax.value_and_grad(loss(cpu.matmul, dtype), argnums=(0, 1, 2)))(
+            x, kernel, bias)
+        np.testing.assert_array_equal(got, want)
+        assert [g.dtype for g in got_g] == [g.dtype for g in want_g] == [jnp.float32] * 3
+        for g, w, e in zip(got_g, want_g, exact_g):
+            _assert_close(g, w, 1e-5)
+            assert float(np.abs(g - e).max()) <= 2e-2 * float(np.abs(e).max())
+    # The bfloat16 product is one rounding of the float32-accumulated one, bias included.
+    y16 = cpu.matmul(x.astype(jnp.bfloat16), kernel, bias, jnp.bfloat16)
+    rounded = jnp.dot(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16),
+                      preferred_element_type=jnp.float32) + bias
+    np.testing.assert_array_equal(np.asarray(y16, np.float32),
+                                  np.asarray(rounded.astype(jnp.bfloat16), np.float32))
+
+
+def test_cpu_matmul_can_return_the_float32_accumulator():
+    """`out_dtype=float32` (a ResNet convolution feeding its BatchNorm): the float32
+    accumulator of the bfloat16 product, unrounded; the backward rounds the incoming
+    gradient to bfloat16, so the input and kernel gradients equal the rounded form's."""
+    kx, kk, kb, kr = jax.random.split(jax.random.key(1), 4)
+    x = jax.random.normal(kx, (6, 48)).astype(jnp.bfloat16)
+    kernel = jax.random.normal(kk, (48, 40)) * 48 ** -0.5
+    bias = jax.random.normal(kb, (40,))
+    r = jax.random.normal(kr, (6, 40)).astype(jnp.bfloat16).astype(jnp.float32)
+    y = cpu.matmul(x, kernel, bias, jnp.bfloat16, out_dtype=jnp.float32)
+    exact = jnp.dot(x, kernel.astype(jnp.bfloat16), preferred_element_type=jnp.float32) + bias
+    assert y.dtype == jnp.float32
+    np.testing.assert_array_equal(y, exact)
+
+    def loss(out_dtype):
+        return lambda x, k, b: jnp.sum(
+            cpu.matmul(x, k, b, jnp.bfloat16, out_dtype=out_dtype).astype(jnp.float32) * r)
+
+    unrounded = jax.grad(loss(jnp.float32), argnums=(0, 1, 2))(x, kernel, bias)
+    rounded = jax.grad(loss(None), argnums=(0, 1, 2))(x, kernel, bias)
+    for a, b in zip(unrounded, rounded):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_cpu_matmul_backward_keeps_bfloat16_products():
+    """In the compiled gradient of a bfloat16 `cpu.matmul`, all three products (forward,
+    input gradient, kernel gradient) keep bfloat16 operands, and none contracts dimension 0
+    of its left operand (the forms XLA:CPU upcasts to float32): both backward products read
+    stored transposes."""
+    x = jnp.ones((64, 32), jnp.bfloat16)
+    kernel = jnp.ones((32, 48), jnp.float32)
+    grads = jax.jit(jax.grad(lambda k, x: jnp.sum(
+        cpu.matmul(x, k, None, jnp.bfloat16).astype(jnp.float32) ** 2), argnums=(0, 1)))
+    hlo = grads.lower(kernel, x).compile().as_text()
+    products = []
+    for computation in hlo.split("\n\n"):        # instruction names are local to each
+        operand_types = dict(re.findall(r"(%[\w.\-]+) = (\w+)\[", computation))
+        for operands, lhs_dim in re.findall(r"= \S+ dot\((.*?)\), lhs_contracting_dims=\{(\d)\}",
+                                            computation):
+            products.append((lhs_dim, [operand_types[n] for n in re.findall(r"%[\w.\-]+", operands)]))
+    assert len(products) == 3, hlo              # forward, input gradient, kernel gradient
+    assert products == [("1", ["bf16", "bf16"])] * 3, products
+    assert "transpose" in hlo
+    g = grads(kernel, x)
+    np.testing.assert_allclose(np.asarray(g[0]), np.full((32, 48), 2 * 32 * 64, np.float32))
+
+
+# ------------------------------------------------------------------------ convolutions
+
+def _lax_conv(x, kernel, stride=1):
+    pad = (kernel.shape[0] - 1) // 2
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision="highest")
+
+
+@pytest.mark.parametrize("size,stride,dtype,channels", [
+    (1, 1, jnp.float32, 16), (1, 1, jnp.bfloat16, 16), (3, 1, jnp.bfloat16, 128),
+    (3, 1, jnp.bfloat16, 64), (3, 1, jnp.float32, 128), (3, 2, jnp.bfloat16, 8)])
+def test_cpu_conv_equals_the_plain_convolution(size, stride, dtype, channels):
+    """Every path of `CpuOps.conv` (1x1 as a product, wide bfloat16 3x3 as im2col, the
+    rest as XLA's convolution with a float32 accumulator) against `resnet.conv`, forward
+    and both gradients, relative to the largest entry: float32 to rounding, bfloat16 to
+    its precision."""
+    kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (2, 8, 6, channels)).astype(dtype)      # H != W: catches a swap
+    kernel = jax.random.normal(kk, (size, size, channels, 12)) / (size * channels ** 0.5)
+    out_shape = (2, 8 // stride, 6 // stride, 12)
+    cotangent = jax.random.normal(kg, out_shape)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+
+    def loss(fn, x, kernel):
+        return jnp.sum(fn(x, kernel, stride, dtype).astype(jnp.float32) * cotangent)
+
+    got = jax.jit(CPU.conv, static_argnums=(2, 3))(x, kernel, stride, dtype)
+    want = resnet.conv(x, kernel, stride, dtype)
+    assert got.dtype == jnp.float32 and got.shape == want.shape == out_shape
+    _assert_close(got, want, tol)
+    g_got = jax.jit(jax.grad(functools.partial(loss, CPU.conv), (0, 1)))(x, kernel)
+    g_want = jax.grad(functools.partial(loss, resnet.conv), (0, 1))(x, kernel)
+    assert g_got[0].dtype == dtype and g_got[1].dtype == jnp.float32
+    for a, b in zip(g_got, g_want):
+        _assert_close(a, b, tol)
+
+
+def _assert_close(got, want, tol):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.max(np.abs(got - want)) <= tol * np.max(np.abs(want)), (got, want)
+
+
+@pytest.mark.parametrize("dtype,channels", [(jnp.float32, 5), (jnp.bfloat16, 6), (jnp.bfloat16, 5)])
+@pytest.mark.parametrize("out_dtype", [None, jnp.float32])
+def test_conv3x3_im2col_matches_the_convolution(dtype, channels, out_dtype):
+    """The im2col form of the 3x3 convolution, forward and both gradients, against
+    lax.conv_general_dilated in float32 on the values it sees: packed pairs (even bfloat16
+    channel count) and plain copies (odd), rounded to bfloat16 or the float32 accumulator."""
+    kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (2, 7, 5, channels)).astype(dtype)
+    kernel = jax.random.normal(kk, (3, 3, channels, 4)) / 3.0
+    cotangent = jax.random.normal(kg, (2, 7, 5, 4))
+    out_dtype = out_dtype or dtype
+    conv = lambda x, k: cpu.conv3x3_im2col(x, k, out_dtype, False)
+
+    def loss(fn, x, kernel):
+        return jnp.sum(fn(x, kernel).astype(jnp.float32) * cotangent)
+
+    def reference(x, kernel):
+        return _lax_conv(x.astype(jnp.float32), kernel.astype(dtype).astype(jnp.float32))
+
+    got = jax.jit(conv)(x, kernel)
+    assert got.dtype == out_dtype and got.shape == (2, 7, 5, 4)
+    _assert_close(got, reference(x, kernel), 1e-5 if out_dtype == jnp.float32 else 1e-2)
+    dx, dk = jax.jit(jax.grad(functools.partial(loss, conv), (0, 1)))(x, kernel)
+    want_dx, want_dk = jax.grad(functools.partial(loss, reference), (0, 1))(x, kernel)
+    assert dx.dtype == dtype and dk.dtype == jnp.float32 and dk.shape == kernel.shape
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    _assert_close(dx, want_dx, tol)
+    _assert_close(dk, want_dk, tol)
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.parametrize("dtype,channels", [(jnp.bfloat16, 6), (jnp.bfloat16, 5), (jnp.float32, 3)])
+def test_im2col_3x3_is_the_nine_shifted_windows(dtype, channels, per_image):
+    """`_im2col_3x3` (one gather, flat or per image; packed pairs for an even bfloat16
+    channel count) equals the nine zero-padded windows side by side, tap-major, bit for bit."""
+    x = jax.random.normal(jax.random.key(0), (2, 4, 3, channels)).astype(dtype)  # H != W
+    padded = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = np.concatenate([padded[:, dy:dy + 4, dx:dx + 3] for dy in range(3) for dx in range(3)],
+                          -1).reshape(2 * 4 * 3, 9 * channels)
+    got = jax.jit(functools.partial(cpu._im2col_3x3, per_image=per_image))(x)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_im2col_keeps_a_batch_sharded_input_sharded():
+    """On a 4-device mesh `select` takes the per-image gather, which compiles to no
+    collective under a batch-sharded input: each device gathers its own images' windows."""
+    out = run_python("""
+        import json, jax, jax.numpy as jnp
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from clip_jax import ops
+        from clip_jax.ops.cpu import _im2col_3x3
+        mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+        chosen = ops.select("auto", mesh)
+        batch = NamedSharding(mesh, P("data"))
+        x = jax.device_put(jnp.zeros((8, 6, 5, 8), jnp.bfloat16), batch)
+        im2col = lambda x: _im2col_3x3(x, chosen.per_image_im2col)
+        hlo = jax.jit(im2col, out_shardings=batch).lower(x).compile().as_text()
+        kinds = ("all-gather", "all-to-all", "collective-permute", "all-reduce")
+        found = [k for k in kinds if k + "(" in hlo or k + "-start(" in hlo]
+        print(json.dumps({"per_image": chosen.per_image_im2col, "collectives": found}))
+    """, n_devices=4)
+    assert out == {"per_image": True, "collectives": []}
+
+
+@pytest.mark.parametrize("dtype,channels,im2col", [
+    (jnp.bfloat16, 128, True), (jnp.bfloat16, 64, False), (jnp.float32, 128, False)])
+def test_conv_module_has_nn_conv_parameters_and_each_ops_path(dtype, channels, im2col):
+    """`resnet.Conv` initialises exactly the parameter nn.Conv would (name, shape, values);
+    the plain module is XLA's convolution, and the CPU kernels take the im2col path only in
+    bfloat16 from IM2COL_MIN_CHANNELS input channels."""
+    assert (channels >= cpu.IM2COL_MIN_CHANNELS) == im2col or dtype == jnp.float32
+    x = jax.random.normal(jax.random.key(0), (1, 4, 3, channels)).astype(dtype)
+    reference = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dtype,
+                        param_dtype=jnp.float32,
+                        kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
+    ref_variables = reference.init(jax.random.key(1), x)
+    for ops_, takes_im2col in ((None, False), (CPU, im2col)):
+        layer = resnet.Conv(8, 3, dtype=dtype, ops=ops_)
+        variables = meta.unbox(layer.init(jax.random.key(1), x))
+        assert jax.tree.structure(variables) == jax.tree.structure(ref_variables)
+        np.testing.assert_array_equal(variables["params"]["kernel"], ref_variables["params"]["kernel"])
+        jaxpr = str(jax.make_jaxpr(layer.apply)(variables, x))
+        assert ("conv_general_dilated" not in jaxpr) == takes_im2col, jaxpr
+        np.testing.assert_allclose(np.asarray(layer.apply(variables, x), np.float32),
+                                   np.asarray(reference.apply(ref_variables, x), np.float32),
+                                   rtol=2e-2, atol=5e-2)
+
+
+# ------------------------------------------------------------------------ BatchNorm, pools
+
+@pytest.mark.parametrize("ops_", [None, CPU], ids=["plain", "cpu"])
+@pytest.mark.parametrize("relu,with_residual", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batch_norm_matches_flax(ops_, relu, with_residual, dtype):
+    """resnet.BatchNorm, plain and with the CPU kernel (custom VJP, residual and ReLU fused),
+    against flax's nn.BatchNorm followed by the same add and ReLU: variables, outputs,
+    running statistics, gradients, and the evaluation mode."""
+    class Reference(nn.Module):
+        train: bool
+
+        @nn.compact
+        def __call__(self, x, residual=None):
+            y = nn.BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5,
+                             dtype=dtype, param_dtype=jnp.float32, name="bn")(x)
+            y = y if residual is None else y + residual
+            return nn.relu(y) if relu else y
+
+    class Ours(nn.Module):
+        train: bool
+
+        @nn.compact
+        def __call__(self, x, residual=None):
+            return resnet.BatchNorm(self.train, relu=relu, dtype=dtype, ops=ops_, name="bn")(x, residual)
+
+    k = jax.random.split(jax.random.key(0), 6)
+    x = (3.0 * jax.random.normal(k[0], (4, 5, 6, 8)) + 1.5).astype(dtype)
+    residual = jax.random.normal(k[1], x.shape).astype(dtype) if with_residual else None
+    weights = jax.random.normal(k[2], x.shape)
+    variables = Reference(True).init(k[3], x, residual)
+    assert jax.tree.map(jnp.shape, meta.unbox(Ours(True).init(k[3], x, residual))) == \
+        jax.tree.map(jnp.shape, variables)
+    # Non-trivial parameters and running statistics.
+    variables = {"params": {"bn": {"scale": 1 + jax.random.normal(k[4], (8,)),
+                                   "bias": jax.random.normal(k[5], (8,))}},
+                 "batch_stats": {"bn": {"mean": jnp.full((8,), 0.5), "var": jnp.full((8,), 2.0)}}}
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+
+    def objective(module, params, x, residual):
+        y, updates = module.apply({**variables, "params": params}, x, residual,
+                                  mutable=["batch_stats"])
+        return (y.astype(jnp.float32) * weights).sum(), (y, updates)
+
+    results = {}
+    for name, module in (("reference", Reference(True)), ("ours", Ours(True))):
+        grad_fn = jax.jit(jax.grad(functools.partial(objective, module), argnums=(0, 1, 2),
+                                   has_aux=True))
+        grads, (y, updates) = grad_fn(variables["params"], x, residual)
+        assert y.dtype == dtype
+        results[name] = (y, updates, grads)
+    for got, want in zip(jax.tree.leaves(results["ours"]), jax.tree.leaves(results["reference"])):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)
+    np.testing.assert_allclose(
+        np.asarray(Ours(False).apply(variables, x, residual), np.float32),
+        np.asarray(Reference(False).apply(variables, x, residual), np.float32), **tol)
+
+
+def test_cpu_batch_norm_carries_the_statistics_gradients():
+    """The CPU BatchNorm's VJP also carries the batch mean's and variance's cotangents, as
+    autodiff of the plain `resnet.batch_norm` does."""
+    k = jax.random.split(jax.random.key(1), 4)
+    x = 2.0 * jax.random.normal(k[0], (3, 4, 4, 5)) - 1.0
+    scale, bias = 1 + jax.random.normal(k[1], (5,)), jax.random.normal(k[2], (5,))
+    u, v = jax.random.normal(k[3], (2, 5))
+
+    def objective(fn, *args):
+        y, mean, var = fn(*args, None, 1e-5, True, jnp.float32)
+        return jnp.sin(y).sum() + (mean * u).sum() + (var * v).sum()
+
+    got = jax.grad(functools.partial(objective, CPU.batch_norm), argnums=(0, 1, 2))(x, scale, bias)
+    want = jax.grad(functools.partial(objective, resnet.batch_norm), argnums=(0, 1, 2))(x, scale, bias)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,k,height,width", [
+    (jnp.float32, 2, 8, 6), (jnp.bfloat16, 2, 8, 6), (jnp.float32, 4, 8, 12),
+    (jnp.float32, 2, 7, 6)])
+def test_cpu_avg_pool_equals_the_plain_pool(dtype, k, height, width):
+    """The reshape-and-mean pool against `resnet.avg_pool` (nn.avg_pool), forward and
+    gradient: float32 to rounding; bfloat16 to one rounding of the float32 mean (nn.avg_pool
+    sums in bfloat16); an odd side (height 7) takes the fallback and floors."""
+    kx, kg = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (2, height, width, 3)).astype(dtype)    # H != W: catches a swap
+    cotangent = jax.random.normal(kg, (2, height // k, width // k, 3))
+
+    def loss(pool, x):
+        return jnp.sum(pool(x, k).astype(jnp.float32) * cotangent)
+
+    reference = lambda x, k: resnet.avg_pool(x.astype(jnp.float32), k)
+    got = jax.jit(CPU.avg_pool, static_argnums=1)(x, k)
+    assert got.dtype == dtype and got.shape == (2, height // k, width // k, 3)
+    tol = 1e-6 if dtype == jnp.float32 else 2 ** -8
+    np.testing.assert_allclose(np.asarray(got, np.float32), reference(x, k), rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(resnet.avg_pool(x, k), np.float32), reference(x, k),
+                               rtol=2 * tol, atol=2 * tol)
+    dx = jax.jit(jax.grad(functools.partial(loss, CPU.avg_pool)))(x)
+    want_dx = jax.grad(functools.partial(loss, reference))(x)
+    assert dx.dtype == dtype
+    np.testing.assert_allclose(np.asarray(dx, np.float32), want_dx, rtol=tol, atol=tol)
+    if height % k:                                # the floored row gets no gradient
+        assert not np.any(np.asarray(dx, np.float32)[:, height - height % k:])
