@@ -47,7 +47,7 @@ import time
 
 import jax
 
-from clip_jax import config_lib, sharding, summary
+from clip_jax import config_lib, sharding, summary, train
 
 GIB = 2 ** 30
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
@@ -230,7 +230,6 @@ def _out_of_memory(error):
 
 def compile_step(config, devices):
     """(run, compiled step) for `config` on `devices`, or (run, the out-of-memory error)."""
-    from clip_jax import train
     run = train.build(config, devices)
     with run.context():
         lowered = run.train_step.lower(run.abstract_state, run.abstract_batch())
@@ -242,8 +241,25 @@ def compile_step(config, devices):
             raise
 
 
-def analyse(config, devices, chip, hlo_dir=None):
-    """The report for one compile of `config`'s train step on `devices` (see the docstring)."""
+def add_flops(report, config, chip):
+    """FLOPs and the times and MFU they imply, into `report`. XLA's cost analysis of the
+    compiled program counts a loop's body once (a scanned tower's blocks once), so they are
+    counted on the step lowered, not compiled, with the towers unrolled."""
+    chips, peak = report["topology_chips"], chip.peak_tflops * 1e12
+    flops = summary.step_flops(config, ops="xla") / chips
+    model_flops = summary.step_flops(config, model_flops=True)
+    estimate, compute_bound = report["xla_seconds_estimate"], flops / peak
+    report.update(
+        flops=flops, model_flops=model_flops,
+        mfu_at_xla_estimate=model_flops / (chips * peak * estimate) if estimate else None,
+        compute_bound_seconds=compute_bound,
+        mfu_at_compute_bound=model_flops / (chips * peak * compute_bound) if flops else None)
+    return report
+
+
+def analyse(config, devices, chip, hlo_dir=None, count_flops=True):
+    """The report for one compile of `config`'s train step on `devices` (see the docstring);
+    `count_flops=False` leaves out the FLOPs (`add_flops`: two more lowerings)."""
     t0 = time.perf_counter()
     run, compiled = compile_step(config, devices)
     report = {"topology_chips": len(devices), "device_kind": devices[0].device_kind,
@@ -264,21 +280,11 @@ def analyse(config, devices, chip, hlo_dir=None):
                   memory_bytes={k: int(getattr(mem, k + "_size_in_bytes"))
                                 for k in ("argument", "output", "alias", "temp", "generated_code")})
     cost = summary.xla_cost(compiled) or {}
-    chips = len(devices)
-    # XLA's cost analysis of the compiled program counts a loop's body once (a scanned
-    # tower's blocks once), so FLOPs are counted on the step lowered with the towers unrolled.
-    flops = summary.step_flops(config, ops="xla") / chips
-    model_flops = summary.step_flops(config, model_flops=True)
-    peak = chip.peak_tflops * 1e12
     estimate = cost.get("optimal_seconds")
-    estimate = float(estimate) if estimate is not None and estimate > 0 else None
-    compute_bound = flops / peak
-    report.update(
-        flops=flops, model_flops=model_flops, bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-        xla_seconds_estimate=estimate,
-        mfu_at_xla_estimate=model_flops / (chips * peak * estimate) if estimate else None,
-        compute_bound_seconds=compute_bound,
-        mfu_at_compute_bound=model_flops / (chips * peak * compute_bound) if flops else None)
+    report.update(bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+                  xla_seconds_estimate=float(estimate) if estimate and estimate > 0 else None)
+    if count_flops:
+        add_flops(report, config, chip)
     hlo = compiled.as_text()
     found = collective_bytes(hlo)
     report["collectives"] = found
@@ -340,14 +346,17 @@ def find_max_batch(config, devices, chip):
         trial = config.copy_and_resolve_references()
         with trial.unlocked():
             trial.batch_size = batch
-        report = analyse(trial, devices, chip)
-        reports.append(report)
+        report = analyse(trial, devices, chip, count_flops=False)
+        reports.append((trial, report))
         print(f"  batch {batch:>9,}: " + _memory_line(report), flush=True)
         return report["fits"]
 
     largest, _ = search_largest(fits, shards * int(config.micro_batches), config.batch_size,
                                 resolution=16)
-    return largest, reports
+    for trial, report in reports:
+        if report["batch_size"] == largest:
+            add_flops(report, trial, chip)
+    return largest, [report for _, report in reports]
 
 
 # ------------------------------------------------------------------ command line
@@ -371,7 +380,7 @@ def format_report(name, topology, r):
     lines.append(f"              arguments {m['argument'] / GIB:.2f}, outputs {m['output'] / GIB:.2f} "
                  f"(donated {m['alias'] / GIB:.2f}), temporaries {m['temp'] / GIB:.2f}, code "
                  f"{m['generated_code'] / GIB:.2f} GiB")
-    lines.append(f"  FLOPs       {r['flops'] / 1e12:.1f} TFLOP per chip compiled; model "
+    lines.append(f"  FLOPs       {r['flops'] / 1e12:.1f} TFLOP executed per chip; model "
                  f"{r['model_flops'] / 1e15:.2f} PFLOP per step")
     if r["xla_seconds_estimate"]:
         lines.append(f"  time        XLA's estimate {r['xla_seconds_estimate']:.3f} s/step, "

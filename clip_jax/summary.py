@@ -17,7 +17,7 @@ import sys
 import jax
 import ml_collections
 
-from clip_jax import config_lib, losses, sharding
+from clip_jax import config_lib, losses, sharding, train
 from clip_jax.models import abstract_variables, build_model, count_params, encoder_fns, input_specs
 
 

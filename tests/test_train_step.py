@@ -2,6 +2,7 @@
 the micro-batched (gradient-cache) gradient equals the full-batch gradient, and locked
 image-tower parameters stay put with no optimiser state."""
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -54,6 +55,34 @@ def test_micro_batched_gradient_equals_the_full_batch_gradient(loss):
     mean_of_small = np.mean([loss_and_grads(small, {k: v[i::4] for k, v in batch.items()})[0]
                              for i in range(4)])
     assert abs(mean_of_small - loss1) > 1e-3 * abs(loss1)
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_scanned_towers_give_the_unrolled_gradient_through_the_micro_batched_step(kind):
+    """`model.scan_layers` (each tower's repeated blocks as one lax.scan), with remat and
+    micro-batches, as the paper configs run: the same loss, gradient and BatchNorm statistics
+    as the unrolled towers."""
+    config = tiny_config(batch_size=16, **{"model.text.layers": 3, "model.remat": True,
+                                           "micro_batches": 2, "model.vision.layers": 3})
+    if kind == "resnet":
+        config.model.vision = ml_collections.ConfigDict(dict(
+            kind="resnet", image_size=32, layers=(1, 3, 1, 1), width=8, patch_size=0, heads=2))
+    batch = _batch(config)
+    results = {}
+    for scan in (False, True):
+        config.model.scan_layers = scan
+        run = train.build(config)
+        with run.context():
+            state = run.init_state()
+            fn = jax.jit(train.make_gradient_fn(config, run.model, run.mesh, run.rules))
+            (loss, (stats, _)), grads = fn(state.params, state.batch_stats, batch)
+        results[scan] = (float(loss), jax.tree.map(np.asarray, grads), jax.tree.map(np.asarray, stats))
+    np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-6)
+    assert_same_gradient(results[True][1], results[False][1])
+    for a, b in zip(jax.tree.leaves(results[True][2]), jax.tree.leaves(results[False][2])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    if kind == "resnet":
+        assert set(results[True][2]["visual"]) >= {"layer2_1", "layer2_2"}
 
 
 MULTI = """
