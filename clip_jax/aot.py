@@ -28,8 +28,9 @@ them):
   negative for these steps, so none), and the compute bound (the chip's FLOPs at its
   peak), with the MFU each implies.
 
-`--find-max-batch` bisects the largest global batch that fits (a multiple of the batch
-shards x micro-batches, to within 1/16). A batch that does not fit is one XLA refuses to
+`--find-max-batch` searches the largest global batch that fits (a multiple of the batch
+shards x micro-batches, to within 1/16), each compile's memory pointing to the next size
+to try (a 256-chip compile takes minutes). A batch that does not fit is one XLA refuses to
 compile (out of HBM) or whose memory exceeds the HBM. With `--json` the last line printed
 is one JSON object.
 
@@ -303,11 +304,16 @@ def analyse(config, devices, chip, hlo_dir=None, count_flops=True):
     return report
 
 
-def search_largest(fits, unit, start, limit=None, resolution=None):
+def search_largest(fits, unit, start, limit=None, resolution=None, guess=None):
     """The largest multiple of `unit` for which `fits(n)` holds (0 if none), assuming it holds
-    below some size and not above: doubling from `start`, then bisection until the bracket
-    is within `unit` (or, with `resolution`, within max(unit, largest / resolution)).
-    `limit` caps the doubling. Returns (largest, {n: fits(n)} for every n tried)."""
+    below some size and not above, within `unit` (or, with `resolution`, within
+    max(unit, largest / resolution)). Returns (largest, {n: fits(n)} for every n tried).
+
+    Without `guess`: doubling from `start` (capped by `limit`), then bisection. `guess(lo, hi)`
+    may name where it expects the limit (e.g. extrapolated from measured memory; hi is None
+    while no size has failed); the next size tried is that guess, kept inside the bracket
+    and at most 4x the largest fit, so a good guess closes the bracket in two or three
+    tries. After three guesses the search bisects, so a poor one costs at most three."""
     tried = {}
 
     def check(n):
@@ -315,32 +321,55 @@ def search_largest(fits, unit, start, limit=None, resolution=None):
             tried[n] = bool(fits(n))
         return tried[n]
 
+    def window(lo):
+        return max(unit, lo // resolution if resolution else 0)
+
     n = max(unit, start // unit * unit)
     lo, hi = (n, None) if check(n) else (0, n)
-    while hi is None and (limit is None or lo < limit):
-        n = lo * 2 if limit is None else min(lo * 2, limit // unit * unit)
-        if n <= lo:
+    guesses = 0
+    while hi is None or hi - lo > window(lo):
+        if hi is None and limit is not None and lo >= limit:
+            break
+        g = guess(lo, hi) if guess is not None and guesses < 3 else None
+        if g is not None:
+            guesses += 1
+            upper = hi - window(lo) if hi is not None else 4 * max(lo, unit)
+            n = min(max(int(g) // unit * unit, lo + window(lo)), upper) // unit * unit
+        elif hi is None:
+            n = lo * 2
+        else:
+            n = (lo + hi) // 2 // unit * unit
+        if limit is not None and hi is None:
+            n = min(n, limit // unit * unit)
+        if not lo < n < (hi if hi is not None else n + 1):
             break
         if check(n):
             lo = n
         else:
             hi = n
-    while hi is not None and hi - lo > max(unit, lo // resolution if resolution else 0):
-        mid = (lo + hi) // 2 // unit * unit
-        if not lo < mid < hi:
-            break
-        if check(mid):
-            lo = mid
-        else:
-            hi = mid
     return lo, tried
 
 
+def memory_guess(points, budget):
+    """Where memory reaches `budget`, by the straight line through the two measured (batch,
+    memory) points nearest to it: the last fit and the first over budget once both are
+    known (regula falsi), else the two largest fits. None with fewer than two points."""
+    below = sorted(p for p in points if p[1] <= budget)
+    above = sorted(p for p in points if p[1] > budget)
+    pair = [below[-1], above[0]] if below and above else below[-2:]
+    if len(pair) < 2 or pair[1][0] == pair[0][0]:
+        return None
+    (n0, m0), (n1, m1) = pair
+    slope = (m1 - m0) / (n1 - n0)
+    return n1 + (budget - m1) / slope if slope > 0 else None
+
+
 def find_max_batch(config, devices, chip):
-    """(largest fitting global batch, [report of each compile tried])."""
+    """(largest fitting global batch, [report of each compile tried]). Each compile's memory
+    guides the next size (`memory_guess`): a compile of a 256-chip step takes minutes."""
     shards = sharding.num_batch_shards(
         sharding.make_mesh(config.mesh, devices), tuple(tuple(r) for r in config.sharding_rules))
-    reports = []
+    reports, budget = [], chip.hbm_gib * GIB
 
     def fits(batch):
         trial = config.copy_and_resolve_references()
@@ -351,8 +380,12 @@ def find_max_batch(config, devices, chip):
         print(f"  batch {batch:>9,}: " + _memory_line(report), flush=True)
         return report["fits"]
 
+    def guess(lo, hi):
+        return memory_guess([(r["batch_size"], r["memory_per_chip_bytes"]) for _, r in reports
+                             if r["memory_per_chip_bytes"] is not None], budget)
+
     largest, _ = search_largest(fits, shards * int(config.micro_batches), config.batch_size,
-                                resolution=16)
+                                resolution=16, guess=guess)
     for trial, report in reports:
         if report["batch_size"] == largest:
             add_flops(report, trial, chip)
@@ -414,7 +447,7 @@ def main():
         "config", None, "Config file; override keys with --config.key=value.", lock_config=True)
     flags.DEFINE_string("topology", None, "TPU topology, e.g. v4:4x4x8 (v4-256), v5e:16x16 "
                         "(v5e-256), v5p:4x4x8, v6e:16x16")
-    flags.DEFINE_bool("find_max_batch", False, "bisect the largest global batch that fits "
+    flags.DEFINE_bool("find_max_batch", False, "search the largest global batch that fits "
                       "(also spelled --find-max-batch)")
     flags.DEFINE_float("hbm_gib", None, "HBM per chip to fit in, in GiB (default: the chip's; "
                        "less leaves headroom)")

@@ -42,7 +42,6 @@ def step_flops(config, model_flops=False, ops=None):
     `config.model.ops` (e.g. 'xla' to count what a TPU runs). With `model_flops`, the
     model's FLOPs as MFU counts them: no recomputed forward passes (no remat) and the plain
     model code (no CPU kernel's products over zero padding)."""
-    from clip_jax import train
     config = config.copy_and_resolve_references()
     with config.unlocked():
         config.model = unrolled(config.model)

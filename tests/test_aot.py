@@ -115,6 +115,39 @@ def test_search_largest_brackets_the_limit_to_its_resolution():
     assert aot.search_largest(lambda n: True, unit=8, start=64, limit=200)[0] == 200 // 8 * 8
 
 
+def test_memory_guided_search_finds_the_same_limit_in_fewer_compiles():
+    """Memory growing linearly plus a B_local x B term (the clip loss's logits): the guided
+    search lands within the resolution of the true limit in fewer tries than bisection, and
+    a misleading guess costs extra tries, never a wrong answer."""
+    unit, budget = 256, 16.0
+    memory = lambda n: 2.0 + 1.1e-4 * n + 2e-11 * n * n         # GiB at global batch n
+    truth = max(n for n in range(unit, 400_000, unit) if memory(n) <= budget)
+
+    def search(guess_kind):
+        points = []
+
+        def fits(n):
+            points.append((n, memory(n)))
+            return memory(n) <= budget
+
+        guess = {"memory": lambda lo, hi: aot.memory_guess(points, budget),
+                 "too_high": lambda lo, hi: 10 ** 9, "too_low": lambda lo, hi: 1,
+                 "none": None}[guess_kind]
+        largest, tried = aot.search_largest(fits, unit, 32_768, resolution=16, guess=guess)
+        assert memory(largest) <= budget and truth - largest <= max(unit, largest // 16), guess_kind
+        assert all(ok == (memory(n) <= budget) for n, ok in tried.items())
+        return len(tried)
+
+    bisection = search("none")
+    assert search("memory") < bisection, (search("memory"), bisection)
+    for kind in ("too_high", "too_low"):
+        assert search(kind) <= bisection + 3
+    assert aot.memory_guess([(1, 1.0)], budget) is None
+    assert aot.memory_guess([(1, 1.0), (2, 2.0)], 4.0) == pytest.approx(4.0)
+    # the last fit and the first over budget, not the two fits: 2 + (4 - 2) / ((20 - 2) / 6)
+    assert aot.memory_guess([(1, 1.0), (2, 2.0), (8, 20.0)], 4.0) == pytest.approx(2 + 2 / 3)
+
+
 @pytest.mark.parametrize("topology, message", [("v9:2x2", "GENERATION"), ("v5e", "GENERATION")])
 def test_bad_topology_is_refused_with_its_name(topology, message):
     with pytest.raises(ValueError, match=message):

@@ -180,7 +180,9 @@ class ModifiedResNet(nn.Module):
             # the resolution); the rest are one block's shape, scanned with `scan`.
             x = block_cls(planes=planes, stride=2 if stage > 0 else 1, dtype=d, ops=ops,
                           name=names[0])(x, train)
-            if self.scan and n > 2 and not self.is_initializing():
+            # A platform may refuse scanned convolutions (clip_jax.ops.cpu: XLA:CPU).
+            scan = self.scan and getattr(ops, "scan_convolutions", True)
+            if scan and n > 2 and not self.is_initializing():
                 x = scan_blocks(self, Bottleneck(planes=planes, dtype=d, ops=ops, parent=None),
                                 names[1:], x, train, remat=self.remat)
             else:

@@ -2,7 +2,7 @@
 
 Each function here computes what its plain counterpart in `clip_jax/models` computes (the
 tests check forward and backward against it) in a form that XLA:CPU runs faster. Why each
-one pays, measured on a 2-core AVX512-BF16 CPU, is in benchmarks/RESULTS.md and BUILD_NOTES
+one pays, measured on a 2-core AVX512-BF16 CPU, is in BUILD_NOTES
 ("Platform ops"):
 
 - `matmul`: in bfloat16, the backward products read stored transposes (a copy of a few
@@ -18,6 +18,7 @@ one pays, measured on a 2-core AVX512-BF16 CPU, is in benchmarks/RESULTS.md and 
 - `avg_pool`: the k x k, stride-k pool as a reshape and a float32 mean, whose gradient is a
   broadcast (`nn.avg_pool`'s is a padded `reduce_window`, run in float32 between two
   conversions).
+- `scan_convolutions = False`: the ResNet's stages unrolled (see `CpuOps`).
 
 None of this is used on a TPU or GPU mesh: `clip_jax.ops.select` picks these only for a
 mesh of CPU devices (or `config.model.ops = 'cpu'`).
@@ -198,6 +199,12 @@ class CpuOps:
     split over several devices (see `_im2col_3x3`)."""
     per_image_im2col: bool = False
     name = "cpu"
+    # XLA:CPU runs a convolution's kernel gradient inside a loop (a scanned ResNet stage's
+    # backward) some 25x slower than the same gradient unrolled: a 4-block 3x3 stack took
+    # 22 s against 0.8 s forward + backward, and RN50's float32 step 72 s against 10 s. So
+    # on a CPU mesh the ResNet stages run unrolled whatever `model.scan_layers` says; the
+    # transformer towers still scan (ViT-B/32's step: 2.23 samples/s scanned, 2.27 unrolled).
+    scan_convolutions = False
 
     def matmul(self, x, kernel, bias, dtype):
         return matmul(x, kernel, bias, dtype)
