@@ -341,7 +341,7 @@ def search_largest(fits, unit, start, limit=None, resolution=None, guess=None):
             n = (lo + hi) // 2 // unit * unit
         if limit is not None and hi is None:
             n = min(n, limit // unit * unit)
-        if not lo < n < (hi if hi is not None else n + 1):
+        if n <= lo or (hi is not None and n >= hi):
             break
         if check(n):
             lo = n

@@ -174,14 +174,14 @@ class ModifiedResNet(nn.Module):
             x = BatchNorm(train, dtype=d, ops=ops, name=f"bn{i}")(x)
         x = getattr(ops, "avg_pool", avg_pool)(x, 2)
         block_cls = nn.remat(Bottleneck, static_argnums=(2,)) if self.remat else Bottleneck
+        # A platform may refuse scanned convolutions (clip_jax.ops.cpu: XLA:CPU).
+        scan = self.scan and getattr(ops, "scan_convolutions", True)
         for stage, n in enumerate(self.layers):
             planes, names = w * 2 ** stage, [f"layer{stage + 1}_{i}" for i in range(n)]
             # The first block of a stage changes the width (and from the second stage on
             # the resolution); the rest are one block's shape, scanned with `scan`.
             x = block_cls(planes=planes, stride=2 if stage > 0 else 1, dtype=d, ops=ops,
                           name=names[0])(x, train)
-            # A platform may refuse scanned convolutions (clip_jax.ops.cpu: XLA:CPU).
-            scan = self.scan and getattr(ops, "scan_convolutions", True)
             if scan and n > 2 and not self.is_initializing():
                 x = scan_blocks(self, Bottleneck(planes=planes, dtype=d, ops=ops, parent=None),
                                 names[1:], x, train, remat=self.remat)
