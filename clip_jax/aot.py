@@ -92,6 +92,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][a-
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _CALLS = re.compile(r"\b(body|condition|to_apply|calls|branch_computations|true_computation|"
                     r"false_computation)=(\{[^}]*\}|%?[\w.\-]+)")
+_REDUCE_SCATTER_FUSION = "all-reduce-scatter"     # libtpu's name for a fused reduce-scatter
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
@@ -134,8 +135,10 @@ def collective_bytes(hlo_text):
     `while` loop around it (XLA records it as `known_trip_count`); each branch of a
     conditional counts once (an upper bound: one of them runs). Async pairs count once (the
     `-start`). The TPU compiler splits some collectives into a start and continuations
-    fused into later computations (`continuation_config`); only the start counts. An
-    all-gather counts its result (the gathered data), every other kind its input."""
+    fused into later computations (`continuation_config`); only the start counts. It emits
+    a reduce-scatter as an all-reduce and a slice fused into an `all-reduce-scatter`
+    computation (v5e); that counts as the reduce-scatter it is. An all-gather counts its
+    result (the gathered data), every other kind its input."""
     computations, current, entry = {}, None, None
     for line in hlo_text.splitlines():
         if not line.startswith(" ") and line.rstrip().endswith("{"):
@@ -185,6 +188,8 @@ def collective_bytes(hlo_text):
             kind = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
             if kind not in out:
                 continue
+            if kind == "all-reduce" and name.startswith(_REDUCE_SCATTER_FUSION):
+                kind = "reduce-scatter"
             operand_bytes = sum(shape_bytes(shapes.get(o, "")) for o in _operands(rest))
             if kind == "all-gather":
                 size = shape_bytes(result_type)

@@ -7,7 +7,9 @@ Reports, without allocating any parameter (everything is traced abstractly):
 - a per-device memory estimate for the configured mesh and batch: training state
   (float32 params + grads + two AdamW moments = 16 bytes/param, split over the
   fsdp x model shards) plus activations per example from XLA's memory analysis of the
-  compiled forward+backward at two small batches, scaled to the local batch.
+  compiled forward+backward at two small batches, scaled to the local (micro-)batch.
+  XLA:CPU assigns buffers less tightly than the TPU compiler, so this is an upper bound
+  (2-11x what `clip_jax.aot` finds for a TPU slice); use `aot` to size a pod run.
 With --json the last line printed is one JSON object.
 """
 import json
@@ -89,12 +91,15 @@ def memory_estimate(config, model, variables, n_params, num_devices):
     batch_shards = math.prod(shape[a] for a in sharding.batch_axes(config.sharding_rules))
     local_batch = config.batch_size // batch_shards
     state_bytes = 16 * n_params / (shape["fsdp"] * shape["model"])
+    # With micro-batches (the gradient cache) the towers hold one micro-batch's activations.
+    micro_batch = max(local_batch // int(config.get("micro_batches", 1)), 1)
     a1, a2 = (activation_bytes(model, config.model, variables, b) for b in (1, 2))
     per_example = max(a2 - a1, 0)
-    act = a1 + per_example * (local_batch - 1)
+    act = a1 + per_example * (micro_batch - 1)
     # The sharded loss holds two B_local x B float32 logit blocks (and their grads).
     logits = 4 * 4 * local_batch * config.batch_size
     return {"devices": num_devices, "mesh": shape, "local_batch": local_batch,
+            "micro_batch": micro_batch,
             "state_gib": state_bytes / 2**30, "activations_gib": act / 2**30,
             "logits_gib": logits / 2**30,
             "total_gib": (state_bytes + act + logits) / 2**30,
@@ -121,9 +126,12 @@ def format_summary(name, s):
     if "memory" in s:
         m = s["memory"]
         mesh = " x ".join(f"{k}={v}" for k, v in m["mesh"].items())
-        lines.append(f"  memory      {m['devices']} devices ({mesh}), local batch {m['local_batch']}: "
-                     f"~{m['total_gib']:.2f} GiB/device (state {m['state_gib']:.2f}, activations "
-                     f"{m['activations_gib']:.2f}, logits {m['logits_gib']:.2f})")
+        micro = f" (micro-batch {m['micro_batch']})" if m["micro_batch"] != m["local_batch"] else ""
+        lines.append(f"  memory      {m['devices']} devices ({mesh}), local batch {m['local_batch']}"
+                     f"{micro}: ~{m['total_gib']:.2f} GiB/device (state {m['state_gib']:.2f}, "
+                     f"activations {m['activations_gib']:.2f}, logits {m['logits_gib']:.2f})")
+        lines.append("              an upper bound from XLA:CPU's buffers (2-11x a TPU's); "
+                     "`python -m clip_jax.aot` compiles the step for a TPU slice")
     return "\n".join(lines)
 
 

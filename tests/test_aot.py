@@ -19,7 +19,8 @@ libtpu_worker = pytest.mark.xdist_group("libtpu")
 # A compiled module in the TPU compiler's notation: an async all-gather, a tuple all-reduce
 # with /*index=N*/ markers, a loop of 3 known trips holding a reduce-scatter and a permute,
 # a loop bounded by its condition holding an all-gather, a conditional whose branches
-# hold an all-reduce each, and the continuation of an all-gather (not counted again).
+# hold an all-reduce each, the continuation of an all-gather (not counted again), and a
+# reduce-scatter as v5e's libtpu emits one: an all-reduce + slice fused as `all-reduce-scatter`.
 HLO = textwrap.dedent("""\
     HloModule m, entry_computation_layout={()->()}
 
@@ -67,6 +68,12 @@ HLO = textwrap.dedent("""\
       ROOT %ag_piece = bf16[16,16]{1,0} all-gather(%s), channel_id=1, dimensions={0}, frontend_attributes={chain_id="0"}
     }
 
+    %all-reduce-scatter.8 (input_0: f32[32,8]) -> f32[8,8] {
+      %input_0 = f32[32,8]{1,0:T(8,128)S(1)} parameter(0)
+      %all-reduce.96 = f32[32,8]{1,0:T(8,128)} all-reduce(%input_0), channel_id=8, to_apply=%add
+      ROOT %slice = f32[8,8]{1,0} dynamic-slice(%all-reduce.96, %offset, %zero), dynamic_slice_sizes={8,8}
+    }
+
     %other_branch (q: f32[32]) -> f32[32] {
       %q2 = f32[32]{0} parameter(0)
       ROOT %ar3 = f32[32]{0} all-reduce(%q2), channel_id=6, to_apply=%add
@@ -82,6 +89,8 @@ HLO = textwrap.dedent("""\
       %ar = (f32[10]{0}, f32[6]{0}) all-reduce(%b, /*index=1*/%c), channel_id=2, to_apply=%add
       %w = (s32[], f32[64,8]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
       %w2 = (s32[], f32[64,8]{1,0}) while(%init), condition=%cond2, body=%body2
+      %g = f32[32,8]{1,0} parameter(3)
+      %fused_rs = f32[8,8]{1,0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter.8
       %k = f32[32]{0} conditional(%pred, %v, %v), branch_computations={%branch, %other_branch}
       ROOT %r = f32[] constant(0)
     }
@@ -93,7 +102,8 @@ def test_collective_bytes_weighs_loops_and_counts_each_kind_once():
     # The gathered results: the async one, and 5 trips of a loop whose bound is only in its
     # condition (`counter < 5`, as the TPU compiler leaves a scan).
     assert got["all-gather"] == {"count": 1 + 5, "bytes": 16 * 16 * 2 + 5 * 256 * 8 * 4}
-    assert got["reduce-scatter"] == {"count": 3, "bytes": 3 * 64 * 8 * 4}  # its input, 3 trips
+    # Its input, 3 trips; and the fused all-reduce-scatter's input, once.
+    assert got["reduce-scatter"] == {"count": 3 + 1, "bytes": 3 * 64 * 8 * 4 + 32 * 8 * 4}
     assert got["collective-permute"] == {"count": 3, "bytes": 3 * 16 * 8 * 2}
     # The tuple all-reduce (both operands), and each of the conditional's two branches once.
     assert got["all-reduce"] == {"count": 3, "bytes": (10 + 6) * 4 + 2 * 32 * 4}
@@ -183,14 +193,17 @@ def test_aot_compiles_the_train_step_for_a_tpu_topology(variant):
 @needs_libtpu
 @libtpu_worker
 def test_aot_finds_the_largest_batch_that_fits_a_given_hbm():
+    # The tiny step's limit under 0.02 GiB lies near 2,000: starting from 1,024 the search
+    # doubles once, then the memory guess closes the bracket (4 compiles; 10 from 64).
     proc = run_cli(["clip_jax.aot", "--config=configs/smoke.py", "--topology=v5e:2x2",
                     "--find-max-batch", "--hbm_gib=0.02", "--json",
-                    *tiny_flags(batch_size=64)], timeout=900)
+                    *tiny_flags(batch_size=1024)], timeout=900)
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     largest = r["largest_global_batch"]
     tried = {t["batch_size"]: t["fits"] for t in r["tried"]}
     assert largest > 0 and tried[largest] and largest % 4 == 0
     assert any(b > largest and not ok for b, ok in tried.items())     # bracketed from above
+    assert min(tried) == 1024 and len(tried) < 8
     assert r["fits"] and r["memory_per_chip_bytes"] <= 0.02 * 2 ** 30
 
 

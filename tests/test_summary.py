@@ -38,3 +38,16 @@ def test_cli_json_last_line_with_memory_estimate(variant):
     m = out["memory"]
     assert m["devices"] == 4 and m["local_batch"] == 128 // 4
     assert m["total_gib"] > m["state_gib"] > 0 and m["activation_mib_per_example"] > 0
+
+
+def test_memory_estimate_holds_one_micro_batch_of_activations():
+    """With micro-batches (the gradient cache) the towers hold one micro-batch's activations;
+    the state and the loss's logits stay as they are."""
+    config = load(os.path.join(REPO, "configs", "smoke.py"))
+    whole = summary.summarize(config, num_devices=4)["memory"]
+    with config.unlocked():
+        config.micro_batches = 4
+    split = summary.summarize(config, num_devices=4)["memory"]
+    assert (whole["micro_batch"], split["micro_batch"]) == (32, 8)
+    assert split["activations_gib"] < whole["activations_gib"]
+    assert split["state_gib"] == whole["state_gib"] and split["logits_gib"] == whole["logits_gib"]
