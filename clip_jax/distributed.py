@@ -28,6 +28,15 @@ def log(msg):
         print(f"clip_jax: {msg}", flush=True)
 
 
+def all_processes(flag):
+    """True if `flag` holds on every process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    import numpy as np
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.array(bool(flag)))))
+
+
 def cluster_detected():
     """True if JAX would find a multi-process cluster environment to initialise from."""
     try:   # JAX's own detection (private module; guarded so a JAX upgrade cannot break us)

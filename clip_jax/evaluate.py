@@ -11,7 +11,8 @@ Tasks (evaluators chosen by name, `EVALUATORS`):
 --group-by ATTRIBUTE (zeroshot, linear_probe) adds accuracy per value of the attribute and
 the gap between the best and worst group: the paper's bias probe for any labelled data.
 What --data accepts is in clip_jax/evals/data.py. With --json the last line printed is a
-JSON object of every figure.
+JSON object of every figure. On several processes (--distributed, as training's) each
+decodes and embeds only its share of the images; the figures are those of one process.
 
 The same evaluators run during training for each entry of `config.evals`
 (`TrainingEvaluators`), every `config.eval_every` steps and at the end, logging
@@ -210,6 +211,13 @@ def parse_args(argv):
     p.add_argument("--image-column", default="filepath", help="CSV: the image path column (default filepath)")
     p.add_argument("--caption-column", default="caption", help="CSV: the caption column (default caption)")
     p.add_argument("--label-column", default="", help="CSV: a class column, for zeroshot/linear_probe")
+    p.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                   help="run on several processes (hosts) with jax.distributed, each decoding "
+                   "its share of the images: 'auto' when the three options below are given or "
+                   "JAX detects a cluster (as python -m clip_jax.train)")
+    p.add_argument("--coordinator-address", default=None, help="host:port of process 0's coordinator")
+    p.add_argument("--num-processes", type=int, default=None, help="number of processes")
+    p.add_argument("--process-id", type=int, default=None, help="this process's index")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print every figure as a JSON object on the last line")
     return p.parse_args(argv)
@@ -219,19 +227,22 @@ def main(argv=None):
     args = parse_args(argv)
     import absl.logging
     absl.logging.set_verbosity(absl.logging.ERROR)   # orbax's notes on reading a checkpoint
-    from clip_jax import inference
+    from clip_jax import distributed, inference
     options = {k: getattr(args, k) for k in OPTIONS if k != "max_examples"}
     options["max_examples"] = args.max_examples
     try:
+        distributed.initialize(args.distributed, args.coordinator_address, args.num_processes,
+                               args.process_id)
         model = inference.load(args.workdir or args.checkpoint, batch_size=args.batch_size)
         task = Task(args.task, args.data, model.config, options)
         result = task(model, cache_dir=args.cache_dir, progress=not args.no_progress)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     result["checkpoint"] = model.source
-    print_report(result)
-    if args.json:
-        print(json.dumps(result))
+    if distributed.is_main():          # every process has the figures; one prints them
+        print_report(result)
+        if args.json:
+            print(json.dumps(result))
     return result
 
 

@@ -85,16 +85,25 @@ class CLIPModel:
         if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(f"encode_image expects float32 [n, {self.image_size}, {self.image_size}, 3] "
                              f"preprocessed images, got shape {images.shape}; see `preprocess`")
-        out = self._batched(self._encode_image, images)
+        out = self._batched(self._encode_image, len(images), images.__getitem__, images.shape[1:],
+                            np.float32)
         return l2_normalize(out) if normalize else out
 
+    def encode_image_rows(self, n, rows, normalize=False):
+        """Like `encode_image` for n images that this process need not hold: `rows(indices)`
+        returns float32 [len(indices), S, S, 3] preprocessed images for those indices. It is
+        called batch by batch, in order, with the rows of `local_rows(n)`; with several
+        processes each process is asked only for the rows its devices hold."""
+        shape = (self.image_size, self.image_size, 3)
+        out = self._batched(self._encode_image, n, rows, shape, np.float32)
+        return l2_normalize(out) if normalize else out
     def encode_text(self, ids, normalize=False):
         """int32 [n, context_length] token ids (from `tokenize`) -> float32 [n, embed_dim]."""
         ids = np.asarray(ids, np.int32)
         if ids.ndim != 2 or ids.shape[1] != self.context_length:
             raise ValueError(f"encode_text expects int32 [n, {self.context_length}] token ids, "
                              f"got shape {ids.shape}; see `tokenize`")
-        out = self._batched(self._encode_text, ids)
+        out = self._batched(self._encode_text, len(ids), ids.__getitem__, ids.shape[1:], np.int32)
         return l2_normalize(out) if normalize else out
 
     @property
@@ -111,17 +120,40 @@ class CLIPModel:
         size = max(self._shards, 1 << max(0, int(n) - 1).bit_length())
         return min(self.batch_size, -(-size // self._shards) * self._shards)
 
-    def _batched(self, fn, inputs):
-        n = len(inputs)
+    def _batches(self, n):
+        """(start, real rows, padded size, positions this process's devices hold) per batch."""
+        out = []
+        for start in range(0, n, self.batch_size):
+            count = min(self.batch_size, n - start)
+            size = self.padded_size(count)
+            held = self._data_sharding.addressable_devices_indices_map((size,))
+            positions = sorted({i for index in held.values() for i in range(*index[0].indices(size))})
+            out.append((start, count, size, positions))
+        return out
+
+    def local_rows(self, n):
+        """Per batch of n inputs, the input indices whose rows this process feeds (every
+        index with one process; with several, those its devices hold: its share)."""
+        return [[start + i for i in positions if i < count]
+                for start, count, _, positions in self._batches(n)]
+
+    def _batched(self, fn, n, rows, item_shape, dtype):
+        """fn over n inputs in padded batches laid over the mesh. Each process fetches only
+        the rows its devices hold (`rows(indices)`); padding rows are zeros; the outputs
+        are gathered to every process."""
         outs = []
         with sharding.mesh_context(self.mesh, self.rules):
-            for start in range(0, n, self.batch_size):
-                chunk = inputs[start:start + self.batch_size]
-                pad = self.padded_size(len(chunk)) - len(chunk)
-                if pad:
-                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-                out = fn(self.variables, jax.device_put(chunk, self._data_sharding))
-                outs.append(_to_host(out)[:len(chunk) - pad])
+            for start, count, size, positions in self._batches(n):
+                real = [i for i in positions if i < count]
+                fetched = np.asarray(rows([start + i for i in real]) if real else
+                                     np.zeros((0, *item_shape), dtype), dtype)
+                local = np.zeros((len(positions), *item_shape), dtype)
+                local[:len(real)] = fetched
+                where = {i: k for k, i in enumerate(positions)}
+                batch = jax.make_array_from_callback(
+                    (size, *item_shape), self._data_sharding,
+                    lambda index: local[[where[i] for i in range(*index[0].indices(size))]])
+                outs.append(_to_host(fn(self.variables, batch))[:count])
         if not outs:
             return np.zeros((0, int(self.config.model.embed_dim)), np.float32)
         return np.concatenate(outs).astype(np.float32)

@@ -9,7 +9,8 @@ Reports, without allocating any parameter (everything is traced abstractly):
   fsdp x model shards) plus activations per example from XLA's memory analysis of the
   compiled forward+backward at two small batches, scaled to the local (micro-)batch.
   XLA:CPU assigns buffers less tightly than the TPU compiler, so this is an upper bound
-  (2-11x what `clip_jax.aot` finds for a TPU slice); use `aot` to size a pod run.
+  (several times what `clip_jax.aot` finds for a TPU slice: BUILD_NOTES); use `aot` to
+  size a pod run.
 With --json the last line printed is one JSON object.
 """
 import json
@@ -130,7 +131,7 @@ def format_summary(name, s):
         lines.append(f"  memory      {m['devices']} devices ({mesh}), local batch {m['local_batch']}"
                      f"{micro}: ~{m['total_gib']:.2f} GiB/device (state {m['state_gib']:.2f}, "
                      f"activations {m['activations_gib']:.2f}, logits {m['logits_gib']:.2f})")
-        lines.append("              an upper bound from XLA:CPU's buffers (2-11x a TPU's); "
+        lines.append("              an upper bound from XLA:CPU's buffers (several times a TPU's); "
                      "`python -m clip_jax.aot` compiles the step for a TPU slice")
     return "\n".join(lines)
 

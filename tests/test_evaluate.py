@@ -45,6 +45,13 @@ class FakeModel:
         value = (images[:, 0, 0, 0] * pipeline.CLIP_STD[0] + pipeline.CLIP_MEAN[0]) * 255
         return self.image_vecs[np.round(value).astype(int)]
 
+    def local_rows(self, n):        # one process: every row, in batches
+        return [list(range(s, min(s + self.batch_size, n))) for s in range(0, n, self.batch_size)]
+
+    def encode_image_rows(self, n, rows):
+        out = [self.encode_image(rows(batch)) for batch in self.local_rows(n)]
+        return np.concatenate(out) if out else np.zeros((0, self.image_vecs.shape[1]), np.float32)
+
 
 class ValueReader:
     def __getitem__(self, i):
@@ -466,3 +473,86 @@ def test_cli_option_errors_name_the_flag(model_dir):
     with pytest.raises(SystemExit, match="--group-by 'colour': synthetic:shape has no such attribute "
                                          "\\(it has: background, position, size, level:N\\)"):
         evaluate.main(["zeroshot", "--checkpoint", model_dir, "--data", "synthetic:shape", "--group-by", "colour"])
+
+
+# ----------------------------------------------------------------------------- processes
+
+_EVAL_ON_PROCESSES = r'''
+import dataclasses, json, sys
+
+def main():
+    import jax
+    nproc, pid, port, model_dir, folder = sys.argv[1:6]
+    if int(nproc) > 1:
+        jax.distributed.initialize(coordinator_address=f"localhost:{port}",
+                                   num_processes=int(nproc), process_id=int(pid))
+    import clip_jax
+    from clip_jax.evals import data as data_lib, features, zeroshot
+    model = clip_jax.load(model_dir, batch_size=8)
+    data = data_lib.open_eval_data(folder)
+    read = []
+
+    class Counting:                      # the rows this process decodes
+        def __init__(self, reader):
+            self.reader = reader
+
+        def __getitem__(self, i):
+            read.append(int(i))
+            return self.reader[i]
+
+    data = dataclasses.replace(data, reader=Counting(data.reader))
+    image = features.image_features(model, data, progress=False)
+    share = sorted(read)
+    result = zeroshot.evaluate(model, data, ("a photo of a {}.", "a {} shape."), progress=False)
+    print(json.dumps({"processes": jax.process_count(), "devices": jax.device_count(),
+                      "read": share, "features": image.tolist(), "zeroshot": result}))
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def test_two_processes_each_decode_their_share_and_equal_one_process(model_dir, tmp_path):
+    """2 processes x 1 device against 1 process x 2 devices: each of the two decodes only
+    the rows its device embeds (disjoint, together all), and the features and zero-shot
+    figures are those of the one process."""
+    import socket
+    import subprocess
+    import sys
+    folder = write_imagefolder(tmp_path / "folder", classes=("circle", "square", "star"))
+    script = tmp_path / "eval_processes.py"
+    script.write_text(_EVAL_ON_PROCESSES)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+
+    def launch(n_devices, *args):
+        env = dict(device_env(n_devices), PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        return subprocess.Popen([sys.executable, str(script), *map(str, args), model_dir, folder],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    procs = [launch(2, 1, 0, 0), launch(1, 2, 0, port), launch(1, 2, 1, port)]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-4000:]
+            outs.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    one, first, second = outs
+    n = 3 * 3 * 2
+    assert [o["processes"] for o in outs] == [1, 2, 2] and {o["devices"] for o in outs} == {2}
+    # 18 rows in batches of 8, 8 and 2 over 2 devices: each process decodes its half of
+    # each batch (process 0 the first); nothing twice, nothing left out.
+    assert one["read"] == list(range(n))
+    assert not set(first["read"]) & set(second["read"])
+    assert sorted(first["read"] + second["read"]) == list(range(n))
+    assert first["read"] == [0, 1, 2, 3, 8, 9, 10, 11, 16]
+    np.testing.assert_allclose(first["features"], one["features"], rtol=0, atol=1e-6)
+    assert first["features"] == second["features"]
+    for key in ("top1", "top5", "mean_per_class", "per_class"):
+        assert first["zeroshot"][key] == second["zeroshot"][key] == one["zeroshot"][key]

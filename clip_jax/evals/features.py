@@ -53,31 +53,45 @@ def cache_path(cache_dir, model, data):
     return os.path.join(cache_dir, f"image_features-{key}.npy")
 
 
-def decoded_batches(data, image_size, batch_size):
-    """uint8 [<=batch_size, S, S, 3] batches of `data`'s evaluation views, in order, decoded
-    on DECODE_THREADS threads by Grain."""
+def decoded_batches(data, image_size, batch_size, indices=None):
+    """uint8 [<=batch_size, S, S, 3] batches of `data`'s evaluation views (of the rows
+    `indices` only, if given), in order, decoded on DECODE_THREADS threads by Grain."""
     import grain
-    return (grain.MapDataset.source(_Views(data, image_size))
-            .to_iter_dataset(grain.ReadOptions(num_threads=DECODE_THREADS,
-                                               prefetch_buffer_size=2 * batch_size))
+    views = _Views(data, image_size)
+    source = grain.MapDataset.source(views)
+    if indices is not None:
+        source = grain.MapDataset.source(list(indices)).map(views.__getitem__)
+    return (source.to_iter_dataset(grain.ReadOptions(num_threads=DECODE_THREADS,
+                                                     prefetch_buffer_size=2 * batch_size))
             .batch(batch_size))
 
 
 def image_features(model, data, cache_dir="", progress=True, desc="image features"):
-    """float32 [len(data), embed_dim] unnormalised image embeddings of `data` (an EvalData)."""
+    """float32 [len(data), embed_dim] unnormalised image embeddings of `data` (an EvalData).
+
+    With several processes each decodes only its share of the rows (`model.local_rows`:
+    those its devices embed) and every process gets all the features."""
     from clip_jax.data.pipeline import normalize_images
     path = cache_path(cache_dir, model, data) if cache_dir and model.source else ""
-    if path and os.path.exists(path):
-        features = np.load(path)
-        if features.shape[0] == len(data):
-            return features
-    out = []
-    with tqdm(total=len(data), desc=desc, disable=not progress or not distributed.is_main(),
+    cached = np.load(path) if path and os.path.exists(path) else None
+    usable = cached is not None and cached.shape[0] == len(data)
+    if distributed.all_processes(usable):    # all or none: the encoders are collective
+        return cached
+    share = [i for batch in model.local_rows(len(data)) for i in batch]
+    decoded = iter(decoded_batches(data, model.image_size, model.batch_size, share))
+    pending = np.zeros((0, model.image_size, model.image_size, 3), np.uint8)
+    with tqdm(total=len(share), desc=desc, disable=not progress or not distributed.is_main(),
               dynamic_ncols=True, leave=False) as bar:
-        for batch in decoded_batches(data, model.image_size, model.batch_size):
-            out.append(model.encode_image(normalize_images(batch)))
-            bar.update(len(batch))
-    features = np.concatenate(out) if out else np.zeros((0, int(model.config.model.embed_dim)), np.float32)
+
+        def rows(indices):      # this process's rows of the next batch, in order
+            nonlocal pending
+            while len(pending) < len(indices):
+                pending = np.concatenate([pending, next(decoded)])
+            out, pending = pending[:len(indices)], pending[len(indices):]
+            bar.update(len(indices))
+            return normalize_images(out)
+
+        features = model.encode_image_rows(len(data), rows)
     if path and distributed.is_main():
         os.makedirs(cache_dir, exist_ok=True)
         tmp = path + f".tmp{os.getpid()}.npy"
