@@ -15,6 +15,34 @@ def device_env(n_devices):
     return env
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def run_scripts_together(script, runs, timeout=300):
+    """Starts `python SCRIPT ARGS...` once per (n_devices, args) in `runs`, all at once (so
+    that processes of one jax.distributed group meet), and returns the JSON each prints on
+    its last line, in order. Fails with a process's stderr if it fails."""
+    env = lambda n: dict(device_env(n), PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=REPO, env=env(n),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n, args in runs]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            assert p.returncode == 0, err[-4000:]
+            outs.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return outs
+
+
 def run_python(code, n_devices=1, timeout=600):
     """Runs `code` with `n_devices` fake devices; returns the JSON its last line prints."""
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,

@@ -12,7 +12,8 @@ from PIL import Image
 from clip_jax import config_lib
 from clip_jax.data import pipeline, sources, synthetic
 from clip_jax.data import tokenizer as tokenizer_lib
-from tests.helpers import build_tfds_dataset, drawn_image, encode_image, write_ingested
+from tests.helpers import (build_tfds_dataset, drawn_image, encode_image, free_port,
+                           run_scripts_together, write_ingested)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELDOUT = set(synthetic._HELDOUT_IDS)
@@ -503,29 +504,10 @@ if __name__ == "__main__":
 
 def test_global_arrays_identical_with_two_real_processes(tmp_path):
     """1 process x 4 devices (mesh data=4) vs 2 processes x 2 devices (mesh data=2 x model=2)."""
-    import socket
     script = tmp_path / "dist.py"
     script.write_text(_DISTRIBUTED)
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-
-    def launch(n_devices, *args):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
-                   JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        return subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=REPO, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    procs = [launch(4, 1, 0, 0, "4"), launch(2, 2, 0, port, "2x2"), launch(2, 2, 1, port, "2x2")]
-    outs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=180)
-            assert p.returncode == 0, err[-4000:]
-            outs.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    port = free_port()
+    outs = run_scripts_together(script, [(4, (1, 0, 0, "4")), (2, (2, 0, port, "2x2")),
+                                         (2, (2, 1, port, "2x2"))], timeout=180)
     assert [o["processes"] for o in outs] == [1, 2, 2] and {o["devices"] for o in outs} == {4}
     assert outs[0]["hash"] == outs[1]["hash"] == outs[2]["hash"]

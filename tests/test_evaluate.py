@@ -17,7 +17,8 @@ from clip_jax import evaluate, metrics, train
 from clip_jax.data import pipeline, synthetic
 from clip_jax.evals import data as data_lib
 from clip_jax.evals import features, linear_probe, report, retrieval, zeroshot
-from tests.helpers import REPO, device_env, drawn_image, run_python, tiny_config, write_model_dir
+from tests.helpers import (REPO, device_env, drawn_image, free_port, run_python,
+                           run_scripts_together, tiny_config, write_model_dir)
 
 
 # ----------------------------------------------------------------------------- fake model
@@ -516,33 +517,13 @@ def test_two_processes_each_decode_their_share_and_equal_one_process(model_dir, 
     """2 processes x 1 device against 1 process x 2 devices: each of the two decodes only
     the rows its device embeds (disjoint, together all), and the features and zero-shot
     figures are those of the one process."""
-    import socket
-    import subprocess
-    import sys
     folder = write_imagefolder(tmp_path / "folder", classes=("circle", "square", "star"))
     script = tmp_path / "eval_processes.py"
     script.write_text(_EVAL_ON_PROCESSES)
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-
-    def launch(n_devices, *args):
-        env = dict(device_env(n_devices), PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        return subprocess.Popen([sys.executable, str(script), *map(str, args), model_dir, folder],
-                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-
-    procs = [launch(2, 1, 0, 0), launch(1, 2, 0, port), launch(1, 2, 1, port)]
-    outs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=300)
-            assert p.returncode == 0, err[-4000:]
-            outs.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    port = free_port()
+    outs = run_scripts_together(script, [(2, (1, 0, 0, model_dir, folder)),
+                                         (1, (2, 0, port, model_dir, folder)),
+                                         (1, (2, 1, port, model_dir, folder))])
     one, first, second = outs
     n = 3 * 3 * 2
     assert [o["processes"] for o in outs] == [1, 2, 2] and {o["devices"] for o in outs} == {2}
