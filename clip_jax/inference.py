@@ -97,6 +97,7 @@ class CLIPModel:
         shape = (self.image_size, self.image_size, 3)
         out = self._batched(self._encode_image, n, rows, shape, np.float32)
         return l2_normalize(out) if normalize else out
+
     def encode_text(self, ids, normalize=False):
         """int32 [n, context_length] token ids (from `tokenize`) -> float32 [n, embed_dim]."""
         ids = np.asarray(ids, np.int32)
@@ -144,11 +145,10 @@ class CLIPModel:
         outs = []
         with sharding.mesh_context(self.mesh, self.rules):
             for start, count, size, positions in self._batches(n):
-                real = [i for i in positions if i < count]
-                fetched = np.asarray(rows([start + i for i in real]) if real else
-                                     np.zeros((0, *item_shape), dtype), dtype)
+                real = [start + i for i in positions if i < count]   # the rest is padding
                 local = np.zeros((len(positions), *item_shape), dtype)
-                local[:len(real)] = fetched
+                if real:
+                    local[:len(real)] = rows(real)
                 where = {i: k for k, i in enumerate(positions)}
                 batch = jax.make_array_from_callback(
                     (size, *item_shape), self._data_sharding,

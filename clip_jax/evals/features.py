@@ -53,17 +53,20 @@ def cache_path(cache_dir, model, data):
     return os.path.join(cache_dir, f"image_features-{key}.npy")
 
 
-def decoded_batches(data, image_size, batch_size, indices=None):
-    """uint8 [<=batch_size, S, S, 3] batches of `data`'s evaluation views (of the rows
-    `indices` only, if given), in order, decoded on DECODE_THREADS threads by Grain."""
+def decoded_views(data, image_size, indices=None, prefetch=512):
+    """uint8 [S, S, 3] evaluation views of `data` (of the rows `indices` only, if given), in
+    order, decoded on DECODE_THREADS threads by Grain."""
     import grain
     views = _Views(data, image_size)
-    source = grain.MapDataset.source(views)
-    if indices is not None:
-        source = grain.MapDataset.source(list(indices)).map(views.__getitem__)
-    return (source.to_iter_dataset(grain.ReadOptions(num_threads=DECODE_THREADS,
-                                                     prefetch_buffer_size=2 * batch_size))
-            .batch(batch_size))
+    source = (grain.MapDataset.source(views) if indices is None else
+              grain.MapDataset.source(list(indices)).map(views.__getitem__))
+    return source.to_iter_dataset(grain.ReadOptions(num_threads=DECODE_THREADS,
+                                                    prefetch_buffer_size=prefetch))
+
+
+def decoded_batches(data, image_size, batch_size):
+    """uint8 [<=batch_size, S, S, 3] batches of `data`'s evaluation views, in order."""
+    return decoded_views(data, image_size, prefetch=2 * batch_size).batch(batch_size)
 
 
 def image_features(model, data, cache_dir="", progress=True, desc="image features"):
@@ -78,18 +81,13 @@ def image_features(model, data, cache_dir="", progress=True, desc="image feature
     if distributed.all_processes(usable):    # all or none: the encoders are collective
         return cached
     share = [i for batch in model.local_rows(len(data)) for i in batch]
-    decoded = iter(decoded_batches(data, model.image_size, model.batch_size, share))
-    pending = np.zeros((0, model.image_size, model.image_size, 3), np.uint8)
+    decoded = iter(decoded_views(data, model.image_size, share, prefetch=2 * model.batch_size))
     with tqdm(total=len(share), desc=desc, disable=not progress or not distributed.is_main(),
               dynamic_ncols=True, leave=False) as bar:
 
-        def rows(indices):      # this process's rows of the next batch, in order
-            nonlocal pending
-            while len(pending) < len(indices):
-                pending = np.concatenate([pending, next(decoded)])
-            out, pending = pending[:len(indices)], pending[len(indices):]
+        def rows(indices):      # this process's rows of the next batch, decoded in that order
             bar.update(len(indices))
-            return normalize_images(out)
+            return normalize_images(np.stack([next(decoded) for _ in indices]))
 
         features = model.encode_image_rows(len(data), rows)
     if path and distributed.is_main():
