@@ -31,6 +31,10 @@ PAPER_LR = {
 
 # config.model.ops: which platform kernels the models take (clip_jax/ops/__init__.py).
 MODEL_OPS = ("auto", "xla", "cpu")
+# config.model.cpu_ops_off: the pieces of clip_jax.ops.cpu.CpuOps (its PIECES), each of which
+# can be left to the plain code to measure what it gains.
+CPU_OPS_PIECES = ("stored_transposes", "conv_1x1_as_matmul", "im2col", "float32_accumulator",
+                  "batch_norm_backward", "pool_as_mean", "unrolled_convolutions")
 
 # Logical axis name -> mesh axes (MaxText style). The only place sharding is decided.
 # Parameters: 'embed' (model width), 'mlp' (MLP hidden), 'heads', 'kv' (head dim),
@@ -75,6 +79,7 @@ def model_config(name):
         scan_layers=True,   # each tower's repeated blocks compiled once, as a lax.scan
         activation="quick_gelu",   # transformer MLPs; 'gelu' for OpenCLIP's non-quickgelu models
         ops="auto",         # platform kernels (clip_jax.ops): 'auto', 'xla' (plain) or 'cpu'
+        cpu_ops_off="",     # CPU kernel pieces left to the plain code, to measure them (ops.cpu.PIECES)
     ))
 
 
@@ -356,6 +361,9 @@ def validate(config, num_devices=None):
     need(m.get("activation", "quick_gelu") in ("quick_gelu", "gelu"), "model.activation",
          "must be 'quick_gelu' or 'gelu'")
     need(m.get("ops", "auto") in MODEL_OPS, "model.ops", f"must be one of {MODEL_OPS}")
+    off = [p.strip() for p in str(m.get("cpu_ops_off", "")).split(",") if p.strip()]
+    need(set(off) <= set(CPU_OPS_PIECES), "model.cpu_ops_off",
+         f"unknown piece(s) {sorted(set(off) - set(CPU_OPS_PIECES))}; the pieces are {CPU_OPS_PIECES}")
     if m.vision.kind == "vit":
         need(m.vision.patch_size > 0 and m.vision.image_size % m.vision.patch_size == 0,
              "model.vision.patch_size", "must be positive and divide model.vision.image_size")

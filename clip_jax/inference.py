@@ -48,7 +48,7 @@ class CLIPModel:
     def __init__(self, config, variables, tokenizer, mesh, rules, batch_size=DEFAULT_BATCH_SIZE,
                  source=""):
         self.config = config
-        self.model = build_model(config.model, ops.select(config.model.get("ops", "auto"), mesh))
+        self.model = build_model(config.model, ops.for_model(config.model, mesh))
         self.variables = variables
         self.tokenizer = tokenizer
         self.mesh, self.rules = mesh, tuple(rules)

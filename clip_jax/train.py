@@ -287,7 +287,7 @@ def build(config, devices=None):
     a TPU topology's compile-only devices (clip_jax.aot): nothing here runs on them."""
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = tuple(tuple(r) for r in config.sharding_rules)
-    model = build_model(config.model, ops_lib.select(config.model.get("ops", "auto"), mesh),
+    model = build_model(config.model, ops_lib.for_model(config.model, mesh),
                         **losses.model_options(config.loss))
     labels = None
     if config.lock_image.enabled:

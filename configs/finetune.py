@@ -30,6 +30,7 @@ def get_config(arg=None):
     c.model.dtype, c.model.remat, c.model.scan_layers = "bfloat16", True, True
     c.model.activation = saved.model.get("activation", "quick_gelu")
     c.model.ops = saved.model.get("ops", "auto")
+    c.model.cpu_ops_off = saved.model.get("cpu_ops_off", "")
     c.init_from = os.path.abspath(arg)
     c.data.tokenizer = saved.data.tokenizer
     c.data.tokenizer_path = saved.data.tokenizer_path

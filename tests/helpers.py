@@ -71,11 +71,13 @@ TINY_OVERRIDES = {
 }
 
 
-def tiny_config(**overrides):
-    """configs/smoke.py with a tiny model; keyword overrides use '__' for '.' (model__dtype)."""
+def tiny_config(resnet=False, **overrides):
+    """configs/smoke.py with a tiny model (`resnet`: the smoke ResNet, tiny already, with the
+    tiny text tower); keyword overrides use '__' for '.' (model__dtype)."""
     from configs import smoke
-    config = smoke.get_config()
-    for key, value in {**TINY_OVERRIDES, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
+    config = smoke.get_config("resnet" if resnet else None)
+    tiny = {k: v for k, v in TINY_OVERRIDES.items() if not (resnet and k.startswith("model.vision."))}
+    for key, value in {**tiny, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
         *parents, leaf = key.split(".")
         node = config
         for p in parents:

@@ -69,6 +69,7 @@ def test_paper_recipe(name):
     ("model.vision.kind", "mlp", "config.model.vision.kind"),
     ("model.vision.patch_size", 7, "config.model.vision.patch_size"),
     ("model.dtype", "float16", "config.model.dtype"),
+    ("model.cpu_ops_off", "im2col,fast_pools", "config.model.cpu_ops_off.*fast_pools"),
     ("optim.lr", 0.0, "config.optim.lr"),
     ("loss.name", "nope", "config.loss.name"),
     ("data.source", "laion", "config.data.source"),

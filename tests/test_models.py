@@ -392,3 +392,35 @@ def test_scanned_resnet_equals_the_unrolled_one(remat):
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(scanned.apply(variables, x), plain.apply(variables, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("size,stride,height", [(1, 1, 8), (3, 1, 8), (3, 2, 8), (3, 2, 7),
+                                                (1, 2, 8), (3, 1, 5)])
+def test_bfloat16_convolution_keeps_its_kernel_gradient_in_float32(size, stride, height):
+    """`resnet.conv` in bfloat16: the forward and the input gradient are JAX's own, and the
+    kernel's gradient is the float32 sum of the bfloat16 products (what the convolution of
+    the bfloat16-rounded values in float32 gives), not rounded to bfloat16: that is what the
+    devices then sum (test_aot checks the compiled TPU step)."""
+    from clip_jax.models import resnet
+    kx, kk, kg = jax.random.split(jax.random.key(size * 10 + stride), 3)
+    x = jax.random.normal(kx, (2, height, 6, 8)).astype(jnp.bfloat16)     # H != W: a swap shows
+    kernel = jax.random.normal(kk, (size, size, 8, 12)) / (size * 8 ** 0.5)
+    out = resnet.conv(x, kernel, stride, jnp.bfloat16)
+    cotangent = jax.random.normal(kg, out.shape).astype(jnp.bfloat16)
+
+    def autodiff(x, kernel):       # JAX's own gradient of the bfloat16 convolution
+        return resnet._conv(x, kernel.astype(jnp.bfloat16), stride)
+
+    def exact(x, rounded_kernel):  # the same values in float32
+        return resnet._conv(x.astype(jnp.float32), rounded_kernel, stride)
+
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(autodiff(x, kernel), np.float32))
+    dx, dk = jax.vjp(lambda x, k: resnet.conv(x, k, stride, jnp.bfloat16), x, kernel)[1](cotangent)
+    want_dx, want_dk16 = jax.vjp(autodiff, x, kernel)[1](cotangent)
+    _, want_dk = jax.vjp(exact, x, kernel.astype(jnp.bfloat16).astype(jnp.float32))[1](
+        cotangent.astype(jnp.float32))
+    assert dx.dtype == jnp.bfloat16 and dk.dtype == jnp.float32 and dk.shape == kernel.shape
+    np.testing.assert_array_equal(np.asarray(dx, np.float32), np.asarray(want_dx, np.float32))
+    np.testing.assert_allclose(dk, want_dk, rtol=1e-5, atol=1e-5 * float(np.abs(want_dk).max()))
+    # JAX's own kernel gradient is the same sums rounded to bfloat16: further from them.
+    assert np.abs(np.asarray(want_dk16, np.float32) - want_dk).max() > np.abs(dk - want_dk).max()

@@ -4,7 +4,7 @@ from typing import Any
 import jax.numpy as jnp
 import flax.linen as nn
 
-from clip_jax.models.layers import ACT_SPEC, Transformer, layer_norm, logical, normal
+from clip_jax.models.layers import ACT_SPEC, Transformer, layer_norm, logical, matmul, normal
 
 
 class TextTransformer(nn.Module):
@@ -24,14 +24,15 @@ class TextTransformer(nn.Module):
     def __call__(self, tokens):
         """tokens: int32 [B, context_length], 0 = padding; EOT has the largest id."""
         tokens = jnp.asarray(tokens, jnp.int32)
-        # Looked up in float32, then cast: the table's gradient (a scatter-add of every
-        # token's gradient) is summed in float32, not in the compute dtype.
+        # Looked up and added in float32, then cast: the gradients of the table (a
+        # scatter-add of every token's gradient) and of the positional embedding (a sum
+        # over the batch) are summed in float32, not in the compute dtype.
         x = nn.Embed(self.vocab_size, self.width, dtype=jnp.float32, param_dtype=jnp.float32,
                      embedding_init=logical(normal(0.02), ("vocab", "embed")),
-                     name="token_embedding")(tokens).astype(self.dtype)
+                     name="token_embedding")(tokens)
         pos = self.param("positional_embedding", logical(normal(0.01), ("pos", "embed")),
                          (self.context_length, self.width), jnp.float32)
-        x = x + pos[: tokens.shape[1]].astype(self.dtype)
+        x = (x + pos[: tokens.shape[1]]).astype(self.dtype)
         x = nn.with_logical_constraint(x, ACT_SPEC)
         eot = jnp.argmax(tokens, axis=-1)
         x = Transformer(width=self.width, layers=self.layers, heads=self.heads,
@@ -42,4 +43,4 @@ class TextTransformer(nn.Module):
         proj = self.param("text_projection",
                           logical(normal(self.width ** -0.5), ("embed", "joint")),
                           (self.width, self.output_dim), jnp.float32)
-        return jnp.dot(x, proj.astype(self.dtype), preferred_element_type=jnp.float32)
+        return getattr(self.ops, "matmul", matmul)(x, proj, None, self.dtype, jnp.float32)

@@ -1,10 +1,16 @@
-"""OpenAI CLIP's VisionTransformer (NHWC inputs)."""
+"""OpenAI CLIP's VisionTransformer (NHWC inputs).
+
+The parameters that meet the compute dtype outside a dense layer (the patch embedding, the
+class and positional embeddings, the projection) are used so that their gradients are
+float32, as the dense layers' are (`layers.matmul`): the patch embedding is one product over
+the flattened patches, the embeddings are added in float32.
+"""
 from typing import Any
 
 import jax.numpy as jnp
 import flax.linen as nn
 
-from clip_jax.models.layers import ACT_SPEC, Transformer, layer_norm, logical, normal
+from clip_jax.models.layers import ACT_SPEC, Transformer, layer_norm, logical, matmul, normal
 
 # PyTorch's default Conv2d init (kaiming_uniform(a=sqrt(5))): U(+-1/sqrt(fan_in)).
 # OpenAI CLIP keeps the default for the patch embedding.
@@ -29,21 +35,15 @@ class VisionTransformer(nn.Module):
         del train  # no batch-dependent layers
         scale = self.width ** -0.5
         grid = self.image_size // self.patch_size
-        x = jnp.asarray(x, self.dtype)
-        x = nn.Conv(self.width, (self.patch_size, self.patch_size),
-                    strides=(self.patch_size, self.patch_size), padding="VALID",
-                    use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                    kernel_init=logical(_torch_default_conv,
-                                        (None, None, "conv_in", "conv_out")),
-                    name="conv1")(x)                      # [B, g, g, width]
+        x = PatchEmbedding(self.width, self.patch_size, dtype=self.dtype, ops=self.ops,
+                           name="conv1")(x)              # [B, g*g, width], float32
         b = x.shape[0]
-        x = x.reshape(b, -1, self.width)                  # [B, g*g, width]
         cls = self.param("class_embedding", logical(normal(scale), ("embed",)),
                          (self.width,), jnp.float32)
         pos = self.param("positional_embedding", logical(normal(scale), ("pos", "embed")),
                          (grid * grid + 1, self.width), jnp.float32)
-        cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width))
-        x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
+        cls = jnp.broadcast_to(cls, (b, 1, self.width))
+        x = (jnp.concatenate([cls, x], axis=1) + pos).astype(self.dtype)
         x = layer_norm(self.dtype, "ln_pre")(x)
         x = nn.with_logical_constraint(x, ACT_SPEC)
         x = Transformer(width=self.width, layers=self.layers, heads=self.heads,
@@ -53,4 +53,27 @@ class VisionTransformer(nn.Module):
         x = layer_norm(self.dtype, "ln_post")(x)                    # the class token
         proj = self.param("proj", logical(normal(scale), ("embed", "joint")),
                           (self.width, self.output_dim), jnp.float32)
-        return jnp.dot(x, proj.astype(self.dtype), preferred_element_type=jnp.float32)
+        return getattr(self.ops, "matmul", matmul)(x, proj, None, self.dtype, jnp.float32)
+
+
+class PatchEmbedding(nn.Module):
+    """The non-overlapping patch x patch convolution with `nn.Conv`'s parameter (`kernel`
+    [p, p, 3, width], no bias, PyTorch's default initialisation), as one product of the
+    flattened patches [B * g * g, p * p * 3] with the kernel: the same sums, and the
+    kernel's gradient float32 (`layers.matmul`). Returns float32 [B, g * g, width]."""
+    width: int
+    patch_size: int
+    dtype: Any = jnp.float32
+    ops: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        p = self.patch_size
+        kernel = self.param("kernel", logical(_torch_default_conv, (None, None, "conv_in", "conv_out")),
+                            (p, p, c, self.width), jnp.float32)
+        patches = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        y = getattr(self.ops, "matmul", matmul)(patches.reshape(-1, p * p * c),
+                                                kernel.reshape(p * p * c, self.width), None,
+                                                self.dtype, jnp.float32)
+        return y.reshape(b, (h // p) * (w // p), self.width)

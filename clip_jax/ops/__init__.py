@@ -12,6 +12,9 @@ plain piece, forward and backward.
 - 'xla': the plain code everywhere (e.g. to compare on a CPU);
 - 'cpu': `CpuOps`; only on CPU devices (they pin XLA:CPU memory layouts).
 
+`config.model.cpu_ops_off` (comma-separated names from `cpu.PIECES`) leaves those pieces of
+`CpuOps` to the plain code: what a side-by-side run turns off to measure what each gains.
+
 The choice is made from the devices of the mesh the model runs on, never from the
 process's default backend, so a step traced on a CPU host for a TPU topology (clip_jax.aot)
 is the TPU program.
@@ -20,9 +23,16 @@ from clip_jax.config_lib import MODEL_OPS as CHOICES
 from clip_jax.ops.cpu import CpuOps
 
 
-def select(name, mesh):
+def for_model(model_cfg, mesh):
+    """The `ops` a model config asks for (`model.ops`, `model.cpu_ops_off`) on `mesh`."""
+    off = [p.strip() for p in model_cfg.get("cpu_ops_off", "").split(",") if p.strip()]
+    return select(model_cfg.get("ops", "auto"), mesh, off)
+
+
+def select(name, mesh, off=()):
     """The `ops` for `config.model.ops = name` (`models.build_model(..., ops=)`) when the
-    model runs on `mesh` (None: the plain code)."""
+    model runs on `mesh` (None: the plain code); `off`: `CpuOps` pieces left to the plain
+    code."""
     if name not in CHOICES:
         raise ValueError(f"config.model.ops: must be one of {CHOICES}, got {name!r}")
     if name == "xla":
@@ -33,4 +43,4 @@ def select(name, mesh):
                          f"devices are {platform!r} (use 'auto' or 'xla')")
     if platform != "cpu":
         return None
-    return CpuOps(per_image_im2col=mesh.size > 1)
+    return CpuOps(per_image_im2col=mesh.size > 1, off=frozenset(off))

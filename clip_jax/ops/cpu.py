@@ -18,7 +18,7 @@ one pays, measured on a 2-core AVX512-BF16 CPU, is in BUILD_NOTES
 - `avg_pool`: the k x k, stride-k pool as a reshape and a float32 mean, whose gradient is a
   broadcast (`nn.avg_pool`'s is a padded `reduce_window`, run in float32 between two
   conversions).
-- `scan_convolutions = False`: the ResNet's stages unrolled (see `CpuOps`).
+- `scan_convolutions` False: the ResNet's stages unrolled (see `CpuOps`).
 
 None of this is used on a TPU or GPU mesh: `clip_jax.ops.select` picks these only for a
 mesh of CPU devices (or `config.model.ops = 'cpu'`).
@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.layout import Layout, with_layout_constraint
 
-from clip_jax.models import layers
+from clip_jax.config_lib import CPU_OPS_PIECES as PIECES
+from clip_jax.models import layers, resnet
 
 # The smallest input width at which `conv` runs a bfloat16 3x3 convolution as im2col: below
 # it (RN50's stem and first stage, 32-64 channels at 112x112 and 56x56) the copies cost more
@@ -191,42 +192,65 @@ def avg_pool(x, k):
     return x.reshape(n, h // k, k, w // k, k, c).mean((2, 4), dtype=jnp.float32).astype(x.dtype)
 
 
+# The pieces of `CpuOps` (named in config_lib), each of which `config.model.cpu_ops_off` can
+# turn off, so that a side-by-side run measures what it gains (`benchmarks/side_by_side.py
+# --variant`): a piece stays only while that measurement shows it pays (BUILD_NOTES
+# "Platform ops on CPU").
+
+
 @dataclasses.dataclass(frozen=True)
 class CpuOps:
     """The XLA:CPU variants, as the models take them (`ops=` of `models.CLIP`).
 
     per_image_im2col: gather each image's 3x3 windows separately; True when the batch is
-    split over several devices (see `_im2col_3x3`)."""
+    split over several devices (see `_im2col_3x3`).
+    off: names from `PIECES` to leave to the plain code (for measuring them)."""
     per_image_im2col: bool = False
+    off: frozenset = frozenset()
     name = "cpu"
-    # XLA:CPU runs a convolution's kernel gradient inside a loop (a scanned ResNet stage's
-    # backward) some 25x slower than the same gradient unrolled: a 4-block 3x3 stack took
-    # 22 s against 0.8 s forward + backward, and RN50's float32 step 72 s against 10 s. So
-    # on a CPU mesh the ResNet stages run unrolled whatever `model.scan_layers` says; the
-    # transformer towers still scan (ViT-B/32's step: 2.23 samples/s scanned, 2.27 unrolled).
-    scan_convolutions = False
 
-    def matmul(self, x, kernel, bias, dtype):
-        return matmul(x, kernel, bias, dtype)
+    def __post_init__(self):
+        unknown = sorted(set(self.off) - set(PIECES))
+        if unknown:
+            raise ValueError(f"unknown CPU kernel piece(s) {unknown}; the pieces are {PIECES}")
+        object.__setattr__(self, "off", frozenset(self.off))
+
+    def _on(self, piece):
+        return piece not in self.off
+
+    @property
+    def scan_convolutions(self):
+        """XLA:CPU runs a convolution's kernel gradient inside a loop (a scanned ResNet
+        stage's backward) some 25x slower than the same gradient unrolled: a 4-block 3x3
+        stack took 22 s against 0.8 s forward + backward, and RN50's float32 step 72 s
+        against 10 s. So on a CPU mesh the ResNet stages run unrolled whatever
+        `model.scan_layers` says; the transformer towers still scan."""
+        return not self._on("unrolled_convolutions")
+
+    def matmul(self, x, kernel, bias, dtype, out_dtype=None):
+        if self._on("stored_transposes"):
+            return matmul(x, kernel, bias, dtype, out_dtype)
+        return layers.matmul(x, kernel, bias, dtype, out_dtype)
 
     def conv(self, x, kernel, stride, dtype):
-        """`models.resnet.conv` (a bias-free 'same' convolution): it returns the float32
-        accumulator, which the BatchNorm after it takes as it is."""
+        """`models.resnet.conv` (a bias-free 'same' convolution). With the float32
+        accumulator it returns the product's float32 sums, which the BatchNorm after it
+        takes as they are, instead of a bfloat16 rounding that it converts straight back."""
         size, _, c, _ = kernel.shape
         x = x.astype(dtype)
-        if size == 1 and stride == 1:
-            y = matmul(x.reshape(-1, c), kernel[0, 0], None, dtype, out_dtype=jnp.float32)
+        out_dtype = jnp.float32 if self._on("float32_accumulator") else x.dtype
+        if size == 1 and stride == 1 and self._on("conv_1x1_as_matmul"):
+            y = self.matmul(x.reshape(-1, c), kernel[0, 0], None, dtype, out_dtype=out_dtype)
             return y.reshape(x.shape[:-1] + kernel.shape[-1:])
         if (size == 3 and stride == 1 and x.dtype == jnp.bfloat16
-                and c >= IM2COL_MIN_CHANNELS):
-            return conv3x3_im2col(x, kernel, jnp.float32, self.per_image_im2col)
-        pad = (size - 1) // 2
-        return jax.lax.conv_general_dilated(
-            x, kernel.astype(dtype), (stride, stride), ((pad, pad), (pad, pad)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+                and c >= IM2COL_MIN_CHANNELS and self._on("im2col")):
+            return conv3x3_im2col(x, kernel, out_dtype, self.per_image_im2col)
+        return resnet.conv(x, kernel, stride, dtype, out_dtype)
 
     def batch_norm(self, x, scale, bias, residual, epsilon, relu, dtype):
-        return batch_norm(x, scale, bias, residual, epsilon, relu, jnp.dtype(dtype))
+        if self._on("batch_norm_backward"):
+            return batch_norm(x, scale, bias, residual, epsilon, relu, jnp.dtype(dtype))
+        return resnet.batch_norm(x, scale, bias, residual, epsilon, relu, dtype)
 
     def avg_pool(self, x, k):
-        return avg_pool(x, k)
+        return avg_pool(x, k) if self._on("pool_as_mean") else resnet.avg_pool(x, k)
