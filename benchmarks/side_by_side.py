@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -143,6 +144,13 @@ def compare(name, batch, args):
             "rounds": {side: [r["samples_per_sec"] for r in rs] for side, rs in runs.items()}}
 
 
+def _variant(text):
+    """'LABEL=FLAG[,FLAG...]' -> (LABEL, flags); flags start with -- (or are 'env'), so
+    `--config.model.cpu_ops_off=a,b` keeps its comma."""
+    label, flags = text.split("=", 1)
+    return label, tuple(re.split(r",(?=--|env(?:,|$))", flags))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="vit_b32:32,rn50:16",
@@ -162,9 +170,10 @@ def main():
     parser.add_argument("--plain_env", action="store_true",
                         help="run clip_jax without launch/cpu_env.sh")
     parser.add_argument("--variant", action="append", default=[], dest="variants",
-                        type=lambda v: (v.split("=", 1)[0], tuple(v.split("=", 1)[1].split(","))),
+                        type=_variant,
                         help="LABEL=FLAG[,FLAG...]: another clip_jax run per round with these extra "
-                             "flags ('env': without launch/cpu_env.sh), e.g. plain=--config.model.ops=xla")
+                             "flags ('env': without launch/cpu_env.sh), e.g. plain=--config.model.ops=xla; "
+                             "a comma not followed by -- or env stays inside its flag's value")
     parser.add_argument("--json", action="store_true", help="print all results as JSON on the last line")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -1,5 +1,6 @@
-"""python -m clip_jax.ingest FORMAT SOURCE --out DIR [options]: the command line of
-`clip_jax.data.ingest` (which documents the formats, options and skip reasons)."""
+"""python -m clip_jax.ingest FORMAT SOURCE --out DIR [options] [--runner=beam [-- BEAM OPTIONS]]:
+the command line of `clip_jax.data.ingest` (which documents the formats, options and skip
+reasons) and of its Apache Beam driver `clip_jax.data.ingest_beam`."""
 import argparse
 import os
 import sys
@@ -33,6 +34,12 @@ def _common_options():
                              "such a folder is refused")
     common.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show a progress bar on stderr (default: on)")
+    common.add_argument("--runner", choices=ingest.RUNNERS, default="local",
+                        help="local: this machine's --workers processes; beam: an Apache Beam "
+                             "pipeline (pip install -e '.[beam]'), with Beam's own options after "
+                             "'--', e.g. -- --runner=DataflowRunner --project=P --region=R "
+                             "--temp_location=gs://B/tmp (default: Beam's DirectRunner); both "
+                             "write the same output (default: %(default)s)")
     return common
 
 
@@ -104,10 +111,18 @@ def summary(manifest):
 
 
 def main(argv=None):
-    options = vars(build_parser().parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    beam_args = []
+    if "--" in argv:                       # Beam's own options follow '--'
+        at = argv.index("--")
+        argv, beam_args = argv[:at], argv[at + 1:]
+    parser = build_parser()
+    options = vars(parser.parse_args(argv))
+    if beam_args and options["runner"] != "beam":
+        parser.error(f"options after '--' are Beam's and need --runner=beam: {' '.join(beam_args)}")
     format, source, out = options.pop("format"), options.pop("source"), options.pop("out")
     try:
-        manifest = ingest.run(format, source, out, **options)
+        manifest = ingest.run(format, source, out, beam_args=beam_args, **options)
     except ingest.OptionError as e:
         print(f"python -m clip_jax.ingest: error: {e}", file=sys.stderr)
         return 2

@@ -122,3 +122,18 @@ def test_profile_summary_groups_ops_by_kind_and_layer(tmp_path):
     by_kind, by_layer = profile_step.summarize(str(trace), profile_step.op_names(hlo))
     assert dict(by_kind) == {"ynn_fusion": 150, "add_fusion": 30}
     assert by_layer == {"forward  mlp/c_fc/dot_general": 150, "backward mlp/c_fc/dot_general": 30}
+
+
+def test_side_by_side_variants_keep_commas_inside_a_flag():
+    """benchmarks/side_by_side.py --variant LABEL=FLAG,FLAG: a new flag starts at '--' (or is
+    'env'), so a value with commas (`cpu_ops_off=a,b`, how the CPU kernels' pieces are
+    measured) stays one flag."""
+    import importlib.util
+    path = os.path.join(REPO, "benchmarks", "side_by_side.py")
+    spec = importlib.util.spec_from_file_location("side_by_side", path)
+    side_by_side = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(side_by_side)
+    assert side_by_side._variant("off=--config.model.cpu_ops_off=im2col,pool_as_mean,env") == \
+        ("off", ("--config.model.cpu_ops_off=im2col,pool_as_mean", "env"))
+    assert side_by_side._variant("plain=--config.model.ops=xla,--config.model.scan_layers=False") == \
+        ("plain", ("--config.model.ops=xla", "--config.model.scan_layers=False"))

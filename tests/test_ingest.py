@@ -355,8 +355,9 @@ def tar_bytes(members, mode="w"):
     return buf.getvalue()
 
 
-def test_wds_shards(tmp_path, monkeypatch):
-    monkeypatch.setattr(ingest, "CHUNK_BYTES", 1)      # one sample per chunk
+def write_wds_corpus(tmp_path):
+    """Three shards (plain, gzipped, truncated mid-sample) with broken samples; returns the
+    patterns that name them (overlapping, so each shard is matched twice)."""
     good = good_images()
     small, shape, wide = good["small.jpg"][0], good["shape.png"][0], good["wide.jpg"][0]
     (tmp_path / "shards-00000.tar").write_bytes(tar_bytes([
@@ -375,8 +376,13 @@ def test_wds_shards(tmp_path, monkeypatch):
                        ("u1.txt", b"kept 2"), last, ("u2.txt", b"lost")])
     cut = whole.index(wide) + len(wide) // 2
     (tmp_path / "shards-00002.tar").write_bytes(whole[:cut])
+    return [str(tmp_path / "shards-{00000..00002}.tar*"), str(tmp_path / "*.tar")]
 
-    patterns = [str(tmp_path / "shards-{00000..00002}.tar*"), str(tmp_path / "*.tar")]
+
+def test_wds_shards(tmp_path, monkeypatch):
+    monkeypatch.setattr(ingest, "CHUNK_BYTES", 1)      # one sample per chunk
+    good = good_images()
+    patterns = write_wds_corpus(tmp_path)
     manifest = run("wds", patterns, tmp_path / "out", workers=2)
     assert manifest["source"]["files"] == [str(tmp_path / f"shards-0000{i}.tar{ext}")
                                            for i, ext in ((0, ""), (1, ".gz"), (2, ""))]

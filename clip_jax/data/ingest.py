@@ -68,6 +68,8 @@ Skipped rows
                      the damage are kept, the rest of the shard counts as this one row
     empty_file, not_an_image, too_large, too_small, corrupt_image
                      the image cannot be used (see clip_jax/data/images.py)
+    unexpected_error reading, decoding or encoding the row raised an error nothing above
+                     names (the detail says which); the row is skipped, the ingest goes on
   A row with several problems is counted once, under the first found, in this order:
   caption, reading the file, decoding the image. Every row is either a record or skipped:
   num_records + sum(skipped) == rows.
@@ -92,6 +94,7 @@ Order and parallelism
 import collections
 import concurrent.futures
 import csv
+import functools
 import glob
 import json
 import multiprocessing
@@ -114,6 +117,7 @@ WDS_CAPTION_EXTENSION = "txt"
 CHUNK_ROWS = 32                 # rows per unit of work sent to a worker
 CHUNK_BYTES = 8 << 20           # ... or fewer, once the chunk holds this many image bytes (wds)
 CHUNKS_PER_WORKER = 4           # chunks in flight per worker: the bound on memory
+TFDS_PART_ROWS = 10_000         # TFDS examples per part of the input (a Beam worker's read)
 SHARD_GLOB = "data-*.array_record"
 
 
@@ -141,7 +145,8 @@ class Row(NamedTuple):
     meta: dict | None = None
     repairs: tuple = ()          # repairs the reader made (invalid_utf8)
     skip: tuple | None = None    # (reason, detail) when the reader already knows it is bad
-    index: int | None = None     # 0-based input row number, set by `_chunks`
+    index: int | None = None     # the row's number, set by the driver (`_chunks` locally)
+    example: int | None = None   # tfds: the example's index in its split
 
 
 class Result(NamedTuple):
@@ -163,12 +168,24 @@ class Settings(NamedTuple):
 
 
 class Prepared(NamedTuple):
-    """A checked input: its rows (a lazy generator) and what it adds to the manifest."""
-    rows: object
+    """A checked input and what it adds to the manifest.
+
+    `parts`: picklable zero-argument callables, each yielding the rows of one part of the
+    input in order (a wds shard, a range of TFDS examples; the whole listing for csv,
+    captions and imagefolder); the input's rows are the parts' rows one part after the
+    other. The local ingest reads them in one process, the Beam ingest one part per
+    worker (clip_jax/data/ingest_beam.py)."""
+    parts: list
     options: dict                # the format options that shaped the records
     extra: dict = {}             # classes / classnames
     fetch: object = None
     total: int | None = None     # number of rows, when known up front
+
+    @property
+    def rows(self):
+        """Every row of the input, lazily, in order."""
+        for part in self.parts:
+            yield from part()
 
 
 # ----------------------------------------------------------------------------- text helpers
@@ -230,10 +247,11 @@ def prepare_csv(source, image_column="filepath", caption_column="caption", delim
         if column not in header:
             raise OptionError(f"{source}: no column {column!r} ({option}) in the header; "
                               f"its columns are: {', '.join(map(repr, header)) or 'none'}")
-    rows = _csv_rows(source, delimiter, header.index(image_column), header.index(caption_column))
+    rows = functools.partial(_csv_rows, source, delimiter, header.index(image_column),
+                             header.index(caption_column))
     options = {"image_column": image_column, "caption_column": caption_column,
                "delimiter": delimiter}
-    return Prepared(rows, options)
+    return Prepared([rows], options)
 
 
 def _field_text(field):
@@ -311,7 +329,7 @@ def _file_row(top, path, caption="", **fields):
 
 def prepare_captions(source):
     _check_folder(source)
-    return Prepared(_caption_rows(source), {})
+    return Prepared([functools.partial(_caption_rows, source)], {})
 
 
 def _caption_rows(top):
@@ -352,8 +370,8 @@ def prepare_imagefolder(source, templates=None):
     templates = _templates(templates)
     names = [_display(folder) for folder in classes]
     classnames = [prompts.readable_classname(name) for name in names]
-    rows = _imagefolder_rows(source, classes, classnames, templates)
-    return Prepared(rows, {"templates": list(templates)},
+    rows = functools.partial(_imagefolder_rows, source, classes, classnames, templates)
+    return Prepared([rows], {"templates": list(templates)},
                     {"classes": names, "classnames": classnames})
 
 
@@ -386,7 +404,8 @@ def _expand_shards(patterns):
 def prepare_wds(source):
     patterns = [source] if isinstance(source, str) else list(source)
     shards = _expand_shards(patterns)
-    return Prepared(_wds_rows(shards), {"files": shards})
+    return Prepared([functools.partial(_wds_shard_rows, shard) for shard in shards],
+                    {"files": shards})
 
 
 def _member_key(name):
@@ -417,14 +436,13 @@ def _tar_samples(path):
         yield key, members
 
 
-def _wds_rows(shards):
-    for shard in shards:
-        try:
-            for key, members in _tar_samples(shard):
-                yield _wds_row(shard, key, members)
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            yield Row(_display(shard), skip=("corrupt_archive",
-                                             f"{_display(shard)}: {type(e).__name__}: {e}"))
+def _wds_shard_rows(shard):
+    try:
+        for key, members in _tar_samples(shard):
+            yield _wds_row(shard, key, members)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        yield Row(_display(shard), skip=("corrupt_archive",
+                                         f"{_display(shard)}: {type(e).__name__}: {e}"))
 
 
 def _wds_row(shard, key, members):
@@ -462,13 +480,15 @@ def prepare_tfds(source, split="train", data_dir=None, image_key="image", captio
         options.update(label_key=label_key, templates=list(data.templates))
     else:
         options.update(caption_key=caption_key)
-    return Prepared(_tfds_rows(source, split, len(data)), options, extra, TfdsExamples(args), len(data))
+    parts = [functools.partial(_tfds_rows, source, split, start, min(start + TFDS_PART_ROWS, len(data)))
+             for start in range(0, len(data), TFDS_PART_ROWS)]
+    return Prepared(parts, options, extra, TfdsExamples(args), len(data))
 
 
-def _tfds_rows(name, split, size):
-    """One row per example, in order: row i is example i (which `TfdsExamples` reads)."""
-    for i in range(size):
-        yield Row(f"{name}/{split}/{i}", key=f"{split}/{i}")
+def _tfds_rows(name, split, start, stop):
+    """One row per example of [start, stop), in order (which `TfdsExamples` reads)."""
+    for i in range(start, stop):
+        yield Row(f"{name}/{split}/{i}", key=f"{split}/{i}", example=i)
 
 
 class TfdsExamples:
@@ -488,12 +508,12 @@ class TfdsExamples:
     def __call__(self, rows):
         if self._data is None:
             self._data = sources.TfdsSource(*self.source_args)
-        raws = self._data.read([row.index for row in rows])
+        raws = self._data.read([row.example for row in rows])
         return [self._fill(row, raw) for row, raw in zip(rows, raws)]
 
     def _fill(self, row, raw):
         try:
-            example = self._data.to_example(row.index, raw)
+            example = self._data.to_example(row.example, raw)
         except sources.LabelOutOfRange as e:
             return row._replace(skip=("missing_label", str(e)))
         return row._replace(image=example["image"], caption=example["caption"],
@@ -528,10 +548,12 @@ def process_row(row, settings):
         data = row.image if row.path is None else _read_file(row.path)
         img, conversion = images.load_for_storage(data, settings.max_size, settings.min_size,
                                                   settings.max_pixels)
+        image = images.encode_jpeg(img, settings.quality)
     except (RowSkipped, images.BadImage) as e:
         return Result(row.index, row.source, None, (e.reason, e.detail), ())
-    record = records.encode_record(images.encode_jpeg(img, settings.quality), caption, row.key,
-                                   row.label, row.meta)
+    except Exception as e:   # noqa: BLE001   one bad row never stops an ingest (or a worker)
+        return Result(row.index, row.source, None, ("unexpected_error", f"{type(e).__name__}: {e}"), ())
+    record = records.encode_record(image, caption, row.key, row.label, row.meta)
     return Result(row.index, row.source, record, None,
                   row.repairs + ((conversion,) if conversion else ()))
 
@@ -625,28 +647,45 @@ def _check_settings(max_size, min_size, max_pixels, quality, records_per_shard, 
         raise OptionError(f"--quality must be at most 100, got {quality}")
 
 
+RUNNERS = ("local", "beam")
+
+
 def run(format, source, out, *, max_size=256, min_size=images.DEFAULT_MIN_SIZE,
         max_pixels=images.DEFAULT_MAX_PIXELS, quality=95, records_per_shard=5000, workers=None,
-        overwrite=False, progress=False, **format_options):
+        overwrite=False, progress=False, runner="local", beam_args=(), **format_options):
     """Ingests `source` (see the module docstring) into the folder `out`; returns the manifest.
 
-    `format_options` are the format's own options (`prepare_<format>`'s keywords). Raises
-    OptionError, before anything is written, for a bad option or an unusable input.
+    `format_options` are the format's own options (`prepare_<format>`'s keywords).
+    `runner`: 'local' (this machine's `workers` processes) or 'beam' (an Apache Beam
+    pipeline, `clip_jax.data.ingest_beam`, with Beam's own options `beam_args`); both write
+    the same output. Raises OptionError, before anything is written, for a bad option or an
+    unusable input.
     """
     workers = os.cpu_count() if workers is None else workers
     _check_settings(max_size, min_size, max_pixels, quality, records_per_shard, workers)
     if format not in FORMATS:
         raise OptionError(f"unknown format {format!r}; one of {', '.join(FORMATS)}")
+    if runner not in RUNNERS:
+        raise OptionError(f"unknown runner {runner!r}; one of {', '.join(RUNNERS)}")
+    if runner == "beam":
+        try:
+            import apache_beam  # noqa: F401
+        except ImportError:
+            raise OptionError("--runner=beam needs Apache Beam: pip install -e '.[beam]'") from None
     prepared = FORMATS[format](source, **format_options)
     _check_output(out, overwrite)
     settings = Settings(max_size, min_size, max_pixels, quality, prepared.fetch)
+    manifest_fields = {**prepared.extra,
+                       "max_size": max_size, "min_size": min_size, "max_pixels": max_pixels,
+                       "quality": quality, "records_per_shard": records_per_shard,
+                       "source": {"format": format, "source": source, **prepared.options}}
     _clear_output(out)
+    if runner == "beam":
+        from clip_jax.data import ingest_beam   # lazy: Beam is an optional dependency
+        return ingest_beam.run(prepared, out, settings, records_per_shard, manifest_fields,
+                               beam_args)
     counts = _write(prepared, out, settings, records_per_shard, workers, progress)
-    manifest = {**counts, **prepared.extra,
-                "max_size": max_size, "min_size": min_size, "max_pixels": max_pixels,
-                "quality": quality, "records_per_shard": records_per_shard,
-                "source": {"format": format, "source": source, **prepared.options}}
-    records.write_manifest(out, manifest)
+    records.write_manifest(out, {**counts, **manifest_fields})
     return records.read_manifest(out)
 
 
