@@ -97,6 +97,59 @@ def _low_precision_matmul_bwd(out_dtype, transpose, saved, g):
 _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
 
 
+def conv(x, kernel, stride, padding, dtype, out_dtype=None):
+    """The bias-free convolution of x [N, H, W, C] with the float32 kernel [k, k, C, O]
+    (HWIO), `stride` and `padding` (pixels on every side), in the compute `dtype`; the
+    result in `out_dtype` (default: `dtype`).
+
+    In a lower precision (bfloat16) the backward is written out, as `matmul`'s is, so that
+    the kernel's gradient is float32: JAX's own rounds it to the dtype of the kernel's
+    bfloat16 copy, and XLA then sums it across the data-parallel devices in bfloat16
+    (`lax.conv_general_dilated` takes no mixed dtypes). The input gradient is JAX's own."""
+    x = x.astype(dtype)
+    if jnp.dtype(dtype) == jnp.float32:
+        return _conv(x, kernel, stride, padding, out_dtype)
+    return _low_precision_conv(x, kernel, stride, padding, jnp.dtype(out_dtype or dtype))
+
+
+def _conv(x, kernel, stride, padding, out_dtype=None):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _low_precision_conv(x, kernel, stride, padding, out_dtype):
+    return _conv(x, kernel.astype(x.dtype), stride, padding, out_dtype)
+
+
+def _low_precision_conv_fwd(x, kernel, stride, padding, out_dtype):
+    return (_low_precision_conv(x, kernel, stride, padding, out_dtype),
+            (x, kernel.astype(x.dtype)))
+
+
+def _low_precision_conv_bwd(stride, padding, out_dtype, saved, g):
+    x, kernel = saved
+    g = g.astype(x.dtype)
+    dx, = jax.vjp(lambda x: _conv(x, kernel, stride, padding), x)[1](g)
+    return dx, conv_kernel_gradient(x, g, kernel.shape[0], stride, padding)
+
+
+_low_precision_conv.defvjp(_low_precision_conv_fwd, _low_precision_conv_bwd)
+
+
+def conv_kernel_gradient(x, g, size, stride, padding):
+    """The gradient of `_conv(x, kernel, stride, padding)`'s kernel [size, size, C, O] for the
+    output gradient g [N, H', W', O], accumulated and returned in float32: the convolution
+    JAX's own transpose computes (batch and channels of x swapped, g as the window, dilated
+    by the stride), with a float32 result."""
+    pads = [(padding, size + stride * (out - 1) - n - padding)
+            for n, out in zip(x.shape[1:3], g.shape[1:3])]
+    return jax.lax.conv_general_dilated(
+        x, g, (1, 1), pads, rhs_dilation=(stride, stride),
+        dimension_numbers=("CHWN", "IHWO", "HWNC"), preferred_element_type=jnp.float32)
+
+
 class DenseGeneral(nn.Module):
     """A dense layer over the trailing input axes `axis` to output axes `features`, whose
     kernel is created with its full shape (flax's `nn.DenseGeneral` initialises a flattened

@@ -14,13 +14,13 @@ so a step does not depend on the device count.
 `batch_norm`, `avg_pool` and the dense layers' `matmul`; with None the code here is all
 that runs.
 """
-import functools
 from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from clip_jax.models import layers
 from clip_jax.models.layers import MultiHeadAttention, logical, normal, ones, scan_blocks, zeros
 
 STAGE_SPEC = ("batch", None, None, None)
@@ -31,56 +31,9 @@ _STAT_AXES = (0, 1, 2)       # NHWC: statistics per channel over batch and space
 
 def conv(x, kernel, stride, dtype, out_dtype=None):
     """The bias-free convolution of x [N, H, W, C] with the float32 kernel [k, k, C, O]
-    (HWIO), 'same' padding (k - 1) // 2, in the compute `dtype`; the result in `out_dtype`
-    (default: `dtype`).
-
-    In a lower precision (bfloat16) the backward is written out, as `layers.matmul`'s is,
-    so that the kernel's gradient is float32: JAX's own rounds it to the dtype of the
-    kernel's bfloat16 copy, and XLA then sums it across the data-parallel devices in
-    bfloat16."""
-    x = x.astype(dtype)
-    if jnp.dtype(dtype) == jnp.float32:
-        return _conv(x, kernel, stride, out_dtype)
-    return _low_precision_conv(x, kernel, stride, jnp.dtype(out_dtype or dtype))
-
-
-def _conv(x, kernel, stride, out_dtype=None):
-    pad = (kernel.shape[0] - 1) // 2
-    return jax.lax.conv_general_dilated(
-        x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=out_dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _low_precision_conv(x, kernel, stride, out_dtype):
-    return _conv(x, kernel.astype(x.dtype), stride, out_dtype)
-
-
-def _low_precision_conv_fwd(x, kernel, stride, out_dtype):
-    return _low_precision_conv(x, kernel, stride, out_dtype), (x, kernel.astype(x.dtype))
-
-
-def _low_precision_conv_bwd(stride, out_dtype, saved, g):
-    x, kernel = saved
-    g = g.astype(x.dtype)
-    dx, = jax.vjp(lambda x: _conv(x, kernel, stride), x)[1](g)
-    return dx, conv_kernel_gradient(x, g, kernel.shape[0], stride)
-
-
-_low_precision_conv.defvjp(_low_precision_conv_fwd, _low_precision_conv_bwd)
-
-
-def conv_kernel_gradient(x, g, size, stride):
-    """The gradient of `_conv(x, kernel, stride)`'s kernel [size, size, C, O] for the output
-    gradient g [N, H', W', O], accumulated and returned in float32: the convolution JAX's
-    own transpose computes (batch and channels of x swapped, g as the window, dilated by
-    the stride), with a float32 result."""
-    pad = (size - 1) // 2
-    padding = [(pad, size + stride * (out - 1) - n - pad)
-               for n, out in zip(x.shape[1:3], g.shape[1:3])]
-    return jax.lax.conv_general_dilated(
-        x, g, (1, 1), padding, rhs_dilation=(stride, stride),
-        dimension_numbers=("CHWN", "IHWO", "HWNC"), preferred_element_type=jnp.float32)
+    (HWIO), 'same' padding (k - 1) // 2, in the compute `dtype` (`layers.conv`: the
+    kernel's gradient stays float32); the result in `out_dtype` (default: `dtype`)."""
+    return layers.conv(x, kernel, stride, (kernel.shape[0] - 1) // 2, dtype, out_dtype)
 
 
 def batch_norm(x, scale, bias, residual, epsilon, relu, dtype):

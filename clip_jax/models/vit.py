@@ -2,15 +2,15 @@
 
 The parameters that meet the compute dtype outside a dense layer (the patch embedding, the
 class and positional embeddings, the projection) are used so that their gradients are
-float32, as the dense layers' are (`layers.matmul`): the patch embedding is one product over
-the flattened patches, the embeddings are added in float32.
+float32, as the dense layers' are (`layers.matmul`): the patch embedding is `layers.conv`,
+the embeddings are added in float32.
 """
 from typing import Any
 
 import jax.numpy as jnp
 import flax.linen as nn
 
-from clip_jax.models.layers import ACT_SPEC, Transformer, layer_norm, logical, matmul, normal
+from clip_jax.models.layers import ACT_SPEC, Transformer, conv, layer_norm, logical, matmul, normal
 
 # PyTorch's default Conv2d init (kaiming_uniform(a=sqrt(5))): U(+-1/sqrt(fan_in)).
 # OpenAI CLIP keeps the default for the patch embedding.
@@ -35,7 +35,7 @@ class VisionTransformer(nn.Module):
         del train  # no batch-dependent layers
         scale = self.width ** -0.5
         grid = self.image_size // self.patch_size
-        x = PatchEmbedding(self.width, self.patch_size, dtype=self.dtype, ops=self.ops,
+        x = PatchEmbedding(self.width, self.patch_size, dtype=self.dtype,
                            name="conv1")(x)              # [B, g*g, width], float32
         b = x.shape[0]
         cls = self.param("class_embedding", logical(normal(scale), ("embed",)),
@@ -57,23 +57,21 @@ class VisionTransformer(nn.Module):
 
 
 class PatchEmbedding(nn.Module):
-    """The non-overlapping patch x patch convolution with `nn.Conv`'s parameter (`kernel`
-    [p, p, 3, width], no bias, PyTorch's default initialisation), as one product of the
-    flattened patches [B * g * g, p * p * 3] with the kernel: the same sums, and the
-    kernel's gradient float32 (`layers.matmul`). Returns float32 [B, g * g, width]."""
+    """The non-overlapping patch x patch convolution, with `nn.Conv`'s parameter (`kernel`
+    [p, p, 3, width], no bias, PyTorch's default initialisation) and a float32 kernel
+    gradient (`layers.conv`). Returns float32 [B, g * g, width].
+
+    (One product of the flattened patches with the kernel gives the same sums, but on a TPU
+    the patches' transpose, whose minor dimension is the 3 colour channels, is laid out
+    padded: the compiled ViT-B/32 step took 6.01 GiB per v4 chip that way, 4.89 with the
+    convolution.)"""
     width: int
     patch_size: int
     dtype: Any = jnp.float32
-    ops: Any = None
 
     @nn.compact
     def __call__(self, x):
-        b, h, w, c = x.shape
-        p = self.patch_size
+        b, p = x.shape[0], self.patch_size
         kernel = self.param("kernel", logical(_torch_default_conv, (None, None, "conv_in", "conv_out")),
-                            (p, p, c, self.width), jnp.float32)
-        patches = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-        y = getattr(self.ops, "matmul", matmul)(patches.reshape(-1, p * p * c),
-                                                kernel.reshape(p * p * c, self.width), None,
-                                                self.dtype, jnp.float32)
-        return y.reshape(b, (h // p) * (w // p), self.width)
+                            (p, p, x.shape[-1], self.width), jnp.float32)
+        return conv(x, kernel, p, 0, self.dtype, jnp.float32).reshape(b, -1, self.width)
