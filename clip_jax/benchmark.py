@@ -12,7 +12,9 @@
                    (`measure_peak_tflops`); HFU uses executed FLOPs.
   data             times the input pipeline alone: this process's host batches (read,
                    decode, crop, tokenise) for `--source` (default: the config's
-                   data.source), with each worker count in --workers. Reports images/s.
+                   data.source), with each worker count in --workers. Reports images/s,
+                   and images/s per core (in this process) with the pipeline's JPEG decoder
+                   (simplejpeg) and with PIL alone, in alternating windows.
   evaluate         evaluation throughput of the config's model (randomly initialised) on
                    --source (an ImageFolder, ingested directory or CSV; default:
                    --images generated 500x375 JPEGs): image features from the files end to
@@ -73,7 +75,28 @@ def benchmark_data(config, workers_list, batches, repeats):
         per_batch = statistics.median(windows) / batches
         results[str(workers)] = {"images_per_sec": config.batch_size / per_batch,
                                  "batch_seconds_median": per_batch}
-    return results
+    return results, _per_core_by_decoder(config, tokenizer, batches, repeats)
+
+
+def _per_core_by_decoder(config, tokenizer, batches, repeats):
+    """{decoder: images/s} of the pipeline in this process (one core): JPEGs decoded by
+    simplejpeg (what the pipeline does) and by PIL alone, in alternating timing windows."""
+    from unittest import mock
+    from clip_jax.data import images, pipeline
+    config.data.workers = 0
+    it = iter(pipeline.make_host_dataset(config, tokenizer))
+    next(it)
+    windows = {"simplejpeg": [], "pil": []}
+    for r in range(repeats):
+        for decoder in (("simplejpeg", "pil") if r % 2 == 0 else ("pil", "simplejpeg")):
+            fast = images._decode_jpeg if decoder == "simplejpeg" else (lambda data, size: None)
+            with mock.patch.object(images, "_decode_jpeg", fast):
+                t0 = time.perf_counter()
+                for _ in range(batches):
+                    next(it)
+                windows[decoder].append(time.perf_counter() - t0)
+    return {decoder: config.batch_size * batches / statistics.median(w)
+            for decoder, w in windows.items()}
 
 
 def timings(fn, repeats):
@@ -465,12 +488,16 @@ def main():
                       f"{result['devices']} {result['backend']} devices)")
             elif mode == "data":
                 workers = [int(w) for w in (FLAGS.workers or [config.data.workers])]
+                by_workers, per_core = benchmark_data(config, workers, FLAGS.batches, FLAGS.repeats)
                 result = {"mode": "data", "source": config.data.source, "batch_size": config.batch_size,
                           "image_size": config.model.vision.image_size,
-                          "workers": benchmark_data(config, workers, FLAGS.batches, FLAGS.repeats)}
+                          "workers": by_workers, "per_core": per_core}
                 for w, r in result["workers"].items():
                     print(f"data: {r['images_per_sec']:.0f} images/s with {w} workers "
                           f"(batch {config.batch_size}, {config.model.vision.image_size}px)")
+                print(f"data: {per_core['simplejpeg']:.0f} images/s per core (in-process); "
+                      f"{per_core['pil']:.0f} with PIL decoding the JPEGs "
+                      f"({per_core['simplejpeg'] / per_core['pil']:.2f}x)")
             elif mode == "checkpoint":
                 result = {"mode": "checkpoint", **benchmark_checkpoint(config, FLAGS.repeats,
                                                                         FLAGS.checkpoint_dir)}

@@ -51,6 +51,8 @@ def test_benchmark_data_and_train_report_json(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["mode"] == "data" and result["batch_size"] == 8 and result["image_size"] == 32
     assert np.isfinite(result["workers"]["0"]["images_per_sec"]) and result["workers"]["0"]["images_per_sec"] > 0
+    assert set(result["per_core"]) == {"simplejpeg", "pil"} and min(result["per_core"].values()) > 0
+    assert "images/s per core" in proc.stdout
     proc = cli("clip_jax.benchmark", "--steps=1", "--warmup=0", "--repeats=1", "--config.batch_size=8",
                "--config.model.remat=True", "--peak-tflops=0.5", "--json")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
