@@ -210,7 +210,7 @@ def build_tfds_dataset(data_dir, name, classes, examples):
     builder = type(class_name, (tfds.core.GeneratorBasedBuilder,), {
         "VERSION": tfds.core.Version("1.0.0"), "__module__": name, "_info": info,
         "_split_generators": lambda self, dl_manager: {"train": self._generate_examples()},
-        "_generate_examples": generate})
+        "_generate_examples": generate}, skip_registration=True)   # built once per module
     builder(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
     return str(data_dir)
 

@@ -63,7 +63,7 @@ class PatchEmbedding(nn.Module):
 
     (One product of the flattened patches with the kernel gives the same sums, but on a TPU
     the patches' transpose, whose minor dimension is the 3 colour channels, is laid out
-    padded: the compiled ViT-B/32 step took 6.01 GiB per v4 chip that way, 4.89 with the
+    padded: the compiled ViT-B/32 step took 6.01 GiB per v4 chip that way, 4.85 with the
     convolution.)"""
     width: int
     patch_size: int

@@ -2,8 +2,8 @@
 
 Each function here computes what its plain counterpart in `clip_jax/models` computes (the
 tests check forward and backward against it) in a form that XLA:CPU runs faster. Why each
-one pays, measured on a 2-core AVX512-BF16 CPU, is in BUILD_NOTES
-("Platform ops"):
+one pays, measured piece by piece on 2-core AVX512-BF16 CPUs, is in BUILD_NOTES
+("Platform ops on CPU"):
 
 - `matmul`: in bfloat16, the backward products read stored transposes (a copy of a few
   MB). Left to itself XLA folds a transpose into the product's dimension numbers (or reads
@@ -192,19 +192,16 @@ def avg_pool(x, k):
     return x.reshape(n, h // k, k, w // k, k, c).mean((2, 4), dtype=jnp.float32).astype(x.dtype)
 
 
-# The pieces of `CpuOps` (named in config_lib), each of which `config.model.cpu_ops_off` can
-# turn off, so that a side-by-side run measures what it gains (`benchmarks/side_by_side.py
-# --variant`): a piece stays only while that measurement shows it pays (BUILD_NOTES
-# "Platform ops on CPU").
-
-
 @dataclasses.dataclass(frozen=True)
 class CpuOps:
     """The XLA:CPU variants, as the models take them (`ops=` of `models.CLIP`).
 
     per_image_im2col: gather each image's 3x3 windows separately; True when the batch is
     split over several devices (see `_im2col_3x3`).
-    off: names from `PIECES` to leave to the plain code (for measuring them)."""
+    off: pieces (`PIECES`, named in config_lib) left to the plain code, so that a
+    side-by-side run measures what each gains (`config.model.cpu_ops_off`,
+    `benchmarks/side_by_side.py --variant`): a piece stays only while that measurement
+    shows it pays (BUILD_NOTES "Platform ops on CPU")."""
     per_image_im2col: bool = False
     off: frozenset = frozenset()
     name = "cpu"
