@@ -23,8 +23,6 @@ Decisions (see BUILD_NOTES.md, "Checkpoints"):
 """
 import datetime
 import json
-import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from clip_jax import paths
 from clip_jax.distributed import log
 
 ITEMS = ("state", "data_iter", "meta")
@@ -86,7 +85,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory, max_to_keep, mesh):
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.resolve(directory)
         self.mesh = mesh
         self._checksum = _Checksummer(mesh)
         self.manager = ocp.CheckpointManager(
@@ -174,11 +173,11 @@ class Checkpointer:
             return
         if jax.process_index() == 0:
             target = self.directory + CORRUPT_DIR_SUFFIX
-            os.makedirs(target, exist_ok=True)
+            paths.makedirs(target)
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             for step in steps:
-                dest = os.path.join(target, f"{step}-{stamp}")
-                os.rename(os.path.join(self.directory, str(step)), dest)
+                dest = paths.join(target, f"{step}-{stamp}")
+                paths.rename(paths.join(self.directory, str(step)), dest)
                 log(f"moved unusable checkpoint {step} to {dest}")
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
@@ -237,18 +236,16 @@ def save_params(directory, params, batch_stats=None, config=None, tokenizer_file
     `clip_jax.load(directory)` opens: the config goes to DIR/config.json and a SentencePiece
     `tokenizer_file` is copied to DIR/tokenizer/spm.model.
     """
-    directory = os.path.abspath(directory)
+    directory = paths.resolve(directory)
     tree = {"params": params, "batch_stats": batch_stats or {}}
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory, tree)
     if jax.process_index() != 0:
         return
     if config is not None:
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        paths.write_text(paths.join(directory, "config.json"), config.to_json_best_effort(indent=2))
     if tokenizer_file:
-        os.makedirs(os.path.join(directory, "tokenizer"), exist_ok=True)
-        shutil.copyfile(tokenizer_file, os.path.join(directory, "tokenizer", "spm.model"))
+        paths.write_bytes(paths.join(directory, "tokenizer", "spm.model"), paths.read_bytes(tokenizer_file))
 
 
 def read_arrays(path):
@@ -268,17 +265,17 @@ def resolve_state_dir(path, what="config.init_from"):
     Accepts a run's workdir (its newest checkpoint), a checkpoints directory (newest step),
     one step directory, or a parameters-only checkpoint written by `save_params`.
     """
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    steps = [int(d) for d in os.listdir(path) if d.isdigit()
-             and os.path.isdir(os.path.join(path, d, "state"))] if os.path.isdir(path) else []
+    path = paths.resolve(path)
+    if paths.isdir(paths.join(path, "checkpoints")):
+        path = paths.join(path, "checkpoints")
+    steps = [int(d) for d in paths.listdir(path) if d.isdigit()
+             and paths.isdir(paths.join(path, d, "state"))] if paths.isdir(path) else []
     if steps:
-        path = os.path.join(path, str(max(steps)))
-    if os.path.isdir(os.path.join(path, "state")):
-        path = os.path.join(path, "state")
-    if not os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")) and \
-            not os.path.exists(os.path.join(path, "_METADATA")):
+        path = paths.join(path, str(max(steps)))
+    if paths.isdir(paths.join(path, "state")):
+        path = paths.join(path, "state")
+    if not paths.exists(paths.join(path, "_CHECKPOINT_METADATA")) and \
+            not paths.exists(paths.join(path, "_METADATA")):
         raise CheckpointError(f"{what}: no checkpoint found at {path}")
     return path
 

@@ -10,6 +10,8 @@ import os
 
 import ml_collections
 
+from clip_jax import paths
+
 # name: (embed_dim, image_size, vision_layers, vision_width, patch, text_width, text_heads)
 PAPER_MODELS = {
     "rn50": (1024, 224, (3, 4, 6, 3), 64, 0, 512, 8),
@@ -209,7 +211,7 @@ def _validate_data(config, need):
     for spec in specs:
         if spec == "synthetic" or spec.startswith("tfds:"):
             continue
-        need(os.path.isdir(spec), "data.source",
+        need(paths.isdir(spec), "data.source",
              f"entry {spec!r} is neither 'synthetic', 'tfds:NAME[:SPLIT]' nor an existing directory")
         try:
             records.read_manifest(spec)
@@ -222,7 +224,7 @@ def _validate_data(config, need):
     lo, hi = d.crop_ratio
     need(0 < lo <= hi, "data.crop_ratio", "must be (low, high) with 0 < low <= high")
     need(d.tokenizer in tokenizer.TOKENIZERS, "data.tokenizer", f"must be one of {sorted(tokenizer.TOKENIZERS)}")
-    need(not d.tokenizer_path or os.path.exists(d.tokenizer_path), "data.tokenizer_path", "no such file")
+    need(not d.tokenizer_path or paths.isfile(d.tokenizer_path), "data.tokenizer_path", "no such file")
     if d.tokenizer == "sentencepiece":
         need(d.tokenizer_vocab_size <= config.model.text.vocab_size, "data.tokenizer_vocab_size",
              f"must be <= model.text.vocab_size={config.model.text.vocab_size}")
@@ -230,11 +232,10 @@ def _validate_data(config, need):
 
 def _check_init_from_tokenizer(config):
     """Parameters taken from a model trained with another tokenizer would read wrong ids."""
-    saved_path = os.path.join(config.init_from, "config.json") if config.init_from else ""
-    if not os.path.isfile(saved_path):
+    saved_path = paths.join(config.init_from, "config.json") if config.init_from else ""
+    if not saved_path or not paths.isfile(saved_path):
         return
-    with open(saved_path) as f:
-        saved = json.load(f).get("data", {})
+    saved = json.loads(paths.read_text(saved_path)).get("data", {})
     if saved.get("tokenizer", config.data.tokenizer) != config.data.tokenizer:
         raise ConfigError(
             f"config.data.tokenizer: {config.data.tokenizer!r}, but config.init_from={config.init_from} "
@@ -257,7 +258,7 @@ def _validate_evals(config):
         if not entry.get("data"):
             raise ConfigError(f"{where}.data: the evaluation data must be given")
         for key in ("templates", "classnames"):
-            if options.get(key) and not os.path.isfile(options[key]):
+            if options.get(key) and not paths.isfile(options[key]):
                 raise ConfigError(f"{where}.{key}: no such file {options[key]!r}")
 
 
@@ -352,7 +353,7 @@ def validate(config, num_devices=None):
          "must be a positive integer")
     need(isinstance(config.max_bad_steps, int) and config.max_bad_steps >= 1, "max_bad_steps",
          "must be a positive integer")
-    need(not config.init_from or os.path.exists(config.init_from), "init_from",
+    need(not config.init_from or paths.exists(config.init_from), "init_from",
          "no such checkpoint directory")
     _check_init_from_tokenizer(config)
     m = config.model

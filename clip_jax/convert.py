@@ -35,11 +35,12 @@ import json
 import os
 import re
 import sys
+import tempfile
 from typing import Optional, Tuple
 
 import numpy as np
 
-from clip_jax import config_lib, pytorch_io
+from clip_jax import config_lib, paths, pytorch_io
 
 # Tensors a reference checkpoint may hold that are not model weights.
 IGNORED = re.compile(r"(^|\.)attn_mask$|\.num_batches_tracked$|^(input_resolution|context_length|vocab_size)$")
@@ -327,19 +328,19 @@ def _describe(model_cfg):
 
 def find_weights(path):
     """(weights file, open_clip_config.json model_cfg or None) for a file or a directory."""
-    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        found = sorted(f for f in os.listdir(path) if f.endswith(pytorch_io.WEIGHT_SUFFIXES))
+    path = paths.resolve(path)
+    directory = path if paths.isdir(path) else paths.dirname(path)
+    if paths.isdir(path):
+        found = sorted(f for f in paths.listdir(path) if f.endswith(pytorch_io.WEIGHT_SUFFIXES))
         found.sort(key=lambda f: (not f.endswith(".safetensors"), f))
         if not found:
             raise ConvertError(f"{path}: a directory without a weights file "
                                f"({', '.join(pytorch_io.WEIGHT_SUFFIXES)})")
-        path = os.path.join(path, found[0])
-    cfg_path = os.path.join(directory, "open_clip_config.json")
+        path = paths.join(path, found[0])
+    cfg_path = paths.join(directory, "open_clip_config.json")
     model_cfg = None
-    if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            model_cfg = json.load(f).get("model_cfg")
+    if paths.isfile(cfg_path):
+        model_cfg = json.loads(paths.read_text(cfg_path)).get("model_cfg")
     return path, model_cfg
 
 
@@ -371,10 +372,10 @@ def import_checkpoint(src, out, arch=None, activation=None):
     """Converts the reference checkpoint `src` into the directory `out`; returns convert.json."""
     from clip_jax import checkpoint
     from clip_jax.models import count_params
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    if paths.exists(out) and (not paths.isdir(out) or paths.listdir(out)):
         raise ConvertError(f"--out {out}: already exists and is not empty; choose a new directory")
     weights, open_clip_cfg = find_weights(src)
-    tensors = load_reference_tensors(weights)
+    tensors = load_reference_tensors(paths.local_copy(weights))   # torch files are memory-mapped
     model_cfg = infer_model_config(tensors, weights, open_clip_cfg)
     if arch:
         wanted = arch_config(arch)
@@ -388,12 +389,11 @@ def import_checkpoint(src, out, arch=None, activation=None):
     variables = from_torch(tensors, model_cfg, weights)
     config = converted_config(model_cfg)
     checkpoint.save_params(out, variables["params"], variables["batch_stats"], config=config)
-    report = dict(source=os.path.abspath(weights), architecture=paper_name(model_cfg) or "custom",
+    report = dict(source=weights, architecture=paper_name(model_cfg) or "custom",
                   description=_describe(model_cfg), activation=model_cfg.activation,
                   tensors=len(tensors), arrays=len(name_table(model_cfg)),
                   parameters=count_params(variables["params"])["total"])
-    with open(os.path.join(out, "convert.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    paths.write_text(paths.join(out, "convert.json"), json.dumps(report, indent=2))
     return report
 
 
@@ -430,13 +430,16 @@ def export_open_clip(run, out):
     tensors = to_torch({"params": arrays["params"], "batch_stats": arrays.get("batch_stats", {})},
                        config.model)
     cfg = open_clip_config(config)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    local = out if not paths.is_remote(out) else os.path.join(
+        tempfile.mkdtemp(prefix="clip_jax_export."), os.path.basename(out))
+    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
     try:
-        pytorch_io.write_state_dict(tensors, out)
+        pytorch_io.write_state_dict(tensors, local)
     except pytorch_io.CheckpointFormatError as e:
         raise ConvertError(str(e)) from None
-    with open(os.path.join(os.path.dirname(os.path.abspath(out)), "open_clip_config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+    if local != out:
+        paths.upload(local, out)
+    paths.write_text(paths.join(paths.dirname(out), "open_clip_config.json"), json.dumps(cfg, indent=2))
     return config, cfg
 
 
@@ -471,7 +474,7 @@ def main(argv=None):
             config, cfg = export_open_clip(args.src, args.out)
             print(f"wrote {args.out} and open_clip_config.json beside it ({_describe(config.model)})")
             print("load it in OpenCLIP with: open_clip.create_model_and_transforms("
-                  f"'local-dir:{os.path.dirname(os.path.abspath(args.out))}')")
+                  f"'local-dir:{paths.dirname(args.out)}')")
             if config.data.tokenizer != "clip_bpe":
                 print(f"note: this model was trained with the {config.data.tokenizer} tokenizer; "
                       "tokenise with clip_jax (python -m clip_jax.tokenizer encode), not OpenCLIP's")

@@ -18,12 +18,11 @@ sharding rules on a mesh of all devices (the run's mesh if it fits, else data-pa
 Embeddings come back as numpy float32, unnormalised unless `normalize=True` — as
 OpenAI's `encode_image`/`encode_text` do.
 """
-import os
 
 import jax
 import numpy as np
 
-from clip_jax import checkpoint, config_lib, ops, sharding
+from clip_jax import checkpoint, config_lib, ops, paths, sharding
 from clip_jax.evals.features import l2_normalize
 from clip_jax.models import abstract_variables, build_model, encoder_fns
 
@@ -163,33 +162,32 @@ class CLIPModel:
 
 def _read_json(path):
     import json
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(paths.read_text(path))
 
 
 def locate(path):
     """(config, state_dir, home) of PATH (see the module docstring); `home` is where the
     run's cached tokenizer lives. Raises ValueError naming the path if it is not a model."""
-    path = os.path.abspath(path)
-    if not os.path.exists(path):
+    path = paths.resolve(path)
+    if not paths.exists(path):
         raise ValueError(f"{path}: no such checkpoint or run directory")
     try:
         state_dir = checkpoint.resolve_state_dir(path, what="clip_jax.load")
     except checkpoint.CheckpointError as e:
         raise ValueError(str(e)) from None
-    step_dir = os.path.dirname(state_dir)
-    candidates = [os.path.join(path, "config.json"), os.path.join(step_dir, "meta", "metadata"),
-                  os.path.join(os.path.dirname(os.path.dirname(step_dir)), "config.json")]
+    step_dir = paths.dirname(state_dir)
+    run_dir = paths.dirname(paths.dirname(step_dir))
+    candidates = [paths.join(path, "config.json"), paths.join(step_dir, "meta", "metadata"),
+                  paths.join(run_dir, "config.json")]
     for candidate in candidates:
-        if not os.path.isfile(candidate):
+        if not paths.isfile(candidate):
             continue
         saved = _read_json(candidate)
         if candidate.endswith("metadata"):
             saved = saved.get("config") if isinstance(saved, dict) else None
         if saved:
             config = config_lib.from_json(saved)
-            home = os.path.dirname(candidate) if candidate.endswith("config.json") else \
-                os.path.dirname(os.path.dirname(step_dir))
+            home = paths.dirname(candidate) if candidate.endswith("config.json") else run_dir
             return config, state_dir, home
     raise ValueError(f"{path}: found the checkpoint {state_dir} but no config.json beside it "
                      "(write converted weights with checkpoint.save_params(..., config=config))")
@@ -199,8 +197,8 @@ def load_tokenizer(config, home):
     """The run's tokenizer: `data.tokenizer_path`, or the SentencePiece model cached in `home`."""
     from clip_jax.data import tokenizer as tokenizer_lib
     if config.data.tokenizer == "sentencepiece" and not config.data.tokenizer_path:
-        path = os.path.join(home, "tokenizer", "spm.model")
-        if not os.path.exists(path):
+        path = paths.join(home, "tokenizer", "spm.model")
+        if not paths.exists(path):
             raise ValueError(f"{path} does not exist: the run's tokenizer is missing (set "
                              "config.data.tokenizer_path to the .model file it was trained with)")
         return tokenizer_lib.SentencePieceTokenizer.load(path, config.model.text.context_length)

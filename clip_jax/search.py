@@ -33,6 +33,7 @@ import sys
 
 import numpy as np
 
+from clip_jax import paths as paths_lib
 from clip_jax.evals.features import l2_normalize
 
 FORMAT = "clip_jax.search/1"
@@ -83,7 +84,7 @@ class Index:
         os.makedirs(directory, exist_ok=True)
         for name in ("embeddings.f32", "paths.txt"):
             open(os.path.join(directory, name), "wb").close()
-        index = cls(directory, {"format": FORMAT, "checkpoint": os.path.abspath(checkpoint),
+        index = cls(directory, {"format": FORMAT, "checkpoint": paths_lib.resolve(checkpoint),
                                 "source": source, "dim": int(dim), "count": 0,
                                 "dtype": "float32"}, [])
         index._write_meta()
@@ -208,7 +209,7 @@ def build_index(model, image_dir, out, batch_size=256, checkpoint=None, workers=
     from tqdm import tqdm
     if not os.path.isdir(image_dir):
         raise SearchError(f"--images {image_dir}: no such directory")
-    checkpoint = os.path.abspath(checkpoint or model.source)
+    checkpoint = paths_lib.resolve(checkpoint or model.source)
     if os.path.exists(os.path.join(out, "index.json")):
         index = Index.open(out)
         if index.meta["checkpoint"] != checkpoint:
@@ -315,9 +316,9 @@ def main(argv=None):
                 raise SearchError(f"--images {args.images}: no such directory")
             if os.path.exists(os.path.join(args.out, "index.json")):
                 recorded = Index.open(args.out).meta["checkpoint"]
-                if recorded != os.path.abspath(args.checkpoint):
+                if recorded != paths_lib.resolve(args.checkpoint):
                     raise SearchError(f"--out {args.out} was built with --checkpoint {recorded}, not "
-                                      f"{os.path.abspath(args.checkpoint)}: pass that, or a new --out")
+                                      f"{paths_lib.resolve(args.checkpoint)}: pass that, or a new --out")
             model = _load_model(args.checkpoint, batch_size=args.batch_size)
             stats = build_index(model, args.images, args.out, args.batch_size, checkpoint=args.checkpoint)
             skipped = ", ".join(f"{n} {r}" for r, n in sorted(stats["skipped"].items())) or "none"

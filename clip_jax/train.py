@@ -8,7 +8,6 @@ SIGTERM saves one at the current step and stops.
 """
 import dataclasses
 import json
-import os
 import sys
 import time
 
@@ -19,7 +18,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clip_jax import checkpoint, config_lib, distributed, evaluate, losses, metrics, optim, sharding
+from clip_jax import (checkpoint, config_lib, distributed, evaluate, losses, metrics, optim, paths,
+                      sharding)
 from clip_jax import ops as ops_lib
 from clip_jax.distributed import log
 from clip_jax.models import abstract_variables, build_model, input_specs
@@ -336,10 +336,10 @@ def train(config, workdir):
     from clip_jax.data import pipeline, tokenizer as tokenizer_lib
 
     config_lib.validate(config, jax.device_count())
-    os.makedirs(workdir, exist_ok=True)
+    workdir = paths.resolve(workdir)
+    paths.makedirs(workdir)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
     preemption = distributed.Preemption()   # before anything slow: a SIGTERM now is not lost
     try:   # opens the data source too (a workdir tokenizer is trained on its captions)
@@ -352,7 +352,7 @@ def train(config, workdir):
         evaluator = evaluate.TrainingEvaluators(config, tokenizer, run.mesh, run.rules) or None
     except (ValueError, OSError) as e:
         raise config_lib.ConfigError(str(e)) from None
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.max_to_keep, run.mesh)
+    ckpt = checkpoint.Checkpointer(paths.join(workdir, "checkpoints"), config.max_to_keep, run.mesh)
     data = None
     try:
         with run.context():
@@ -449,6 +449,7 @@ def _steps(config, run, state, start, data, ckpt, preemption, evaluator, writer,
                 config.checkpoint_every and step % config.checkpoint_every == 0):
             t0 = time.perf_counter()
             saved_step = ckpt.save(state_to_dict(state), data.get_state(), config)
+            writer.flush()     # a remote metrics.jsonl holds every line up to the checkpoint
             t_last += time.perf_counter() - t0        # checkpointing is not training time
         if preempted:
             ckpt.wait()

@@ -93,20 +93,25 @@ Order and parallelism
 """
 import collections
 import concurrent.futures
+import contextlib
 import csv
+import fnmatch
 import functools
 import glob
+import io
 import json
 import multiprocessing
 import os
 import posixpath
 import sys
 import tarfile
+import tempfile
 import zlib
 from typing import NamedTuple
 
 from tqdm import tqdm
 
+from clip_jax import paths
 from clip_jax.data import images, prompts, records, sources
 
 IMAGE_EXTENSIONS = images.IMAGE_EXTENSIONS
@@ -233,6 +238,9 @@ def _csv_delimiter(path, delimiter):
 
 def _open_csv(path):
     # surrogateescape: invalid UTF-8 survives as escapes, repaired per field.
+    if paths.is_remote(path):
+        return io.TextIOWrapper(paths.path(path).open("rb"), newline="", encoding="utf-8-sig",
+                                errors="surrogateescape")
     return open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
 
 
@@ -260,7 +268,9 @@ def _field_text(field):
 
 
 def _csv_rows(path, delimiter, image_at, caption_at):
-    folder = os.fsencode(os.path.dirname(os.path.abspath(path)))
+    # A local CSV's folder as bytes (a path field's exact bytes are joined to it); a remote
+    # one's as a URL.
+    folder = paths.dirname(path) if paths.is_remote(path) else os.fsencode(paths.dirname(path))
     with _open_csv(path) as f:
         reader = csv.reader(f, delimiter=delimiter)
         header = [_field_text(name)[0] for name in next(reader)]
@@ -285,7 +295,13 @@ def _csv_row(csv_path, line, folder, header, fields, image_at, caption_at):
     written = os.fsencode(fields[image_at])          # the exact bytes of the path field
     if not written:
         return Row(f"{csv_path}, line {line}", skip=("missing_file", "empty image path"))
-    path = os.path.join(folder, written)
+    field = fields[image_at]
+    if paths.is_remote(field):                       # an image URL
+        path = field
+    elif isinstance(folder, str) and not field.startswith("/"):   # relative to a remote CSV
+        path = f"{folder}/{field}"
+    else:
+        path = os.path.join(os.fsencode(folder), written)
     key, bad_key = _decode_text(written)
     caption, bad_caption = _field_text(fields[caption_at])
     meta, bad_meta = {}, False
@@ -300,6 +316,10 @@ def _csv_row(csv_path, line, folder, header, fields, image_at, caption_at):
 # ----------------------------------------------------------------------------- folders
 
 def _check_folder(source):
+    if paths.is_remote(source):
+        raise OptionError(f"{source!r}: folder sources are read from this machine's file system "
+                          "(csv and wds sources may be remote); copy the folder here, or mount "
+                          "the bucket (gcsfuse) and give the mount's path")
     if not os.path.isdir(source):
         raise OptionError(f"{source!r} is not a folder")
 
@@ -393,12 +413,24 @@ def _expand_shards(patterns):
     shards = set()
     for pattern in patterns:
         for expanded in braceexpand.braceexpand(pattern):
-            matches = [path for path in glob.glob(expanded) if os.path.isfile(path)]
+            matches = _matching_files(expanded)
             if not matches:
                 origin = f" (from {pattern!r})" if expanded != pattern else ""
                 raise OptionError(f"no file matches {expanded!r}{origin}")
             shards.update(matches)
     return sorted(shards)
+
+
+def _matching_files(pattern):
+    if not paths.is_remote(pattern):
+        return [path for path in glob.glob(pattern) if os.path.isfile(path)]
+    if not glob.has_magic(pattern):
+        return [pattern] if paths.isfile(pattern) else []
+    folder, name = pattern.rsplit("/", 1)
+    if glob.has_magic(folder):
+        raise OptionError(f"{pattern!r}: in a remote path only the file name may hold wildcards")
+    return [f"{folder}/{n}" for n in paths.listdir(folder) if fnmatch.fnmatchcase(n, name)
+            and paths.isfile(f"{folder}/{n}")] if paths.isdir(folder) else []
 
 
 def prepare_wds(source):
@@ -422,7 +454,9 @@ def _tar_samples(path):
     Only image and caption members are read; the others are listed with None."""
     wanted = {*WDS_IMAGE_EXTENSIONS, WDS_CAPTION_EXTENSION}
     key, members = None, {}
-    with tarfile.open(path, "r|*") as tar:
+    remote = paths.path(path).open("rb") if paths.is_remote(path) else None
+    with remote or contextlib.nullcontext(), \
+            tarfile.open(path if remote is None else None, "r|*", fileobj=remote) as tar:
         for member in tar:
             split = _member_key(member.name) if member.isfile() else None
             if split is None:
@@ -529,6 +563,8 @@ FORMATS = {"csv": prepare_csv, "captions": prepare_captions, "imagefolder": prep
 
 def _read_file(path):
     try:
+        if isinstance(path, str) and paths.is_remote(path):
+            return paths.read_bytes(path)
         with open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
@@ -614,26 +650,26 @@ def _processed(chunks, settings, workers):
 
 def _previous_outputs(out):
     """The files of an earlier ingest in `out`: manifest, shards, skipped log."""
-    names = [records.MANIFEST, records.SKIPPED_LOG]
-    paths = [os.path.join(out, name) for name in names]
-    paths += sorted(glob.glob(os.path.join(glob.escape(out), SHARD_GLOB)))
-    return [path for path in paths if os.path.isfile(path)]
+    present = paths.listdir(out) if paths.isdir(out) else []
+    names = [n for n in (records.MANIFEST, records.SKIPPED_LOG) if n in present]
+    names += [n for n in present if fnmatch.fnmatchcase(n, SHARD_GLOB)]
+    return [paths.join(out, n) for n in names if paths.isfile(paths.join(out, n))]
 
 
 def _check_output(out, overwrite):
-    if os.path.exists(out) and not os.path.isdir(out):
+    if paths.exists(out) and not paths.isdir(out):
         raise OptionError(f"--out {out!r} exists and is not a folder")
     dataset = [path for path in _previous_outputs(out)
                if not path.endswith(records.SKIPPED_LOG)]
     if dataset and not overwrite:
         raise OptionError(f"--out {out!r} already holds an ingested dataset "
-                          f"({os.path.basename(dataset[0])}, ...); pass --overwrite to replace it")
+                          f"({dataset[0].rsplit('/', 1)[-1]}, ...); pass --overwrite to replace it")
 
 
 def _clear_output(out):
-    os.makedirs(out, exist_ok=True)
+    paths.makedirs(out)
     for path in _previous_outputs(out):   # the manifest first: a half-cleared dir is no dataset
-        os.remove(path)
+        paths.path(path).unlink()
 
 
 def _check_settings(max_size, min_size, max_pixels, quality, records_per_shard, workers):
@@ -694,8 +730,13 @@ def _write(prepared, out, settings, records_per_shard, workers, progress):
     skipped, repaired = collections.Counter(), collections.Counter()
     writer = records.ShardWriter(out, records_per_shard)
     rows = 0
+    skipped_log = paths.join(out, records.SKIPPED_LOG)
+    log_file = skipped_log
+    if paths.is_remote(out):          # written locally, uploaded whole at the end
+        fd, log_file = tempfile.mkstemp(prefix="clip_jax_skipped.", suffix=".jsonl")
+        os.close(fd)
     try:
-        with open(os.path.join(out, records.SKIPPED_LOG), "w", encoding="utf-8") as log, \
+        with open(log_file, "w", encoding="utf-8") as log, \
                 tqdm(total=prepared.total, unit=" rows", file=sys.stderr,
                      disable=not progress) as bar:
             for results in _processed(_chunks(prepared.rows), settings, workers):
@@ -713,5 +754,7 @@ def _write(prepared, out, settings, records_per_shard, workers, progress):
                 bar.set_postfix(skipped=sum(skipped.values()), refresh=False)
     finally:
         shards = writer.close()
+    if log_file != skipped_log:
+        paths.upload(log_file, skipped_log)
     return {"num_records": rows - sum(skipped.values()), "rows": rows, "shards": shards,
             "skipped": dict(sorted(skipped.items())), "repaired": dict(sorted(repaired.items()))}

@@ -33,6 +33,7 @@ import json
 import os
 import tempfile
 
+from clip_jax import paths
 from clip_jax.data import ingest, records
 
 BLOCK_ROWS = 1000      # rows of a part grouped together to number them (a worker's memory)
@@ -93,7 +94,6 @@ def _write_shard(shard, out):
     """Writes one output shard's records, in order, to a local file, then copies it into
     `out` (which may be remote); returns its manifest entry."""
     from array_record.python.array_record_module import ArrayRecordWriter
-    from etils import epath
     number, placed = shard
     placed = sorted(placed, key=lambda p: p[0])
     name = records.shard_name(number)
@@ -103,15 +103,14 @@ def _write_shard(shard, out):
         for _, record in placed:
             writer.write(record)
         writer.close()
-        epath.Path(local).copy(epath.Path(out) / name, overwrite=True)
+        paths.upload(local, paths.join(out, name))
     return {"path": name, "num_records": len(placed)}
 
 
 def _write_skipped(skipped, out):
-    from etils import epath
     lines = [json.dumps({"row": row, "source": r.source, "reason": r.skip[0], "detail": r.skip[1]})
              + "\n" for row, r in sorted(skipped, key=lambda s: s[0])]
-    (epath.Path(out) / records.SKIPPED_LOG).write_text("".join(lines), encoding="utf-8")
+    paths.write_text(paths.join(out, records.SKIPPED_LOG), "".join(lines))
     return collections.Counter(r.skip[0] for _, r in skipped)
 
 

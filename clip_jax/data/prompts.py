@@ -9,6 +9,8 @@ surrounding whitespace is stripped.
 """
 import zlib
 
+from clip_jax import paths
+
 # A small generic set, in the style of CLIP's ImageNet prompts.
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
@@ -48,8 +50,7 @@ def check_template(template):
 def load_templates(path):
     """The templates in `path`, one per line, as a tuple; ValueError names the file and line."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = paths.read_text(path).splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read templates: {e}") from None
     templates = []

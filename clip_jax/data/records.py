@@ -19,8 +19,11 @@ manifest.json holds at least `format`, `num_records`, `rows` (input rows seen), 
 """
 import json
 import os
+import tempfile
 
 import msgpack
+
+from clip_jax import paths
 
 FORMAT = "clip_jax.ingest/1"
 MANIFEST = "manifest.json"
@@ -53,12 +56,16 @@ def shard_name(index):
 
 
 class ShardWriter:
-    """Writes encoded records to consecutive ArrayRecord shards of `records_per_shard` each."""
+    """Writes encoded records to consecutive ArrayRecord shards of `records_per_shard` each.
+
+    Into a remote `directory`, each shard is written to a local staging folder and uploaded
+    when it is complete (the ArrayRecord writer writes local files only)."""
 
     def __init__(self, directory, records_per_shard):
         if records_per_shard <= 0:
             raise ValueError(f"records_per_shard must be positive, got {records_per_shard}")
         self.directory = directory
+        self._staging = tempfile.mkdtemp(prefix="clip_jax_shards.") if paths.is_remote(directory) else None
         self.records_per_shard = int(records_per_shard)
         self.shards = []          # [{"path", "num_records"}], closed shards and the open one
         self._writer = None
@@ -74,41 +81,41 @@ class ShardWriter:
         self._close_current()
         name = shard_name(len(self.shards))
         # group_size:1 makes every record its own chunk: cheapest random access.
-        self._writer = ArrayRecordWriter(os.path.join(self.directory, name), "group_size:1")
+        self._writer = ArrayRecordWriter(os.path.join(self._staging or self.directory, name), "group_size:1")
         self.shards.append({"path": name, "num_records": 0})
 
     def _close_current(self):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            if self._staging:
+                name = self.shards[-1]["path"]
+                paths.upload(os.path.join(self._staging, name), paths.join(self.directory, name))
 
     def close(self):
         self._close_current()
+        if self._staging:
+            os.rmdir(self._staging)
         return list(self.shards)
 
 
 def write_manifest(directory, manifest):
     """Writes manifest.json atomically (the dataset's completion marker)."""
-    path = os.path.join(directory, MANIFEST)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"format": FORMAT, **manifest}, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    paths.write_text(paths.join(directory, MANIFEST),
+                     json.dumps({"format": FORMAT, **manifest}, indent=2, sort_keys=True) + "\n")
 
 
 def read_manifest(directory):
     """manifest.json of an ingested directory; raises ValueError naming the file if unusable."""
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.isdir(directory):
+    path = paths.join(directory, MANIFEST)
+    if not paths.isdir(directory):
         raise ValueError(f"{directory!r} is not a directory")
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise ValueError(f"{path} does not exist: {directory!r} is not an ingested dataset "
                          "(or its ingest did not finish); create one with "
                          "`python -m clip_jax.ingest FORMAT SOURCE --out DIR`")
     try:
-        with open(path) as f:
-            manifest = json.load(f)
+        manifest = json.loads(paths.read_text(path))
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: unreadable manifest: {e}") from None
     if manifest.get("format") != FORMAT:
@@ -118,8 +125,9 @@ def read_manifest(directory):
             raise ValueError(f"{path}: missing key {key!r}")
     if sum(s["num_records"] for s in manifest["shards"]) != manifest["num_records"]:
         raise ValueError(f"{path}: shard record counts do not add up to num_records")
+    present = set(paths.listdir(directory))
     for shard in manifest["shards"]:
-        if not os.path.exists(os.path.join(directory, shard["path"])):
+        if shard["path"] not in present:
             raise ValueError(f"{path}: shard {shard['path']!r} is missing from {directory!r}")
     return manifest
 
@@ -127,16 +135,18 @@ def read_manifest(directory):
 class IngestedSource:
     """Grain random-access source over an ingested directory: record i -> dict (decoded msgpack).
 
-    Picklable (Grain worker processes reopen the shards).
+    Picklable (Grain worker processes reopen the shards). Shards in a remote directory are
+    copied to this host's cache first (`paths.local_copy`: the ArrayRecord reader opens
+    local files only), once, when the source is made.
     """
 
-    def __init__(self, directory):
-        self.directory = os.path.abspath(directory)
+    def __init__(self, directory, _local_shards=None):
+        self.directory = paths.resolve(directory)
         self.manifest = read_manifest(self.directory)
         if self.manifest["num_records"] == 0:
-            raise ValueError(f"{os.path.join(self.directory, MANIFEST)}: the dataset has 0 records")
-        self._paths = [os.path.join(self.directory, s["path"]) for s in self.manifest["shards"]
-                       if s["num_records"] > 0]
+            raise ValueError(f"{paths.join(self.directory, MANIFEST)}: the dataset has 0 records")
+        self._paths = _local_shards or [paths.local_copy(paths.join(self.directory, s["path"]))
+                                        for s in self.manifest["shards"] if s["num_records"] > 0]
         self._source = None
 
     @property
@@ -153,10 +163,10 @@ class IngestedSource:
         return decode_record(self._records[int(index)])
 
     def __getstate__(self):
-        return {"directory": self.directory}
+        return {"directory": self.directory, "local_shards": self._paths}
 
     def __setstate__(self, state):
-        self.__init__(state["directory"])
+        self.__init__(state["directory"], state["local_shards"])
 
     def __repr__(self):
         return f"IngestedSource({self.directory!r}, num_records={len(self)})"

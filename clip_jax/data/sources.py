@@ -16,10 +16,10 @@ Every source has `len()` and `[i]` -> {'image': encoded bytes or uint8 [H, W, 3]
 whose `presized` attribute is true (synthetic) yields images at the model's size, used
 as they are; all others are decoded and cropped by the pipeline.
 """
-import os
 
 import numpy as np
 
+from clip_jax import paths
 from clip_jax.data import prompts, records, synthetic
 
 
@@ -41,6 +41,11 @@ class TfdsSource:
                  label_key="", templates=None):
         import tensorflow_datasets as tfds
         self.args = (name, split, data_dir, image_key, caption_key, label_key, templates)
+        if paths.is_remote(data_dir):
+            raise ValueError(f"TFDS data_dir={data_dir}: TFDS reads its ArrayRecord files with the "
+                             "ArrayRecord reader, which opens local files only "
+                             "(google/array_record#120): copy the dataset here or mount the "
+                             "bucket (gcsfuse)")
         try:
             self._ds = tfds.data_source(name, split=split, data_dir=data_dir or None,
                                         decoders={image_key: tfds.decode.SkipDecoding()})
@@ -164,7 +169,7 @@ def open_one(spec, config, split="train"):
         t = config.data.tfds
         return TfdsSource(name, tfds_split or "train", t.data_dir, t.image_key, t.caption_key,
                           t.label_key)
-    if os.path.exists(spec):
+    if paths.exists(spec):
         return records.IngestedSource(spec)
     raise ValueError(f"config.data.source entry {spec!r} is neither 'synthetic', 'tfds:NAME[:SPLIT]' "
                      "nor an existing directory made by `python -m clip_jax.ingest`")

@@ -18,11 +18,11 @@ never look past eot, which is the largest id).
 import abc
 import io
 import json
-import os
-import tempfile
 
 import jax
 import numpy as np
+
+from clip_jax import paths
 
 
 class Tokenizer(abc.ABC):
@@ -78,8 +78,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     @classmethod
     def load(cls, model_path, context_length):
-        with open(model_path, "rb") as f:
-            proto = f.read()
+        proto = paths.read_bytes(model_path)
         try:
             return cls(proto, context_length)
         except RuntimeError as e:   # sentencepiece's message does not name the file
@@ -109,7 +108,7 @@ class SentencePieceTokenizer(Tokenizer):
             unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, minloglevel=2)
         proto = buf.getvalue()
         if model_path is not None:
-            _atomic_write(model_path, proto)
+            paths.write_bytes(model_path, proto)
         return proto
 
     @property
@@ -137,19 +136,6 @@ class SentencePieceTokenizer(Tokenizer):
         return f"SentencePieceTokenizer(vocab_size={self.vocab_size}, context_length={self.context_length})"
 
 
-def _atomic_write(path, data):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 # How many captions a workdir tokenizer is trained on (spread evenly over the source).
 CORPUS_SIZE = 10_000
 
@@ -165,16 +151,16 @@ def _sentencepiece(config, workdir):
         tok = SentencePieceTokenizer.load(config.data.tokenizer_path, ctx)
         path = config.data.tokenizer_path
     else:
-        path = os.path.join(workdir, "tokenizer", "spm.model") if workdir else None
+        path = paths.join(workdir, "tokenizer", "spm.model") if workdir else None
         trained_on = {"source": str(config.data.source), "vocab_size": int(limit)}
         if path and jax.process_count() > 1:
             # One process trains and writes the model (the workdir is shared); the rest
             # wait for it and read it.
-            if jax.process_index() == 0 and not os.path.exists(path):
+            if jax.process_index() == 0 and not paths.exists(path):
                 _train_workdir_model(config, path, limit, trained_on)
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("clip_jax.tokenizer")
-        if path and os.path.exists(path):
+        if path and paths.exists(path):
             tok = SentencePieceTokenizer.load(path, ctx)
             _check_trained_on(path, trained_on)
         else:
@@ -191,23 +177,22 @@ def _train_workdir_model(config, path, limit, trained_on):
     corpus = sources.tokenizer_corpus(source, CORPUS_SIZE)
     model = SentencePieceTokenizer.train(corpus, path, limit)
     if path:
-        _atomic_write(_sidecar(path), json.dumps(trained_on, sort_keys=True).encode())
+        paths.write_text(_sidecar(path), json.dumps(trained_on, sort_keys=True))
     return model
 
 
 def _sidecar(model_path):
-    return os.path.splitext(model_path)[0] + ".json"
+    return model_path[:-len(".model")] + ".json" if model_path.endswith(".model") else model_path + ".json"
 
 
 def _check_trained_on(path, trained_on):
     sidecar = _sidecar(path)
-    if not os.path.exists(sidecar):
+    if not paths.exists(sidecar):
         return
-    with open(sidecar) as f:
-        saved = json.load(f)
+    saved = json.loads(paths.read_text(sidecar))
     if saved != trained_on:
         raise ValueError(f"the cached tokenizer {path} was trained for {saved}, but this run has "
-                         f"{trained_on}: use another --workdir, or delete {os.path.dirname(path)} "
+                         f"{trained_on}: use another --workdir, or delete {path.rsplit('/', 1)[0]} "
                          "to retrain it")
 
 

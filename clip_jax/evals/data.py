@@ -29,11 +29,12 @@ its data. Images are read lazily (`EvalData.image(i)`); everything else at open 
 import csv
 import dataclasses
 import hashlib
-import os
+import io
 from typing import Optional
 
 import numpy as np
 
+from clip_jax import paths
 from clip_jax.data import images, prompts
 
 IMAGE_EXTENSIONS = images.IMAGE_EXTENSIONS
@@ -113,8 +114,7 @@ class FileReader:
         return len(self.paths)
 
     def __getitem__(self, i):
-        with open(self.paths[i], "rb") as f:
-            return f.read()
+        return paths.read_bytes(self.paths[i])
 
 
 class RecordReader:
@@ -147,23 +147,20 @@ class SyntheticReader:
 # ----------------------------------------------------------------------------- openers
 
 def open_imagefolder(directory):
-    classes = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+    classes = [c for c in paths.listdir(directory) if paths.isdir(paths.join(directory, c))]
     if not classes:
         raise ValueError(f"--data {directory}: no class folders (expected DIR/<class>/<images>)")
-    paths, keys, labels = [], [], []
+    files, keys, labels = [], [], []
     for label, cls in enumerate(classes):
-        for folder, subfolders, names in os.walk(os.path.join(directory, cls)):
-            subfolders.sort()
-            for name in sorted(names):
-                if name.lower().endswith(IMAGE_EXTENSIONS):
-                    path = os.path.join(folder, name)
-                    paths.append(path)
-                    keys.append(os.path.relpath(path, directory).replace(os.sep, "/"))
-                    labels.append(label)
-    if not paths:
+        for rel in paths.walk_files(paths.join(directory, cls)):
+            if rel.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(paths.join(directory, cls, rel))
+                keys.append(f"{cls}/{rel}")
+                labels.append(label)
+    if not files:
         raise ValueError(f"--data {directory}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
-    stats = [(k, os.path.getsize(p), int(os.path.getmtime(p))) for k, p in zip(keys, paths)]
-    return EvalData(directory, FileReader(paths), keys, np.array(labels, np.int64),
+    stats = [(k, paths.size(p), int(paths.mtime(p))) for k, p in zip(keys, files)]
+    return EvalData(directory, FileReader(files), keys, np.array(labels, np.int64),
                     [prompts.readable_classname(c) for c in classes], fingerprint=_digest(stats))
 
 
@@ -189,13 +186,13 @@ def open_ingested(directory):
                     np.array(labels, np.int64) if labelled else None,
                     list(manifest["classnames"]) if labelled else None, captions, attributes,
                     fingerprint=_digest(manifest.get("num_records"), manifest.get("shards"),
-                                        os.path.getmtime(os.path.join(directory, records.MANIFEST))))
+                                        paths.mtime(paths.join(directory, records.MANIFEST))))
 
 
 def open_csv(path, image_column="filepath", caption_column="caption", label_column=""):
     delimiter = "\t" if path.lower().endswith(".tsv") else ","
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f, delimiter=delimiter))
+    text = paths.read_bytes(path).decode("utf-8-sig")
+    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
     if not rows:
         raise ValueError(f"--data {path}: empty file (expected a header row)")
     header = rows[0]
@@ -205,8 +202,8 @@ def open_csv(path, image_column="filepath", caption_column="caption", label_colu
             raise ValueError(f"--data {path}: no column {column!r} ({option}); the header has "
                              f"{', '.join(header)}")
     at = {c: header.index(c) for c in header}
-    folder = os.path.dirname(os.path.abspath(path))
-    index, paths, captions, attributes = {}, [], [], {c: [] for c in header
+    folder = paths.dirname(path)
+    index, files, captions, attributes = {}, [], [], {c: [] for c in header
                                                        if c not in (image_column, caption_column)}
     for line, fields in enumerate(rows[1:], start=2):
         if not fields:
@@ -215,22 +212,21 @@ def open_csv(path, image_column="filepath", caption_column="caption", label_colu
             raise ValueError(f"--data {path}, line {line}: {len(fields)} fields, the header has {len(header)}")
         image = fields[at[image_column]]
         if image not in index:
-            index[image] = len(paths)
-            paths.append(os.path.join(folder, image))
+            index[image] = len(files)
+            files.append(paths.join(folder, image))
             captions.append([])
             for c in attributes:
                 attributes[c].append(fields[at[c]])
         if caption_column:
             captions[index[image]].append(fields[at[caption_column]])
-    for p in paths:
-        if not os.path.isfile(p):
-            raise ValueError(f"--data {path}: image file {p} does not exist")
+    for p in paths.missing_files(files):
+        raise ValueError(f"--data {path}: image file {p} does not exist")
     labels = classnames = None
     if label_column:
         classnames = sorted(set(attributes[label_column]))
         labels = np.array([classnames.index(v) for v in attributes[label_column]], np.int64)
-    return EvalData(path, FileReader(paths), list(index), labels, classnames, captions, attributes,
-                    fingerprint=_digest(path, os.path.getmtime(path), len(rows)))
+    return EvalData(path, FileReader(files), list(index), labels, classnames, captions, attributes,
+                    fingerprint=_digest(path, paths.mtime(path), len(rows)))
 
 
 def open_tfds(spec, data_dir="", image_key="image", label_key="label", caption_key="caption"):
@@ -297,11 +293,11 @@ def open_eval_data(spec, config=None, data_dir="", image_key="image", label_key=
                               int(config.data.synthetic.num_eval))
     elif spec.startswith("tfds:"):
         data = open_tfds(spec, data_dir, image_key, label_key, caption_key)
-    elif os.path.isfile(spec):
+    elif paths.isfile(spec):
         data = open_csv(spec, image_column, caption_column, label_column)
-    elif os.path.isdir(spec):
+    elif paths.isdir(spec):
         from clip_jax.data import records
-        data = (open_ingested(spec) if os.path.exists(os.path.join(spec, records.MANIFEST))
+        data = (open_ingested(spec) if paths.exists(paths.join(spec, records.MANIFEST))
                 else open_imagefolder(spec))
     else:
         raise ValueError(f"--data {spec!r}: no such file or directory (expected an ImageFolder, "
@@ -313,10 +309,9 @@ def open_eval_data(spec, config=None, data_dir="", image_key="image", label_key=
 
 def read_classnames(path, data):
     try:
-        with open(path, encoding="utf-8") as f:
-            names = [line.strip() for line in f if line.strip()]
+        names = [line.strip() for line in paths.read_text(path).splitlines() if line.strip()]
     except OSError as e:
-        raise ValueError(f"--classnames {path}: {e.strerror}") from None
+        raise ValueError(f"--classnames {path}: {e.strerror or e}") from None
     data.need_labels("--classnames")
     if len(names) != len(data.classnames):
         raise ValueError(f"--classnames {path}: {len(names)} names for the {len(data.classnames)} "

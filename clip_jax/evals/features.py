@@ -8,12 +8,12 @@ time), the data's fingerprint and the image size; a second evaluation of the sam
 checkpoint on the same data (another task, other prompts) skips the image tower.
 """
 import hashlib
-import os
+import io
 
 import numpy as np
 from tqdm import tqdm
 
-from clip_jax import distributed
+from clip_jax import distributed, paths
 
 DECODE_THREADS = 16
 
@@ -42,7 +42,7 @@ class _Views:
 def _model_stamp(model):
     path = model.source
     try:
-        return f"{path}@{os.path.getmtime(path)}"
+        return f"{path}@{paths.mtime(path)}"
     except OSError:
         return path
 
@@ -50,7 +50,7 @@ def _model_stamp(model):
 def cache_path(cache_dir, model, data):
     key = hashlib.sha256(repr((_model_stamp(model), data.fingerprint, data.name,
                                model.image_size, len(data))).encode()).hexdigest()[:24]
-    return os.path.join(cache_dir, f"image_features-{key}.npy")
+    return paths.join(cache_dir, f"image_features-{key}.npy")
 
 
 def decoded_views(data, image_size, indices=None, prefetch=512):
@@ -76,7 +76,7 @@ def image_features(model, data, cache_dir="", progress=True, desc="image feature
     those its devices embed) and every process gets all the features."""
     from clip_jax.data.pipeline import normalize_images
     path = cache_path(cache_dir, model, data) if cache_dir and model.source else ""
-    cached = np.load(path) if path and os.path.exists(path) else None
+    cached = np.load(io.BytesIO(paths.read_bytes(path))) if path and paths.exists(path) else None
     usable = cached is not None and cached.shape[0] == len(data)
     if distributed.all_processes(usable):    # all or none: the encoders are collective
         return cached
@@ -91,10 +91,9 @@ def image_features(model, data, cache_dir="", progress=True, desc="image feature
 
         features = model.encode_image_rows(len(data), rows)
     if path and distributed.is_main():
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = path + f".tmp{os.getpid()}.npy"
-        np.save(tmp, features)
-        os.replace(tmp, path)
+        npy = io.BytesIO()
+        np.save(npy, features)
+        paths.write_bytes(path, npy.getvalue())
     return features
 
 
