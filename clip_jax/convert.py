@@ -270,10 +270,10 @@ def from_torch(tensors, model_cfg, source="checkpoint"):
         if entry.torch_name not in tensors:
             problems.append(f"missing {entry.torch_name}")
             continue
-        x = np.asarray(tensors[entry.torch_name], np.float32)
+        x = np.asarray(tensors[entry.torch_name])   # cast once it fits: no copy of a misfit
         used.add(entry.torch_name)
         if entry.part is not None:
-            if x.shape[0] % 3:
+            if x.ndim == 0 or x.shape[0] % 3:
                 problems.append(f"{entry.torch_name}: shape {list(x.shape)} is not 3 stacked projections")
                 continue
             x = np.split(x, 3, axis=0)[entry.part]
@@ -344,10 +344,11 @@ def find_weights(path):
     return path, model_cfg
 
 
-def load_reference_tensors(path):
-    """The checkpoint's model tensors under reference names (prefixes removed)."""
+def load_reference_tensors(path, max_bytes=None):
+    """The checkpoint's model tensors under reference names (prefixes removed); `max_bytes`:
+    see `pytorch_io.read_tensors`."""
     try:
-        tensors = pytorch_io.read_tensors(path)
+        tensors = pytorch_io.read_tensors(path, max_bytes)
     except pytorch_io.CheckpointFormatError as e:
         raise ConvertError(str(e)) from None
     if any(k.startswith("state_dict.") for k in tensors):   # an OpenCLIP training checkpoint
@@ -368,25 +369,31 @@ def converted_config(model_cfg):
     return config
 
 
-def import_checkpoint(src, out, arch=None, activation=None):
-    """Converts the reference checkpoint `src` into the directory `out`; returns convert.json."""
+def import_checkpoint(src, out, arch=None, activation=None, max_bytes=None):
+    """Converts the reference checkpoint `src` into the directory `out` (written last, once
+    the weights are read and fit); returns convert.json."""
     from clip_jax import checkpoint
     from clip_jax.models import count_params
     if paths.exists(out) and (not paths.isdir(out) or paths.listdir(out)):
         raise ConvertError(f"--out {out}: already exists and is not empty; choose a new directory")
     weights, open_clip_cfg = find_weights(src)
-    tensors = load_reference_tensors(paths.local_copy(weights))   # torch files are memory-mapped
-    model_cfg = infer_model_config(tensors, weights, open_clip_cfg)
-    if arch:
-        wanted = arch_config(arch)
-        if _shape_dict(wanted) != _shape_dict(model_cfg):
-            raise ConvertError(f"{weights}: --arch {arch} is {_describe(wanted)}, but the tensors "
-                               f"are {_describe(model_cfg)}")
-        wanted.activation = model_cfg.activation
-        model_cfg = wanted
-    if activation:
-        model_cfg.activation = activation
-    variables = from_torch(tensors, model_cfg, weights)
+    tensors = load_reference_tensors(paths.local_copy(weights), max_bytes)   # memory-mapped
+    try:   # the shapes are the file's too: nonsense ones are a refusal, not a traceback
+        model_cfg = infer_model_config(tensors, weights, open_clip_cfg)
+        if arch:
+            wanted = arch_config(arch)
+            if _shape_dict(wanted) != _shape_dict(model_cfg):
+                raise ConvertError(f"{weights}: --arch {arch} is {_describe(wanted)}, but the tensors "
+                                   f"are {_describe(model_cfg)}")
+            wanted.activation = model_cfg.activation
+            model_cfg = wanted
+        if activation:
+            model_cfg.activation = activation
+        variables = from_torch(tensors, model_cfg, weights)
+    except ConvertError:
+        raise
+    except Exception as e:
+        raise ConvertError(f"{weights}: its tensor shapes are not a CLIP's ({type(e).__name__}: {e})") from None
     config = converted_config(model_cfg)
     checkpoint.save_params(out, variables["params"], variables["batch_stats"], config=config)
     report = dict(source=weights, architecture=paper_name(model_cfg) or "custom",
@@ -445,6 +452,14 @@ def export_open_clip(run, out):
 
 # ----------------------------------------------------------------------- command line
 
+def _byte_count(text):
+    """'2000000', '64G', '1.5T' -> bytes (argparse type)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)i?B?", text.strip(), re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (e.g. 2000000, 64G)")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m clip_jax.convert", description=__doc__.split("\n\n")[0],
@@ -466,11 +481,17 @@ def main(argv=None):
                         help="import: the transformer MLP activation, which the weights cannot "
                              "show: quick_gelu (default: OpenAI's models, OpenCLIP's -quickgelu "
                              "ones) or gelu (OpenCLIP's other models)")
+    parser.add_argument("--max-bytes", type=_byte_count, metavar="BYTES",
+                        help="import: refuse a checkpoint whose tensors, as arrays, or whose "
+                             "compressed members, inflated, exceed BYTES (e.g. 64G; default: twice "
+                             "the file's size, which every file torch writes meets; the pickle's "
+                             "opcode and object caps grow with it). Checkpoints are untrusted input: "
+                             "malformed ones are refused with the reason, nothing is run")
     args = parser.parse_args(argv)
     try:
         if args.to == "open_clip":
-            if args.arch or args.activation:
-                parser.error("--arch and --activation apply to import only")
+            if args.arch or args.activation or args.max_bytes:
+                parser.error("--arch, --activation and --max-bytes apply to import only")
             config, cfg = export_open_clip(args.src, args.out)
             print(f"wrote {args.out} and open_clip_config.json beside it ({_describe(config.model)})")
             print("load it in OpenCLIP with: open_clip.create_model_and_transforms("
@@ -479,7 +500,7 @@ def main(argv=None):
                 print(f"note: this model was trained with the {config.data.tokenizer} tokenizer; "
                       "tokenise with clip_jax (python -m clip_jax.tokenizer encode), not OpenCLIP's")
         else:
-            report = import_checkpoint(args.src, args.out, args.arch, args.activation)
+            report = import_checkpoint(args.src, args.out, args.arch, args.activation, args.max_bytes)
             print(f"converted {report['source']}: {report['description']}, "
                   f"{report['parameters']:,} parameters, activation {report['activation']}")
             print(f"wrote {args.out} (clip_jax.load('{args.out}'), or "
