@@ -14,8 +14,10 @@ reads them, which compiles and can run the archive's code). Here the pickle is r
 by an unpickler that builds nothing but tensors, plain containers and inert records
 for TorchScript objects; any other global is refused with its name, the same policy as
 torch's `weights_only` loading. Tensor bytes are memory-mapped from the archive when
-it stores them uncompressed (as torch always does). The legacy (pre-1.6, non-zip)
-format falls back to `torch.load(weights_only=True)` when torch is installed.
+it stores them uncompressed (as torch always does). The legacy (pre-1.6, non-zip) format,
+a bare pickle, is refused with the one-line command that re-saves a trusted file as a zip
+archive: handing it to `torch.load` would run an unmetered unpickler (a pickle of a million
+nested tuples as a dict key crashes it with SIGSEGV).
 
 Checkpoints come from anywhere, so nothing in them is trusted. The pickle is read by the
 pure-Python unpickler under caps on its opcodes, the objects it builds and what it may
@@ -62,7 +64,8 @@ WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 MAX_BYTES_FACTOR = 2
 # (floor, budget bytes per unit): at least 1M opcodes, or one per 16 bytes of budget, etc.
 PICKLE_OPS = (1_000_000, 16)
-PICKLE_OBJECTS = (200_000, 256)     # objects and memo entries (torch.save: ~19 per tensor)
+PICKLE_OBJECTS = (20_000, 256)      # objects and memo entries (torch.save: ~19 per tensor, so
+                                    # the floor admits ~1,000 tensors whatever their size)
 ZIP_MEMBERS = (10_000, 512)
 SAFETENSORS_HEADER = (1 << 20, 16, 100 << 20)   # header bytes: floor, budget bytes per one, ceiling
 MAX_DEPTH = 32                      # containers / TorchScript modules inside one another
@@ -549,11 +552,14 @@ def read_tensors(path, max_bytes=None):
     try:
         if path.endswith(".safetensors"):
             return _read_safetensors(path, budget)
-        if zipfile.is_zipfile(path):
-            out = _read_zip_archive(path, budget)
-        else:
-            out = {}
-            _flatten_legacy(_legacy_torch_load(path), "", out)
+        if not zipfile.is_zipfile(path):
+            raise CheckpointFormatError(
+                f"{path}: not a zip-format torch archive (torch >= 1.6) nor .safetensors. A "
+                "pre-1.6 torch file is a bare pickle, which is not read here (torch.load would "
+                "run its unpickler without limits); if you trust it, re-save it in the zip "
+                "format: python -c \"import torch; torch.save(torch.load('OLD', "
+                "weights_only=True), 'NEW.pt')\"")
+        out = _read_zip_archive(path, budget)
     except CheckpointFormatError:
         raise
     except Exception as e:   # zipfile, struct, numpy on a malformed file: a refusal, not a traceback
@@ -561,36 +567,6 @@ def read_tensors(path, max_bytes=None):
     if not out:
         raise CheckpointFormatError(f"{path}: holds no tensors")
     return out
-
-
-def _flatten_legacy(obj, prefix, out):
-    """Tensors of torch.load's nested dicts under dotted names."""
-    if isinstance(obj, np.ndarray):
-        out[prefix] = obj
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            _flatten_legacy(value, f"{prefix}.{key}" if prefix else str(key), out)
-
-
-def _legacy_torch_load(path):
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointFormatError(
-            f"{path}: not a zip-format torch archive nor safetensors (a pre-1.6 torch file needs "
-            "torch installed to read it: pip install torch)") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:   # torch raises many kinds for non-checkpoints
-        raise CheckpointFormatError(f"{path}: cannot be read as a checkpoint ({e})") from None
-
-    def to_numpy(x):
-        if isinstance(x, torch.Tensor):
-            return x.detach().float().numpy() if x.dtype == torch.bfloat16 else x.detach().numpy()
-        if isinstance(x, dict):
-            return {k: to_numpy(v) for k, v in x.items()}
-        return x
-    return to_numpy(obj)
 
 
 def write_state_dict(tensors, path):

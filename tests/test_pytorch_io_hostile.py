@@ -189,15 +189,15 @@ ARCHIVES = {
     "long names by reference": (PKL(D(w=tensor()) + b"q\x00" + b"".join(
         b"}" + (S("k" * 60_000) + b"q\x01" if i == 0 else b"h\x01") + b"h\x00sq\x00" for i in range(30))), {},
         r"shared references multiply its names past .* or 1,048,576 characters"),
-    "a deeply nested tuple as a key": (PKL(b"}" + b"N" + b"\x85" * 150_000 + b"Ns"), {},
+    "a deeply nested tuple as a key": (PKL(b"}" + b"N" + b"\x85" * 10_000 + b"Ns"), {},
                                        r"malformed pickle \(UnpicklingError: a tuple as a dict key or set item\)"),
     "a million nested tuples as a key": (PKL(b"}" + b"N" + b"\x85" * 1_000_000 + b"Ns"), {},   # SIGSEGV in pickle.loads
-                                         r"its pickle builds more than 200,000 objects"),
+                                         r"its pickle builds more than 20,000 objects"),
     "a huge memo index": (PKL(b"}r\xff\xff\xff\xff"), {}, r"holds no tensors"),
     "an unknown opcode": (PKL(b"\xff"), {}, r"malformed pickle \(UnpicklingError: unknown opcode 0xff\)"),
     "a truncated pickle": (b"\x80\x02}(X\x05\x00\x00\x00ab", {}, r"malformed pickle"),
     "too many opcodes": (PKL(b"N0" * 600_000 + b"}"), {}, r"its pickle runs more than 1,000,000 opcodes"),
-    "too many objects": (PKL(b"(" + b"}" * 250_000 + b"l"), {}, r"its pickle builds more than 200,000 objects"),
+    "too many objects": (PKL(b"(" + b"}" * 250_000 + b"l"), {}, r"its pickle builds more than 20,000 objects"),
     # zip members
     "a zip bomb": (PKL(D(w=tensor(size=(1,), stride=(1,), persistent=pid(numel=1 << 24)))),
                    dict(members={"0": 4 << 24}, **DEFLATED),
@@ -232,8 +232,19 @@ SAFETENSORS = {   # name: (header, data, declared header length, reason)
 }
 
 
+# Bare pickles: the pre-1.6 torch format, refused unread (torch.load's unpickler, which read
+# them before, crashed with SIGSEGV on the first one).
+BARE = {
+    "a bare pickle of a million nested tuples as a key": PKL(b"}" + b"N" + b"\x85" * 1_000_000 + b"Ns"),
+    "a bare pickle state_dict": PKL(D(w=tensor())),
+}
+
+
 def _hostile(name, tmp_path):
     """(path, reason) of the named hostile file, written under tmp_path."""
+    if name in BARE:
+        (tmp_path / "bad.pt").write_bytes(BARE[name])
+        return str(tmp_path / "bad.pt"), r"not a zip-format torch archive \(torch >= 1\.6\)"
     if name in SAFETENSORS:
         header, data, length, reason = SAFETENSORS[name]
         return str(safetensors(tmp_path / "bad.safetensors", header, data, length)), reason
@@ -242,7 +253,7 @@ def _hostile(name, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Duplicate name")   # zipfile, writing "a member twice"
-@pytest.mark.parametrize("name", list(ARCHIVES) + [f"safetensors: {n}" for n in SAFETENSORS])
+@pytest.mark.parametrize("name", list(ARCHIVES) + list(BARE) + [f"safetensors: {n}" for n in SAFETENSORS])
 def test_a_hostile_file_is_refused_with_its_reason(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path, reason = _hostile(name.removeprefix("safetensors: "), tmp_path)
@@ -316,6 +327,7 @@ def baseline_rss(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["huge stride", "a zip bomb", "billion laughs", "a million nested tuples as a key",
+                                  "a bare pickle of a million nested tuples as a key",
                                   "too many objects", "a huge memo index", "safetensors: deeply nested header"])
 def test_the_command_line_refuses_without_a_signal_a_traceback_or_memory(name, tmp_path, baseline_rss):
     path, reason = _hostile(name.removeprefix("safetensors: "), tmp_path)
@@ -325,4 +337,4 @@ def test_the_command_line_refuses_without_a_signal_a_traceback_or_memory(name, t
     assert re.fullmatch(rf"error: {re.escape(path)}: .*{reason}.*\n", stderr, re.S), stderr
     assert not (tmp_path / "out").exists()
     size = os.path.getsize(path)
-    assert rss - baseline_rss <= 2 * size + (48 << 20), (rss - baseline_rss, size)
+    assert rss - baseline_rss <= 2 * size + (8 << 20), (rss - baseline_rss, size)   # measured: <= 3 MB
