@@ -48,7 +48,7 @@ import time
 
 import jax
 
-from clip_jax import config_lib, sharding, summary, train
+from clip_jax import config_lib, sharding, summary, train, validation
 
 GIB = 2 ** 30
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
@@ -469,7 +469,7 @@ def main():
             devices, chip = topology_devices(F.topology)
             if F.hbm_gib:
                 chip = dataclasses.replace(chip, hbm_gib=F.hbm_gib)
-            config_lib.validate(config, len(devices))
+            validation.validate(config, len(devices))
         except (ValueError, config_lib.ConfigError) as e:
             sys.exit(f"error: {e}")
         if F.find_max_batch:

@@ -476,7 +476,8 @@ def main():
             with config.unlocked():
                 if FLAGS.source:
                     config.data.source = FLAGS.source
-            config_lib.validate(config, jax.device_count())
+            from clip_jax import validation   # imports the evaluators: only for these modes
+            validation.validate(config, jax.device_count())
             if mode == "evaluate":
                 result = {"mode": "evaluate", **benchmark_evaluate(
                     config, FLAGS.source, FLAGS.images, FLAGS.repeats, FLAGS.eval_batch_size)}

@@ -10,7 +10,6 @@ import os
 
 import ml_collections
 
-from clip_jax import paths
 
 # name: (embed_dim, image_size, vision_layers, vision_width, patch, text_width, text_heads)
 PAPER_MODELS = {
@@ -174,7 +173,7 @@ class ConfigError(ValueError):
     """A config problem found before any work starts; the message names the key."""
 
 
-def _lookup(config, dotted):
+def lookup(config, dotted):
     node = config
     for part in dotted.split("."):
         if not hasattr(node, "keys") or part not in node.keys():
@@ -191,75 +190,13 @@ def check_override_keys(config, argv, flag="config"):
         if not arg.startswith(prefix):
             continue
         dotted = arg[len(prefix):].split("=", 1)[0]
-        found, parent = _lookup(config, dotted)
+        found, parent = lookup(config, dotted)
         if not found:
             leaf = dotted.rsplit(".", 1)[-1]
             options = list(parent.keys()) if hasattr(parent, "keys") else []
             close = difflib.get_close_matches(leaf, options, n=1)
             hint = f" (did you mean {dotted.rsplit('.', 1)[0] + '.' if '.' in dotted else ''}{close[0]}?)" if close else ""
             raise ConfigError(f"unknown config key '{dotted}' in {arg!r}{hint}")
-
-
-def _validate_data(config, need):
-    from clip_jax.data import records, sources, tokenizer
-    d = config.data
-    try:
-        specs = sources.parse_source_list(d.source)
-        sources.parse_weights(d.weights, len(specs))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    for spec in specs:
-        if spec == "synthetic" or spec.startswith("tfds:"):
-            continue
-        need(paths.isdir(spec), "data.source",
-             f"entry {spec!r} is neither 'synthetic', 'tfds:NAME[:SPLIT]' nor an existing directory")
-        try:
-            records.read_manifest(spec)
-        except ValueError as e:
-            raise ConfigError(f"config.data.source: {e}") from None
-    need(d.workers >= 0, "data.workers", "must be >= 0")
-    need(d.prefetch >= 0, "data.prefetch", "must be >= 0")
-    lo, hi = d.crop_scale
-    need(0 < lo <= hi <= 1, "data.crop_scale", "must be (low, high) with 0 < low <= high <= 1")
-    lo, hi = d.crop_ratio
-    need(0 < lo <= hi, "data.crop_ratio", "must be (low, high) with 0 < low <= high")
-    need(d.tokenizer in tokenizer.TOKENIZERS, "data.tokenizer", f"must be one of {sorted(tokenizer.TOKENIZERS)}")
-    need(not d.tokenizer_path or paths.isfile(d.tokenizer_path), "data.tokenizer_path", "no such file")
-    if d.tokenizer == "sentencepiece":
-        need(d.tokenizer_vocab_size <= config.model.text.vocab_size, "data.tokenizer_vocab_size",
-             f"must be <= model.text.vocab_size={config.model.text.vocab_size}")
-
-
-def _check_init_from_tokenizer(config):
-    """Parameters taken from a model trained with another tokenizer would read wrong ids."""
-    saved_path = paths.join(config.init_from, "config.json") if config.init_from else ""
-    if not saved_path or not paths.isfile(saved_path):
-        return
-    saved = json.loads(paths.read_text(saved_path)).get("data", {})
-    if saved.get("tokenizer", config.data.tokenizer) != config.data.tokenizer:
-        raise ConfigError(
-            f"config.data.tokenizer: {config.data.tokenizer!r}, but config.init_from={config.init_from} "
-            f"was trained with {saved['tokenizer']!r}: set --config.data.tokenizer={saved['tokenizer']} "
-            "(or use configs/finetune.py:DIR, which does)")
-
-
-def _validate_evals(config):
-    """Each config.evals entry: a known task, data, options that apply, files that exist."""
-    from clip_jax import evaluate
-    for name, entry in config.get("evals", {}).items():
-        where = f"config.evals.{name}"
-        if not isinstance(entry, ml_collections.ConfigDict):
-            raise ConfigError(f"{where}: expected a dict of task, data and options, got {entry!r}")
-        options = {k: v for k, v in entry.items() if k not in ("task", "data")}
-        try:
-            evaluate.check_spec(entry.get("task", ""), options, where)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if not entry.get("data"):
-            raise ConfigError(f"{where}.data: the evaluation data must be given")
-        for key in ("templates", "classnames"):
-            if options.get(key) and not paths.isfile(options[key]):
-                raise ConfigError(f"{where}.{key}: no such file {options[key]!r}")
 
 
 def load_config_file(argv, default=None):
@@ -334,77 +271,3 @@ def describe_changes(saved, config):
     before = _flatten(saved)
     return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(now) | set(before))
             if before.get(k) != now.get(k) and not k.startswith(RESUME_NEUTRAL_KEYS)]
-
-
-def validate(config, num_devices=None):
-    """Semantic checks of a whole config; raises ConfigError naming the first bad key."""
-    from clip_jax import sharding
-
-    def need(cond, key, msg):
-        if not cond:
-            raise ConfigError(f"config.{key}: {msg} (got {_lookup(config, key)[1]!r})")
-
-    for key in ("batch_size", "total_steps", "log_every"):
-        need(isinstance(config[key], int) and config[key] > 0, key, "must be a positive integer")
-    need(config.eval_every >= 0, "eval_every", "must be >= 0 (0: only at the end)")
-    need(isinstance(config.checkpoint_every, int) and config.checkpoint_every >= 0,
-         "checkpoint_every", "must be an integer >= 0 (0: only at the end and on preemption)")
-    need(isinstance(config.max_to_keep, int) and config.max_to_keep >= 1, "max_to_keep",
-         "must be a positive integer")
-    need(isinstance(config.max_bad_steps, int) and config.max_bad_steps >= 1, "max_bad_steps",
-         "must be a positive integer")
-    need(not config.init_from or paths.exists(config.init_from), "init_from",
-         "no such checkpoint directory")
-    _check_init_from_tokenizer(config)
-    m = config.model
-    need(m.vision.kind in ("resnet", "vit"), "model.vision.kind", "must be 'resnet' or 'vit'")
-    need(m.dtype in ("float32", "bfloat16"), "model.dtype", "must be 'float32' or 'bfloat16'")
-    need(m.get("activation", "quick_gelu") in ("quick_gelu", "gelu"), "model.activation",
-         "must be 'quick_gelu' or 'gelu'")
-    need(m.get("ops", "auto") in MODEL_OPS, "model.ops", f"must be one of {MODEL_OPS}")
-    off = [p.strip() for p in str(m.get("cpu_ops_off", "")).split(",") if p.strip()]
-    need(set(off) <= set(CPU_OPS_PIECES), "model.cpu_ops_off",
-         f"unknown piece(s) {sorted(set(off) - set(CPU_OPS_PIECES))}; the pieces are {CPU_OPS_PIECES}")
-    if m.vision.kind == "vit":
-        need(m.vision.patch_size > 0 and m.vision.image_size % m.vision.patch_size == 0,
-             "model.vision.patch_size", "must be positive and divide model.vision.image_size")
-        need(m.vision.width % m.vision.heads == 0, "model.vision.heads", "must divide model.vision.width")
-    else:
-        need(len(m.vision.layers) == 4, "model.vision.layers", "a ResNet needs 4 stage depths")
-        need(m.vision.image_size % 32 == 0, "model.vision.image_size", "a ResNet needs a multiple of 32")
-    need(m.text.width % m.text.heads == 0, "model.text.heads", "must divide model.text.width")
-    o = config.optim
-    need(o.lr > 0, "optim.lr", "must be positive")
-    need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b2" if not 0 <= o.b2 < 1 else "optim.b1", "must be in [0, 1)")
-    need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    from clip_jax import losses
-    need(config.loss.name in losses.LOSSES, "loss.name", f"must be one of {sorted(losses.LOSSES)}")
-    need(isinstance(config.loss.block_size, int) and config.loss.block_size > 0, "loss.block_size",
-         "must be a positive integer")
-    need(isinstance(config.micro_batches, int) and config.micro_batches >= 1, "micro_batches",
-         "must be a positive integer")
-    need(config.batch_size % config.micro_batches == 0, "micro_batches", "must divide batch_size")
-    need(isinstance(config.lock_image.unlocked_blocks, int) and config.lock_image.unlocked_blocks >= 0,
-         "lock_image.unlocked_blocks", "must be an integer >= 0")
-    need(not config.lock_image.enabled or config.init_from, "lock_image.enabled",
-         "locks the image tower of a pretrained model: set config.init_from too")
-    _validate_data(config, need)
-    _validate_evals(config)
-    rule_names = [r[0] for r in config.sharding_rules]
-    need("batch" in rule_names, "sharding_rules", "needs a rule for the logical axis 'batch'")
-    for name, axes in config.sharding_rules:
-        for a in (axes,) if isinstance(axes, str) else (axes or ()):
-            need(a in sharding.MESH_AXES, "sharding_rules", f"rule {name!r} names unknown mesh axis {a!r}")
-    if num_devices is not None:
-        try:
-            shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        shards = 1
-        for a in sharding.batch_axes(config.sharding_rules):
-            shards *= shape[a]
-        need(config.batch_size % shards == 0, "batch_size",
-             f"must be divisible by the {shards} batch shards of the mesh {shape}")
-        need(config.batch_size % (shards * config.micro_batches) == 0, "micro_batches",
-             f"batch_size={config.batch_size} must split into micro_batches x {shards} batch shards")

@@ -20,7 +20,7 @@ import sys
 import jax
 import ml_collections
 
-from clip_jax import config_lib, losses, sharding, train
+from clip_jax import config_lib, losses, sharding, train, validation
 from clip_jax.models import abstract_variables, build_model, count_params, encoder_fns, input_specs
 
 
@@ -153,7 +153,7 @@ def main():
         F = flags.FLAGS
         config = config_flag.value
         try:
-            config_lib.validate(config, F.devices or jax.device_count())
+            validation.validate(config, F.devices or jax.device_count())
         except config_lib.ConfigError as e:
             sys.exit(f"error: {e}")
         s = summarize(config, memory=F.memory, num_devices=F.devices)

@@ -19,7 +19,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clip_jax import (checkpoint, config_lib, distributed, evaluate, losses, metrics, optim, paths,
-                      sharding)
+                      sharding, validation)
 from clip_jax import ops as ops_lib
 from clip_jax.distributed import log
 from clip_jax.models import abstract_variables, build_model, input_specs
@@ -335,7 +335,7 @@ def train(config, workdir):
     """
     from clip_jax.data import pipeline, tokenizer as tokenizer_lib
 
-    config_lib.validate(config, jax.device_count())
+    validation.validate(config, jax.device_count())
     workdir = paths.resolve(workdir)
     paths.makedirs(workdir)
     if jax.process_index() == 0:

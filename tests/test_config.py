@@ -5,7 +5,7 @@ import importlib.util
 
 import pytest
 
-from clip_jax import config_lib
+from clip_jax import config_lib, validation
 from tests.helpers import REPO, run_cli
 
 # configs/finetune.py needs an argument (converted weights): tested on its own below.
@@ -29,7 +29,7 @@ def test_finetune_config_takes_model_tokenizer_and_weights_from_converted_weight
     checkpoint.save_params(out, _random_variables(cfg)["params"], config=convert.converted_config(cfg))
     path = os.path.join(REPO, "configs", "finetune.py")
     c = load(path, out)
-    config_lib.validate(c, num_devices=8)
+    validation.validate(c, num_devices=8)
     assert c.init_from == out and c.data.tokenizer == "clip_bpe"
     assert c.model.vision.layers == (1, 2, 1, 1) and c.model.text.vocab_size == 49408
     assert (c.model.dtype, c.model.remat, c.optim.lr) == ("bfloat16", True, 1e-5)
@@ -46,7 +46,7 @@ def test_every_paper_model_has_a_config():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p))
 def test_shipped_configs_validate(path):
-    config_lib.validate(load(path), num_devices=8)
+    validation.validate(load(path), num_devices=8)
 
 
 @pytest.mark.parametrize("name", sorted(config_lib.PAPER_MODELS))
@@ -87,17 +87,17 @@ def test_validate_names_the_bad_key(key, value, match):
         parent = parent[p]
     parent[leaf] = value
     with pytest.raises(config_lib.ConfigError, match=match):
-        config_lib.validate(c, num_devices=1)
+        validation.validate(c, num_devices=1)
 
 
 def test_batch_must_divide_over_batch_shards():
     c = load(os.path.join(REPO, "configs", "smoke.py"))
     c.batch_size = 100
     with pytest.raises(config_lib.ConfigError, match="config.batch_size"):
-        config_lib.validate(c, num_devices=8)
+        validation.validate(c, num_devices=8)
     c.mesh.data = 3
     with pytest.raises(config_lib.ConfigError, match="config.mesh"):
-        config_lib.validate(c, num_devices=8)
+        validation.validate(c, num_devices=8)
 
 
 def test_unknown_override_key_names_it_and_suggests():

@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from clip_jax import checkpoint, config_lib, convert, pytorch_io
+from clip_jax import checkpoint, config_lib, convert, pytorch_io, validation
 from tests.helpers import tiny_config, write_model_dir
 
 PAPER = list(config_lib.PAPER_MODELS)
@@ -231,4 +231,4 @@ def test_init_from_with_another_tokenizer_is_a_config_error(tmp_path):
     checkpoint.save_params(out, variables["params"], config=convert.converted_config(cfg))
     config = tiny_config(init_from=out)
     with pytest.raises(config_lib.ConfigError, match=r"config.data.tokenizer: 'sentencepiece', but .* 'clip_bpe'"):
-        config_lib.validate(config)
+        validation.validate(config)

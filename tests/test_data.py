@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_jax import config_lib
+from clip_jax import config_lib, validation
 from clip_jax.data import pipeline, sources, synthetic
 from clip_jax.data import tokenizer as tokenizer_lib
 from tests.helpers import (build_tfds_dataset, drawn_image, encode_image, free_port,
@@ -403,7 +403,7 @@ def test_bad_data_config_names_the_key(tmp_path, key, value, message):
         value = str(tmp_path)
     c.data[key] = value
     with pytest.raises(config_lib.ConfigError, match=message):
-        config_lib.validate(c)
+        validation.validate(c)
 
 
 _SUBPROCESS = r'''

@@ -387,11 +387,11 @@ def test_training_evals_equal_the_command_line_on_the_saved_checkpoint(tmp_path,
 
 
 def test_bad_evals_stop_training_before_any_step(tmp_path):
-    from clip_jax import config_lib
+    from clip_jax import config_lib, validation
     config = tiny_config()
     config.evals.bad = ml_collections.ConfigDict(dict(task="zeroshot", data="synthetic", train_data="x"))
     with pytest.raises(config_lib.ConfigError, match="config.evals.bad: train_data does not apply to zeroshot"):
-        config_lib.validate(config)
+        validation.validate(config)
     config.evals.bad = ml_collections.ConfigDict(dict(task="zeroshot", data=str(tmp_path / "missing")))
     with pytest.raises(config_lib.ConfigError, match="missing.*no such file or directory"):
         train.train(config, str(tmp_path / "run"))
