@@ -32,10 +32,8 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
 import re
 import sys
-import tempfile
 from typing import Optional, Tuple
 
 import numpy as np
@@ -437,15 +435,11 @@ def export_open_clip(run, out):
     tensors = to_torch({"params": arrays["params"], "batch_stats": arrays.get("batch_stats", {})},
                        config.model)
     cfg = open_clip_config(config)
-    local = out if not paths.is_remote(out) else os.path.join(
-        tempfile.mkdtemp(prefix="clip_jax_export."), os.path.basename(out))
-    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
     try:
-        pytorch_io.write_state_dict(tensors, local)
+        with paths.staged(out) as local:
+            pytorch_io.write_state_dict(tensors, local)
     except pytorch_io.CheckpointFormatError as e:
         raise ConvertError(str(e)) from None
-    if local != out:
-        paths.upload(local, out)
     paths.write_text(paths.join(paths.dirname(out), "open_clip_config.json"), json.dumps(cfg, indent=2))
     return config, cfg
 

@@ -20,9 +20,9 @@ Decisions:
   (`local_copy`). A dataset larger than a host's disk is read through a gcsfuse mount of
   the bucket, which is a local path.
 """
+import contextlib
 import hashlib
 import os
-import shutil
 import tempfile
 
 from etils import epath
@@ -84,22 +84,30 @@ def read_text(p) -> str:
     return path(p).read_text(encoding="utf-8")
 
 
+@contextlib.contextmanager
+def _replaced_whole(local_file):
+    """A binary file object whose content replaces the local file `local_file` when the block
+    ends without error (a temporary file beside it, renamed over it); else it is removed."""
+    directory = os.path.dirname(local_file)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(local_file) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.replace(tmp, local_file)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def write_bytes(p, data: bytes):
     """Writes the whole file atomically (see the module docstring)."""
     if is_remote(p):
         path(p).write_bytes(data)
         return
-    p = resolve(p)
-    os.makedirs(os.path.dirname(p), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(p), prefix=os.path.basename(p) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with _replaced_whole(resolve(p)) as f:
+        f.write(data)
 
 
 def write_text(p, text: str):
@@ -163,15 +171,20 @@ def walk_files(top) -> list:
     return sorted(out)
 
 
-def upload(local_file, dst):
-    """Moves the finished local file `local_file` to `dst` (for writers that need a local
-    file: ArrayRecord, torch-format weights); an upload to an object store is atomic."""
-    if is_remote(dst):
-        epath.Path(local_file).copy(path(dst), overwrite=True)
-        os.remove(local_file)
-    else:
+@contextlib.contextmanager
+def staged(dst):
+    """A local file name through which to write `dst`, for writers that write local files
+    only (ArrayRecord, torch, safetensors): `dst` itself when it is local; for a remote one
+    a temporary file, uploaded when the block ends without error (an upload to an object
+    store is atomic) and removed either way."""
+    if not is_remote(dst):
         os.makedirs(dirname(dst), exist_ok=True)
-        shutil.move(local_file, resolve(dst))     # a rename, or a copy across file systems
+        yield resolve(dst)
+        return
+    with tempfile.TemporaryDirectory(prefix="clip_jax_upload.") as tmp:
+        local = os.path.join(tmp, str(dst).rstrip("/").rsplit("/", 1)[1])
+        yield local
+        epath.Path(local).copy(path(dst), overwrite=True)
 
 
 def cache_dir() -> str:
@@ -192,17 +205,9 @@ def local_copy(p, directory=None) -> str:
     remote_size = size(p)
     if os.path.exists(local) and os.path.getsize(local) == remote_size:
         return local
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(local) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, path(p).open("rb") as src:
-            while chunk := src.read(1 << 24):
-                out.write(chunk)
-        if os.path.getsize(tmp) != remote_size:
-            raise OSError(f"{p}: copied {os.path.getsize(tmp)} bytes of {remote_size}")
-        os.replace(tmp, local)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with _replaced_whole(local) as out, path(p).open("rb") as src:
+        while chunk := src.read(1 << 24):
+            out.write(chunk)
+        if out.tell() != remote_size:
+            raise OSError(f"{p}: copied {out.tell()} bytes of {remote_size}")
     return local

@@ -31,6 +31,7 @@ default twice the file's size, which every archive torch writes meets). Anything
 import collections
 import io
 import json
+import math
 import mmap
 import os
 import pickle
@@ -363,9 +364,7 @@ def _check_tensor(name, tensor, source):
             bad(f"{what} {_short(dims)} is not a list of non-negative integers")
     if len(size) != len(stride) or len(size) > MAX_NDIM:
         bad(f"size {_short(size)} and stride {_short(stride)} do not match (at most {MAX_NDIM} dimensions)")
-    numel = 1
-    for n in size:
-        numel *= n
+    numel = math.prod(size)
     end = offset + (1 + sum((n - 1) * s for n, s in zip(size, stride)) if numel else 0)
     if end > storage.numel:
         bad(f"reaches element {end - 1:,} of its storage {storage.key}, which holds {storage.numel:,} "
@@ -525,9 +524,7 @@ def _read_safetensors(path, budget):
         begin, end = offsets
         if end > data_len:
             bad(f"data_offsets [{begin}, {end}] pass the end of the data ({data_len:,} bytes)")
-        dtype, numel = np.dtype(SAFETENSORS_DTYPES[kind]), 1
-        for n in shape:
-            numel *= n
+        dtype, numel = np.dtype(SAFETENSORS_DTYPES[kind]), math.prod(shape)
         if numel * dtype.itemsize != end - begin:
             bad(f"{kind} {shape} is {numel * dtype.itemsize:,} bytes, but data_offsets [{begin}, {end}] "
                 f"hold {end - begin:,}")

@@ -105,7 +105,6 @@ import os
 import posixpath
 import sys
 import tarfile
-import tempfile
 import zlib
 from typing import NamedTuple
 
@@ -730,13 +729,9 @@ def _write(prepared, out, settings, records_per_shard, workers, progress):
     skipped, repaired = collections.Counter(), collections.Counter()
     writer = records.ShardWriter(out, records_per_shard)
     rows = 0
-    skipped_log = paths.join(out, records.SKIPPED_LOG)
-    log_file = skipped_log
-    if paths.is_remote(out):          # written locally, uploaded whole at the end
-        fd, log_file = tempfile.mkstemp(prefix="clip_jax_skipped.", suffix=".jsonl")
-        os.close(fd)
     try:
-        with open(log_file, "w", encoding="utf-8") as log, \
+        with paths.staged(paths.join(out, records.SKIPPED_LOG)) as log_file, \
+                open(log_file, "w", encoding="utf-8") as log, \
                 tqdm(total=prepared.total, unit=" rows", file=sys.stderr,
                      disable=not progress) as bar:
             for results in _processed(_chunks(prepared.rows), settings, workers):
@@ -754,7 +749,5 @@ def _write(prepared, out, settings, records_per_shard, workers, progress):
                 bar.set_postfix(skipped=sum(skipped.values()), refresh=False)
     finally:
         shards = writer.close()
-    if log_file != skipped_log:
-        paths.upload(log_file, skipped_log)
     return {"num_records": rows - sum(skipped.values()), "rows": rows, "shards": shards,
             "skipped": dict(sorted(skipped.items())), "repaired": dict(sorted(repaired.items()))}

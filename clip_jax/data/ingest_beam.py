@@ -30,8 +30,6 @@ Runner options follow `--`: `python -m clip_jax.ingest wds 'shards-{0000..0999}.
 """
 import collections
 import json
-import os
-import tempfile
 
 from clip_jax import paths
 from clip_jax.data import ingest, records
@@ -91,19 +89,17 @@ def _place(block, offsets, records_per_shard):
 
 
 def _write_shard(shard, out):
-    """Writes one output shard's records, in order, to a local file, then copies it into
-    `out` (which may be remote); returns its manifest entry."""
+    """Writes one output shard's records, in order, into `out` (which may be remote: then
+    through a local file, `paths.staged`); returns its manifest entry."""
     from array_record.python.array_record_module import ArrayRecordWriter
     number, placed = shard
     placed = sorted(placed, key=lambda p: p[0])
     name = records.shard_name(number)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, name)
+    with paths.staged(paths.join(out, name)) as local:
         writer = ArrayRecordWriter(local, "group_size:1")
         for _, record in placed:
             writer.write(record)
         writer.close()
-        paths.upload(local, paths.join(out, name))
     return {"path": name, "num_records": len(placed)}
 
 

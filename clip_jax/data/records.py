@@ -18,8 +18,6 @@ manifest.json holds at least `format`, `num_records`, `rows` (input rows seen), 
 `repaired` (what was converted and kept -> count); `num_records + sum(skipped) == rows`.
 """
 import json
-import os
-import tempfile
 
 import msgpack
 
@@ -58,17 +56,17 @@ def shard_name(index):
 class ShardWriter:
     """Writes encoded records to consecutive ArrayRecord shards of `records_per_shard` each.
 
-    Into a remote `directory`, each shard is written to a local staging folder and uploaded
-    when it is complete (the ArrayRecord writer writes local files only)."""
+    Into a remote `directory`, each shard is written locally and uploaded when it is
+    complete (`paths.staged`: the ArrayRecord writer writes local files only)."""
 
     def __init__(self, directory, records_per_shard):
         if records_per_shard <= 0:
             raise ValueError(f"records_per_shard must be positive, got {records_per_shard}")
         self.directory = directory
-        self._staging = tempfile.mkdtemp(prefix="clip_jax_shards.") if paths.is_remote(directory) else None
         self.records_per_shard = int(records_per_shard)
         self.shards = []          # [{"path", "num_records"}], closed shards and the open one
         self._writer = None
+        self._stage = None        # the open shard's paths.staged, entered and left by hand
 
     def write(self, record_bytes):
         if self._writer is None or self.shards[-1]["num_records"] == self.records_per_shard:
@@ -81,21 +79,18 @@ class ShardWriter:
         self._close_current()
         name = shard_name(len(self.shards))
         # group_size:1 makes every record its own chunk: cheapest random access.
-        self._writer = ArrayRecordWriter(os.path.join(self._staging or self.directory, name), "group_size:1")
+        self._stage = paths.staged(paths.join(self.directory, name))
+        self._writer = ArrayRecordWriter(self._stage.__enter__(), "group_size:1")
         self.shards.append({"path": name, "num_records": 0})
 
     def _close_current(self):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-            if self._staging:
-                name = self.shards[-1]["path"]
-                paths.upload(os.path.join(self._staging, name), paths.join(self.directory, name))
+            self._stage.__exit__(None, None, None)     # uploads a remote shard
 
     def close(self):
         self._close_current()
-        if self._staging:
-            os.rmdir(self._staging)
         return list(self.shards)
 
 
@@ -140,13 +135,13 @@ class IngestedSource:
     local files only), once, when the source is made.
     """
 
-    def __init__(self, directory, _local_shards=None):
+    def __init__(self, directory):
         self.directory = paths.resolve(directory)
         self.manifest = read_manifest(self.directory)
         if self.manifest["num_records"] == 0:
             raise ValueError(f"{paths.join(self.directory, MANIFEST)}: the dataset has 0 records")
-        self._paths = _local_shards or [paths.local_copy(paths.join(self.directory, s["path"]))
-                                        for s in self.manifest["shards"] if s["num_records"] > 0]
+        self._paths = [paths.local_copy(paths.join(self.directory, s["path"]))
+                       for s in self.manifest["shards"] if s["num_records"] > 0]
         self._source = None
 
     @property
@@ -162,11 +157,12 @@ class IngestedSource:
     def __getitem__(self, index):
         return decode_record(self._records[int(index)])
 
-    def __getstate__(self):
-        return {"directory": self.directory, "local_shards": self._paths}
+    def __getstate__(self):   # a worker reopens the local shards; it reads nothing remote
+        return {"directory": self.directory, "manifest": self.manifest, "paths": self._paths}
 
     def __setstate__(self, state):
-        self.__init__(state["directory"], state["local_shards"])
+        self.directory, self.manifest, self._paths = state["directory"], state["manifest"], state["paths"]
+        self._source = None
 
     def __repr__(self):
         return f"IngestedSource({self.directory!r}, num_records={len(self)})"
