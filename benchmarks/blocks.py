@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax import benchmark
+from clip_jax.benchmark import timing, train as train_bench
 from clip_jax.models import layers
 from clip_jax.ops import cpu
 
@@ -39,8 +39,8 @@ def main():
     params = jax.jit(model.init)(jax.random.key(1), x)
     loss = lambda p, x: jnp.sum(model.apply(p, x).astype(jnp.float32) ** 2)
     compiled = jax.jit(jax.grad(loss)).lower(params, x).compile()
-    flops = benchmark.xla_flops(compiled)
-    times = benchmark.timings(lambda: jax.block_until_ready(compiled(params, x)), args.runs)
+    flops = train_bench.xla_flops(compiled)
+    times = timing.timings(lambda: jax.block_until_ready(compiled(params, x)), args.runs)
     median = float(np.median(times))
     print(f"{args.layers} blocks, width {args.width}, {args.batch}x{args.tokens} tokens, {args.dtype}, "
           f"ops {args.ops}: "

@@ -27,7 +27,8 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 
-from clip_jax import benchmark, config_lib, summary, train  # noqa: E402
+from clip_jax import config_lib, summary, train  # noqa: E402
+from clip_jax.benchmark.train import synthetic_batch  # noqa: E402
 
 _SKIP = ("ThunkExecutor", "$", "SlinkyThreadPool", "end:", "PjitFunction", "CommonPjRt",
          "ParseArguments", "Handle inputs")
@@ -70,7 +71,7 @@ def main():
         config, top = config_flag.value, flags.FLAGS.top
         trace_dir = flags.FLAGS.trace_dir or tempfile.mkdtemp(prefix="clip_jax_profile_")
         built = train.build(config)
-        batch = benchmark.synthetic_batch(built)
+        batch = synthetic_batch(built)
         state = built.init_state()
         with built.context():
             compiled = built.train_step.lower(state, batch).compile()

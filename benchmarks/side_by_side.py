@@ -32,7 +32,8 @@ import re
 import statistics
 import subprocess
 import sys
-import time
+
+from clip_jax.benchmark.timing import timings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # clip_jax config name -> OpenCLIP model name (the OpenAI architectures use QuickGELU).
@@ -79,13 +80,7 @@ def openclip_run(name, batch, steps, warmup, threads, precision):
             model.logit_scale.clamp_(0, math.log(100))
         return float(loss)        # a host sync, like clip_jax's block_until_ready
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    times = timings(step, steps, warmup=warmup)
     return {"samples_per_sec": batch * steps / sum(times),
             "step_seconds_median": statistics.median(times),
             "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -9,5 +9,6 @@ __version__ = "0.1.0"
 
 def load(path, batch_size=256):
     """A trained or converted CLIP ready for inference; see `clip_jax.inference`."""
+    # lazy: `import clip_jax` must not import JAX (tests/test_imports.py)
     from clip_jax.inference import load as _load
     return _load(path, batch_size=batch_size)

@@ -36,9 +36,12 @@ import re
 import sys
 from typing import Optional, Tuple
 
+import jax
 import numpy as np
 
-from clip_jax import config_lib, paths, pytorch_io
+from clip_jax import checkpoint, config_lib, inference, paths, pytorch_io
+from clip_jax.data.pipeline import CLIP_MEAN, CLIP_STD
+from clip_jax.models import abstract_variables, build_model, count_params
 
 # Tensors a reference checkpoint may hold that are not model weights.
 IGNORED = re.compile(r"(^|\.)attn_mask$|\.num_batches_tracked$|^(input_resolution|context_length|vocab_size)$")
@@ -217,8 +220,6 @@ def name_table(model_cfg):
 
 @functools.lru_cache(maxsize=16)
 def _name_table(model_json):
-    import jax
-    from clip_jax.models import abstract_variables, build_model
     model_cfg = config_lib.from_json({"model": json.loads(model_json)}).model
     variables = abstract_variables(build_model(model_cfg), model_cfg)
     table = []
@@ -370,8 +371,6 @@ def converted_config(model_cfg):
 def import_checkpoint(src, out, arch=None, activation=None, max_bytes=None):
     """Converts the reference checkpoint `src` into the directory `out` (written last, once
     the weights are read and fit); returns convert.json."""
-    from clip_jax import checkpoint
-    from clip_jax.models import count_params
     if paths.exists(out) and (not paths.isdir(out) or paths.listdir(out)):
         raise ConvertError(f"--out {out}: already exists and is not empty; choose a new directory")
     weights, open_clip_cfg = find_weights(src)
@@ -404,7 +403,6 @@ def import_checkpoint(src, out, arch=None, activation=None, max_bytes=None):
 
 def open_clip_config(config):
     """open_clip_config.json's content for our `config` (OpenCLIP's model_cfg names)."""
-    from clip_jax.data.pipeline import CLIP_MEAN, CLIP_STD
     m, v, t = config.model, config.model.vision, config.model.text
     if v.kind == "vit":
         head_width, rem = divmod(int(v.width), int(v.heads))
@@ -429,7 +427,6 @@ def open_clip_config(config):
 
 def export_open_clip(run, out):
     """Writes `out` (a state_dict OpenCLIP loads) and open_clip_config.json beside it."""
-    from clip_jax import checkpoint, inference
     config, state_dir, _ = inference.locate(run)
     arrays = checkpoint.read_arrays(state_dir)
     tensors = to_torch({"params": arrays["params"], "batch_stats": arrays.get("batch_stats", {})},

@@ -23,7 +23,9 @@ import jax
 import numpy as np
 
 from clip_jax import checkpoint, config_lib, ops, paths, sharding
-from clip_jax.evals.features import l2_normalize
+from clip_jax.data import images as images_lib, tokenizer as tokenizer_lib
+from clip_jax.data.pipeline import normalize_images
+from clip_jax.models.clip import MAX_LOGIT_SCALE, l2_normalize
 from clip_jax.models import abstract_variables, build_model, encoder_fns
 
 DEFAULT_BATCH_SIZE = 256
@@ -69,8 +71,6 @@ class CLIPModel:
     def preprocess(self, image):
         """A PIL image, uint8 [H, W, 3] array or encoded image bytes -> float32 [S, S, 3]:
         the evaluation transform (resize the short side to S, centre crop, CLIP mean/std)."""
-        from clip_jax.data import images as images_lib
-        from clip_jax.data.pipeline import normalize_images
         if isinstance(image, np.ndarray):
             image = images_lib.array_to_pil(image)
         if not isinstance(image, (bytes, bytearray)):
@@ -110,7 +110,6 @@ class CLIPModel:
     def logit_scale(self):
         """The learned temperature's inverse, exp(logit_scale) capped at 100 as in training:
         logits = logit_scale * cosine similarity."""
-        from clip_jax.models.clip import MAX_LOGIT_SCALE
         raw = float(_to_host(self.variables["params"]["logit_scale"]))
         return min(float(np.exp(raw)), MAX_LOGIT_SCALE)
 
@@ -195,7 +194,6 @@ def locate(path):
 
 def load_tokenizer(config, home):
     """The run's tokenizer: `data.tokenizer_path`, or the SentencePiece model cached in `home`."""
-    from clip_jax.data import tokenizer as tokenizer_lib
     if config.data.tokenizer == "sentencepiece" and not config.data.tokenizer_path:
         path = paths.join(home, "tokenizer", "spm.model")
         if not paths.exists(path):

@@ -151,12 +151,22 @@ def clip_loss_blockwise_local(image_local, text_local, logit_scale, axis_name, b
     return total / (2 * all_image.shape[0])
 
 
+def valid_block_size(block_size):
+    """Whether `config.loss.block_size` is usable: the one check (config validation and
+    `clip_loss_blockwise` both ask it)."""
+    return isinstance(block_size, int) and not isinstance(block_size, bool) and block_size >= 1
+
+
+def check_block_size(block_size):
+    if not valid_block_size(block_size):
+        raise ValueError(f"config.loss.block_size must be a positive integer, got {block_size!r}")
+
+
 def clip_loss_blockwise(image_embeds, text_embeds, logit_scale, mesh, batch_axes, block_size):
     """`clip_loss` with each row's log-sum-exp streamed over column blocks of `block_size`
     (the last one padded with masked columns): equal value and gradients, O(B_local x
     block) logits per device instead of O(B_local x B)."""
-    if block_size < 1:
-        raise ValueError(f"config.loss.block_size must be >= 1, got {block_size}")
+    check_block_size(block_size)
     if not batch_axes:
         return clip_loss_blockwise_local(image_embeds, text_embeds, logit_scale, None, block_size)
     axes = tuple(batch_axes)
@@ -275,8 +285,8 @@ def make_loss(loss_cfg, mesh, batch_axes):
     'siglip'."""
     name = loss_cfg.name
     loss = get_loss(name)
-    if name == "clip_blockwise" and int(loss_cfg.block_size) < 1:
-        raise ValueError(f"config.loss.block_size must be >= 1, got {loss_cfg.block_size}")
+    if name == "clip_blockwise":
+        check_block_size(loss_cfg.block_size)
 
     def fn(image_embeds, text_embeds, logit_scale, logit_bias=None):
         if name == "siglip":
@@ -289,7 +299,7 @@ def make_loss(loss_cfg, mesh, batch_axes):
                              "gradient); only 'siglip' uses one")
         if name == "clip_blockwise":
             return loss(image_embeds, text_embeds, logit_scale, mesh, batch_axes,
-                        int(loss_cfg.block_size))
+                        loss_cfg.block_size)
         return loss(image_embeds, text_embeds, logit_scale, mesh, batch_axes)
 
     return fn

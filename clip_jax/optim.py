@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-MAX_LOGIT_SCALE = math.log(100.0)
+from clip_jax.models.clip import MAX_LOGIT_SCALE
 
 
 def weight_decay_mask(params):
@@ -62,7 +62,8 @@ def make_optimizer(optim_cfg, total_steps, labels=None):
 
 
 def clip_logit_scale(params):
-    """Clamps the log temperature parameter to [0, log 100] after each update, as the paper."""
+    """Clamps the log temperature parameter to [0, log MAX_LOGIT_SCALE] after each update, as
+    the paper."""
     if "logit_scale" not in params:
         return params
-    return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE)}
+    return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, math.log(MAX_LOGIT_SCALE))}

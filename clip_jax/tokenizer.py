@@ -16,13 +16,12 @@ import argparse
 import os
 import sys
 
-from clip_jax.data import tokenizer as tokenizer_lib
+from clip_jax.data import bpe, records, sources, tokenizer as tokenizer_lib
 
 
 def read_captions(src, max_captions):
     """Captions from an ingested directory or a text file (one per line, blank lines skipped)."""
     if os.path.isdir(src):
-        from clip_jax.data import records, sources
         return sources.tokenizer_corpus(records.IngestedSource(src), max_captions)
     if not os.path.isfile(src):
         raise ValueError(f"--captions {src!r}: neither an ingested directory nor a text file")
@@ -34,7 +33,6 @@ def read_captions(src, max_captions):
 
 def load_any(path, context_length):
     if path.endswith((".txt", ".txt.gz")):
-        from clip_jax.data import bpe
         return bpe.ClipBPETokenizer(path, context_length)
     return tokenizer_lib.SentencePieceTokenizer.load(path, context_length)
 

@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from clip_jax import (checkpoint, config_lib, distributed, evaluate, losses, metrics, optim, paths,
                       sharding, validation)
 from clip_jax import ops as ops_lib
+from clip_jax.data import pipeline, tokenizer as tokenizer_lib
 from clip_jax.distributed import log
 from clip_jax.models import abstract_variables, build_model, input_specs
 
@@ -333,8 +334,6 @@ def train(config, workdir):
     preempted (SIGTERM); `last['preempted']` is then True. Raises TrainingStopped after
     `config.max_bad_steps` non-finite steps in a row.
     """
-    from clip_jax.data import pipeline, tokenizer as tokenizer_lib
-
     validation.validate(config, jax.device_count())
     workdir = paths.resolve(workdir)
     paths.makedirs(workdir)

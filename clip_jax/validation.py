@@ -118,7 +118,7 @@ def validate(config, num_devices=None):
     need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     need(config.loss.name in losses.LOSSES, "loss.name", f"must be one of {sorted(losses.LOSSES)}")
-    need(isinstance(config.loss.block_size, int) and config.loss.block_size > 0, "loss.block_size",
+    need(losses.valid_block_size(config.loss.block_size), "loss.block_size",
          "must be a positive integer")
     need(isinstance(config.micro_batches, int) and config.micro_batches >= 1, "micro_batches",
          "must be a positive integer")

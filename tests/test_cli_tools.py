@@ -83,7 +83,7 @@ def test_benchmark_data_and_train_report_json(tmp_path):
 
 
 def test_measured_peak_is_a_matmul_rate():
-    from clip_jax.benchmark import measure_peak_tflops
+    from clip_jax.benchmark.train import measure_peak_tflops
     for dtype in ("float32", "bfloat16"):
         peak = measure_peak_tflops(dtype, sizes=(64, 128), repeats=2)
         assert np.isfinite(peak) and peak > 0
@@ -92,11 +92,11 @@ def test_measured_peak_is_a_matmul_rate():
 def test_measured_peak_is_the_best_size(monkeypatch):
     """With no sizes given, the peak is the fastest of the backend's PEAK_SIZES (not the
     first or the last), each size timed by the median of its repeats."""
-    from clip_jax import benchmark
+    from clip_jax.benchmark import train as benchmark
     monkeypatch.setattr(benchmark, "PEAK_SIZES", {"cpu": (64, 96, 128)})
     seconds = {64: [1.0, 9.0, 1.0], 96: [1e-3, 1e-3, 5.0], 128: [2.0, 2.0, 2.0]}
 
-    def fake_timings(fn, repeats):       # keyed by the size of the product `fn` computes
+    def fake_timings(fn, repeats, warmup=1):       # keyed by the size of the product `fn` computes
         return seconds[fn().shape[0]]
     monkeypatch.setattr(benchmark, "timings", fake_timings)
     assert benchmark.measure_peak_tflops("float32", repeats=3) == 2 * 96 ** 3 / 1e-3 / 1e12

@@ -1,4 +1,4 @@
-"""clip_jax.search: the on-disk index (top-k, crash safety), build_index over a folder of
+"""clip_jax.apps.search: the on-disk index (top-k, crash safety), build_index over a folder of
 images with a tiny random CLIP, and the command line end to end."""
 import json
 import os
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import clip_jax
-from clip_jax import search
+from clip_jax.apps import search
 from tests.helpers import drawn_image, run_cli, write_model_dir
 
 
@@ -164,10 +164,10 @@ def test_build_index_embeds_new_images_and_skips_broken_ones(tmp_path, model, ca
 def test_command_line(tmp_path, model_dir):
     images = _write_images(tmp_path / "photos", [f"{i}.png" for i in range(6)], 0)
     out = str(tmp_path / "idx")
-    proc = run_cli(["clip_jax.search", "index", "--checkpoint", model_dir, "--images",
+    proc = run_cli(["clip_jax.apps.search", "index", "--checkpoint", model_dir, "--images",
                     str(tmp_path / "photos"), "--out", out])
     assert "added 6 images" in proc.stdout
-    proc = run_cli(["clip_jax.search", "query", out, "a red circle", "-k", "3", "--json"])
+    proc = run_cli(["clip_jax.apps.search", "query", out, "a red circle", "-k", "3", "--json"])
     lines = proc.stdout.strip().splitlines()
     result = json.loads(lines[-1])
     assert result["query"] == "a red circle" and len(result["results"]) == 3 and len(lines) == 4
@@ -176,7 +176,7 @@ def test_command_line(tmp_path, model_dir):
     assert all(r["path"] in images for r in result["results"])
 
     missing = str(tmp_path / "nowhere")
-    proc = run_cli(["clip_jax.search", "query", missing, "a red circle"], check=False)
+    proc = run_cli(["clip_jax.apps.search", "query", missing, "a red circle"], check=False)
     assert proc.returncode != 0 and missing in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_cli(["clip_jax.search", "query", out], check=False)
+    proc = run_cli(["clip_jax.apps.search", "query", out], check=False)
     assert proc.returncode != 0 and "--image" in proc.stderr and "Traceback" not in proc.stderr

@@ -64,7 +64,7 @@ import ftfy
 import numpy as np
 import regex
 
-from clip_jax.data.tokenizer import Tokenizer
+from clip_jax.data.tokenizer_base import Tokenizer
 
 REFERENCE_VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
 # OpenAI CLIP's merges file, shipped as package data (see assets/README.md).

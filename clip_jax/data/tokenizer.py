@@ -1,69 +1,20 @@
-"""Tokenizers: a small interface and a SentencePiece implementation.
+"""Tokenizers by name: the SentencePiece implementation and the registry of builders.
 
-Id layout (the contract every tokenizer keeps; models rely on it):
-  0                     padding only (never a text token)
-  1 .. vocab_size - 3   text pieces
-  sot_id = vocab_size - 2
-  eot_id = vocab_size - 1   the LARGEST id: models pool the text at argmax(ids), as
-                            CLIP does (its BPE has sot 49406, eot 49407).
-`tokenizer(texts)` -> int32 [n, context_length]: [sot] + pieces + [eot], then 0s;
-over-long texts are cut so that eot is still the last token.
-
-Tokenizers subclass `Tokenizer`, implement `vocab_size` and `encode_pieces`, and register
-a builder in `TOKENIZERS` under the name used in `config.data.tokenizer`:
-`sentencepiece` (here) and `clip_bpe` (the reference's byte-level BPE, `bpe.py`; its id 0
-is also the text token "!", as in the reference, which the models do not mind: they
-never look past eot, which is the largest id).
+Every tokenizer subclasses `tokenizer_base.Tokenizer` (the id layout models rely on),
+implements `vocab_size` and `encode_pieces`, and registers a builder in `TOKENIZERS`
+under the name used in `config.data.tokenizer`: `sentencepiece` (here) and `clip_bpe`
+(the reference's byte-level BPE, `bpe.py`; its id 0 is also the text token "!", as in the
+reference, which the models do not mind: they never look past eot, which is the largest
+id).
 """
-import abc
 import io
 import json
 
 import jax
-import numpy as np
 
 from clip_jax import paths
-
-
-class Tokenizer(abc.ABC):
-    """texts -> int32 [n, context_length] token ids (see the module docstring)."""
-
-    pad_id = 0
-
-    def __init__(self, context_length):
-        if context_length < 2:
-            raise ValueError(f"context_length must be >= 2 (sot + eot), got {context_length}")
-        self.context_length = int(context_length)
-
-    @property
-    @abc.abstractmethod
-    def vocab_size(self) -> int:
-        """Total number of ids, padding, sot and eot included."""
-
-    @property
-    def sot_id(self):
-        return self.vocab_size - 2
-
-    @property
-    def eot_id(self):
-        return self.vocab_size - 1
-
-    @abc.abstractmethod
-    def encode_pieces(self, texts):
-        """list[str] -> list[list[int]] of text-piece ids, each in [1, sot_id)."""
-
-    def __call__(self, texts):
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        out = np.full((len(texts), self.context_length), self.pad_id, np.int32)
-        keep = self.context_length - 2
-        for row, ids in zip(out, self.encode_pieces(texts)):
-            ids = list(ids)[:keep]
-            row[0] = self.sot_id
-            row[1:1 + len(ids)] = ids
-            row[1 + len(ids)] = self.eot_id
-        return out
+from clip_jax.data import bpe, sources
+from clip_jax.data.tokenizer_base import Tokenizer
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -172,7 +123,6 @@ def _sentencepiece(config, workdir):
 
 
 def _train_workdir_model(config, path, limit, trained_on):
-    from clip_jax.data import sources
     source, _ = sources.make_source(config, "train")
     corpus = sources.tokenizer_corpus(source, CORPUS_SIZE)
     model = SentencePieceTokenizer.train(corpus, path, limit)
@@ -200,7 +150,6 @@ def _clip_bpe(config, workdir):
     """The reference CLIP BPE from its merges file: `data.tokenizer_path`, or with '' the
     copy of OpenAI CLIP's bpe_simple_vocab_16e6.txt.gz shipped with clip_jax."""
     del workdir
-    from clip_jax.data import bpe
     path = config.data.tokenizer_path or bpe.find_reference_vocab()
     if not path:
         raise ValueError("config.data.tokenizer=clip_bpe with config.data.tokenizer_path='' uses "

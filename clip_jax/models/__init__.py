@@ -1,4 +1,5 @@
 """CLIP models (OpenAI architectures) in Flax linen, with logical sharding names."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,8 @@ from flax.core import meta
 from clip_jax import sharding
 from clip_jax.models.clip import CLIP
 
-__all__ = ["CLIP", "build_model", "count_params", "input_specs", "encoder_fns", "abstract_variables"]
+__all__ = ["CLIP", "build_model", "count_params", "input_specs", "encoder_fns", "abstract_variables",
+           "init_variables"]
 
 
 def build_model(model_cfg, ops=None, **options) -> CLIP:
@@ -83,3 +85,16 @@ def abstract_variables(model, model_cfg, mesh=None, rules=()):
         shardings = sharding.logical_to_sharding(boxed, mesh, rules)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         sharding.unbox_abstract(boxed), shardings)
+
+
+def init_variables(model, model_cfg, rng, mesh=None, rules=()):
+    """Freshly initialised variables; on `mesh`, made in place by `jit(init, out_shardings=...)`
+    so that no device ever holds them whole."""
+    def init(rng):
+        images, tokens = (jnp.zeros(x.shape, x.dtype) for x in input_specs(model_cfg))
+        return nn.unbox(model.init(rng, images, tokens, train=False))
+    if mesh is None:
+        return jax.jit(init)(rng)
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_variables(model, model_cfg, mesh, rules))
+    with sharding.mesh_context(mesh, rules):
+        return jax.jit(init, out_shardings=shardings)(rng)

@@ -2,20 +2,27 @@
 import math
 from typing import Any, Optional, Tuple, Union
 
-import jax.numpy as jnp
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from clip_jax.models.layers import logical
 from clip_jax.models.resnet import ModifiedResNet
 from clip_jax.models.text import TextTransformer
 from clip_jax.models.vit import VisionTransformer
 
+# The cap of the logit scale exp(t), as the paper: the model applies it, the optimiser
+# clamps the parameter t to [0, log MAX_LOGIT_SCALE] (optim.clip_logit_scale).
 MAX_LOGIT_SCALE = 100.0
 
 
 def l2_normalize(x, eps=1e-12):
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    """Rows scaled to unit L2 norm, in float32. JAX arrays (traced or not) stay on device;
+    anything else (host features, lists) is computed in NumPy."""
+    xp = jnp if isinstance(x, jax.Array) else np
+    x = xp.asarray(x, xp.float32)
+    return x / xp.maximum(xp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 class CLIP(nn.Module):

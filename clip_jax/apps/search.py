@@ -1,8 +1,8 @@
 """Image search: an on-disk index of CLIP image embeddings, queried by text or by image.
 
-    python -m clip_jax.search index --checkpoint runs/smoke --images photos/ --out photos.index
-    python -m clip_jax.search query photos.index "a red circle" -k 5
-    python -m clip_jax.search query photos.index --image photos/cat.jpg --json
+    python -m clip_jax.apps.search index --checkpoint runs/smoke --images photos/ --out photos.index
+    python -m clip_jax.apps.search query photos.index "a red circle" -k 5
+    python -m clip_jax.apps.search query photos.index --image photos/cat.jpg --json
 
 An INDEX directory holds three files:
 
@@ -33,8 +33,10 @@ import sys
 
 import numpy as np
 
-from clip_jax import paths as paths_lib
-from clip_jax.evals.features import l2_normalize
+from clip_jax import inference, paths as paths_lib
+from clip_jax.checkpoint import CheckpointError
+from clip_jax.data.images import IMAGE_EXTENSIONS, BadImage
+from clip_jax.models.clip import l2_normalize
 
 FORMAT = "clip_jax.search/1"
 BLOCK_ROWS = 65536   # rows scored at once: bounds search memory to BLOCK_ROWS x queries floats
@@ -181,7 +183,6 @@ class Index:
 
 def list_images(image_dir):
     """Absolute paths of the image files under `image_dir`, in sorted walk order."""
-    from clip_jax.data.images import IMAGE_EXTENSIONS
     found = []
     for root, dirs, files in os.walk(os.path.abspath(image_dir)):
         dirs.sort()
@@ -192,7 +193,6 @@ def list_images(image_dir):
 
 def _load(model, path):
     """(preprocessed image, None) or (None, skip reason)."""
-    from clip_jax.data.images import BadImage
     try:
         with open(path, "rb") as f:
             return model.preprocess(f.read()), None
@@ -273,7 +273,7 @@ def query(index, model, text=None, image=None, k=5):
 # ---------------------------------------------------------------------- command line
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="python -m clip_jax.search", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m clip_jax.apps.search", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("index", help="embed a folder of images into an index (new images only)")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
@@ -295,10 +295,8 @@ def _parser():
 
 
 def _load_model(path, what="--checkpoint", **kwargs):
-    import clip_jax
-    from clip_jax.checkpoint import CheckpointError
     try:
-        return clip_jax.load(path, **kwargs)
+        return inference.load(path, **kwargs)
     except (ValueError, CheckpointError) as e:
         message = str(e).removeprefix(os.path.abspath(path) + ": ")
         raise SearchError(f"{what} {path}: {message}") from None

@@ -1,0 +1,103 @@
+"""The command line of `python -m clip_jax.benchmark [MODE]` (see the package docstring)."""
+import json
+import sys
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from clip_jax import config_lib, validation
+from clip_jax.benchmark import checkpoint, data, evaluate, loss, train
+
+DEFAULT_CONFIG = "configs/smoke.py"
+MODES = ("train", "data", "evaluate", "checkpoint", "loss")
+
+
+def _define_flags():
+    flags.DEFINE_integer("steps", 10, "train: timed steps per repeat")
+    flags.DEFINE_integer("warmup", 2, "train: untimed steps after compilation")
+    flags.DEFINE_integer("batches", 20, "data: timed batches per repeat")
+    flags.DEFINE_integer("repeats", 3, "timing windows; the median is reported")
+    flags.DEFINE_string("source", None, "data: the data source (default: the config's data.source)")
+    flags.DEFINE_list("workers", None, "data: Grain worker counts to time, e.g. 0,2 "
+                      "(default: the config's data.workers)")
+    flags.DEFINE_integer("images", 512, "evaluate: how many images to time (generated or "
+                         "the first of --source)")
+    flags.DEFINE_integer("eval_batch_size", 256, "evaluate: images or texts per batch")
+    flags.DEFINE_string("checkpoint_dir", None, "checkpoint: where to write (default: a temporary "
+                        "directory); point it at the filesystem your runs use")
+    flags.DEFINE_list("losses", ["clip", "clip_blockwise", "siglip"], "loss: the losses to measure")
+    flags.DEFINE_list("global_batches", [str(b) for b in loss.LOSS_BATCHES],
+                      "loss: global batch sizes (multiples of the device count)")
+    flags.DEFINE_integer("embed_dim", 512, "loss: embedding dimension")
+    flags.DEFINE_integer("block_size", 1024, "loss: clip_blockwise's column block")
+    flags.DEFINE_float("budget_gib", 16.0, "loss: per-device memory budget in GiB (2^30 bytes) "
+                       "for the largest-batch search")
+    flags.DEFINE_integer("search_max", 2 ** 24, "loss: largest global batch the search tries "
+                         "(0: report only the largest fitting batch of --global_batches)")
+    flags.DEFINE_float("peak_tflops", None, "train: peak TFLOP/s of one device for MFU (e.g. 989 "
+                       "for an H100's dense bfloat16); default: measured here, the best rate of square "
+                       "matmuls of several sizes in the config's compute dtype. Also spelled --peak-tflops")
+    flags.DEFINE_bool("json", False, "print the figures as one JSON object on the last line")
+
+
+def run_mode(mode, config, f):
+    """The figures of `mode` as a dict (printed as a table or line on the way)."""
+    if mode == "loss":                  # no config: the loss alone, on synthetic shapes
+        result = loss.benchmark_loss(f.losses, [int(b) for b in f.global_batches], f.embed_dim,
+                                     f.block_size, f.budget_gib, f.search_max)
+        loss.print_loss_table(result)
+        return result
+    with config.unlocked():
+        if f.source:
+            config.data.source = f.source
+    validation.validate(config, jax.device_count())
+    if mode == "evaluate":
+        result = evaluate.benchmark_evaluate(config, f.source, f.images, f.repeats, f.eval_batch_size)
+        evaluate.print_evaluate(result)
+    elif mode == "data":
+        workers = [int(w) for w in (f.workers or [config.data.workers])]
+        by_workers, per_core = data.benchmark_data(config, workers, f.batches, f.repeats)
+        result = {"source": config.data.source, "batch_size": config.batch_size,
+                  "image_size": config.model.vision.image_size,
+                  "workers": by_workers, "per_core": per_core}
+        data.print_data(result)
+    elif mode == "checkpoint":
+        result = checkpoint.benchmark_checkpoint(config, f.repeats, f.checkpoint_dir)
+        checkpoint.print_checkpoint(result)
+    else:
+        result = train.benchmark_train(config, f.steps, f.warmup, f.repeats, f.peak_tflops)
+        train.print_train(result)
+    return result
+
+
+def main():
+    # Before the config flag is defined: with a default file, config_flags applies the
+    # --config.* overrides at definition time and would fail there with a bare AttributeError.
+    config_lib.check_cli_overrides_or_exit(sys.argv, default=DEFAULT_CONFIG)
+    sys.argv = [a.replace("--peak-tflops", "--peak_tflops", 1) if a.startswith("--peak-tflops") else a
+                for a in sys.argv]
+    config_flag = config_flags.DEFINE_config_file(
+        "config", DEFAULT_CONFIG, "Config file; override keys with --config.key=value.",
+        lock_config=True)
+    _define_flags()
+
+    def run(argv):
+        config_lib.quiet_absl_logging()
+        mode = argv[1] if len(argv) > 1 else "train"
+        if mode not in MODES or len(argv) > 2:
+            sys.exit(f"error: usage: python -m clip_jax.benchmark [{'|'.join(MODES)}] [flags]; "
+                     f"got {argv[1:]}")
+        try:
+            config = None if mode == "loss" else config_flag.value
+            result = {"mode": mode, **run_mode(mode, config, flags.FLAGS)}
+        except (config_lib.ConfigError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        if flags.FLAGS.json:
+            print(json.dumps(result))
+
+    app.run(run)
+
+
+if __name__ == "__main__":
+    main()
