@@ -33,7 +33,6 @@ def evaluate(model, data, templates=None, group_by="", cache_dir="", progress=Tr
     return out
 
 
-
 class ZeroShot(Classification):
     task = "zeroshot"
     options = {"templates": Option("", "a file of prompt templates, one per line, '{}' marking the "
