@@ -1,6 +1,6 @@
 """Evaluation: `python -m clip_jax.evaluate TASK --workdir=RUN (or --checkpoint=PATH) --data=SPEC`.
 
-Tasks (evaluators chosen by name, `EVALUATORS`):
+Tasks (evaluators chosen by name: clip_jax/evals/registry.py):
   zeroshot      top-1, top-5 and mean per-class accuracy of the prompt-ensembled text
                 classifier, and the per-class table (clip_jax/evals/zeroshot.py)
   retrieval     image->text and text->image Recall@1/5/10 over images with one or more
@@ -24,77 +24,10 @@ import sys
 
 import numpy as np
 
-from clip_jax.evals import data as data_lib
+from clip_jax import distributed, inference
+from clip_jax.evals import registry
 
-EVALUATORS = ("zeroshot", "retrieval", "linear_probe")
-# Figures logged to metrics.jsonl / TensorBoard during training, per task.
-LOGGED = {"zeroshot": ("top1", "top5", "mean_per_class", "group_gap"),
-          "retrieval": ("image_to_text_R@1", "image_to_text_R@5", "image_to_text_R@10",
-                        "text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10"),
-          "linear_probe": ("top1", "mean_per_class", "group_gap")}
-# config.evals entry keys (besides task and data) and CLI options, with their defaults.
-OPTIONS = dict(train_data="", templates="", classnames="", group_by="", max_examples=0,
-               val_fraction=0.2, data_dir="", image_key="image", label_key="label",
-               caption_key="caption", image_column="filepath", caption_column="caption",
-               label_column="")
 COMMAND_LINE = "python -m clip_jax.evaluate"
-TASK_OPTIONS = {"train_data": ("linear_probe",), "val_fraction": ("linear_probe",),
-                "templates": ("zeroshot",), "classnames": ("zeroshot", "linear_probe"),
-                "group_by": ("zeroshot", "linear_probe")}
-
-
-def check_spec(task, options, where):
-    """Raises ValueError (naming `where`) for an unknown task or an option it does not take.
-    Options are named as flags (--train-data) when `where` is the command line."""
-    cli = where == COMMAND_LINE
-    name = (lambda key: "--" + key.replace("_", "-")) if cli else (lambda key: key)
-    if task not in EVALUATORS:
-        raise ValueError(f"{where}: unknown task {task!r} (available: {', '.join(EVALUATORS)})")
-    for key, value in options.items():
-        if key not in OPTIONS:
-            raise ValueError(f"{where}: unknown option {key!r} (options: {', '.join(OPTIONS)})")
-        if value != OPTIONS[key] and task not in TASK_OPTIONS.get(key, (task,)):
-            raise ValueError(f"{where}: {name(key)} does not apply to {task}")
-    if task == "linear_probe" and not options.get("train_data"):
-        raise ValueError(f"{where}: linear_probe needs {name('train_data')}")
-
-
-def open_data(spec, config, options):
-    o = {**OPTIONS, **options}
-    data = data_lib.open_eval_data(
-        spec, config, data_dir=o["data_dir"], image_key=o["image_key"], label_key=o["label_key"],
-        caption_key=o["caption_key"], image_column=o["image_column"],
-        caption_column=o["caption_column"], label_column=o["label_column"],
-        classnames=o["classnames"])
-    return data.head(int(o["max_examples"]))
-
-
-class Task:
-    """One evaluation: its data opened once, run on whatever variables the model holds."""
-
-    def __init__(self, task, data_spec, config, options, where=COMMAND_LINE):
-        options = {k: v for k, v in options.items() if k in OPTIONS}
-        check_spec(task, options, where)
-        self.task, self.options = task, {**OPTIONS, **options}
-        self.data = open_data(data_spec, config, options)
-        self.train_data = (open_data(self.options["train_data"], config, options)
-                           if task == "linear_probe" else None)
-        self.templates = None
-        if self.options["templates"]:
-            from clip_jax.data import prompts
-            self.templates = prompts.load_templates(self.options["templates"])
-        if self.options["group_by"]:
-            self.data.group_values(self.options["group_by"])   # a bad attribute fails now
-
-    def __call__(self, model, cache_dir="", progress=True):
-        from clip_jax.evals import linear_probe, retrieval, zeroshot
-        o = self.options
-        if self.task == "zeroshot":
-            return zeroshot.evaluate(model, self.data, self.templates, o["group_by"], cache_dir, progress)
-        if self.task == "retrieval":
-            return retrieval.evaluate(model, self.data, cache_dir, progress)
-        return linear_probe.evaluate(model, self.train_data, self.data, float(o["val_fraction"]),
-                                     0, o["group_by"], cache_dir, progress)
 
 
 # ----------------------------------------------------------------------------- training
@@ -103,10 +36,10 @@ def uses_synthetic(config):
     return str(config.data.source) == "synthetic"
 
 
-def training_tasks(config):
-    """[(name, Task)] of `config.evals`; entries on synthetic[:ATTR] data run only when
+def training_evaluators(config):
+    """[(name, Evaluator)] of `config.evals`; entries on synthetic[:ATTR] data run only when
     training on the synthetic data (they measure the embedded task)."""
-    tasks = []
+    evaluators = []
     for name, entry in config.get("evals", {}).items():
         entry = dict(entry)
         task, spec = entry.pop("task", ""), str(entry.pop("data", ""))
@@ -114,73 +47,55 @@ def training_tasks(config):
             raise ValueError(f"config.evals.{name}: needs data")
         if spec.split(":")[0] == "synthetic" and not uses_synthetic(config):
             continue
-        tasks.append((name, Task(task, spec, config, entry, where=f"config.evals.{name}")))
-    return tasks
+        evaluators.append((name, registry.create(task, spec, config, entry, f"config.evals.{name}")))
+    return evaluators
 
 
 class TrainingEvaluators:
     """`config.evals`, run on the training state: state -> {metric name: value}."""
 
     def __init__(self, config, tokenizer, mesh, rules):
-        from clip_jax.inference import CLIPModel
-        self.tasks = training_tasks(config)
+        self.evaluators = training_evaluators(config)
         # At most the training batch (CLIPModel rounds it to the mesh's batch shards).
-        self.model = CLIPModel(config, None, tokenizer, mesh, rules, min(256, config.batch_size))
+        self.model = inference.CLIPModel(config, None, tokenizer, mesh, rules, min(256, config.batch_size))
 
     def __bool__(self):
-        return bool(self.tasks)
+        return bool(self.evaluators)
 
     def __call__(self, state):
         params, batch_stats = state.params, state.batch_stats
         self.model.variables = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
-        out, zeroshot_top1 = {}, []
+        out, averaged = {}, {}
         try:
-            for name, task in self.tasks:
-                result = task(self.model, progress=False)
-                for key in LOGGED[task.task]:
+            for name, evaluator in self.evaluators:
+                result = evaluator.run(self.model, progress=False)
+                for key in evaluator.logged:
                     if key in result:
-                        out[f"{task.task}/{name}/{key}"] = float(result[key])
-                if task.task == "zeroshot":
-                    zeroshot_top1.append(result["top1"])
+                        out[f"{evaluator.task}/{name}/{key}"] = float(result[key])
+                for key in evaluator.averaged:
+                    averaged.setdefault(f"{evaluator.task}/{key}", []).append(result[key])
         finally:
             self.model.variables = None
-        if zeroshot_top1:
-            out["zeroshot/top1"] = float(np.mean(zeroshot_top1))
+        out.update({key: float(np.mean(values)) for key, values in averaged.items()})
         return out
 
 
 # ----------------------------------------------------------------------------- command line
 
 def print_report(result):
-    from clip_jax.evals import report
-    task = result["task"]
-    if task == "retrieval":
-        print(f"retrieval on {result['data']}: {result['images']} images, {result['texts']} captions")
-        for way in ("image_to_text", "text_to_image"):
-            print(f"  {way.replace('_', ' '):14s}" + "  ".join(
-                f"R@{k} {100 * result[f'{way}_R@{k}']:6.2f}%" for k in (1, 5, 10)))
-        return
-    head = f"{task} on {result['data']}: {result['n']} images, {len(result['per_class'])} classes"
-    if task == "linear_probe":
-        head += (f"; trained on {result['train_data']} ({result['train_n']} images), C={result['C']:.3g} "
-                 f"(held-out top-1 {100 * result['val_top1']:.2f}%, {result['C_tried']} values tried)")
-    else:
-        head += f", {result['templates']} prompt templates"
-    print(head)
-    print(f"  top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
-          f"mean per-class {100 * result['mean_per_class']:.2f}%")
-    print(report.format_table(result["per_class"], ["class", "n", "top1"]))
-    if "groups" in result:
-        rows = [{"group": g, **v} for g, v in result["groups"].items()]
-        print(f"by {result['group_by']}: gap {100 * result['group_gap']:.2f} points "
-              f"(worst: {result['worst_group']})")
-        print(report.format_table(rows, ["group", "n", "top1"]))
+    print(registry.get(result["task"]).format_result(result))
+
+
+def _help(key, option):
+    """The option's help, prefixed with the tasks that take it when not all do."""
+    tasks = [task for task, cls in registry.REGISTRY.items() if key in cls.options]
+    return option.help if len(tasks) == len(registry.REGISTRY) else f"{', '.join(tasks)}: {option.help}"
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m clip_jax.evaluate", description=__doc__,
+    p = argparse.ArgumentParser(prog=COMMAND_LINE, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("task", choices=EVALUATORS)
+    p.add_argument("task", choices=list(registry.REGISTRY))
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="a training run's directory: its newest checkpoint")
     src.add_argument("--checkpoint", help="a checkpoint step directory, or converted weights "
@@ -188,29 +103,13 @@ def parse_args(argv):
     p.add_argument("--data", required=True, help="the evaluation data: an ImageFolder, an ingested "
                    "directory, a CSV file, tfds:NAME[:SPLIT] or synthetic[:ATTR] (see "
                    "clip_jax/evals/data.py)")
-    p.add_argument("--train-data", default="", help="linear_probe: the data the probe is trained on")
-    p.add_argument("--templates", default="", help="zeroshot: a file of prompt templates, one per "
-                   "line, '{}' marking the class name (default: the data's own, else a generic set)")
-    p.add_argument("--classnames", default="", help="a file of class names, one per line in the "
-                   "data's class order, replacing the folder/label names")
-    p.add_argument("--group-by", default="", help="zeroshot, linear_probe: report accuracy per value "
-                   "of this attribute (a CSV/meta column, level:N of the image path, or a "
-                   "synthetic attribute: size, position, background)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="linear_probe: the fraction of "
-                   "--train-data held out to choose the regularisation (default 0.2)")
-    p.add_argument("--max-examples", type=int, default=0, help="evaluate the first N images only "
-                   "(default 0: all)")
+    for key, option in registry.all_options().items():
+        p.add_argument(registry.flag(key), type=type(option.default), default=option.default,
+                       help=_help(key, option))
     p.add_argument("--batch-size", type=int, default=256, help="images or texts per device batch "
                    "across the mesh (default 256)")
     p.add_argument("--cache-dir", default="", help="store image features here and reuse them for "
                    "the same checkpoint and data (default: no cache)")
-    p.add_argument("--data-dir", default="", help="tfds: the TFDS data_dir")
-    p.add_argument("--image-key", default="image", help="tfds: the Image feature (default image)")
-    p.add_argument("--label-key", default="label", help="tfds: the ClassLabel feature (default label)")
-    p.add_argument("--caption-key", default="caption", help="tfds: the Text feature (default caption)")
-    p.add_argument("--image-column", default="filepath", help="CSV: the image path column (default filepath)")
-    p.add_argument("--caption-column", default="caption", help="CSV: the caption column (default caption)")
-    p.add_argument("--label-column", default="", help="CSV: a class column, for zeroshot/linear_probe")
     p.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
                    help="run on several processes (hosts) with jax.distributed, each decoding "
                    "its share of the images: 'auto' when the three options below are given or "
@@ -227,15 +126,14 @@ def main(argv=None):
     args = parse_args(argv)
     import absl.logging
     absl.logging.set_verbosity(absl.logging.ERROR)   # orbax's notes on reading a checkpoint
-    from clip_jax import distributed, inference
-    options = {k: getattr(args, k) for k in OPTIONS if k != "max_examples"}
-    options["max_examples"] = args.max_examples
+    options = {key: getattr(args, key) for key in registry.all_options()}
     try:
+        options = registry.check(args.task, options, COMMAND_LINE, flags=True)
         distributed.initialize(args.distributed, args.coordinator_address, args.num_processes,
                                args.process_id)
         model = inference.load(args.workdir or args.checkpoint, batch_size=args.batch_size)
-        task = Task(args.task, args.data, model.config, options)
-        result = task(model, cache_dir=args.cache_dir, progress=not args.no_progress)
+        evaluator = registry.get(args.task)(args.data, model.config, **options)
+        result = evaluator.run(model, cache_dir=args.cache_dir, progress=not args.no_progress)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     result["checkpoint"] = model.source

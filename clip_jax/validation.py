@@ -9,9 +9,10 @@ import json
 
 import ml_collections
 
-from clip_jax import evaluate, losses, paths, sharding
+from clip_jax import losses, paths, sharding
 from clip_jax.config_lib import CPU_OPS_PIECES, MODEL_OPS, ConfigError, lookup
 from clip_jax.data import records, sources, tokenizer
+from clip_jax.evals import registry
 
 
 def _validate_data(config, need):
@@ -64,16 +65,15 @@ def _validate_evals(config):
             raise ConfigError(f"{where}: expected a dict of task, data and options, got {entry!r}")
         options = {k: v for k, v in entry.items() if k not in ("task", "data")}
         try:
-            evaluate.check_spec(entry.get("task", ""), options, where)
+            options = registry.check(entry.get("task", ""), options, where)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if not entry.get("data"):
             raise ConfigError(f"{where}.data: the evaluation data must be given")
-        for key in ("templates", "classnames"):
-            if options.get(key) and not paths.isfile(options[key]):
-                raise ConfigError(f"{where}.{key}: no such file {options[key]!r}")
-
-
+        declared = registry.get(entry.task).options
+        for key, value in options.items():
+            if declared[key].is_file and value and not paths.isfile(value):
+                raise ConfigError(f"{where}.{key}: no such file {value!r}")
 
 
 def validate(config, num_devices=None):

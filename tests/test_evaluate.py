@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_jax import evaluate, metrics, train
+from clip_jax import config_lib, evaluate, metrics, train, validation
 from clip_jax.data import pipeline, synthetic
 from clip_jax.evals import data as data_lib
-from clip_jax.evals import features, linear_probe, report, retrieval, zeroshot
+from clip_jax.evals import features, linear_probe, registry, report, retrieval, zeroshot
+from clip_jax.evals.evaluator import Evaluator, Option
 from tests.helpers import (REPO, device_env, drawn_image, free_port, run_python,
                            run_scripts_together, tiny_config, write_model_dir)
 
@@ -222,6 +223,136 @@ def test_linear_probe_evaluate_checks_classes(digits):
         linear_probe.evaluate(model, train_data, other, progress=False)
 
 
+# ----------------------------------------------------------------------------- registry
+
+def _set_value(option, tmp_path):
+    """A value other than the option's default, of its type (a file that exists for a file)."""
+    if option.is_file:
+        path = tmp_path / "a file.txt"
+        path.write_text("a photo of a {}.\n")
+        return str(path)
+    return {int: 3, float: 0.5, str: "x"}[type(option.default)]
+
+
+def _validate_entry(**entry):
+    config = tiny_config()
+    config.evals = ml_collections.ConfigDict({"entry": entry})
+    validation.validate(config)
+
+
+def test_every_registered_option_is_a_flag_and_an_entry_key_of_its_tasks_only(tmp_path):
+    """The evaluators' declared options are what the command line and config validation
+    take: each, set, is accepted for the tasks that declare it and refused, naming it, for
+    the others."""
+    assert list(registry.REGISTRY) == ["zeroshot", "retrieval", "linear_probe"]
+    assert {k for k, o in registry.all_options().items() if o.is_file} == {"templates", "classnames"}
+    for task, cls in registry.REGISTRY.items():
+        assert cls.task == task and cls.logged
+        required = {key: "data:train" for key in cls.required}
+        for key, option in registry.all_options().items():
+            value = _set_value(option, tmp_path)
+            args = evaluate.parse_args([task, "--checkpoint", "ckpt", "--data", "d",
+                                        registry.flag(key), str(value)])
+            assert getattr(args, key) == value
+            entry = dict(task=task, data="synthetic", **{**required, key: value})
+            if key in cls.options:
+                _validate_entry(**entry)
+                checked = registry.check(task, {**required, key: value}, evaluate.COMMAND_LINE, flags=True)
+                assert checked[key] == value
+            else:
+                with pytest.raises(config_lib.ConfigError, match=f"config.evals.entry: {key} does not apply to {task}"):
+                    _validate_entry(**entry)
+                with pytest.raises(ValueError, match=f"{registry.flag(key)} does not apply to {task}"):
+                    registry.check(task, {key: value}, evaluate.COMMAND_LINE, flags=True)
+            if option.is_file and key in cls.options:
+                with pytest.raises(config_lib.ConfigError, match=f"config.evals.entry.{key}: no such file"):
+                    _validate_entry(**{**entry, key: str(tmp_path / "missing.txt")})
+        for key in cls.required:
+            with pytest.raises(config_lib.ConfigError, match=f"config.evals.entry: {task} needs {key}"):
+                _validate_entry(task=task, data="synthetic")
+            with pytest.raises(ValueError, match=f"{task} needs {registry.flag(key)}"):
+                registry.check(task, {}, evaluate.COMMAND_LINE, flags=True)
+
+
+def test_unknown_tasks_and_options_are_named():
+    with pytest.raises(config_lib.ConfigError, match="config.evals.entry: unknown option 'temperature' "
+                                                     "\\(options: templates, "):
+        _validate_entry(task="zeroshot", data="synthetic", temperature=0.5)
+    with pytest.raises(config_lib.ConfigError, match="config.evals.entry: unknown task 'captioning' "
+                                                     "\\(available: zeroshot, retrieval, linear_probe\\)"):
+        _validate_entry(task="captioning", data="synthetic")
+    with pytest.raises(TypeError, match="no option"):
+        zeroshot.ZeroShot("synthetic", tiny_config(), temperature=0.5)
+
+
+class Echo(Evaluator):
+    """A task added by registering it: figures from its option, no model or data needed."""
+    task = "echo"
+    options = {"level": Option(1.0, "the figure it reports"), **Evaluator.options}
+    logged = ("level",)
+    averaged = ("level",)
+
+    def open_data(self, spec):
+        return spec
+
+    def run(self, model, cache_dir="", progress=True):
+        return {"task": self.task, "data": self.data, "level": self.settings["level"], "other": 1.0}
+
+
+def test_a_registered_evaluator_is_a_task_of_the_command_line_config_and_training(monkeypatch):
+    monkeypatch.setitem(registry.REGISTRY, "echo", Echo)
+    args = evaluate.parse_args(["echo", "--checkpoint", "ckpt", "--data", "d", "--level", "0.25"])
+    assert (args.task, args.level) == ("echo", 0.25)
+    _validate_entry(task="echo", data="somewhere", level=0.5)
+    with pytest.raises(config_lib.ConfigError, match="config.evals.entry: level does not apply to zeroshot"):
+        _validate_entry(task="zeroshot", data="synthetic", level=0.5)
+    # Training logs its `logged` figures per entry and its `averaged` ones over the entries.
+    config = tiny_config()
+    config.evals = ml_collections.ConfigDict({"a": dict(task="echo", data="x", level=0.5),
+                                              "b": dict(task="echo", data="y", level=0.25)})
+    runner = evaluate.TrainingEvaluators.__new__(evaluate.TrainingEvaluators)
+    runner.evaluators = evaluate.training_evaluators(config)
+    runner.model = type("Model", (), {"variables": None})()
+    state = type("State", (), {"params": {}, "batch_stats": {}})()
+    assert runner(state) == {"echo/a/level": 0.5, "echo/b/level": 0.25, "echo/level": 0.375}
+
+
+def test_an_option_shared_by_evaluators_must_be_declared_alike(monkeypatch):
+    class Other(Echo):
+        task = "other"
+        options = {"level": Option(2.0, "another default"), **Evaluator.options}
+    monkeypatch.setitem(registry.REGISTRY, "echo", Echo)
+    monkeypatch.setitem(registry.REGISTRY, "other", Other)
+    with pytest.raises(TypeError, match="option 'level': other declares it unlike another"):
+        registry.all_options()
+
+
+def test_reports_as_printed():
+    per_class = [{"class": "cat", "n": 2, "top1": 0.5}, {"class": "dog", "n": 1, "top1": 1.0}]
+    zs = {"task": "zeroshot", "data": "d", "n": 3, "templates": 2, "top1": 2 / 3, "top5": 1.0,
+          "mean_per_class": 0.75, "per_class": per_class, "group_by": "level:1", "group_gap": 0.5,
+          "worst_group": "a", "groups": {"a": {"n": 2, "top1": 0.5}, "b": {"n": 1, "top1": 1.0}}}
+    assert zeroshot.ZeroShot.format_result(zs).splitlines() == [
+        "zeroshot on d: 3 images, 2 classes, 2 prompt templates",
+        "  top-1 66.67%  top-5 100.00%  mean per-class 75.00%",
+        "class  n    top1", "cat    2   50.00", "dog    1  100.00",
+        "by level:1: gap 50.00 points (worst: a)",
+        "group  n    top1", "a      2   50.00", "b      1  100.00"]
+    lp = {**zs, "task": "linear_probe", "train_data": "t", "train_n": 10, "C": 0.1, "val_top1": 0.9,
+          "C_tried": 15}
+    del lp["groups"]
+    assert linear_probe.LinearProbe.format_result(lp).splitlines()[0] == (
+        "linear_probe on d: 3 images, 2 classes; trained on t (10 images), C=0.1 "
+        "(held-out top-1 90.00%, 15 values tried)")
+    assert len(linear_probe.LinearProbe.format_result(lp).splitlines()) == 5
+    ret = {"task": "retrieval", "data": "d", "images": 4, "texts": 8,
+           **{f"{w}_R@{k}": k / 10 for w in ("image_to_text", "text_to_image") for k in (1, 5, 10)}}
+    assert retrieval.Retrieval.format_result(ret).splitlines() == [
+        "retrieval on d: 4 images, 8 captions",
+        "  image to text R@1  10.00%  R@5  50.00%  R@10 100.00%",
+        "  text to image R@1  10.00%  R@5  50.00%  R@10 100.00%"]
+
+
 # ----------------------------------------------------------------------------- data
 
 def write_imagefolder(root, classes=("red_circle", "blue_square"), per_class=3, groups=("a", "b")):
@@ -387,7 +518,6 @@ def test_training_evals_equal_the_command_line_on_the_saved_checkpoint(tmp_path,
 
 
 def test_bad_evals_stop_training_before_any_step(tmp_path):
-    from clip_jax import config_lib, validation
     config = tiny_config()
     config.evals.bad = ml_collections.ConfigDict(dict(task="zeroshot", data="synthetic", train_data="x"))
     with pytest.raises(config_lib.ConfigError, match="config.evals.bad: train_data does not apply to zeroshot"):

@@ -10,10 +10,13 @@ checkpoint on the same data (another task, other prompts) skips the image tower.
 import hashlib
 import io
 
+import grain
 import numpy as np
 from tqdm import tqdm
 
 from clip_jax import distributed, paths
+from clip_jax.data import images
+from clip_jax.data.pipeline import normalize_images
 
 DECODE_THREADS = 16
 
@@ -28,7 +31,6 @@ class _Views:
         return len(self.data)
 
     def __getitem__(self, i):
-        from clip_jax.data import images
         image = self.data.image(i)
         if self.data.presized:
             return np.asarray(image, np.uint8)
@@ -56,7 +58,6 @@ def cache_path(cache_dir, model, data):
 def decoded_views(data, image_size, indices=None, prefetch=512):
     """uint8 [S, S, 3] evaluation views of `data` (of the rows `indices` only, if given), in
     order, decoded on DECODE_THREADS threads by Grain."""
-    import grain
     views = _Views(data, image_size)
     source = (grain.MapDataset.source(views) if indices is None else
               grain.MapDataset.source(list(indices)).map(views.__getitem__))
@@ -74,7 +75,6 @@ def image_features(model, data, cache_dir="", progress=True, desc="image feature
 
     With several processes each decodes only its share of the rows (`model.local_rows`:
     those its devices embed) and every process gets all the features."""
-    from clip_jax.data.pipeline import normalize_images
     path = cache_path(cache_dir, model, data) if cache_dir and model.source else ""
     cached = np.load(io.BytesIO(paths.read_bytes(path))) if path and paths.exists(path) else None
     usable = cached is not None and cached.shape[0] == len(data)

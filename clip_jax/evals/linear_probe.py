@@ -13,12 +13,14 @@ import warnings
 import numpy as np
 
 from clip_jax.evals import features, report
+from clip_jax.evals.evaluator import Classification, Option
 
 EIGHTHS = 8                    # grid resolution: steps per decade
 LOG_C_RANGE = (-6, 6)          # decades
 
 
 def fit(x, y, c, max_iter=1000):
+    # lazy: scikit-learn takes about a second to import, and only the probe uses it
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     with warnings.catch_warnings():
@@ -91,3 +93,25 @@ def evaluate(model, train_data, data, val_fraction=0.2, seed=0, group_by="", cac
     if groups is not None:
         out.update(group_by=group_by, **report.group_report(top1, groups))
     return out
+
+
+class LinearProbe(Classification):
+    task = "linear_probe"
+    options = {"train_data": Option("", "the data the probe is trained on"),
+               "val_fraction": Option(0.2, "the fraction of --train-data held out to choose the "
+                                      "regularisation (default 0.2)"),
+               **Classification.options}
+    required = ("train_data",)
+
+    def __init__(self, data, config=None, **settings):
+        super().__init__(data, config, **settings)
+        self.train_data = self.open_data(self.settings["train_data"])
+
+    def run(self, model, cache_dir="", progress=True):
+        return evaluate(model, self.train_data, self.data, float(self.settings["val_fraction"]), 0,
+                        self.settings["group_by"], cache_dir, progress)
+
+    @classmethod
+    def describe(cls, result):
+        return (f"; trained on {result['train_data']} ({result['train_n']} images), C={result['C']:.3g} "
+                f"(held-out top-1 {100 * result['val_top1']:.2f}%, {result['C_tried']} values tried)")

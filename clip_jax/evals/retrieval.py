@@ -10,6 +10,7 @@ computed in blocks of queries, never the whole matrix at once.
 import numpy as np
 
 from clip_jax.evals import features
+from clip_jax.evals.evaluator import Evaluator
 
 KS = (1, 5, 10)
 BLOCK = 1024
@@ -51,3 +52,19 @@ def evaluate(model, data, cache_dir="", progress=True):
     text = features.text_features(model, texts, progress, "caption features")
     return {"task": "retrieval", "data": data.name, "images": len(data), "texts": len(texts),
             **recall_at_k(image, text, text_image)}
+
+
+class Retrieval(Evaluator):
+    task = "retrieval"
+    logged = tuple(f"{way}_R@{k}" for way in ("image_to_text", "text_to_image") for k in KS)
+
+    def run(self, model, cache_dir="", progress=True):
+        return evaluate(model, self.data, cache_dir, progress)
+
+    @classmethod
+    def format_result(cls, result):
+        lines = [f"retrieval on {result['data']}: {result['images']} images, {result['texts']} captions"]
+        for way in ("image_to_text", "text_to_image"):
+            lines.append(f"  {way.replace('_', ' '):14s}" + "  ".join(
+                f"R@{k} {100 * result[f'{way}_R@{k}']:6.2f}%" for k in KS))
+        return "\n".join(lines)

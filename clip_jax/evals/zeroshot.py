@@ -7,6 +7,7 @@ dataset's own (the synthetic data has some), else `prompts.DEFAULT_TEMPLATES`.
 """
 from clip_jax.data import prompts
 from clip_jax.evals import features, report
+from clip_jax.evals.evaluator import Classification, Option
 
 
 def text_classifier(model, classnames, templates, progress=False):
@@ -31,3 +32,25 @@ def evaluate(model, data, templates=None, group_by="", cache_dir="", progress=Tr
         out.update(group_by=group_by, **report.group_report(top1, groups))
     return out
 
+
+class ZeroShot(Classification):
+    task = "zeroshot"
+    options = {"templates": Option("", "a file of prompt templates, one per line, '{}' marking the "
+                                   "class name (default: the data's own, else a generic set)",
+                                   is_file=True),
+               **Classification.options}
+    logged = ("top1", "top5", "mean_per_class", "group_gap")
+    averaged = ("top1",)
+
+    def __init__(self, data, config=None, **settings):
+        super().__init__(data, config, **settings)
+        path = self.settings["templates"]
+        self.templates = prompts.load_templates(path) if path else None
+
+    def run(self, model, cache_dir="", progress=True):
+        return evaluate(model, self.data, self.templates, self.settings["group_by"], cache_dir,
+                        progress)
+
+    @classmethod
+    def describe(cls, result):
+        return f", {result['templates']} prompt templates"

@@ -1,0 +1,114 @@
+"""The evaluator interface: a task's options, its data and `run`.
+
+As big_vision's evaluators: one is constructed with its data spec and option values,
+opening the data then (so that a bad `config.evals` entry stops a training run before
+any step), and `run(model)` returns its figures for whatever variables the model holds
+at the time. One subclass per task, in the task's module (zeroshot.py, retrieval.py,
+linear_probe.py), registered by task name in registry.py. This base is a module of its
+own because the registry imports the evaluators, which import it.
+"""
+import dataclasses
+
+from clip_jax.evals import data as data_lib
+from clip_jax.evals import report
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A key of a `config.evals` entry and a flag of `python -m clip_jax.evaluate`
+    (--flag-name, of the default's type)."""
+    default: object
+    help: str
+    is_file: bool = False     # names a file that must exist (checked with the config)
+
+
+# How --data (and --train-data) are read (clip_jax/evals/data.py): every task takes them.
+DATA_OPTIONS = {
+    "max_examples": Option(0, "evaluate the first N images only (default 0: all)"),
+    "data_dir": Option("", "tfds: the TFDS data_dir"),
+    "image_key": Option("image", "tfds: the Image feature (default image)"),
+    "label_key": Option("label", "tfds: the ClassLabel feature (default label)"),
+    "caption_key": Option("caption", "tfds: the Text feature (default caption)"),
+    "image_column": Option("filepath", "CSV: the image path column (default filepath)"),
+    "caption_column": Option("caption", "CSV: the caption column (default caption)"),
+    "label_column": Option("", "CSV: a class column, for zeroshot/linear_probe"),
+}
+
+
+class Evaluator:
+    """One evaluation: its data opened once, `run` on a model (a `CLIPModel`, or anything
+    with its encoders) -> {figure: value}."""
+
+    task = ""                 # its name: the registry key, the CLI's TASK, an entry's task
+    options = DATA_OPTIONS    # name -> Option: everything an entry or the command line may set
+    required = ()             # options that must be set (not left at their default)
+    logged = ()               # figures logged in training, as <task>/<entry name>/<figure>
+    averaged = ()             # figures also logged as <task>/<figure>: the mean over entries
+
+    def __init__(self, data, config=None, **settings):
+        """`data`: the --data spec; `config`: the model's run config (the synthetic data's
+        seed and sizes); `settings`: values of `options`, the others at their defaults.
+        Settings are checked by `registry.check` (which names the entry or the flag)."""
+        unknown = set(settings) - set(self.options)
+        if unknown:
+            raise TypeError(f"{self.task}: no option(s) {sorted(unknown)}")
+        self.config = config
+        self.settings = {key: option.default for key, option in self.options.items()}
+        self.settings.update(settings)
+        self.data = self.open_data(data)
+
+    def open_data(self, spec):
+        s = self.settings
+        data = data_lib.open_eval_data(
+            spec, self.config, data_dir=s["data_dir"], image_key=s["image_key"],
+            label_key=s["label_key"], caption_key=s["caption_key"], image_column=s["image_column"],
+            caption_column=s["caption_column"], label_column=s["label_column"],
+            classnames=s.get("classnames", ""))
+        return data.head(int(s["max_examples"]))
+
+    def run(self, model, cache_dir="", progress=True):
+        """{figure: value, ...}, with "task" and "data" (what the command line prints as JSON)."""
+        raise NotImplementedError
+
+    @classmethod
+    def format_result(cls, result):
+        """`run`'s result as the command line prints it."""
+        raise NotImplementedError
+
+
+class Classification(Evaluator):
+    """What the evaluators that classify images share: class names, --group-by, the report."""
+
+    options = {
+        "classnames": Option("", "a file of class names, one per line in the data's class order, "
+                             "replacing the folder/label names", is_file=True),
+        "group_by": Option("", "report accuracy per value of this attribute (a CSV/meta column, "
+                           "level:N of the image path, or a synthetic attribute: size, position, "
+                           "background)"),
+        **DATA_OPTIONS,
+    }
+    logged = ("top1", "mean_per_class", "group_gap")
+
+    def __init__(self, data, config=None, **settings):
+        super().__init__(data, config, **settings)
+        if self.settings["group_by"]:
+            self.data.group_values(self.settings["group_by"])   # a bad attribute fails now
+
+    @classmethod
+    def describe(cls, result):
+        """What follows the classes in the report's first line."""
+        return ""
+
+    @classmethod
+    def format_result(cls, result):
+        lines = [f"{cls.task} on {result['data']}: {result['n']} images, "
+                 f"{len(result['per_class'])} classes{cls.describe(result)}",
+                 f"  top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
+                 f"mean per-class {100 * result['mean_per_class']:.2f}%",
+                 report.format_table(result["per_class"], ["class", "n", "top1"])]
+        if "groups" in result:
+            rows = [{"group": g, **v} for g, v in result["groups"].items()]
+            lines += [f"by {result['group_by']}: gap {100 * result['group_gap']:.2f} points "
+                      f"(worst: {result['worst_group']})",
+                      report.format_table(rows, ["group", "n", "top1"])]
+        return "\n".join(lines)
