@@ -29,7 +29,7 @@ def benchmark_evaluate(config, source, num_images, repeats, batch_size):
         clip = CLIPModel(config, variables, tokenizer, mesh, rules, batch_size)
         spec = source or photos.make_corpus(tmp + "/photos", num_images)
         data = data_lib.open_eval_data(spec).head(num_images)
-        views = features._Views(data, clip.image_size)
+        views = features.Views(data, clip.image_size)
         pixels = normalize_images(np.stack([views[i] for i in range(len(data))]))
         prompts = [f"a photo of a {i % 1000} thing." for i in range(4 * len(data))]
         # Each first call compiles and warms the file cache; the medians are of the rest.

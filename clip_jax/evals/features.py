@@ -21,7 +21,7 @@ from clip_jax.data.pipeline import normalize_images
 DECODE_THREADS = 16
 
 
-class _Views:
+class Views:
     """Random access to evaluation views: [i] -> uint8 [S, S, 3] (centre crop unless presized)."""
 
     def __init__(self, data, image_size):
@@ -58,7 +58,7 @@ def cache_path(cache_dir, model, data):
 def decoded_views(data, image_size, indices=None, prefetch=512):
     """uint8 [S, S, 3] evaluation views of `data` (of the rows `indices` only, if given), in
     order, decoded on DECODE_THREADS threads by Grain."""
-    views = _Views(data, image_size)
+    views = Views(data, image_size)
     source = (grain.MapDataset.source(views) if indices is None else
               grain.MapDataset.source(list(indices)).map(views.__getitem__))
     return source.to_iter_dataset(grain.ReadOptions(num_threads=DECODE_THREADS,
@@ -108,9 +108,3 @@ def text_features(model, texts, progress=True, desc="text features"):
             out.append(model.encode_text(model.tokenize(chunk)))
             bar.update(len(chunk))
     return np.concatenate(out) if out else np.zeros((0, int(model.config.model.embed_dim)), np.float32)
-
-
-def l2_normalize(x):
-    """Rows scaled to unit L2 norm, as float32 (numpy; the one host-side normaliser)."""
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)

@@ -11,6 +11,7 @@ import numpy as np
 
 from clip_jax.evals import features
 from clip_jax.evals.evaluator import Evaluator
+from clip_jax.models.clip import l2_normalize
 
 KS = (1, 5, 10)
 BLOCK = 1024
@@ -31,8 +32,8 @@ def _ranks(queries, keys, correct_of):
 def recall_at_k(image_embeds, text_embeds, text_image):
     """{'image_to_text_R@K', 'text_to_image_R@K'} for K in KS; `text_image[j]` = image of text j."""
     text_image = np.asarray(text_image)
-    image_embeds = features.l2_normalize(image_embeds)
-    text_embeds = features.l2_normalize(text_embeds)
+    image_embeds = l2_normalize(image_embeds)
+    text_embeds = l2_normalize(text_embeds)
     i2t = _ranks(image_embeds, text_embeds, lambda rows: text_image[None, :] == rows[:, None])
     image_ids = np.arange(len(image_embeds))
     t2i = _ranks(text_embeds, image_embeds, lambda rows: image_ids[None, :] == text_image[rows][:, None])

@@ -8,14 +8,15 @@ dataset's own (the synthetic data has some), else `prompts.DEFAULT_TEMPLATES`.
 from clip_jax.data import prompts
 from clip_jax.evals import features, report
 from clip_jax.evals.evaluator import Classification, Option
+from clip_jax.models.clip import l2_normalize
 
 
 def text_classifier(model, classnames, templates, progress=False):
     """float32 [num_classes, dim]: per class, mean of normalised prompt embeddings, renormalised."""
     texts = [t.format(c) for c in classnames for t in templates]
-    emb = features.l2_normalize(features.text_features(model, texts, progress, "prompts"))
+    emb = l2_normalize(features.text_features(model, texts, progress, "prompts"))
     emb = emb.reshape(len(classnames), len(templates), -1).mean(axis=1)
-    return features.l2_normalize(emb)
+    return l2_normalize(emb)
 
 
 def evaluate(model, data, templates=None, group_by="", cache_dir="", progress=True):
@@ -24,7 +25,7 @@ def evaluate(model, data, templates=None, group_by="", cache_dir="", progress=Tr
     templates = tuple(templates or data.templates or prompts.DEFAULT_TEMPLATES)
     groups = data.group_values(group_by) if group_by else None
     classifier = text_classifier(model, data.classnames, templates, progress)
-    image = features.l2_normalize(features.image_features(model, data, cache_dir, progress))
+    image = l2_normalize(features.image_features(model, data, cache_dir, progress))
     logits = image @ classifier.T
     out, top1 = report.classification_report(logits, data.labels, data.classnames)
     out = {"task": "zeroshot", "data": data.name, "templates": len(templates), **out}
