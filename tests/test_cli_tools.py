@@ -1,4 +1,5 @@
-"""The small command lines: `clip_jax.tokenizer` (train / encode) and `clip_jax.benchmark`."""
+"""The small command lines: `clip_jax.tokenizer` (train / encode) and `clip_jax.benchmark`
+(its modes, timing and generated photos)."""
 import json
 import os
 import subprocess
@@ -80,6 +81,33 @@ def test_benchmark_data_and_train_report_json(tmp_path):
     assert bad.returncode != 0 and "lossy" in bad.stderr
     bad = cli("clip_jax.benchmark", "data", "--config.data.sourse=x", check=False)
     assert bad.returncode != 0 and "data.sourse" in bad.stderr and "data.source" in bad.stderr
+
+
+def test_benchmark_evaluate_times_the_generated_photos(tmp_path):
+    """The evaluate mode's default images are the photo corpus; every rate is measured."""
+    proc = cli("clip_jax.benchmark", "evaluate", "--images=6", "--repeats=1", "--eval_batch_size=4",
+               "--json")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["mode"] == "evaluate" and result["images"] == 6 and "generated photos" in result["data"]
+    assert min(result[k] for k in ("images_per_sec", "decode_images_per_sec",
+                                   "encode_images_per_sec", "texts_per_sec")) > 0
+
+
+def test_photo_corpus_is_real_jpegs_listed_in_a_csv(tmp_path):
+    import csv
+
+    from PIL import Image
+
+    from clip_jax.benchmark import photos
+    captions = photos.make_corpus(str(tmp_path), 4, seed=1)
+    with open(captions, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and all(r["caption"].startswith("a ") for r in rows)
+    sizes = [Image.open(tmp_path / r["filepath"]).size for r in rows]
+    assert all(256 <= min(s) <= 512 for s in sizes) and len(set(sizes)) > 1
+    assert photos.make_corpus(str(tmp_path / "again"), 4, seed=1) and all(
+        (tmp_path / "again" / r["filepath"]).read_bytes() == (tmp_path / r["filepath"]).read_bytes()
+        for r in rows)
 
 
 def test_measured_peak_is_a_matmul_rate():

@@ -419,7 +419,7 @@ def test_tfds_data_labels_captions_and_images(tmp_path):
     assert data.classnames == ["golden retriever", "cat", "car"] and len(data) == 7
     assert data.labels.tolist() == [int(stored[i]["label"]) for i in range(7)]
     assert data.captions == [[stored[i]["caption"].decode()] for i in range(7)]
-    view = features._Views(data, 16)[3]
+    view = features.Views(data, 16)[3]
     assert view.shape == (16, 16, 3) and view.dtype == np.uint8
     with pytest.raises(ValueError, match="cannot open TFDS dataset 'eval_pictures' split 'test'"):
         data_lib.open_eval_data("tfds:eval_pictures", data_dir=str(tmp_path))   # default split: test
