@@ -291,7 +291,9 @@ def test_tfds_data_labels_captions_and_images(tmp_path):
     view = features._Views(data, 16)[3]
     assert view.shape == (16, 16, 3) and view.dtype == np.uint8
     with pytest.raises(ValueError, match="cannot open TFDS dataset 'eval_pictures' split 'test'"):
-        data_lib.open_eval_data("tfds:eval_pictures", data_dir=str(tmp_path))   # default split: test
+        data_lib.open_eval_data("tfds:eval_pictures:test", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="tfds:eval_pictures needs a split for evaluation"):
+        data_lib.open_eval_data("tfds:eval_pictures", data_dir=str(tmp_path))   # no default split
 
 
 def test_a_broken_image_stops_the_evaluation_naming_it(tmp_path):

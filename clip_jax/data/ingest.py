@@ -35,10 +35,11 @@ Formats
                the caption the txt member. The record key is <shard file name>/<sample key>.
   tfds         SOURCE is a TFDS dataset name (name or name:version) already prepared on local
                disk in the array_record file format (TensorFlow is not needed). --split
-               (default train), --data-dir, --image-key (default image; an Image feature) and
-               either --caption-key (default caption; a Text feature) or --label-key (a
-               ClassLabel feature: captions from the class names and the templates, as
-               imagefolder). Record key: <split>/<example index>.
+               (default train, as for a training source: clip_jax/data/spec.py), --data-dir,
+               --image-key (default image; an Image feature) and either --caption-key
+               (default caption; a Text feature) or --label-key (a ClassLabel feature:
+               captions from the class names and the templates, as imagefolder). Record
+               key: <split>/<example index>.
 
 Options (all formats)
   --max-size       short side of the stored image at most this (default 256); smaller images
@@ -112,6 +113,7 @@ from tqdm import tqdm
 
 from clip_jax import paths
 from clip_jax.data import images, prompts, records, sources
+from clip_jax.data import spec as spec_lib
 
 IMAGE_EXTENSIONS = images.IMAGE_EXTENSIONS
 # webdataset member extensions, in order of preference when a sample has several images.
@@ -243,7 +245,8 @@ def _open_csv(path):
     return open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
 
 
-def prepare_csv(source, image_column="filepath", caption_column="caption", delimiter=None):
+def prepare_csv(input_spec, image_column="filepath", caption_column="caption", delimiter=None):
+    source = input_spec.path
     delimiter = _csv_delimiter(source, delimiter)
     try:
         with _open_csv(source) as f:
@@ -346,7 +349,8 @@ def _file_row(top, path, caption="", **fields):
     return Row(_display(path), key=key, caption=caption, path=path, **fields)
 
 
-def prepare_captions(source):
+def prepare_captions(input_spec):
+    source = input_spec.path
     _check_folder(source)
     return Prepared([functools.partial(_caption_rows, source)], {})
 
@@ -381,7 +385,8 @@ def _captioned_row(top, folder, name, sidecar):
     return _file_row(top, path, caption, repairs=_repairs(repaired))
 
 
-def prepare_imagefolder(source, templates=None):
+def prepare_imagefolder(input_spec, templates=None):
+    source = input_spec.path
     _check_folder(source)
     classes = sorted(entry.name for entry in os.scandir(source) if entry.is_dir())
     if not classes:
@@ -432,9 +437,8 @@ def _matching_files(pattern):
             and paths.isfile(f"{folder}/{n}")] if paths.isdir(folder) else []
 
 
-def prepare_wds(source):
-    patterns = [source] if isinstance(source, str) else list(source)
-    shards = _expand_shards(patterns)
+def prepare_wds(input_spec):
+    shards = _expand_shards(input_spec.patterns)
     return Prepared([functools.partial(_wds_shard_rows, shard) for shard in shards],
                     {"files": shards})
 
@@ -493,8 +497,9 @@ def _wds_row(shard, key, members):
 
 # ----------------------------------------------------------------------------- tfds
 
-def prepare_tfds(source, split="train", data_dir=None, image_key="image", caption_key=None,
+def prepare_tfds(input_spec, data_dir=None, image_key="image", caption_key=None,
                  label_key=None, templates=None):
+    source, split = input_spec.name, input_spec.split
     if caption_key is not None and label_key is not None:
         raise OptionError("give --caption-key or --label-key, not both")
     if templates is not None and label_key is None:
@@ -554,6 +559,7 @@ class TfdsExamples:
                             repairs=_repairs(example["caption_repaired"]))
 
 
+# The prepare function of each kind of `spec.for_ingest`.
 FORMATS = {"csv": prepare_csv, "captions": prepare_captions, "imagefolder": prepare_imagefolder,
            "wds": prepare_wds, "tfds": prepare_tfds}
 
@@ -698,8 +704,10 @@ def run(format, source, out, *, max_size=256, min_size=images.DEFAULT_MIN_SIZE,
     """
     workers = os.cpu_count() if workers is None else workers
     _check_settings(max_size, min_size, max_pixels, quality, records_per_shard, workers)
-    if format not in FORMATS:
-        raise OptionError(f"unknown format {format!r}; one of {', '.join(FORMATS)}")
+    try:
+        input_spec = spec_lib.for_ingest(format, source, format_options.pop("split", None))
+    except spec_lib.SpecError as e:
+        raise OptionError(str(e)) from None
     if runner not in RUNNERS:
         raise OptionError(f"unknown runner {runner!r}; one of {', '.join(RUNNERS)}")
     if runner == "beam":
@@ -707,7 +715,7 @@ def run(format, source, out, *, max_size=256, min_size=images.DEFAULT_MIN_SIZE,
             import apache_beam  # noqa: F401
         except ImportError:
             raise OptionError("--runner=beam needs Apache Beam: pip install -e '.[beam]'") from None
-    prepared = FORMATS[format](source, **format_options)
+    prepared = FORMATS[input_spec.kind](input_spec, **format_options)
     _check_output(out, overwrite)
     settings = Settings(max_size, min_size, max_pixels, quality, prepared.fetch)
     manifest_fields = {**prepared.extra,
