@@ -6,6 +6,7 @@ import os
 import sys
 
 from clip_jax.data import images, ingest, records
+from clip_jax.data import spec as spec_lib
 
 
 def _common_options():
@@ -87,7 +88,8 @@ def build_parser():
 
     tfds = add("tfds", "a TFDS dataset prepared on local disk in the array_record file format",
                "dataset name, or name:version")
-    tfds.add_argument("--split", default="train", help="split to read (default: %(default)s)")
+    # No argparse default: the split's default is the data spec grammar's (spec.TRAIN_SPLIT).
+    tfds.add_argument("--split", help=f"split to read (default: {spec_lib.TRAIN_SPLIT})")
     tfds.add_argument("--data-dir", metavar="DIR",
                       help="TFDS data folder (default: TFDS's own, ~/tensorflow_datasets)")
     tfds.add_argument("--image-key", default="image", metavar="FEATURE",

@@ -11,26 +11,23 @@ import ml_collections
 
 from clip_jax import losses, paths, sharding
 from clip_jax.config_lib import CPU_OPS_PIECES, MODEL_OPS, ConfigError, lookup
-from clip_jax.data import records, sources, tokenizer
+from clip_jax.data import records, sources, spec as spec_lib, tokenizer
 from clip_jax.evals import registry
 
 
 def _validate_data(config, need):
     d = config.data
     try:
-        specs = sources.parse_source_list(d.source)
+        specs = spec_lib.parse_sources(d.source)
         sources.parse_weights(d.weights, len(specs))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for spec in specs:
-        if spec == "synthetic" or spec.startswith("tfds:"):
-            continue
-        need(paths.isdir(spec), "data.source",
-             f"entry {spec!r} is neither 'synthetic', 'tfds:NAME[:SPLIT]' nor an existing directory")
-        try:
-            records.read_manifest(spec)
-        except ValueError as e:
-            raise ConfigError(f"config.data.source: {e}") from None
+    for source_spec in specs:
+        if source_spec.kind == "ingested":   # synthetic and tfds are checked when opened
+            try:
+                records.read_manifest(source_spec.path)
+            except ValueError as e:
+                raise ConfigError(f"config.data.source: {e}") from None
     need(d.workers >= 0, "data.workers", "must be >= 0")
     need(d.prefetch >= 0, "data.prefetch", "must be >= 0")
     lo, hi = d.crop_scale
@@ -70,6 +67,12 @@ def _validate_evals(config):
             raise ConfigError(str(e)) from None
         if not entry.get("data"):
             raise ConfigError(f"{where}.data: the evaluation data must be given")
+        try:   # caught here, before training, rather than at the first evaluation
+            spec_lib.parse(entry.data, "eval", f"{where}.data")
+            if options.get("train_data"):
+                spec_lib.parse(options["train_data"], "eval", f"{where}.train_data")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         declared = registry.get(entry.task).options
         for key, value in options.items():
             if declared[key].is_file and value and not paths.isfile(value):

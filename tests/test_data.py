@@ -331,6 +331,13 @@ def test_tfds_source(tmp_path, tok):
     np.testing.assert_array_equal(np.sort(np.concatenate([x["indices"] for x in b])), np.arange(8))
     src = sources.make_source(c)[0]
     assert {src[i]["caption"] for i in range(8)} == {f"tfds picture {i}" for i in range(8)}
+    # The spec's forms reach TFDS: a pinned version and an explicit, sliced split.
+    c.data.source = "tfds:tiny_captions:1.0.0:train[:3]"
+    assert len(sources.make_source(c)[0]) == 3
+    c.data.source = "tfds:tiny_captions:9.9.9"
+    with pytest.raises(ValueError, match="cannot open TFDS dataset 'tiny_captions:9.9.9' split 'train'"):
+        sources.make_source(c)
+    c.data.source = "tfds:tiny_captions"
     c.data.tfds.label_key = "label"
     src = sources.make_source(c)[0]
     from clip_jax.data import prompts

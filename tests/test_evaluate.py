@@ -422,7 +422,9 @@ def test_tfds_data_labels_captions_and_images(tmp_path):
     view = features.Views(data, 16)[3]
     assert view.shape == (16, 16, 3) and view.dtype == np.uint8
     with pytest.raises(ValueError, match="cannot open TFDS dataset 'eval_pictures' split 'test'"):
-        data_lib.open_eval_data("tfds:eval_pictures", data_dir=str(tmp_path))   # default split: test
+        data_lib.open_eval_data("tfds:eval_pictures:test", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="tfds:eval_pictures needs a split for evaluation"):
+        data_lib.open_eval_data("tfds:eval_pictures", data_dir=str(tmp_path))   # no default split
 
 
 def test_a_broken_image_stops_the_evaluation_naming_it(tmp_path):
@@ -522,8 +524,11 @@ def test_bad_evals_stop_training_before_any_step(tmp_path):
     config.evals.bad = ml_collections.ConfigDict(dict(task="zeroshot", data="synthetic", train_data="x"))
     with pytest.raises(config_lib.ConfigError, match="config.evals.bad: train_data does not apply to zeroshot"):
         validation.validate(config)
+    config.evals.bad = ml_collections.ConfigDict(dict(task="zeroshot", data="tfds:cifar10"))
+    with pytest.raises(config_lib.ConfigError, match="config.evals.bad.data 'tfds:cifar10'.*needs a split"):
+        validation.validate(config)
     config.evals.bad = ml_collections.ConfigDict(dict(task="zeroshot", data=str(tmp_path / "missing")))
-    with pytest.raises(config_lib.ConfigError, match="missing.*no such file or directory"):
+    with pytest.raises(config_lib.ConfigError, match="config.evals.bad.data.*missing.*no such file or directory"):
         train.train(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
 

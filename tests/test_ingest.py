@@ -485,6 +485,22 @@ def test_tfds_labels(tfds_dir, tmp_path):
         run("tfds", TFDS_NAME, tmp_path / "o", data_dir=tfds_dir, label_key="caption")
 
 
+def test_tfds_split_comes_from_the_data_spec_grammar(tfds_dir, tmp_path, capsys):
+    """Without --split the command line reads the grammar's default split, train (as a
+    training source tfds:NAME does); a split written into SOURCE is refused, naming it."""
+    from clip_jax import ingest as ingest_cli
+    common = ["--data-dir", tfds_dir, "--workers", "0", "--no-progress", "--min-size", "1"]
+    assert ingest_cli.main(["tfds", TFDS_NAME, "--out", str(tmp_path / "a"), *common]) == 0
+    manifest = records.read_manifest(str(tmp_path / "a"))
+    assert manifest["source"]["split"] == "train" and manifest["rows"] == 6
+    assert ingest_cli.main(["tfds", TFDS_NAME, "--split", "train[:2]", "--out", str(tmp_path / "b"),
+                            *common]) == 0
+    assert records.read_manifest(str(tmp_path / "b"))["rows"] == 2
+    assert ingest_cli.main(["tfds", f"{TFDS_NAME}:train", "--out", str(tmp_path / "c"), *common]) == 2
+    assert f"SOURCE '{TFDS_NAME}:train': expected NAME or NAME:VERSION" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
 # ----------------------------------------------------------------------------- bounding
 
 def test_in_flight_work_is_bounded():

@@ -35,10 +35,11 @@ Formats
                the caption the txt member. The record key is <shard file name>/<sample key>.
   tfds         SOURCE is a TFDS dataset name (name or name:version) already prepared on local
                disk in the array_record file format (TensorFlow is not needed). --split
-               (default train), --data-dir, --image-key (default image; an Image feature) and
-               either --caption-key (default caption; a Text feature) or --label-key (a
-               ClassLabel feature: captions from the class names and the templates, as
-               imagefolder). Record key: <split>/<example index>.
+               (default train, as for a training source: clip_jax/data/spec.py), --data-dir,
+               --image-key (default image; an Image feature) and either --caption-key
+               (default caption; a Text feature) or --label-key (a ClassLabel feature:
+               captions from the class names and the templates, as imagefolder). Record
+               key: <split>/<example index>.
 
 Options (all formats)
   --max-size       short side of the stored image at most this (default 256); smaller images
@@ -106,19 +107,21 @@ import posixpath
 import sys
 import tarfile
 import zlib
-from typing import NamedTuple
 
 from tqdm import tqdm
 
 from clip_jax import paths
-from clip_jax.data import images, prompts, records, sources
+from clip_jax.data import images, ingest_beam, prompts, records, sources
+from clip_jax.data import spec as spec_lib
+# Rows and the work on each, shared with the Beam driver. `_chunks` reads CHUNK_ROWS as
+# this module's global: the local driver's chunk size is set here.
+from clip_jax.data.ingest_rows import CHUNK_ROWS, Prepared, Row, Settings, process_chunk
 
 IMAGE_EXTENSIONS = images.IMAGE_EXTENSIONS
 # webdataset member extensions, in order of preference when a sample has several images.
 WDS_IMAGE_EXTENSIONS = tuple(ext[1:] for ext in IMAGE_EXTENSIONS)
 WDS_CAPTION_EXTENSION = "txt"
 
-CHUNK_ROWS = 32                 # rows per unit of work sent to a worker
 CHUNK_BYTES = 8 << 20           # ... or fewer, once the chunk holds this many image bytes (wds)
 CHUNKS_PER_WORKER = 4           # chunks in flight per worker: the bound on memory
 TFDS_PART_ROWS = 10_000         # TFDS examples per part of the input (a Beam worker's read)
@@ -127,69 +130,6 @@ SHARD_GLOB = "data-*.array_record"
 
 class OptionError(ValueError):
     """A bad option or input, found before any work: nothing has been written."""
-
-
-class RowSkipped(Exception):
-    """A row that cannot become a record; `reason` is one of the module docstring's names."""
-
-    def __init__(self, reason, detail=""):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-class Row(NamedTuple):
-    """One input row as a reader describes it; sent to a worker."""
-    source: str                  # where it came from, for skipped.jsonl
-    key: str = ""                # the record's key
-    caption: str = ""
-    path: str | bytes | None = None   # the image file to read ...
-    image: bytes | None = None        # ... or its bytes
-    label: int | None = None
-    meta: dict | None = None
-    repairs: tuple = ()          # repairs the reader made (invalid_utf8)
-    skip: tuple | None = None    # (reason, detail) when the reader already knows it is bad
-    index: int | None = None     # the row's number, set by the driver (`_chunks` locally)
-    example: int | None = None   # tfds: the example's index in its split
-
-
-class Result(NamedTuple):
-    """What a worker made of a row: record bytes, or (reason, detail) in `skip`."""
-    index: int
-    source: str
-    record: bytes | None
-    skip: tuple | None
-    repairs: tuple
-
-
-class Settings(NamedTuple):
-    """What workers need besides the rows."""
-    max_size: int
-    min_size: int
-    max_pixels: int
-    quality: int
-    fetch: object = None         # rows -> rows with images filled in (tfds), or None
-
-
-class Prepared(NamedTuple):
-    """A checked input and what it adds to the manifest.
-
-    `parts`: picklable zero-argument callables, each yielding the rows of one part of the
-    input in order (a wds shard, a range of TFDS examples; the whole listing for csv,
-    captions and imagefolder); the input's rows are the parts' rows one part after the
-    other. The local ingest reads them in one process, the Beam ingest one part per
-    worker (clip_jax/data/ingest_beam.py)."""
-    parts: list
-    options: dict                # the format options that shaped the records
-    extra: dict = {}             # classes / classnames
-    fetch: object = None
-    total: int | None = None     # number of rows, when known up front
-
-    @property
-    def rows(self):
-        """Every row of the input, lazily, in order."""
-        for part in self.parts:
-            yield from part()
 
 
 # ----------------------------------------------------------------------------- text helpers
@@ -243,7 +183,8 @@ def _open_csv(path):
     return open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
 
 
-def prepare_csv(source, image_column="filepath", caption_column="caption", delimiter=None):
+def prepare_csv(input_spec, image_column="filepath", caption_column="caption", delimiter=None):
+    source = input_spec.path
     delimiter = _csv_delimiter(source, delimiter)
     try:
         with _open_csv(source) as f:
@@ -346,7 +287,8 @@ def _file_row(top, path, caption="", **fields):
     return Row(_display(path), key=key, caption=caption, path=path, **fields)
 
 
-def prepare_captions(source):
+def prepare_captions(input_spec):
+    source = input_spec.path
     _check_folder(source)
     return Prepared([functools.partial(_caption_rows, source)], {})
 
@@ -381,7 +323,8 @@ def _captioned_row(top, folder, name, sidecar):
     return _file_row(top, path, caption, repairs=_repairs(repaired))
 
 
-def prepare_imagefolder(source, templates=None):
+def prepare_imagefolder(input_spec, templates=None):
+    source = input_spec.path
     _check_folder(source)
     classes = sorted(entry.name for entry in os.scandir(source) if entry.is_dir())
     if not classes:
@@ -432,9 +375,8 @@ def _matching_files(pattern):
             and paths.isfile(f"{folder}/{n}")] if paths.isdir(folder) else []
 
 
-def prepare_wds(source):
-    patterns = [source] if isinstance(source, str) else list(source)
-    shards = _expand_shards(patterns)
+def prepare_wds(input_spec):
+    shards = _expand_shards(input_spec.patterns)
     return Prepared([functools.partial(_wds_shard_rows, shard) for shard in shards],
                     {"files": shards})
 
@@ -493,8 +435,9 @@ def _wds_row(shard, key, members):
 
 # ----------------------------------------------------------------------------- tfds
 
-def prepare_tfds(source, split="train", data_dir=None, image_key="image", caption_key=None,
+def prepare_tfds(input_spec, data_dir=None, image_key="image", caption_key=None,
                  label_key=None, templates=None):
+    source, split = input_spec.name, input_spec.split
     if caption_key is not None and label_key is not None:
         raise OptionError("give --caption-key or --label-key, not both")
     if templates is not None and label_key is None:
@@ -554,50 +497,12 @@ class TfdsExamples:
                             repairs=_repairs(example["caption_repaired"]))
 
 
+# The prepare function of each kind of `spec.for_ingest`.
 FORMATS = {"csv": prepare_csv, "captions": prepare_captions, "imagefolder": prepare_imagefolder,
            "wds": prepare_wds, "tfds": prepare_tfds}
 
 
 # ----------------------------------------------------------------------------- workers
-
-def _read_file(path):
-    try:
-        if isinstance(path, str) and paths.is_remote(path):
-            return paths.read_bytes(path)
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise RowSkipped("missing_file", "no such file") from None
-    except OSError as e:
-        raise RowSkipped("unreadable_file", f"{type(e).__name__}: {e.strerror}") from None
-
-
-def process_row(row, settings):
-    """A row -> Result: the encoded record, or why it was skipped."""
-    if row.skip:
-        return Result(row.index, row.source, None, row.skip, ())
-    try:
-        caption = row.caption.strip()
-        if not caption:
-            raise RowSkipped("empty_caption", repr(row.caption[:40]))
-        data = row.image if row.path is None else _read_file(row.path)
-        img, conversion = images.load_for_storage(data, settings.max_size, settings.min_size,
-                                                  settings.max_pixels)
-        image = images.encode_jpeg(img, settings.quality)
-    except (RowSkipped, images.BadImage) as e:
-        return Result(row.index, row.source, None, (e.reason, e.detail), ())
-    except Exception as e:   # noqa: BLE001   one bad row never stops an ingest (or a worker)
-        return Result(row.index, row.source, None, ("unexpected_error", f"{type(e).__name__}: {e}"), ())
-    record = records.encode_record(image, caption, row.key, row.label, row.meta)
-    return Result(row.index, row.source, record, None,
-                  row.repairs + ((conversion,) if conversion else ()))
-
-
-def process_chunk(rows, settings):
-    if settings.fetch is not None:
-        rows = settings.fetch(rows)
-    return [process_row(row, settings) for row in rows]
-
 
 _WORKER_SETTINGS = None
 
@@ -698,8 +603,10 @@ def run(format, source, out, *, max_size=256, min_size=images.DEFAULT_MIN_SIZE,
     """
     workers = os.cpu_count() if workers is None else workers
     _check_settings(max_size, min_size, max_pixels, quality, records_per_shard, workers)
-    if format not in FORMATS:
-        raise OptionError(f"unknown format {format!r}; one of {', '.join(FORMATS)}")
+    try:
+        input_spec = spec_lib.for_ingest(format, source, format_options.pop("split", None))
+    except spec_lib.SpecError as e:
+        raise OptionError(str(e)) from None
     if runner not in RUNNERS:
         raise OptionError(f"unknown runner {runner!r}; one of {', '.join(RUNNERS)}")
     if runner == "beam":
@@ -707,7 +614,7 @@ def run(format, source, out, *, max_size=256, min_size=images.DEFAULT_MIN_SIZE,
             import apache_beam  # noqa: F401
         except ImportError:
             raise OptionError("--runner=beam needs Apache Beam: pip install -e '.[beam]'") from None
-    prepared = FORMATS[format](source, **format_options)
+    prepared = FORMATS[input_spec.kind](input_spec, **format_options)
     _check_output(out, overwrite)
     settings = Settings(max_size, min_size, max_pixels, quality, prepared.fetch)
     manifest_fields = {**prepared.extra,
@@ -716,7 +623,6 @@ def run(format, source, out, *, max_size=256, min_size=images.DEFAULT_MIN_SIZE,
                        "source": {"format": format, "source": source, **prepared.options}}
     _clear_output(out)
     if runner == "beam":
-        from clip_jax.data import ingest_beam   # lazy: Beam is an optional dependency
         return ingest_beam.run(prepared, out, settings, records_per_shard, manifest_fields,
                                beam_args)
     counts = _write(prepared, out, settings, records_per_shard, workers, progress)

@@ -1,17 +1,18 @@
 """The ingest as an Apache Beam pipeline: `python -m clip_jax.ingest ... --runner=beam`.
 
-The same ingest as `clip_jax.data.ingest` (the same readers, the same `process_chunk` for
-every row, the same record encoding), driven by Beam instead of one machine's process pool,
-so that it scales out on Dataflow, Flink or Spark. Its output is the local ingest's, byte
-for byte, whatever the runner and its number of workers: the same shards holding the same
-records in the same order, the same `skipped.jsonl` lines and the same manifest.
+The same ingest as `clip_jax.data.ingest` (the same readers, the same `process_chunk` of
+`ingest_rows.py` for every row, the same record encoding), driven by Beam instead of one
+machine's process pool, so that it scales out on Dataflow, Flink or Spark. Its output is
+the local ingest's, byte for byte, whatever the runner and its number of workers: the
+same shards holding the same records in the same order, the same `skipped.jsonl` lines
+and the same manifest.
 
 The pipeline:
 1. `read`: one element per part of the input (`Prepared.parts`: a wds shard, a range of
    TFDS examples, the whole listing of a csv/captions/imagefolder input); a worker reads
    the part's rows (light descriptions, or a tar member's bytes) and numbers them.
-2. `Reshuffle`, then rows in batches of `ingest.CHUNK_ROWS` through `ingest.process_chunk`
-   on any worker: read, check, convert, resize, encode; a bad row becomes a skip.
+2. `Reshuffle`, then rows in batches of `CHUNK_ROWS` through `process_chunk` on any
+   worker: read, check, convert, resize, encode; a bad row becomes a skip.
 3. The results grouped by block (`BLOCK_ROWS` consecutive rows of a part) and sorted; the
    blocks' row and record counts, summed in input order, give every row its input row
    number and every record its position in the dataset.
@@ -32,7 +33,7 @@ import collections
 import json
 
 from clip_jax import paths
-from clip_jax.data import ingest, records
+from clip_jax.data import ingest_rows, records
 
 BLOCK_ROWS = 1000      # rows of a part grouped together to number them (a worker's memory)
 
@@ -45,7 +46,7 @@ def _read_part(numbered_part):
 
 def _process(keyed_rows, settings):
     rows = [row for _, row in keyed_rows]
-    for (block, _), result in zip(keyed_rows, ingest.process_chunk(rows, settings)):
+    for (block, _), result in zip(keyed_rows, ingest_rows.process_chunk(rows, settings)):
         yield block, result
 
 
@@ -119,7 +120,7 @@ def _finish(_, out, shards, skipped, totals, manifest_fields):
 
 
 def run(prepared, out, settings, records_per_shard, manifest_fields, beam_args=()):
-    """Runs the Beam pipeline over `prepared` (an `ingest.Prepared`), writing into `out`
+    """Runs the Beam pipeline over `prepared` (an `ingest_rows.Prepared`), writing into `out`
     (already checked and cleared by `ingest.run`). `beam_args`: Beam's own options."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
@@ -130,7 +131,7 @@ def run(prepared, out, settings, records_per_shard, manifest_fields, beam_args=(
                    | "read" >> beam.FlatMap(_read_part)
                    | "spread" >> beam.Reshuffle()
                    | "batch" >> beam.BatchElements(min_batch_size=1,
-                                                   max_batch_size=ingest.CHUNK_ROWS)
+                                                   max_batch_size=ingest_rows.CHUNK_ROWS)
                    | "process" >> beam.FlatMap(_process, settings))
         blocks = results | "by block" >> beam.GroupByKey()
         counts = blocks | "count" >> beam.Map(_block_counts)

@@ -1,9 +1,10 @@
-"""Random-access data sources named by `config.data.source`.
+"""Random-access data sources named by `config.data.source` (its grammar: `spec.py`).
 
   synthetic            the embedded procedural dataset (`synthetic.py`), rendered at the
                        model's image size; its images are used as drawn (no augmentation)
   DIR                  a directory written by `python -m clip_jax.ingest` (`records.py`)
-  tfds:NAME[:SPLIT]    a TFDS dataset prepared on local disk in array_record format
+  tfds:NAME[:VERSION][:SPLIT]
+                       a TFDS dataset prepared on local disk in array_record format
                        (`config.data.tfds`: data_dir, image_key, caption_key or label_key);
                        SPLIT defaults to 'train' and may use TFDS slicing ('train[:90%]')
   A,B,...              several of the above: a mixture. With `config.data.weights` empty
@@ -21,6 +22,7 @@ import numpy as np
 
 from clip_jax import paths
 from clip_jax.data import prompts, records, synthetic
+from clip_jax.data import spec as spec_lib
 
 
 class LabelOutOfRange(ValueError):
@@ -37,8 +39,9 @@ class TfdsSource:
     example the same caption). Shared by the pipeline and `clip_jax.ingest tfds`.
     """
 
-    def __init__(self, name, split="train", data_dir="", image_key="image", caption_key="caption",
+    def __init__(self, name, split=spec_lib.TRAIN_SPLIT, data_dir="", image_key="image", caption_key="caption",
                  label_key="", templates=None):
+        # lazy: tensorflow_datasets takes seconds to import; only TFDS sources need it
         import tensorflow_datasets as tfds
         self.args = (name, split, data_dir, image_key, caption_key, label_key, templates)
         if paths.is_remote(data_dir):
@@ -130,14 +133,6 @@ class ConcatSource:
         return self.parts[part][index - int(self.offsets[part])]
 
 
-def parse_source_list(spec):
-    """'a,b' -> ['a', 'b'] (whitespace stripped); raises ValueError on an empty entry."""
-    parts = [p.strip() for p in str(spec).split(",")]
-    if not all(parts):
-        raise ValueError(f"config.data.source={spec!r} has an empty entry")
-    return parts
-
-
 def parse_weights(spec, num_sources):
     """'' -> None; '0.7,0.3' -> normalised float array; ValueError names the key."""
     if not str(spec).strip():
@@ -154,30 +149,25 @@ def parse_weights(spec, num_sources):
     return weights / weights.sum()
 
 
-def open_one(spec, config, split="train"):
-    """The source for one entry of `config.data.source`."""
-    if spec == "synthetic":
+def open_one(source_spec, config, split="train"):
+    """The source of one parsed entry of `config.data.source` (a `spec.DataSpec`)."""
+    if source_spec.kind == "synthetic":
         s = config.data.synthetic
         return synthetic.SyntheticSource(split="train" if split == "train" else "heldout",
                                          image_size=config.model.vision.image_size,
                                          num_records=s.num_train if split == "train" else s.num_eval,
                                          seed=config.seed)
-    if spec.startswith("tfds:"):
-        name, _, tfds_split = spec[len("tfds:"):].partition(":")
-        if not name:
-            raise ValueError(f"config.data.source={spec!r}: expected tfds:NAME[:SPLIT]")
+    if source_spec.kind == "tfds":
         t = config.data.tfds
-        return TfdsSource(name, tfds_split or "train", t.data_dir, t.image_key, t.caption_key,
-                          t.label_key)
-    if paths.exists(spec):
-        return records.IngestedSource(spec)
-    raise ValueError(f"config.data.source entry {spec!r} is neither 'synthetic', 'tfds:NAME[:SPLIT]' "
-                     "nor an existing directory made by `python -m clip_jax.ingest`")
+        return TfdsSource(source_spec.name, source_spec.split, t.data_dir, t.image_key,
+                          t.caption_key, t.label_key)
+    assert source_spec.kind == "ingested", source_spec   # what spec.parse gives for training
+    return records.IngestedSource(source_spec.path)
 
 
 def make_source(config, split="train"):
     """(source, weights or None) for `config.data.source`; ValueError names the bad entry."""
-    specs = parse_source_list(config.data.source)
+    specs = spec_lib.parse_sources(config.data.source)
     weights = parse_weights(config.data.get("weights", ""), len(specs))
     parts = [open_one(s, config, split) for s in specs]
     return (parts[0] if len(parts) == 1 else ConcatSource(parts)), weights

@@ -1,4 +1,5 @@
 """Evaluation data: what `--data` (or an entry of `config.evals`) names, opened as `EvalData`.
+The spec strings are parsed by `clip_jax/data/spec.py`, the grammar training and ingest share.
 
   DIR                 an ImageFolder, DIR/<class>/**/<image> (torchvision's layout): label =
                       index of the class folder in sorted order, class name = folder name
@@ -11,8 +12,10 @@
                       folder) and --caption-column (default caption); rows naming the same
                       image give it several captions; --label-column makes it labelled
                       (classes = the sorted distinct values); other columns are attributes
-  tfds:NAME[:SPLIT]   a TFDS dataset prepared on local disk (array_record), SPLIT default
-                      'test'; labels from the ClassLabel --label-key (default label),
+  tfds:NAME[:VERSION]:SPLIT
+                      a TFDS dataset prepared on local disk (array_record); the SPLIT is
+                      required (training's default, train, is rarely what an evaluation
+                      means); labels from the ClassLabel --label-key (default label),
                       captions from the Text --caption-key (default caption) if present
   synthetic[:ATTR]    the embedded dataset's held-out split (shape/colour combinations never
                       seen in training), labelled by ATTR: shape (default) or color; with
@@ -35,7 +38,9 @@ from typing import Optional
 import numpy as np
 
 from clip_jax import paths
-from clip_jax.data import images, prompts
+from clip_jax.data import images, prompts, records, synthetic
+from clip_jax.data import spec as spec_lib
+from clip_jax.data.sources import TfdsSource
 
 IMAGE_EXTENSIONS = images.IMAGE_EXTENSIONS
 
@@ -140,16 +145,15 @@ class SyntheticReader:
         self.seed, self.image_size = seed, image_size
 
     def __getitem__(self, i):
-        from clip_jax.data import synthetic
         return synthetic.example(i, self.seed, self.image_size, "heldout")["image"]
 
 
 # ----------------------------------------------------------------------------- openers
 
-def open_imagefolder(directory):
+def open_imagefolder(directory, origin="--data"):
     classes = [c for c in paths.listdir(directory) if paths.isdir(paths.join(directory, c))]
     if not classes:
-        raise ValueError(f"--data {directory}: no class folders (expected DIR/<class>/<images>)")
+        raise ValueError(f"{origin} {directory}: no class folders (expected DIR/<class>/<images>)")
     files, keys, labels = [], [], []
     for label, cls in enumerate(classes):
         for rel in paths.walk_files(paths.join(directory, cls)):
@@ -158,14 +162,13 @@ def open_imagefolder(directory):
                 keys.append(f"{cls}/{rel}")
                 labels.append(label)
     if not files:
-        raise ValueError(f"--data {directory}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+        raise ValueError(f"{origin} {directory}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
     stats = [(k, paths.size(p), int(paths.mtime(p))) for k, p in zip(keys, files)]
     return EvalData(directory, FileReader(files), keys, np.array(labels, np.int64),
                     [prompts.readable_classname(c) for c in classes], fingerprint=_digest(stats))
 
 
 def open_ingested(directory):
-    from clip_jax.data import records
     source = records.IngestedSource(directory)
     first, captions, labels, meta = {}, [], [], {}    # first: key -> (record, image position)
     for i in range(len(source)):
@@ -189,17 +192,18 @@ def open_ingested(directory):
                                         paths.mtime(paths.join(directory, records.MANIFEST))))
 
 
-def open_csv(path, image_column="filepath", caption_column="caption", label_column=""):
+def open_csv(path, image_column="filepath", caption_column="caption", label_column="",
+             origin="--data"):
     delimiter = "\t" if path.lower().endswith(".tsv") else ","
     text = paths.read_bytes(path).decode("utf-8-sig")
     rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
     if not rows:
-        raise ValueError(f"--data {path}: empty file (expected a header row)")
+        raise ValueError(f"{origin} {path}: empty file (expected a header row)")
     header = rows[0]
     for option, column in (("--image-column", image_column), ("--caption-column", caption_column),
                            ("--label-column", label_column)):
         if column and column not in header:
-            raise ValueError(f"--data {path}: no column {column!r} ({option}); the header has "
+            raise ValueError(f"{origin} {path}: no column {column!r} ({option}); the header has "
                              f"{', '.join(header)}")
     at = {c: header.index(c) for c in header}
     folder = paths.dirname(path)
@@ -209,7 +213,7 @@ def open_csv(path, image_column="filepath", caption_column="caption", label_colu
         if not fields:
             continue
         if len(fields) != len(header):
-            raise ValueError(f"--data {path}, line {line}: {len(fields)} fields, the header has {len(header)}")
+            raise ValueError(f"{origin} {path}, line {line}: {len(fields)} fields, the header has {len(header)}")
         image = fields[at[image_column]]
         if image not in index:
             index[image] = len(files)
@@ -220,7 +224,7 @@ def open_csv(path, image_column="filepath", caption_column="caption", label_colu
         if caption_column:
             captions[index[image]].append(fields[at[caption_column]])
     for p in paths.missing_files(files):
-        raise ValueError(f"--data {path}: image file {p} does not exist")
+        raise ValueError(f"{origin} {path}: image file {p} does not exist")
     labels = classnames = None
     if label_column:
         classnames = sorted(set(attributes[label_column]))
@@ -229,11 +233,11 @@ def open_csv(path, image_column="filepath", caption_column="caption", label_colu
                     fingerprint=_digest(path, paths.mtime(path), len(rows)))
 
 
-def open_tfds(spec, data_dir="", image_key="image", label_key="label", caption_key="caption"):
+def open_tfds(tfds_spec, data_dir="", image_key="image", label_key="label", caption_key="caption"):
+    """`tfds_spec`: a `spec.DataSpec` of kind tfds (its split given: `spec.parse`)."""
+    # lazy: tensorflow_datasets takes seconds to import; only TFDS data needs it
     import tensorflow_datasets as tfds
-    from clip_jax.data.sources import TfdsSource
-    name, _, split = spec[len("tfds:"):].partition(":")
-    split = split or "test"
+    spec, name, split = tfds_spec.text, tfds_spec.name, tfds_spec.split
     try:   # labelled if label_key is a ClassLabel; else TfdsSource insists on the caption
         source = TfdsSource(name, split, data_dir, image_key, label_key=label_key)
     except ValueError as e:
@@ -260,14 +264,10 @@ def open_tfds(spec, data_dir="", image_key="image", label_key="label", caption_k
                     fingerprint=_digest(spec, data_dir, n, label_key, caption_key))
 
 
-def open_synthetic(spec, seed, image_size, num_eval):
-    from clip_jax.data import synthetic
-    attribute = spec.partition(":")[2] or "shape"
-    tasks = synthetic.zeroshot_tasks()
-    if attribute not in tasks:
-        raise ValueError(f"--data {spec}: the synthetic data is labelled by "
-                         f"{' or '.join(sorted(tasks))}, not {attribute!r}")
-    classnames, templates = tasks[attribute]
+def open_synthetic(synthetic_spec, seed, image_size, num_eval):
+    """`synthetic_spec`: a `spec.DataSpec` of kind synthetic (its attribute checked)."""
+    spec, attribute = synthetic_spec.text, synthetic_spec.attribute
+    classnames, templates = synthetic.zeroshot_tasks()[attribute]
     attrs = [synthetic.attributes(i, seed, "heldout") for i in range(num_eval)]
     groups = {"size": synthetic.SIZES, "position": synthetic.POSITIONS,
               "background": synthetic.BACKGROUNDS}
@@ -281,27 +281,26 @@ def open_synthetic(spec, seed, image_size, num_eval):
 
 def open_eval_data(spec, config=None, data_dir="", image_key="image", label_key="label",
                    caption_key="caption", image_column="filepath", caption_column="caption",
-                   label_column="", classnames=""):
+                   label_column="", classnames="", origin="--data"):
     """The EvalData `spec` names (see the module docstring). `config` (the model's run
     config) supplies the synthetic data's seed, image size and size. `classnames`: a file
-    with one class name per line, replacing the dataset's (same count and order)."""
-    spec = str(spec)
-    if spec == "synthetic" or spec.startswith("synthetic:"):
+    with one class name per line, replacing the dataset's (same count and order).
+    `origin`: the flag or config key `spec` came from, for messages."""
+    data_spec = spec_lib.parse(spec, "eval", origin)
+    if data_spec.kind == "synthetic":
         if config is None:
-            raise ValueError(f"--data {spec}: needs the run's config")
-        data = open_synthetic(spec, int(config.seed), int(config.model.vision.image_size),
+            raise ValueError(f"{origin} {spec}: needs the run's config")
+        data = open_synthetic(data_spec, int(config.seed), int(config.model.vision.image_size),
                               int(config.data.synthetic.num_eval))
-    elif spec.startswith("tfds:"):
-        data = open_tfds(spec, data_dir, image_key, label_key, caption_key)
-    elif paths.isfile(spec):
-        data = open_csv(spec, image_column, caption_column, label_column)
-    elif paths.isdir(spec):
-        from clip_jax.data import records
-        data = (open_ingested(spec) if paths.exists(paths.join(spec, records.MANIFEST))
-                else open_imagefolder(spec))
+    elif data_spec.kind == "tfds":
+        data = open_tfds(data_spec, data_dir, image_key, label_key, caption_key)
+    elif data_spec.kind == "csv":
+        data = open_csv(data_spec.path, image_column, caption_column, label_column, origin)
+    elif data_spec.kind == "ingested":
+        data = open_ingested(data_spec.path)
     else:
-        raise ValueError(f"--data {spec!r}: no such file or directory (expected an ImageFolder, "
-                         "an ingested directory, a CSV file, tfds:NAME[:SPLIT] or synthetic[:ATTR])")
+        assert data_spec.kind == "imagefolder", data_spec   # what spec.parse gives for eval
+        data = open_imagefolder(data_spec.path, origin)
     if classnames:
         data = dataclasses.replace(data, classnames=read_classnames(classnames, data))
     return data
