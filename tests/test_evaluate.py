@@ -225,12 +225,14 @@ def test_linear_probe_evaluate_checks_classes(digits):
 
 # ----------------------------------------------------------------------------- registry
 
-def _set_value(option, tmp_path):
+def _set_value(option, tmp_path, key=""):
     """A value other than the option's default, of its type (a file that exists for a file)."""
     if option.is_file:
         path = tmp_path / "a file.txt"
         path.write_text("a photo of a {}.\n")
         return str(path)
+    if key == "train_data":          # data specs are parsed at validation
+        return "synthetic"
     return {int: 3, float: 0.5, str: "x"}[type(option.default)]
 
 
@@ -248,9 +250,9 @@ def test_every_registered_option_is_a_flag_and_an_entry_key_of_its_tasks_only(tm
     assert {k for k, o in registry.all_options().items() if o.is_file} == {"templates", "classnames"}
     for task, cls in registry.REGISTRY.items():
         assert cls.task == task and cls.logged
-        required = {key: "data:train" for key in cls.required}
+        required = {key: "synthetic" for key in cls.required}
         for key, option in registry.all_options().items():
-            value = _set_value(option, tmp_path)
+            value = _set_value(option, tmp_path, key)
             args = evaluate.parse_args([task, "--checkpoint", "ckpt", "--data", "d",
                                         registry.flag(key), str(value)])
             assert getattr(args, key) == value
@@ -303,7 +305,7 @@ def test_a_registered_evaluator_is_a_task_of_the_command_line_config_and_trainin
     monkeypatch.setitem(registry.REGISTRY, "echo", Echo)
     args = evaluate.parse_args(["echo", "--checkpoint", "ckpt", "--data", "d", "--level", "0.25"])
     assert (args.task, args.level) == ("echo", 0.25)
-    _validate_entry(task="echo", data="somewhere", level=0.5)
+    _validate_entry(task="echo", data="synthetic", level=0.5)
     with pytest.raises(config_lib.ConfigError, match="config.evals.entry: level does not apply to zeroshot"):
         _validate_entry(task="zeroshot", data="synthetic", level=0.5)
     # Training logs its `logged` figures per entry and its `averaged` ones over the entries.
@@ -554,7 +556,7 @@ def test_cli_errors_name_the_problem(model_dir):
                            "--data", "synthetic:size"], cwd=REPO, env=device_env(1),
                           capture_output=True, text=True)
     assert proc.returncode != 0
-    assert "error: --data synthetic:size: the synthetic data is labelled by color or shape" in proc.stderr
+    assert "error: --data 'synthetic:size': the synthetic data has no label 'size'" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
