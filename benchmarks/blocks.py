@@ -3,8 +3,8 @@
 
 Times the jitted gradient of `layers.Transformer` (ViT-B/32's image blocks by default) and
 prints the median time and GFLOP/s (XLA's cost analysis). It isolates the dense layers from
-the rest of the step (embeddings, loss, optimiser): BUILD_NOTES "Performance" compares
-layer-level changes with it before timing whole steps.
+the rest of the step (embeddings, loss, optimiser): layer-level changes are compared with
+it before whole steps are timed.
 """
 import argparse
 

@@ -8,8 +8,7 @@ HLO op kind and by model layer (the compiled HLO's `op_name` metadata, block ind
 several run at once, so their sum exceeds the step's wall time. XLA:CPU's `convolution`
 thunks show as sub-millisecond events (their work is booked to what runs beside them), so
 the tables understate convolutions. The raw trace stays in
---trace_dir for Perfetto (ui.perfetto.dev) or TensorBoard. BUILD_NOTES "Performance" was
-made this way.
+--trace_dir for Perfetto (ui.perfetto.dev) or TensorBoard.
 """
 import os
 import sys

@@ -11,7 +11,7 @@ Printed: per-round samples/s, the medians, and the ratio clip_jax / OpenCLIP of 
 
 Each framework runs as its users run it on a CPU host: clip_jax through `launch/cpu_env.sh`
 (XLA:CPU's convolution option and glibc's huge pages; `--plain_env` runs it without), the
-OpenCLIP child as it is (huge pages did not change its speed; BUILD_NOTES, finding 10).
+OpenCLIP child as it is (huge pages do not change its speed; BUILD_NOTES "Platform ops on CPU").
 
 `--variant NAME=FLAG[,FLAG...]` adds a clip_jax run with those extra flags to every round,
 in the same alternation: e.g. `--variant plain=--config.model.ops=xla` times the plain model

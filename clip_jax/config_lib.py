@@ -122,7 +122,7 @@ def base_config():
         "shape": dict(task="zeroshot", data="synthetic:shape"),
         "color": dict(task="zeroshot", data="synthetic:color")})
     c.data = ml_collections.ConfigDict(dict(
-        # 'synthetic', an ingested directory, 'tfds:NAME[:SPLIT]', or a comma-separated
+        # 'synthetic', an ingested directory, 'tfds:NAME[:VERSION][:SPLIT]', or a comma-separated
         # mixture of them; `weights` (comma-separated, '' = proportional to size) mixes them.
         source="synthetic", weights="",
         workers=0, prefetch=2,

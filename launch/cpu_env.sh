@@ -12,7 +12,7 @@
 # - to GLIBC_TUNABLES, glibc.malloc.hugetlb=1 (glibc with transparent huge pages in
 #   `madvise` or `always` mode): malloc asks for 2 MiB pages for XLA:CPU's per-step
 #   buffers, which are otherwise faulted in and zeroed 4 KiB at a time every step.
-# BUILD_NOTES ("Platform ops") has the measured effect of each. Results are unchanged.
+# BUILD_NOTES ("Platform ops on CPU") has the measured effect of each. Results are unchanged.
 set -euo pipefail
 
 if [ "$#" -lt 1 ]; then
