@@ -34,11 +34,6 @@ def unrolled(model_cfg):
     return model_cfg
 
 
-def param_counts(model_cfg):
-    model = build_model(model_cfg)
-    return count_params(abstract_variables(model, model_cfg)["params"])
-
-
 def step_flops(config, model_flops=False, ops=None):
     """XLA's FLOP count of one whole train step of `config` (all devices together): the step
     lowered, not compiled, for one local device with the towers unrolled. `ops` overrides

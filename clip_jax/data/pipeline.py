@@ -35,7 +35,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from clip_jax.data import images as images_lib
-from clip_jax.data import sources, synthetic
+from clip_jax.data import sources
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -55,14 +55,6 @@ def normalize_images(images):
 
 
 # ----------------------------------------------------------------------------- rows
-
-def contiguous_rows(global_batch_size, process_index, process_count):
-    """Rows [p*B/P, (p+1)*B/P) of a global batch: process p's share under a plain batch sharding."""
-    if global_batch_size % process_count:
-        raise ValueError(f"config.batch_size={global_batch_size} must be divisible by the "
-                         f"number of processes ({process_count})")
-    per = global_batch_size // process_count
-    return np.arange(process_index * per, (process_index + 1) * per)
 
 
 def process_rows(sharding, global_batch_size):
@@ -268,33 +260,3 @@ class GlobalBatchIterator:
 def make_train_iterator(config, tokenizer, sharding):
     """Endless iterator of global training batches laid out with `sharding` (batch dimension)."""
     return GlobalBatchIterator(config, tokenizer, sharding)
-
-
-def eval_batches(source, image_size, batch_size, indices=None):
-    """Evaluation view of `source`, in order: host batches of centre-cropped images.
-
-    Yields {'images': uint8 [b, S, S, 3], 'captions': list[str], 'labels': int64 [b] (-1 if
-    unlabelled), 'indices': int64 [b]}; the last batch may be smaller. Unlike training,
-    a broken record is an error here (an evaluation must not quietly change its data).
-    """
-    indices = np.arange(len(source)) if indices is None else np.asarray(indices, np.int64)
-    presized = getattr(source, "presized", False)
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start:start + batch_size]
-        examples = [source[int(i)] for i in chunk]
-        imgs = [np.asarray(e["image"], np.uint8) if presized else images_lib.center_crop(e["image"], image_size)
-                for e in examples]
-        yield {"images": np.stack(imgs), "captions": [e["caption"] for e in examples],
-               "labels": np.array([e.get("label", -1) for e in examples], np.int64),
-               "indices": chunk}
-
-
-def heldout_batches(config, tokenizer, n):
-    """Held-out zero-shot data: (images float32 [n,S,S,3] normalised, {'shape','color': int32 [n]}).
-
-    Always from the synthetic held-out split (combinations never seen in training),
-    identical on every process. `tokenizer` is unused (prompts are built at eval time).
-    """
-    del tokenizer
-    ex = synthetic.heldout_examples(n, seed=config.seed, image_size=config.model.vision.image_size)
-    return normalize_images(ex["image"]), {"shape": ex["shape"], "color": ex["color"]}

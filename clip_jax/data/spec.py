@@ -33,7 +33,6 @@ TRAIN_SPLIT = "train"            # the TFDS split of a training or ingest spec w
 SYNTHETIC_ATTRIBUTE = "shape"    # the label of `synthetic` as evaluation data
 KINDS = ("synthetic", "tfds", "ingested", "imagefolder", "csv", "captions", "wds")
 INGEST_FORMATS = ("csv", "captions", "imagefolder", "wds", "tfds")
-USES = ("train", "eval", "ingest")
 # TFDS's version syntax: a part of a tfds: spec that matches it is the version, not a split
 # (split names are identifiers, so the two never collide).
 _VERSION = re.compile(r"\d+\.(\d+|\*)\.(\d+|\*)")
