@@ -75,6 +75,24 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(reference_run, tmp
     assert _losses(resumed) == _losses(ref_metrics)                # bit for bit
 
 
+def test_a_save_cut_short_is_ignored_and_the_run_resumes_from_the_previous(reference_run, tmp_path):
+    """A process killed while an async save is in flight leaves Orbax's uncommitted
+    `<step>.orbax-checkpoint-tmp-<n>` directory (here with half-written arrays): the next run
+    never reads it, resumes from the checkpoint before and repeats the same steps."""
+    ref_dir, ref_metrics = reference_run
+    wd = str(tmp_path / "run")
+    shutil.copytree(ref_dir, wd)
+    cut = os.path.join(wd, "checkpoints", "8.orbax-checkpoint-tmp-1796400000")
+    os.rename(os.path.join(wd, "checkpoints", "8"), cut)
+    _truncate(cut)
+    train.train(tiny_config(total_steps=8, checkpoint_every=4), wd)
+    assert "8" in os.listdir(os.path.join(wd, "checkpoints"))
+    assert not os.path.exists(os.path.join(wd, "checkpoints.corrupt"))   # nothing was unusable
+    resumed = metrics.read_metrics(wd)
+    assert [r["step"] for r in resumed] == [r["step"] for r in ref_metrics]
+    assert _losses(resumed) == _losses(ref_metrics)                # bit for bit
+
+
 def test_no_restorable_checkpoint_stops_and_moves_nothing(reference_run, tmp_path):
     wd = str(tmp_path / "run")
     shutil.copytree(reference_run[0], wd)
