@@ -22,11 +22,11 @@ import gzip  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 
 from clip_jax import config_lib, summary, train  # noqa: E402
+from clip_jax.benchmark.timing import timed  # noqa: E402
 from clip_jax.benchmark.train import synthetic_batch  # noqa: E402
 
 _SKIP = ("ThunkExecutor", "$", "SlinkyThreadPool", "end:", "PjitFunction", "CommonPjRt",
@@ -78,10 +78,7 @@ def main():
                 state, m = compiled(state, batch)
             jax.block_until_ready(m)
             with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-                t0 = time.perf_counter()
-                state, m = compiled(state, batch)
-                jax.block_until_ready(m)
-                wall = time.perf_counter() - t0
+                _, wall = timed(lambda: jax.block_until_ready(compiled(state, batch)))
         trace_file = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[0]
         by_kind, by_layer = summarize(trace_file, op_names(compiled.as_text()))
         total = sum(by_kind.values())

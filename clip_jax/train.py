@@ -23,7 +23,7 @@ from clip_jax import (checkpoint, config_lib, distributed, evaluate, losses, met
 from clip_jax import ops as ops_lib
 from clip_jax.data import pipeline, tokenizer as tokenizer_lib
 from clip_jax.distributed import log
-from clip_jax.models import abstract_variables, build_model, input_specs
+from clip_jax.models import abstract_variables, build_model, input_specs, variables_init_fn
 
 
 @flax.struct.dataclass
@@ -51,9 +51,10 @@ def _variables(params, batch_stats):
 
 def _init_fn(config, model, tx):
     """rng -> a fresh TrainState (unsharded; traced under the mesh and the rules)."""
+    init_variables = variables_init_fn(model, config.model)
+
     def init_state(rng):
-        images, tokens = (jnp.zeros(x.shape, x.dtype) for x in input_specs(config.model))
-        variables = nn.unbox(model.init(rng, images, tokens, train=False))
+        variables = init_variables(rng)
         zero = jnp.zeros((), jnp.int32)
         return TrainState(step=zero, params=variables["params"],
                           batch_stats=variables.get("batch_stats", {}),

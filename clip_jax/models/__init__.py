@@ -9,7 +9,7 @@ from clip_jax import sharding
 from clip_jax.models.clip import CLIP
 
 __all__ = ["CLIP", "build_model", "count_params", "input_specs", "encoder_fns", "abstract_variables",
-           "init_variables"]
+           "init_variables", "variables_init_fn"]
 
 
 def build_model(model_cfg, ops=None, **options) -> CLIP:
@@ -87,12 +87,18 @@ def abstract_variables(model, model_cfg, mesh=None, rules=()):
                         sharding.unbox_abstract(boxed), shardings)
 
 
-def init_variables(model, model_cfg, rng, mesh=None, rules=()):
-    """Freshly initialised variables; on `mesh`, made in place by `jit(init, out_shardings=...)`
-    so that no device ever holds them whole."""
+def variables_init_fn(model, model_cfg):
+    """rng -> fresh variables (unboxed), to trace: inside a sharded `jit` or a larger init."""
     def init(rng):
         images, tokens = (jnp.zeros(x.shape, x.dtype) for x in input_specs(model_cfg))
         return nn.unbox(model.init(rng, images, tokens, train=False))
+    return init
+
+
+def init_variables(model, model_cfg, rng, mesh=None, rules=()):
+    """Freshly initialised variables; on `mesh`, made in place by `jit(init, out_shardings=...)`
+    so that no device ever holds them whole."""
+    init = variables_init_fn(model, model_cfg)
     if mesh is None:
         return jax.jit(init)(rng)
     shardings = jax.tree.map(lambda x: x.sharding, abstract_variables(model, model_cfg, mesh, rules))
