@@ -558,6 +558,11 @@ def test_cli_errors_name_the_problem(model_dir):
     assert proc.returncode != 0
     assert "error: --data 'synthetic:size': the synthetic data has no label 'size'" in proc.stderr
     assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "clip_jax.evaluate", "linear_probe", "--checkpoint",
+                           model_dir, "--data", "synthetic", "--train-data", "tfds:cifar10"],
+                          cwd=REPO, env=device_env(1), capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "error: --train-data 'tfds:cifar10': tfds:cifar10 needs a split" in proc.stderr
 
 
 # ----------------------------------------------------------------------------- end to end

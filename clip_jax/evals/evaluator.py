@@ -57,13 +57,15 @@ class Evaluator:
         self.settings.update(settings)
         self.data = self.open_data(data)
 
-    def open_data(self, spec):
+    def open_data(self, spec, origin="--data"):
+        """The evaluation data `spec` names, read with this evaluator's data options;
+        `origin` (the flag it came from) names it in messages."""
         s = self.settings
         data = data_lib.open_eval_data(
             spec, self.config, data_dir=s["data_dir"], image_key=s["image_key"],
             label_key=s["label_key"], caption_key=s["caption_key"], image_column=s["image_column"],
             caption_column=s["caption_column"], label_column=s["label_column"],
-            classnames=s.get("classnames", ""))
+            classnames=s.get("classnames", ""), origin=origin)
         return data.head(int(s["max_examples"]))
 
     def run(self, model, cache_dir="", progress=True):

@@ -105,7 +105,7 @@ class LinearProbe(Classification):
 
     def __init__(self, data, config=None, **settings):
         super().__init__(data, config, **settings)
-        self.train_data = self.open_data(self.settings["train_data"])
+        self.train_data = self.open_data(self.settings["train_data"], "--train-data")
 
     def run(self, model, cache_dir="", progress=True):
         return evaluate(model, self.train_data, self.data, float(self.settings["val_fraction"]), 0,
