@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_jax.data import ingest, prompts, records
+from clip_jax.data import ingest, ingest_rows, prompts, records
 from tests.helpers import build_tfds_dataset, encode_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -208,7 +208,7 @@ def test_csv_every_kind_of_row(tmp_path):
 
 
 def test_csv_output_is_independent_of_workers_and_splits_into_shards(tmp_path, monkeypatch):
-    monkeypatch.setattr(ingest, "CHUNK_ROWS", 3)      # 8 chunks in flight on 2 workers
+    monkeypatch.setattr(ingest_rows, "CHUNK_ROWS", 3)      # 8 chunks in flight on 2 workers
     csv_path, _ = write_csv_corpus(tmp_path / "corpus")
     outputs = {}
     for workers in (0, 1, 2):
@@ -246,7 +246,7 @@ def test_csv_options_and_refusals(tmp_path):
 # ----------------------------------------------------------------------------- captions
 
 def test_captions_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(ingest, "CHUNK_ROWS", 2)
+    monkeypatch.setattr(ingest_rows, "CHUNK_ROWS", 2)
     root = tmp_path / "tree"
     good = good_images()
     files = {
@@ -447,7 +447,7 @@ def stored_pixels(image):
 
 
 def test_tfds_captions(tfds_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(ingest, "CHUNK_ROWS", 2)
+    monkeypatch.setattr(ingest_rows, "CHUNK_ROWS", 2)
     manifest = run("tfds", f"{TFDS_NAME}:1.0.0", tmp_path / "out", data_dir=tfds_dir, workers=2)
     assert manifest["rows"] == 6 and "classes" not in manifest
     assert_counts(manifest, skipped={"too_small": 1, "empty_caption": 1},

@@ -111,11 +111,11 @@ import zlib
 from tqdm import tqdm
 
 from clip_jax import paths
-from clip_jax.data import images, ingest_beam, prompts, records, sources
+from clip_jax.data import images, ingest_beam, ingest_rows, prompts, records, sources
 from clip_jax.data import spec as spec_lib
-# Rows and the work on each, shared with the Beam driver. `_chunks` reads CHUNK_ROWS as
-# this module's global: the local driver's chunk size is set here.
-from clip_jax.data.ingest_rows import CHUNK_ROWS, Prepared, Row, Settings, process_chunk
+# Rows and the work on each, shared with the Beam driver (its chunk size too:
+# ingest_rows.CHUNK_ROWS, read there by both drivers).
+from clip_jax.data.ingest_rows import Prepared, Row, Settings, process_chunk
 
 IMAGE_EXTENSIONS = images.IMAGE_EXTENSIONS
 # webdataset member extensions, in order of preference when a sample has several images.
@@ -517,12 +517,12 @@ def _process_chunk_in_worker(rows):
 
 
 def _chunks(rows):
-    """Numbers the rows and groups them: CHUNK_ROWS rows or CHUNK_BYTES of image bytes."""
+    """Numbers the rows and groups them: ingest_rows.CHUNK_ROWS rows or CHUNK_BYTES of image bytes."""
     chunk, size = [], 0
     for index, row in enumerate(rows):
         chunk.append(row._replace(index=index))
         size += len(row.image or b"")
-        if len(chunk) == CHUNK_ROWS or size >= CHUNK_BYTES:
+        if len(chunk) == ingest_rows.CHUNK_ROWS or size >= CHUNK_BYTES:
             yield chunk
             chunk, size = [], 0
     if chunk:
