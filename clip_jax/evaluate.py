@@ -25,6 +25,7 @@ import sys
 import numpy as np
 
 from clip_jax import distributed, inference
+from clip_jax.data import spec as spec_lib
 from clip_jax.evals import registry
 
 COMMAND_LINE = "python -m clip_jax.evaluate"
@@ -45,7 +46,7 @@ def training_evaluators(config):
         task, spec = entry.pop("task", ""), str(entry.pop("data", ""))
         if not spec:
             raise ValueError(f"config.evals.{name}: needs data")
-        if spec.split(":")[0] == "synthetic" and not uses_synthetic(config):
+        if spec_lib.names_synthetic(spec) and not uses_synthetic(config):
             continue
         evaluators.append((name, registry.create(task, spec, config, entry, f"config.evals.{name}")))
     return evaluators

@@ -73,6 +73,12 @@ def error(text, use, origin, problem):
     return SpecError(f"{named}: {problem}; {_WHAT[use]} is one of: {'; '.join(FORMS[use])}")
 
 
+def names_synthetic(text):
+    """Whether `text` names the embedded dataset (`synthetic` or `synthetic:ATTR`), told
+    without looking at anything else (no path is checked)."""
+    return str(text).strip().partition(":")[0] == "synthetic"
+
+
 def parse(text, use, origin=""):
     """The DataSpec of one spec string for `use` ('train' or 'eval'); raises SpecError.
     A path is looked at (it must exist; in evaluation its type picks the kind)."""
@@ -82,7 +88,7 @@ def parse(text, use, origin=""):
     if not text:
         raise error(text, use, origin, "empty")
     head, colon, rest = text.partition(":")
-    if head == "synthetic":
+    if names_synthetic(text):
         return _synthetic(text, rest if colon else "", use, origin)
     if head == "tfds" and colon:
         return _tfds(text, rest, use, origin)

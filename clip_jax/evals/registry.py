@@ -42,9 +42,11 @@ def check(task, options, where, flags=False):
     than its default, or a required option left unset. Options are named as flags
     (--train-data) with `flags`, as keys (train_data) otherwise."""
     name = flag if flags else str
-    if task not in REGISTRY:
-        raise ValueError(f"{where}: unknown task {task!r} (available: {', '.join(REGISTRY)})")
-    cls, known = REGISTRY[task], all_options()
+    try:
+        cls = get(task)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    known = all_options()
     for key, value in options.items():
         if key not in known:
             raise ValueError(f"{where}: unknown option {key!r} (options: {', '.join(known)})")
