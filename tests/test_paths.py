@@ -215,6 +215,15 @@ def test_a_model_saved_to_gcs_loads_as_from_local_disk(gcs, tmp_path):
     assert b.source == remote
 
 
+def test_a_clip_bpe_merges_file_on_gcs_reads_as_the_local_one(gcs):
+    from clip_jax.data import bpe
+    remote = f"{gcs}/vocab/{os.path.basename(bpe.VENDORED_VOCAB)}"
+    paths.write_bytes(remote, open(bpe.VENDORED_VOCAB, "rb").read())
+    assert bpe.read_merges(remote) == bpe.read_merges(bpe.VENDORED_VOCAB)
+    with pytest.raises(ValueError, match="cannot be read"):
+        bpe.read_merges(f"{gcs}/vocab/missing.txt.gz")
+
+
 def test_sources_that_cannot_be_remote_say_so():
     from clip_jax.data import ingest, sources
     with pytest.raises(ingest.OptionError, match="folder sources are read from this machine"):

@@ -64,6 +64,7 @@ import ftfy
 import numpy as np
 import regex
 
+from clip_jax import paths
 from clip_jax.data.tokenizer_base import Tokenizer
 
 REFERENCE_VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
@@ -149,8 +150,7 @@ def read_merges(path, max_merges=REFERENCE_NUM_MERGES):
     """The merges of a CLIP BPE vocabulary file (gzip'd or plain), as (first, second) pairs."""
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = paths.read_bytes(path)       # local or remote (config.data.tokenizer_path)
     except OSError as e:
         raise ValueError(f"CLIP BPE merges file {path!r} cannot be read: {e}") from e
     try:
