@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from clip_jax import paths
 from clip_jax.distributed import log
+from clip_jax.workdir import os_error_message
 
 ITEMS = ("state", "data_iter", "meta")
 CORRUPT_DIR_SUFFIX = ".corrupt"
@@ -81,13 +82,23 @@ class Checkpointer:
     """The checkpoints of one run, in `directory` (normally WORKDIR/checkpoints).
 
     `save` is asynchronous: it returns once the arrays are copied off the devices (the
-    next steps may donate them) and writes in the background; `close` waits for it.
+    next steps may donate them) and writes in the background; `close` waits for it. A
+    save that fails (no space, a read-only mount) raises CheckpointError naming the step
+    and the reason, at `save`, `wait` or `close`, whichever comes first; the checkpoints
+    committed before it are untouched (Orbax writes a step under a temporary name and
+    renames it when complete).
+
+    `tokenizer`: {'sha256': ..., 'source': ...} of the run's tokenizer; stored in each
+    checkpoint's meta, and a checkpoint saved with another tokenizer is refused at restore.
     """
 
-    def __init__(self, directory, max_to_keep, mesh):
+    def __init__(self, directory, max_to_keep, mesh, tokenizer=None):
         self.directory = paths.resolve(directory)
         self.mesh = mesh
+        self.tokenizer = tokenizer
         self._checksum = _Checksummer(mesh)
+        self._pending = None        # the step of the save in flight
+        self._unmoved = set()       # corrupt steps left in place (see _quarantine)
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=ITEMS,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -96,24 +107,60 @@ class Checkpointer:
     def steps(self):
         return sorted(self.manager.all_steps())
 
+    def _failed(self, e):
+        step, self._pending = self._pending, None
+        return CheckpointError(os_error_message(e, self.directory, f"saving checkpoint {step}"))
+
     def save(self, state, data_state, config=None):
         """Starts saving `state` (a dict; see module docstring) at its step."""
         step = int(jax.device_get(state["step"]))
         meta = {"step": step, "checksums": self._checksum(state), "shapes": shapes(state),
                 "config": json.loads(config.to_json_best_effort()) if config is not None else None,
+                "tokenizer": self.tokenizer,
                 "process_count": jax.process_count(), "device_count": jax.device_count(),
                 "mesh": dict(self.mesh.shape), "saved_at": datetime.datetime.now().isoformat()}
-        self.manager.save(step, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data_iter=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave(meta)))
+        try:
+            self.manager.wait_until_finished()        # a failure of the previous save surfaces here
+            if step in self._unmoved:
+                self._remove_unmoved(step)
+            self._pending = step
+            self.manager.save(step, force=True, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data_iter=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave(meta)))
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- Orbax / TensorStore raise many kinds
+            raise self._failed(e) from None
         return step
 
+    def poll(self):
+        """Raises CheckpointError if the save in flight has failed; returns at once otherwise
+        (cheap enough to call after every step, so that a failed save stops the run within
+        a step instead of at the next checkpoint)."""
+        if self._pending is not None and not self.manager.is_saving_in_progress():
+            self.wait()
+
+    def newest_committed(self):
+        """The newest step committed on disk (read afresh), or None."""
+        try:
+            self.manager.reload()
+            steps = self.manager.all_steps()
+        except Exception:  # noqa: BLE001 -- only used to phrase an error message
+            return None
+        return max(steps) if steps else None
+
     def wait(self):
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._failed(e) from None
+        self._pending = None
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
     def restore_latest(self, abstract_state, check_data_state=None):
         """(state, data_state, meta) from the newest usable checkpoint, or None if there is none.
@@ -153,6 +200,7 @@ class Checkpointer:
             raise _Corrupt("meta has no checksums")
         _check_fits(meta.get("shapes", {}), shapes(abstract_state),
                     f"{self.directory}/{step}")
+        self._check_tokenizer(meta.get("tokenizer"), step)
         data_state = item("data_iter", ocp.args.JsonRestore())
         if check_data_state is not None:
             try:
@@ -167,21 +215,62 @@ class Checkpointer:
             raise _Corrupt(f"holds step {int(jax.device_get(state['step']))}")
         return state, data_state, meta
 
+    def _check_tokenizer(self, saved, step):
+        """A checkpoint trained with other token ids must not be resumed silently (a changed
+        workdir tokenizer file trained on with no error before). Checkpoints from before
+        the tokenizer was recorded are accepted."""
+        if not saved or not self.tokenizer or saved.get("sha256") == self.tokenizer.get("sha256"):
+            return
+        raise CheckpointError(
+            f"checkpoint {self.directory}/{step} was trained with another tokenizer: "
+            f"{saved.get('source') or 'its tokenizer'} had sha256 {str(saved.get('sha256'))[:12]}..., "
+            f"{self.tokenizer.get('source') or 'this run'}'s has {str(self.tokenizer.get('sha256'))[:12]}... "
+            "Put back the tokenizer file the run was trained with, or start a new workdir "
+            "(--config.init_from can start it from these weights).")
+
     def _quarantine(self, steps):
-        """Moves unusable checkpoints out of the manager's way, keeping them for inspection."""
+        """Moves unusable checkpoints out of the manager's way, keeping them for inspection.
+
+        They go to `<checkpoints>.corrupt/` beside the real checkpoints directory (a
+        symlinked `checkpoints/` on another file system keeps them on its own, where a
+        rename works). If even that move fails (a read-only or odd mount), they stay where
+        they are with a warning: the restore has already fallen back past them, every
+        restart skips them the same way, and a save of the same step replaces them
+        (`_remove_unmoved`) rather than colliding with them.
+        """
         if not steps:
             return
+        moved = True
         if jax.process_index() == 0:
-            target = self.directory + CORRUPT_DIR_SUFFIX
-            paths.makedirs(target)
+            target = paths.corrupt_dir(self.directory, CORRUPT_DIR_SUFFIX)
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             for step in steps:
                 dest = paths.join(target, f"{step}-{stamp}")
-                paths.rename(paths.join(self.directory, str(step)), dest)
-                log(f"moved unusable checkpoint {step} to {dest}")
+                try:
+                    paths.makedirs(target)
+                    paths.rename(paths.join(self.directory, str(step)), dest)
+                    log(f"moved unusable checkpoint {step} to {dest}")
+                except OSError as e:
+                    moved = False
+                    log(f"WARNING: could not move unusable checkpoint {self.directory}/{step} to "
+                        f"{dest} ({type(e).__name__}: {e}); it stays in place and is skipped")
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices("clip_jax.checkpoint.quarantine")
+            moved = bool(multihost_utils.broadcast_one_to_all(moved))
+        if not moved:
+            self._unmoved.update(s for s in steps if paths.exists(paths.join(self.directory, str(s))))
+        self.manager.reload()
+
+    def _remove_unmoved(self, step):
+        """Saving step S over a corrupt checkpoint S that could not be moved aside: Orbax
+        refuses an existing step, and the corrupt copy is known bad, so it is deleted."""
+        if jax.process_index() == 0:
+            log(f"replacing unusable checkpoint {self.directory}/{step}, which could not be moved aside")
+            paths.rmtree(paths.join(self.directory, str(step)))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("clip_jax.checkpoint.remove_unmoved")
+        self._unmoved.discard(step)
         self.manager.reload()
 
 

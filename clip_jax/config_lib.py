@@ -163,10 +163,25 @@ def paper_config(name):
 
 
 def quiet_absl_logging():
-    """Warnings and up only (no 'Unable to initialize backend tpu' lines), unless --verbosity was given."""
+    """Warnings and up only (no 'Unable to initialize backend tpu' lines), unless --verbosity
+    was given. Without --verbosity, Orbax's ERROR records and asyncio's "exception was never
+    retrieved" (TensorStore's futures) are dropped too: they repeat, with pages of
+    traceback per array, a failed save or restore that reaches clip_jax as an exception
+    and is reported by it in one line (`error: no space left on ...`)."""
+    import logging as py_logging
     from absl import flags, logging
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    if flags.FLAGS["verbosity"].present:
+        return
+    logging.set_verbosity(logging.WARNING)
+
+    def reported_elsewhere(record):
+        if record.levelno < py_logging.ERROR:
+            return True
+        if "/orbax/" in record.pathname.replace("\\", "/"):
+            return False
+        return not (record.name == "asyncio" and "exception was never retrieved" in str(record.msg))
+    py_logging.getLogger("absl").addFilter(reported_elsewhere)
+    py_logging.getLogger("asyncio").addFilter(reported_elsewhere)
 
 
 class ConfigError(ValueError):

@@ -10,8 +10,12 @@ preempted VM or node gets one before it goes down). All processes must stop at t
 step, because saving a checkpoint is a collective: with several processes JAX's
 preemption sync service (started by `jax.distributed.initialize`, listening for SIGTERM
 on every process) picks a step that every process reaches; a single process just notes
-the signal itself.
+the signal itself. A second SIGTERM to a single process ends it at once, without saving
+(exit status 143, as an unhandled SIGTERM): whatever the first one was waiting for (a
+hung write, a slow evaluation), the operator's second signal is always honoured, and the
+newest complete checkpoint is intact (a save cut short is never committed).
 """
+import os
 import signal
 
 import jax
@@ -78,7 +82,15 @@ class Preemption:
 
     def _on_sigterm(self, signum, frame):
         del signum, frame
+        if self.signalled:
+            # os.write, not print: the signal may have interrupted a print to stdout.
+            os.write(2, b"clip_jax: second SIGTERM: stopping now, without saving; the newest "
+                        b"complete checkpoint is intact\n")
+            os._exit(128 + signal.SIGTERM)
         self.signalled = True
+        if jax.process_index() == 0:
+            os.write(1, b"clip_jax: SIGTERM: saving a checkpoint after this step, then stopping "
+                        b"(a second SIGTERM stops at once)\n")
 
     def reached(self, step):
         if self._multi:

@@ -10,16 +10,57 @@ to one object), at every checkpoint (`flush`) and at the end: a killed run loses
 lines logged after its last checkpoint, which the resumed run drops anyway. TensorBoard
 events on gs:// or s3:// go through tensorboardX's own writers (google-cloud-storage,
 boto3).
+
+A write that fails (a full disk, a quota, a read-only mount) raises `workdir.WorkdirError`
+naming the workdir in the training loop's thread. TensorBoard events are therefore written
+synchronously (tensorboardX's `EventsWriter`, flushed every `FLUSH_SECONDS` and at each
+checkpoint), not through tensorboardX's `SummaryWriter`: that one queues events to a
+writer thread, which dies on a write error, after which the training loop blocked forever
+on the full queue (a run on a full disk hung for 14 minutes, SIGTERM unanswered).
+A few scalars per logged step cost microseconds to serialise.
 """
 import io
 import json
+import os
 import time
 
 import jax
 
 from clip_jax import paths
+from clip_jax.distributed import log
+from clip_jax.workdir import WorkdirError, os_error_message
 
 REMOTE_FLUSH_SECONDS = 30.0
+FLUSH_SECONDS = 30.0     # TensorBoard events on local disk (metrics.jsonl is flushed per line)
+
+
+class _Events:
+    """TensorBoard scalars in one event file, written in the caller's thread."""
+
+    def __init__(self, logdir, purge_step):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.record_writer import directory_check
+        from tensorboardX.summary import scalar
+        self._event, self._scalar = Event, scalar
+        directory_check(logdir)
+        self._writer = EventsWriter(os.path.join(logdir, "events") if not paths.is_remote(logdir)
+                                    else f"{logdir.rstrip('/')}/events")
+        # As SummaryWriter(purge_step=...): TensorBoard drops events at or after this step
+        # that an earlier, killed invocation wrote.
+        self._writer.write_event(Event(step=purge_step, wall_time=time.time(),
+                                       session_log=SessionLog(status=SessionLog.START)))
+
+    def add_scalars(self, step, scalars):
+        now = time.time()
+        for tag, value in scalars.items():
+            self._writer.write_event(self._event(wall_time=now, step=step, summary=self._scalar(tag, value)))
+
+    def flush(self):
+        self._writer.flush()
+
+    def close(self):
+        self._writer.close()
 
 
 class MetricWriter:
@@ -28,58 +69,111 @@ class MetricWriter:
 
     def __init__(self, workdir, start_step=0, enabled=None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.workdir = paths.resolve(workdir)
         self.path = paths.join(workdir, "metrics.jsonl")
         self._remote = paths.is_remote(workdir)
-        self._tb = None
+        self._tb = self._file = None
         if self.enabled:
-            from tensorboardX import SummaryWriter
-            paths.makedirs(workdir)
-            kept = truncate_after(self.path, start_step)
-            self._tb = SummaryWriter(paths.join(workdir, "tensorboard"), purge_step=start_step + 1)
-            if self._remote:
-                self._lines, self._flushed, self._last_flush = kept, len(kept), time.monotonic()
-            else:
-                self._file = open(self.path, "a")
+            with self._writing("opening metrics.jsonl and tensorboard/"):
+                paths.makedirs(workdir)
+                kept = truncate_after(self.path, start_step)
+                self._tb = _Events(paths.join(workdir, "tensorboard"), purge_step=start_step + 1)
+                if self._remote:
+                    self._lines, self._flushed = kept, len(kept)
+                else:
+                    self._file = open(self.path, "a")
+            self._last_flush = time.monotonic()
+
+    def _writing(self, doing):
+        return _RaisesWorkdirError(self.workdir, doing)
 
     def write(self, step, scalars):
         if not self.enabled:
             return
         record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
         line = json.dumps(record) + "\n"
-        if self._remote:
-            self._lines.append(line)
-            if time.monotonic() - self._last_flush >= REMOTE_FLUSH_SECONDS:
-                self.flush()
-        else:
-            self._file.write(line)
-            self._file.flush()
-        for k, v in record.items():
-            if k != "step":
-                self._tb.add_scalar(k, v, record["step"])
+        with self._writing("writing metrics.jsonl and tensorboard/"):
+            if self._remote:
+                self._lines.append(line)
+            else:
+                self._file.write(line)
+                self._file.flush()
+            self._tb.add_scalars(record["step"], {k: v for k, v in record.items() if k != "step"})
+        if time.monotonic() - self._last_flush >= (REMOTE_FLUSH_SECONDS if self._remote else FLUSH_SECONDS):
+            self.flush()
 
     def flush(self):
-        """Makes every line written so far durable (a no-op locally, where each line is)."""
-        if self.enabled and self._remote and len(self._lines) != self._flushed:
-            paths.write_text(self.path, "".join(self._lines))
-            self._flushed, self._last_flush = len(self._lines), time.monotonic()
+        """Makes every line and event written so far durable."""
+        if not self.enabled:
+            return
+        with self._writing("writing metrics.jsonl and tensorboard/"):
+            if self._remote and len(self._lines) != self._flushed:
+                paths.write_text(self.path, "".join(self._lines))
+                self._flushed = len(self._lines)
+            self._tb.flush()
+        self._last_flush = time.monotonic()
 
     def close(self):
-        if self.enabled:
-            if self._remote:
-                self.flush()
-            else:
-                self._file.close()
-            self._tb.close()
+        if not self.enabled:
+            return
+        try:
+            self.flush()
+        finally:
+            for f in (self._file, self._tb):
+                if f is not None:
+                    try:
+                        f.close()
+                    except OSError:
+                        pass      # flush() above has raised what matters
+            self._file = self._tb = None
+
+
+class _RaisesWorkdirError:
+    """A block whose OSError becomes a WorkdirError naming the workdir ('no space left on
+    WORKDIR (writing metrics.jsonl)')."""
+
+    def __init__(self, workdir, doing):
+        self.workdir, self.doing = workdir, doing
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if isinstance(exc, OSError):
+            raise WorkdirError(os_error_message(exc, self.workdir, self.doing)) from exc
+        return False
+
+
+def _records(path, text=None):
+    """(line, record) for each line of a metrics.jsonl that holds a whole record. A line a
+    killed run left half-written (no newline), or cut short by a crash of the file system
+    (not JSON, or not a record), is left out with a warning naming the file and line."""
+    out = []
+    for number, line in enumerate(io.StringIO(paths.read_text(path) if text is None else text), 1):
+        if not line.strip():
+            continue
+        record = None
+        if line.endswith("\n"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                pass
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            if line.endswith("\n"):        # a half-written last line is routine after a kill
+                log(f"WARNING: {path} line {number} is not a whole record ({line[:60]!r}); dropped")
+            continue
+        out.append((line, record))
+    return out
 
 
 def truncate_after(path, step):
-    """Drops the lines of a metrics.jsonl whose step is after `step` (atomically), and a
-    last line that a killed run left half-written. Returns the lines kept."""
+    """Drops the lines of a metrics.jsonl whose step is after `step`, and lines that are not
+    whole records (see `_records`), atomically. Returns the lines kept."""
     if not paths.exists(path):
         return []
-    lines = [line for line in io.StringIO(paths.read_text(path)) if line.strip()]
-    keep = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
-    if len(keep) != len(lines):
+    text = paths.read_text(path)
+    keep = [line for line, record in _records(path, text) if record["step"] <= step]
+    if "".join(keep) != text:
         paths.write_text(path, "".join(keep))
     return keep
 
@@ -87,10 +181,8 @@ def truncate_after(path, step):
 def read_metrics(workdir):
     """All logged records, a later line for the same step replacing an earlier one."""
     by_step = {}
-    for line in io.StringIO(paths.read_text(paths.join(workdir, "metrics.jsonl"))):
-        if line.strip():
-            rec = json.loads(line)
-            by_step.setdefault(rec["step"], {}).update(rec)
+    for _, rec in _records(paths.join(workdir, "metrics.jsonl")):
+        by_step.setdefault(rec["step"], {}).update(rec)
     return [by_step[s] for s in sorted(by_step)]
 
 

@@ -23,6 +23,7 @@ Decisions:
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 
 from etils import epath
@@ -128,6 +129,23 @@ def rename(src, dst):
     for rel in walk_files(src):
         (src / rel).copy(dst / rel)
     src.rmtree()
+
+
+def rmtree(p):
+    """Removes a directory and everything under it."""
+    if is_remote(p):
+        path(p).rmtree()
+    else:
+        shutil.rmtree(resolve(p))
+
+
+def corrupt_dir(directory, suffix) -> str:
+    """Where unusable entries of `directory` are moved: `directory + suffix` beside it, or
+    beside its target when `directory` is a symlink, so the move stays on one file system."""
+    directory = resolve(directory)
+    if not is_remote(directory) and os.path.islink(directory.rstrip("/")):
+        return os.path.realpath(directory) + suffix
+    return directory.rstrip("/") + suffix
 
 
 def size(p) -> int:

@@ -6,8 +6,10 @@ Library functions (`build`, `create_train_state`, `make_train_step`, `train`) ov
 Rerunning with the same workdir resumes from the newest checkpoint (checkpoint.py); a
 SIGTERM saves one at the current step and stops.
 """
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 
@@ -19,7 +21,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clip_jax import (checkpoint, config_lib, distributed, evaluate, losses, metrics, optim, paths,
-                      sharding, validation)
+                      sharding, validation, workdir as workdir_lib)
 from clip_jax import ops as ops_lib
 from clip_jax.data import pipeline, tokenizer as tokenizer_lib
 from clip_jax.distributed import log
@@ -332,40 +334,80 @@ def train(config, workdir):
 
     Returns the last logged metrics. Stops early, after saving a checkpoint, when
     preempted (SIGTERM); `last['preempted']` is then True. Raises TrainingStopped after
-    `config.max_bad_steps` non-finite steps in a row.
+    `config.max_bad_steps` non-finite steps in a row, WorkdirError if the workdir is in use
+    by another run or cannot be written, CheckpointError if a checkpoint cannot be
+    restored or saved; the checkpoints committed before are intact in every case.
     """
     validation.validate(config, jax.device_count())
+    workdir_lib.check_name(workdir)
     workdir = paths.resolve(workdir)
-    paths.makedirs(workdir)
+    ckpt_dir = paths.join(workdir, "checkpoints")
+    owner = workdir_lib.Ownership(workdir)
+    # Before anything is written: a second run in this workdir stops here, and a read-only
+    # or full workdir stops before the first step, not at the first checkpoint.
+    owner.acquire(writable=((workdir, "the workdir"), (ckpt_dir, "its checkpoints directory")))
+    try:
+        return _train_owned(config, workdir, ckpt_dir, owner)
+    finally:
+        owner.release()
+
+
+def _train_owned(config, workdir, ckpt_dir, owner):
     if jax.process_index() == 0:
-        paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+        try:
+            paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+        except OSError as e:
+            raise workdir_lib.WorkdirError(workdir_lib.os_error_message(e, workdir, "writing config.json")) from None
 
     preemption = distributed.Preemption()   # before anything slow: a SIGTERM now is not lost
     try:   # opens the data source too (a workdir tokenizer is trained on its captions)
         tokenizer = tokenizer_lib.get_tokenizer(config, workdir)
     except (ValueError, OSError) as e:
+        preemption.close()
         raise config_lib.ConfigError(str(e)) from None
 
     run = build(config)
     try:   # opens every evaluation dataset: a bad config.evals entry stops the run here
         evaluator = evaluate.TrainingEvaluators(config, tokenizer, run.mesh, run.rules) or None
     except (ValueError, OSError) as e:
+        preemption.close()
         raise config_lib.ConfigError(str(e)) from None
-    ckpt = checkpoint.Checkpointer(paths.join(workdir, "checkpoints"), config.max_to_keep, run.mesh)
+    ckpt = checkpoint.Checkpointer(ckpt_dir, config.max_to_keep, run.mesh,
+                                   tokenizer=tokenizer.fingerprint())
     data = None
-    try:
+    with _closing(preemption.close, lambda: data is not None and data.close(),
+                  ckpt.close):   # ckpt.close waits for a save in flight: the newest is complete
         with run.context():
             data = pipeline.make_train_iterator(config, tokenizer, sharding.batch_sharding(run.mesh, run.rules))
             state, start = initial_state(run, ckpt, data)
-            return _loop(config, workdir, run, state, start, data, ckpt, preemption, evaluator)
-    finally:
-        preemption.close()
-        if data is not None:
-            data.close()
-        ckpt.close()     # waits for a save in flight: the newest checkpoint is complete
+            return _loop(config, workdir, run, state, start, data, ckpt, preemption, evaluator, owner)
 
 
-def _loop(config, workdir, run, state, start, data, ckpt, preemption, evaluator):
+@contextlib.contextmanager
+def _closing(*closers):
+    """Calls every closer when the block ends. While an error propagates, the closers' own
+    errors are dropped (a full disk fails the cleanup's writes too, and the first failure
+    is the one to report); otherwise the first of them is raised after all have run."""
+    try:
+        yield
+    except BaseException:
+        for close in closers:
+            try:
+                close()
+            except Exception:  # noqa: BLE001
+                pass
+        raise
+    first = None
+    for close in closers:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001
+            first = first or e
+    if first is not None:
+        raise first
+
+
+def _loop(config, workdir, run, state, start, data, ckpt, preemption, evaluator, owner):
     from tqdm import tqdm
 
     writer = metrics.MetricWriter(workdir, start_step=start)
@@ -381,10 +423,13 @@ def _loop(config, workdir, run, state, start, data, ckpt, preemption, evaluator)
     bar = tqdm(total=config.total_steps, initial=start, desc="train", dynamic_ncols=True,
                disable=not config.progress or jax.process_index() != 0, file=sys.stdout)
     try:
-        last = _steps(config, run, state, start, data, ckpt, preemption, evaluator, writer, bar)
-    finally:
-        bar.close()
-        writer.close()
+        with _closing(bar.close, writer.close):
+            last = _steps(config, run, state, start, data, ckpt, preemption, evaluator, writer, bar, owner)
+    except (workdir_lib.WorkdirError, checkpoint.CheckpointError) as e:
+        newest = ckpt.newest_committed()
+        raise type(e)(f"{e}. " + (f"The newest complete checkpoint, {ckpt.directory}/{newest}, is intact: "
+                                  "fix this and rerun the same command to resume from it"
+                                  if newest is not None else "No checkpoint was completed yet")) from None
     if last.get("preempted"):
         log(f"preempted (SIGTERM): saved a checkpoint at step {last['step']} and stopped; run "
             "the same command to continue")
@@ -396,7 +441,7 @@ def _loop(config, workdir, run, state, start, data, ckpt, preemption, evaluator)
     return last
 
 
-def _steps(config, run, state, start, data, ckpt, preemption, evaluator, writer, bar):
+def _steps(config, run, state, start, data, ckpt, preemption, evaluator, writer, bar, owner):
     """Steps start+1 .. total_steps (or to a preemption); returns the last logged metrics."""
     last = {}
     saved_step = start
@@ -411,12 +456,14 @@ def _steps(config, run, state, start, data, ckpt, preemption, evaluator, writer,
         # At most two steps in flight: the device always has the next step queued, the
         # host never runs further ahead (each queued step holds its batch in device
         # memory), and the time spent in next(data) is time the device may idle.
-        if in_flight is not None and int(in_flight["nonfinite_streak"]) >= config.max_bad_steps:
+        streak = int(in_flight["nonfinite_streak"]) if in_flight is not None else 0
+        if streak >= config.max_bad_steps:
             raise TrainingStopped(
-                f"{config.max_bad_steps} steps in a row (to step {step - 1}) had a non-finite "
-                f"loss or gradient (config.max_bad_steps); their updates were skipped. The "
-                f"newest checkpoint ({ckpt.directory}/{saved_step}) is intact; lower the "
-                "learning rate or inspect the data before resuming")
+                f"{streak} steps in a row (steps {step - streak} to {step - 1}) had a non-finite "
+                f"loss or gradient (config.max_bad_steps={config.max_bad_steps}); their updates "
+                f"were skipped. The newest checkpoint ({ckpt.directory}/{saved_step}) is intact; "
+                "lower the learning rate or inspect the data before resuming")
+        ckpt.poll()            # a background save that failed stops the run now
         in_flight = step_metrics
         if step == start + 1:
             jax.block_until_ready(step_metrics)   # one-time: keep compilation out of samples/s
@@ -447,6 +494,7 @@ def _steps(config, run, state, start, data, ckpt, preemption, evaluator, writer,
         if preempted or step == config.total_steps or (
                 config.checkpoint_every and step % config.checkpoint_every == 0):
             t0 = time.perf_counter()
+            owner.check()      # a run whose workdir lease was taken over writes nothing more
             saved_step = ckpt.save(state_to_dict(state), data.get_state(), config)
             writer.flush()     # a remote metrics.jsonl holds every line up to the checkpoint
             t_last += time.perf_counter() - t0        # checkpointing is not training time
@@ -491,8 +539,15 @@ def main():
             sys.exit(f"error: {e}")
         try:
             train(config_flag.value, FLAGS.workdir)
-        except (config_lib.ConfigError, checkpoint.CheckpointError, TrainingStopped) as e:
+        except config_lib.ConfigError as e:
             sys.exit(f"error: {e}")
+        except (checkpoint.CheckpointError, workdir_lib.WorkdirError, TrainingStopped) as e:
+            # At once: the threads of a failed background save may still be running, and at
+            # interpreter shutdown they print pages of "Event loop is closed". Everything
+            # that matters is closed by now (train's cleanup), and the lock is released.
+            sys.stdout.flush()
+            os.write(2, f"error: {e}\n".encode())   # one write: processes sharing a terminal do not interleave
+            os._exit(1)
 
     app.run(run)
 

@@ -246,8 +246,9 @@ def test_too_many_nonfinite_steps_stop_the_run_with_the_last_good_checkpoint(tmp
 
     monkeypatch.setattr(pipeline, "make_train_iterator", PoisonedFrom5)
     wd = str(tmp_path / "run")
-    with pytest.raises(train.TrainingStopped, match=r"3 steps in a row \(to step 8\)") as e:
-        train.train(tiny_config(total_steps=20, checkpoint_every=2, max_bad_steps=3), wd)
+    config = tiny_config(total_steps=20, checkpoint_every=2, max_bad_steps=3)
+    with pytest.raises(train.TrainingStopped, match=r"3 steps in a row \(steps 6 to 8\)") as e:
+        train.train(config, wd)
     assert "checkpoints/8) is intact" in str(e.value)
     records = metrics.read_metrics(wd)
     assert [r["step"] for r in records] == list(range(1, 9))
@@ -261,6 +262,9 @@ def test_too_many_nonfinite_steps_stop_the_run_with_the_last_good_checkpoint(tmp
     jax.tree.map(np.testing.assert_array_equal, s8["params"], s6["params"])
     jax.tree.map(np.testing.assert_array_equal, s8["opt_state"], s6["opt_state"])
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(s8["params"]))
+    # Resumed, the streak goes on from the checkpoint's 3: the message counts all of them.
+    with pytest.raises(train.TrainingStopped, match=r"4 steps in a row \(steps 6 to 9\)"):
+        train.train(config, wd)
 
 
 def test_truncate_after_drops_later_steps_and_a_half_written_line(tmp_path):
@@ -271,3 +275,66 @@ def test_truncate_after_drops_later_steps_and_a_half_written_line(tmp_path):
     assert path.read_text() == '{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n'
     metrics.truncate_after(str(path), 2)                                 # idempotent
     assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [1, 2]
+
+
+# ---------------------------------------------------------------- issue 38: what a resume must catch
+
+def test_a_changed_workdir_tokenizer_is_refused_on_resume(reference_run, tmp_path):
+    """One piece of WORKDIR/tokenizer/spm.model changed: the same ids now mean other text,
+    and the resumed run used to train on silently. Its hash is in every checkpoint."""
+    import sentencepiece
+    wd = str(tmp_path / "run")
+    shutil.copytree(reference_run[0], wd)
+    spm = os.path.join(wd, "tokenizer", "spm.model")
+    sp = sentencepiece.SentencePieceProcessor(model_file=spm)
+    piece = next(p for p in map(sp.id_to_piece, range(sp.get_piece_size()))
+                 if p.isascii() and p.isalpha() and len(p) >= 3)
+    data = open(spm, "rb").read()
+    field = bytes([0x0A, len(piece)]) + piece.encode()      # the piece's string in the model proto
+    assert data.count(field) == 1
+    open(spm, "wb").write(data.replace(field, bytes([0x0A, len(piece)]) + piece.upper().encode()))
+    with pytest.raises(checkpoint.CheckpointError, match="trained with another tokenizer") as e:
+        train.train(tiny_config(total_steps=12, checkpoint_every=4), wd)
+    assert f"{wd}/checkpoints/8" in str(e.value) and spm in str(e.value)
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["4", "8"]   # nothing moved
+    assert not os.path.exists(os.path.join(wd, "checkpoints.corrupt"))
+
+
+def test_a_symlinked_checkpoints_directory_keeps_its_corrupt_ones_beside_its_target(reference_run, tmp_path):
+    """`checkpoints/` a symlink to another file system: the corrupt checkpoint moves beside
+    the link's target, where a rename works (to WORKDIR/checkpoints.corrupt it failed with
+    EXDEV, and every restart died; the real cross-device case is in test_faults.py)."""
+    wd, elsewhere = str(tmp_path / "run"), str(tmp_path / "disk2" / "ckpts")
+    shutil.copytree(reference_run[0], wd)
+    os.makedirs(os.path.dirname(elsewhere))
+    shutil.move(os.path.join(wd, "checkpoints"), elsewhere)
+    os.symlink(elsewhere, os.path.join(wd, "checkpoints"))
+    _flip_a_byte(os.path.join(elsewhere, "8"))
+    train.train(tiny_config(total_steps=8, checkpoint_every=4), wd)
+    assert os.listdir(elsewhere + ".corrupt")[0].startswith("8-")
+    assert not os.path.exists(os.path.join(wd, "checkpoints.corrupt"))
+    assert _losses(metrics.read_metrics(wd)) == _losses(reference_run[1])
+
+
+def test_a_corrupt_checkpoint_that_cannot_be_moved_is_skipped_and_then_replaced(reference_run, tmp_path,
+                                                                              monkeypatch, capsys):
+    from clip_jax import paths
+    wd = str(tmp_path / "run")
+    shutil.copytree(reference_run[0], wd)
+    _flip_a_byte(os.path.join(wd, "checkpoints", "8"))
+
+    def cannot(src, dst):
+        raise OSError(18, "Invalid cross-device link", src)
+    monkeypatch.setattr(paths, "rename", cannot)
+    capsys.readouterr()
+    train.train(tiny_config(total_steps=8, checkpoint_every=4), wd)
+    out = capsys.readouterr().out
+    assert f"WARNING: could not move unusable checkpoint {wd}/checkpoints/8" in out
+    assert "it stays in place and is skipped" in out and "resumed from" in out
+    assert f"replacing unusable checkpoint {wd}/checkpoints/8" in out
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["4", "8"]   # 8 saved again
+    assert _losses(metrics.read_metrics(wd)) == _losses(reference_run[1])        # bit for bit
+    # ... and it is a good checkpoint now: the next resume uses it.
+    capsys.readouterr()
+    train.train(tiny_config(total_steps=8, checkpoint_every=4), wd)
+    assert "already trained to step 8" in capsys.readouterr().out

@@ -4,10 +4,14 @@ Every run here is `python -m clip_jax.train` (or launch/local.sh) on a tiny mode
 smoke config's code path, compiled in seconds) with a fixed seed; the reference is the
 same command left alone. Signals are sent from outside, at whatever point the run is.
 """
+import json
 import os
+import random
 import re
 import signal
+import socket
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -87,6 +91,68 @@ def test_sigkill_resumes_from_the_last_periodic_checkpoint_bit_exact(reference_1
     assert newest < last_logged < TOTAL, "SIGKILL should leave steps logged past the newest checkpoint"
     proc = run_cli(train_cmd(wd))
     assert f"resumed from {wd}/checkpoints/{newest}" in proc.stdout
+    assert_one_history_equal_to(metrics(wd), reference_1dev)
+
+
+@pytest.mark.xdist_group("resume_reference_1dev")   # shares the module-scoped run
+def test_a_second_run_in_a_busy_workdir_is_refused_and_the_first_is_untouched(reference_1dev, tmp_path):
+    """Two runs in one workdir (a SLURM requeue racing a manual restart) interleaved their
+    checkpoints and metrics, and the second, with another lr, silently took over."""
+    wd = tmp_path / "run"
+    first = start_cli(train_cmd(wd), log=tmp_path / "log1")
+    wait_for(lambda: os.path.exists(wd / "lock") and (wd / "lock").read_text(), 300, "the lock", first)
+    second = run_cli([*train_cmd(wd), "--config.optim.lr=0.05"], check=False)
+    assert first.poll() is None                   # the second really met a running first
+    assert second.returncode == 1
+    assert second.stderr.strip().splitlines()[-1].startswith(
+        f"error: {wd} is in use by pid {first.pid} on {socket.gethostname()} since ")
+    assert first.wait(300) == 0
+    assert_one_history_equal_to(metrics(wd), reference_1dev)
+    assert json.loads((wd / "config.json").read_text())["optim"]["lr"] != 0.05
+
+
+def _kill_mid_save(proc, checkpoints_dir, timeout=300):
+    """SIGKILLs `proc` while an async save is in flight (Orbax's uncommitted
+    `<step>.orbax-checkpoint-tmp` directory exists); returns that directory's name, or None
+    if the run ended first."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        saving = [n for n in (os.listdir(checkpoints_dir) if os.path.isdir(checkpoints_dir) else [])
+                  if ".orbax-checkpoint-tmp" in n]
+        if saving:
+            proc.kill()
+            return saving[0]
+        time.sleep(0.001)
+    return None
+
+
+@pytest.mark.xdist_group("resume_reference_1dev")   # shares the module-scoped run
+def test_sigkills_at_random_moments_and_mid_save_leave_one_uninterrupted_history(reference_1dev, tmp_path):
+    """12 SIGKILLs -- 4 after a random number of steps, 4 during a save, 4 at a random
+    moment of a start (imports, lock, tokenizer, restore) -- then the same command to the
+    end: every logged step equals the uninterrupted run's, bit for bit, each once."""
+    rng = random.Random(38)
+    wd = tmp_path / "run"
+    kills, cut_saves = 0, []
+    for i in range(12):
+        proc = start_cli(train_cmd(wd), log=tmp_path / f"log{i}")
+        kind = ("steps", "save", "start")[i % 3]
+        if kind == "steps":
+            target = min(TOTAL - 1, max(checkpoint_steps(wd), default=0) + rng.randint(1, 20))
+            wait_for(lambda: (logged_steps(wd) or [0])[-1] >= target, 300, f"step {target}", proc)
+            proc.kill()
+        elif kind == "save":
+            cut = _kill_mid_save(proc, wd / "checkpoints")
+            assert cut is not None, "the run ended before a save"
+            cut_saves.append(cut)
+        else:
+            time.sleep(rng.uniform(0.3, 5.0))
+            proc.kill()
+        assert proc.wait(60) == -signal.SIGKILL, (tmp_path / f"log{i}").read_text()[-3000:]
+        kills += 1
+    assert kills == 12 and len(cut_saves) == 4
+    proc = run_cli(train_cmd(wd))
+    assert "done" in proc.stdout
     assert_one_history_equal_to(metrics(wd), reference_1dev)
 
 

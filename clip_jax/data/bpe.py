@@ -197,6 +197,7 @@ class ClipBPETokenizer(Tokenizer):
     def __init__(self, merges_path, context_length, max_merges=REFERENCE_NUM_MERGES):
         super().__init__(context_length)
         self._setup(read_merges(merges_path, max_merges))
+        self.source = str(merges_path)
 
     @classmethod
     def from_merges(cls, merges, context_length, max_merges=None):
@@ -237,6 +238,9 @@ class ClipBPETokenizer(Tokenizer):
     @property
     def merges(self):
         return list(self._merges)
+
+    def identity(self):
+        return "\n".join(f"{a} {b}" for a, b in self._merges).encode("utf-8")
 
     def bpe(self, token):
         """One byte-encoded pre-token -> its BPE symbols (the reference's `bpe`, as a list)."""

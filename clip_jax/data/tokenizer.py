@@ -31,9 +31,11 @@ class SentencePieceTokenizer(Tokenizer):
     def load(cls, model_path, context_length):
         proto = paths.read_bytes(model_path)
         try:
-            return cls(proto, context_length)
+            tok = cls(proto, context_length)
         except RuntimeError as e:   # sentencepiece's message does not name the file
             raise ValueError(f"{model_path}: not a SentencePiece model ({e})") from None
+        tok.source = str(model_path)
+        return tok
 
     @staticmethod
     def train(corpus, model_path, vocab_size, model_type="bpe"):
@@ -68,6 +70,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     @property
     def model_proto(self):
+        return self._proto
+
+    def identity(self):
         return self._proto
 
     def encode_pieces(self, texts):
@@ -116,6 +121,7 @@ def _sentencepiece(config, workdir):
             _check_trained_on(path, trained_on)
         else:
             tok = SentencePieceTokenizer(_train_workdir_model(config, path, limit, trained_on), ctx)
+            tok.source = path
     if tok.vocab_size > limit:
         raise ValueError(f"tokenizer {path or '(in memory)'} has {tok.vocab_size} ids, more than "
                          f"config.data.tokenizer_vocab_size={limit}")

@@ -13,6 +13,7 @@ Its own module so that implementations (`tokenizer.SentencePieceTokenizer`,
 import it without importing each other.
 """
 import abc
+import hashlib
 
 import numpy as np
 
@@ -21,6 +22,7 @@ class Tokenizer(abc.ABC):
     """texts -> int32 [n, context_length] token ids (see the module docstring)."""
 
     pad_id = 0
+    source = None     # the file it was read from, for messages (None: built in memory)
 
     def __init__(self, context_length):
         if context_length < 2:
@@ -39,6 +41,17 @@ class Tokenizer(abc.ABC):
     @property
     def eot_id(self):
         return self.vocab_size - 1
+
+    def identity(self):
+        """The bytes that decide the ids (a model file, a merges list); None if unknown."""
+        return None
+
+    def fingerprint(self):
+        """{'sha256', 'source'} of `identity()`, or None. A checkpoint stores it, and a resume
+        with a tokenizer that gives other ids is refused (checkpoint.Checkpointer)."""
+        data = self.identity()
+        return None if data is None else {"sha256": hashlib.sha256(data).hexdigest(),
+                                          "source": self.source}
 
     @abc.abstractmethod
     def encode_pieces(self, texts):
