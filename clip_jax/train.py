@@ -355,7 +355,11 @@ def train(config, workdir):
     data = None
     try:
         with run.context():
-            data = pipeline.make_train_iterator(config, tokenizer, sharding.batch_sharding(run.mesh, run.rules))
+            try:   # opens the training source (again, or first with a given tokenizer)
+                data = pipeline.make_train_iterator(config, tokenizer,
+                                                    sharding.batch_sharding(run.mesh, run.rules))
+            except (ValueError, OSError) as e:   # e.g. a damaged shard, named
+                raise config_lib.ConfigError(str(e)) from None
             state, start = initial_state(run, ckpt, data)
             return _loop(config, workdir, run, state, start, data, ckpt, preemption, evaluator)
     finally:
@@ -491,7 +495,8 @@ def main():
             sys.exit(f"error: {e}")
         try:
             train(config_flag.value, FLAGS.workdir)
-        except (config_lib.ConfigError, checkpoint.CheckpointError, TrainingStopped) as e:
+        except (config_lib.ConfigError, checkpoint.CheckpointError, TrainingStopped,
+                pipeline.BrokenDataset) as e:
             sys.exit(f"error: {e}")
 
     app.run(run)
