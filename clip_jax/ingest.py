@@ -22,6 +22,11 @@ def _common_options():
     common.add_argument("--max-pixels", type=int, default=images.DEFAULT_MAX_PIXELS, metavar="N",
                         help="skip images with more pixels, e.g. decompression bombs; only the "
                              "header is read (default: %(default)s)")
+    common.add_argument("--max-bytes", type=int, default=images.DEFAULT_MAX_BYTES, metavar="N",
+                        help="skip files larger than this (image files, caption files, wds "
+                             "members, TFDS images), unread; FIFOs and devices are always "
+                             "skipped "
+                             "(default: %(default)s, 64 MiB)")
     common.add_argument("--quality", type=int, default=95, metavar="Q",
                         help="JPEG quality of the stored images, 1-100 (default: %(default)s)")
     common.add_argument("--records-per-shard", type=int, default=5000, metavar="N",

@@ -378,7 +378,11 @@ def _train_owned(config, workdir, ckpt_dir, owner):
     with _closing(preemption.close, lambda: data is not None and data.close(),
                   ckpt.close):   # ckpt.close waits for a save in flight: the newest is complete
         with run.context():
-            data = pipeline.make_train_iterator(config, tokenizer, sharding.batch_sharding(run.mesh, run.rules))
+            try:   # opens the training source (again, or first with a given tokenizer)
+                data = pipeline.make_train_iterator(config, tokenizer,
+                                                    sharding.batch_sharding(run.mesh, run.rules))
+            except (ValueError, OSError) as e:   # e.g. a damaged shard, named
+                raise config_lib.ConfigError(str(e)) from None
             state, start = initial_state(run, ckpt, data)
             return _loop(config, workdir, run, state, start, data, ckpt, preemption, evaluator, owner)
 
@@ -541,7 +545,8 @@ def main():
             train(config_flag.value, FLAGS.workdir)
         except config_lib.ConfigError as e:
             sys.exit(f"error: {e}")
-        except (checkpoint.CheckpointError, workdir_lib.WorkdirError, TrainingStopped) as e:
+        except (checkpoint.CheckpointError, workdir_lib.WorkdirError, TrainingStopped,
+                pipeline.BrokenDataset) as e:
             # At once: the threads of a failed background save may still be running, and at
             # interpreter shutdown they print pages of "Event loop is closed". Everything
             # that matters is closed by now (train's cleanup), and the lock is released.

@@ -1,11 +1,29 @@
 """Shared test helpers: running code under N fake CPU devices in a fresh interpreter."""
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def deadline(seconds):
+    """Raises TimeoutError in the main thread after `seconds`, then every second (SIGALRM:
+    it interrupts a blocking system call, such as opening a FIFO), so code that hangs fails
+    the test instead of hanging CI, even where it catches the first error."""
+    def expired(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: hung")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def device_env(n_devices):

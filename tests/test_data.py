@@ -1,6 +1,7 @@
 """Input data: the synthetic dataset, the tokenizer contract, and an exact, topology-free pipeline."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from clip_jax import config_lib, validation
-from clip_jax.data import pipeline, sources, synthetic
+from clip_jax.data import pipeline, records, sources, synthetic
 from clip_jax.data import tokenizer as tokenizer_lib
 from tests.helpers import (build_tfds_dataset, drawn_image, encode_image, free_port,
                            run_scripts_together, write_ingested)
@@ -259,8 +260,73 @@ def test_broken_records_are_replaced_by_the_next_and_counted(ingested_broken, to
 
 def test_a_dataset_of_broken_records_stops_with_a_clear_error(tmp_path, tok):
     d = write_ingested(tmp_path / "ds", 5, broken=range(5))
-    with pytest.raises(RuntimeError, match="all unreadable"):
+    with pytest.raises(pipeline.BrokenDataset,
+                       match=r"all unreadable, in .*ds/data-00000.array_record \(last error"):
         _host_batches(_config(batch_size=5, source=d), tok, 1)
+
+
+def test_a_truncated_or_replaced_shard_is_named_when_the_dataset_opens(tmp_path, tok):
+    # A truncated shard has lost its index (ArrayRecord keeps it at the end): it cannot be
+    # opened, and one source over all shards made every record of all of them unreadable.
+    d = write_ingested(tmp_path / "ds", 20, records_per_shard=5)
+    shard = os.path.join(d, "data-00002.array_record")
+    os.truncate(shard, os.path.getsize(shard) // 2)
+    c = _config(source=d)
+    with pytest.raises(ValueError, match=r"ds/data-00002.array_record: damaged shard .* cannot "
+                                         r"be opened .*--overwrite"):
+        records.IngestedSource(d)
+    with pytest.raises(ValueError, match="data-00002.array_record: damaged shard"):
+        tokenizer_lib.get_tokenizer(c, str(tmp_path / "wd"))   # trains on the source's captions
+    # With the tokenizer given, training opens the source first in the pipeline: the same
+    # error, as the one line `error: ...` of a config error (was a traceback).
+    from clip_jax import train
+    from tests.helpers import tiny_config
+    model = tmp_path / "tok.model"
+    model.write_bytes(tok.model_proto)
+    with pytest.raises(config_lib.ConfigError, match="data-00002.array_record: damaged shard"):
+        train.train(tiny_config(data__source=d, data__tokenizer_path=str(model)),
+                    str(tmp_path / "run"))
+    other = write_ingested(tmp_path / "other", 3, records_per_shard=5)   # a 3-record shard
+    shutil.copy(os.path.join(other, "data-00000.array_record"), shard)
+    with pytest.raises(ValueError, match=r"data-00002.array_record: .* holds 3 records, "
+                                         r"manifest.json says 5"):
+        records.IngestedSource(d)
+
+
+def test_a_corrupt_record_is_named_and_replaced_the_rest_of_its_shard_read(tmp_path, tok):
+    d = write_ingested(tmp_path / "ds", 20, records_per_shard=5)
+    shard = os.path.join(d, "data-00001.array_record")
+    data = bytearray(open(shard, "rb").read())
+    data[data.index(b"picture number 7")] ^= 0xFF  # in record 7's chunk; the index is intact
+    open(shard, "wb").write(bytes(data))
+    src = records.IngestedSource(d)
+    bad = {}
+    for i in range(20):
+        try:
+            assert src[i]["caption"] == f"picture number {i}"
+        except ValueError as e:
+            bad[i] = str(e)
+    i = 7
+    assert list(bad) == [i]
+    assert "data-00001.array_record: record 2 (record 7 of the dataset) is unreadable" in bad[i]
+    load = pipeline.LoadRows(src, tok, [0], 16, 0, (0.9, 1.0), (0.75, 1.33))
+    assert load.load_or_replace(i, [0])[2:] == (i + 1, 1)
+    assert src.record_files([4, 5, 12]) == [os.path.join(d, f"data-0000{j}.array_record")
+                                            for j in (0, 1, 2)]
+
+
+def test_an_unreadable_corpus_is_an_error_not_an_empty_tokenizer():
+    class Unreadable:
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            raise ValueError(f"record {i} is unreadable")
+
+    with pytest.raises(ValueError, match=r"none of the 10 records .* \(first error: record 0 "):
+        sources.tokenizer_corpus(Unreadable(), 100)
+    with pytest.raises(ValueError, match="no captions to train the tokenizer on"):
+        tokenizer_lib.SentencePieceTokenizer.train([], None, 64)
 
 
 def test_iterator_state_resumes_mid_epoch_on_another_process_count(ingested, tok):

@@ -18,7 +18,7 @@ from clip_jax.data import pipeline, synthetic
 from clip_jax.evals import data as data_lib
 from clip_jax.evals import features, linear_probe, registry, report, retrieval, zeroshot
 from clip_jax.evals.evaluator import Evaluator, Option
-from tests.helpers import (REPO, device_env, drawn_image, free_port, run_python,
+from tests.helpers import (REPO, deadline, device_env, drawn_image, free_port, run_python,
                            run_scripts_together, tiny_config, write_model_dir)
 
 
@@ -398,6 +398,16 @@ def test_imagefolder_and_csv_data(tmp_path):
         data_lib.open_eval_data(str(path), image_column="path")
     with pytest.raises(ValueError, match="no such file or directory"):
         data_lib.open_eval_data(str(tmp_path / "nowhere"))
+
+
+def test_an_evaluation_image_that_is_a_fifo_is_an_error_not_a_hang(tmp_path):
+    root = write_imagefolder(tmp_path / "folder", per_class=1, groups=("a",))
+    os.mkfifo(os.path.join(root, "red_circle", "a", "1.png"))
+    data = data_lib.open_eval_data(root)
+    views = features.Views(data, 16)
+    with deadline(60), pytest.raises(ValueError, match=r"image 'red_circle/a/1.png' is unusable "
+                                                       r"\(not_a_file: a FIFO"):
+        [views[i] for i in range(len(data))]
 
 
 def test_ingested_imagefolder_keeps_labels_and_groups(tmp_path):

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from clip_jax.data import ingest, ingest_rows, prompts, records
-from tests.helpers import build_tfds_dataset, encode_image
+from clip_jax.data import images
+from tests.helpers import build_tfds_dataset, deadline, encode_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOLDER = object()   # in a corpus: make a folder under this image name
@@ -96,7 +97,7 @@ def bad_images():
         "text.jpg": (b"this is not an image\n", "not_an_image"),
         "tiny.png": (encode_image(Image.fromarray(gradient(8, 8)), "PNG"), "too_small"),
         "bomb.png": (bomb(), "too_large"),
-        "folder.jpg": (FOLDER, "unreadable_file"),
+        "folder.jpg": (FOLDER, "not_a_file"),
     }
 
 
@@ -180,7 +181,7 @@ def test_csv_every_kind_of_row(tmp_path):
     manifest = run("csv", csv_path, tmp_path / "out")
     assert_counts(manifest, skipped={
         "missing_file": 2, "empty_file": 1, "corrupt_image": 1, "not_an_image": 1,
-        "too_small": 1, "too_large": 1, "unreadable_file": 1, "empty_caption": 2, "bad_row": 1,
+        "too_small": 1, "too_large": 1, "not_a_file": 1, "empty_caption": 2, "bad_row": 1,
     }, repaired={"cmyk": 1, "16bit": 1, "grayscale": 1, "palette": 1, "alpha": 2,
                  "invalid_utf8": 1})
     assert manifest["rows"] == len(expected) == 24
@@ -405,6 +406,94 @@ def test_wds_shards(tmp_path, monkeypatch):
     assert str(tmp_path / "shards-00002.tar") in log[2]["detail"]
 
 
+def test_fifos_devices_and_huge_files_are_skipped_unread(tmp_path):
+    """A FIFO blocked the ingest forever, /dev/zero filled its memory, a 1 GB sparse file was
+    read whole: now each is skipped with its reason, and nothing is opened or read."""
+    small = good_images()["small.jpg"][0]
+    root = tmp_path / "csv"
+    write_file(str(root / "good.jpg"), small)
+    os.mkfifo(root / "fifo.jpg")
+    with open(root / "huge.png", "wb") as f:       # sparse: costs no disk
+        f.truncate(images.DEFAULT_MAX_BYTES + 1)
+    os.symlink("/dev/zero", root / "zero.jpg")
+    (root / "data.csv").write_text("filepath,caption\nfifo.jpg,a fifo\n/dev/zero,zeros\n"
+                                   "huge.png,huge\nzero.jpg,linked\ngood.jpg,good\n")
+    folder = tmp_path / "captions"
+    write_file(str(folder / "good.jpg"), small)
+    (folder / "good.txt").write_text("good")
+    os.mkfifo(folder / "fifo.jpg")                 # an image that is a FIFO
+    (folder / "fifo.txt").write_text("fifo")
+    write_file(str(folder / "pipe.jpg"), small)
+    os.mkfifo(folder / "pipe.txt")                 # a caption sidecar that is one
+    write_file(str(folder / "zero.jpg"), small)
+    os.symlink("/dev/zero", folder / "zero.txt")
+    (tmp_path / "shard.tar").write_bytes(tar_bytes([
+        ("a.jpg", small), ("a.txt", b"kept"), ("b.jpg", small + bytes(4000)), ("b.txt", b"big"),
+        ("c.jpg", small), ("c.txt", b"long " * 1000)]))
+    with deadline(60):
+        manifest = run("csv", str(root / "data.csv"), tmp_path / "out-csv")
+        assert_counts(manifest, skipped={"not_a_file": 3, "file_too_large": 1}, repaired={})
+        assert [(e["reason"], e["detail"]) for e in skipped_log(tmp_path / "out-csv")] == [
+            ("not_a_file", "a FIFO (named pipe)"), ("not_a_file", "a character device"),
+            ("file_too_large", f"{images.DEFAULT_MAX_BYTES + 1} bytes > max_bytes="
+                               f"{images.DEFAULT_MAX_BYTES}"),
+            ("not_a_file", "a character device")]
+        assert manifest["max_bytes"] == images.DEFAULT_MAX_BYTES
+
+        manifest = run("captions", str(folder), tmp_path / "out-captions", workers=1)
+        assert_counts(manifest, skipped={"not_a_file": 3}, repaired={})
+        assert [(e["source"].rsplit("/", 1)[1], e["detail"])
+                for e in skipped_log(tmp_path / "out-captions")] == [
+            ("fifo.jpg", "a FIFO (named pipe)"), ("pipe.jpg", "pipe.txt: a FIFO (named pipe)"),
+            ("zero.jpg", "zero.txt: a character device")]
+
+        manifest = run("wds", [str(tmp_path / "shard.tar")], tmp_path / "out-wds",
+                       max_bytes=len(small) + 1000)
+    assert_counts(manifest, skipped={"file_too_large": 2}, repaired={})
+    assert [e["detail"] for e in skipped_log(tmp_path / "out-wds")] == [
+        f"member b.jpg: {len(small) + 4000} bytes > max_bytes={len(small) + 1000}",
+        f"member c.txt: 5000 bytes > max_bytes={len(small) + 1000}"]
+    os.mkfifo(tmp_path / "piped.csv")              # read twice: a pipe would lose rows
+    with deadline(60), pytest.raises(ingest.OptionError, match="piped.csv.*not a regular file"):
+        run("csv", str(tmp_path / "piped.csv"), tmp_path / "out-pipe")
+
+
+def test_read_file_reads_no_more_than_the_limit_of_a_file_that_grew(tmp_path, monkeypatch):
+    path = tmp_path / "growing.jpg"
+    path.write_bytes(bytes(5000))
+    assert images.read_file(str(path), 5000) == bytes(5000)
+    real_fstat = os.fstat
+
+    def fstat_before_it_grew(fd):     # the size when stat ran; 5000 bytes by the read
+        return os.stat_result(real_fstat(fd)[:6] + (100,) + real_fstat(fd)[7:])
+
+    monkeypatch.setattr(os, "fstat", fstat_before_it_grew)
+    reads = []
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: Spy(real_fdopen(fd, mode), reads))
+    with pytest.raises(images.BadImage, match="file_too_large: more than max_bytes=1000 bytes "
+                                              r"\(it grew while read\)"):
+        images.read_file(str(path), 1000)
+    assert reads == [1001]
+
+
+class Spy:
+    """A file object that records the sizes asked of read()."""
+
+    def __init__(self, f, reads):
+        self.f, self.reads = f, reads
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def read(self, n=-1):
+        self.reads.append(n)
+        return self.f.read(n)
+
+
 def test_wds_pattern_without_match_is_refused_before_work(tmp_path):
     (tmp_path / "a-0.tar").write_bytes(tar_bytes([]))
     with pytest.raises(ingest.OptionError, match=r"a-1.tar.*from .*a-\{0..1\}.tar"):
@@ -551,6 +640,6 @@ def test_cli(tmp_path):
 
     proc = cli("csv", "--help")
     for option in ("--image-column", "--caption-column", "--delimiter", "--max-size",
-                   "--min-size", "--max-pixels", "--quality", "--records-per-shard",
+                   "--min-size", "--max-pixels", "--max-bytes", "--quality", "--records-per-shard",
                    "--workers", "--overwrite", "--no-progress"):
         assert option in proc.stdout

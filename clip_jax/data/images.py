@@ -11,6 +11,14 @@ raises `BadImage` with a stable `reason` string (the key of the ingest manifest'
   too_small      the short side < min_size
   corrupt_image  the header parses but the pixels do not decode (truncated file, bad data)
 
+`read_file(path, max_bytes)` reads a file a user named (an image, a caption sidecar) and
+adds two reasons of its own:
+
+  not_a_file     the path names a FIFO, a device, a socket or a folder: it is not opened
+                 (a FIFO would block the reader forever, /dev/zero never ends)
+  file_too_large the file has more than max_bytes bytes (default 64 MiB, --max-bytes of the
+                 ingest): its size is checked before reading, and no more is ever read
+
 Images that decode but are not 8-bit RGB are converted and kept: CMYK, 16-bit and 32-bit
 greyscale (scaled, not clipped), palette, 1-bit, and images with alpha (composited on
 white, as a browser shows them). EXIF orientation is applied. The conversion made, if any,
@@ -24,18 +32,24 @@ resolution.
 """
 import io
 import math
+import os
+import stat
 import warnings
 
 import numpy as np
 import simplejpeg
 from PIL import Image, ImageFile, ImageOps
 
+from clip_jax import paths
+
 # File extensions read as images (any case) by ingest, evaluation and search.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
-# Same defaults as `clip_jax.ingest`'s --min-size / --max-pixels.
+# Same defaults as `clip_jax.ingest`'s --min-size / --max-pixels / --max-bytes. 64 MiB holds
+# a 100-megapixel JPEG several times over; a bigger file is a mistake or an attack.
 DEFAULT_MIN_SIZE = 32
 DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_MAX_BYTES = 64 << 20
 
 # The paper's "random square crop from resized images", as OpenCLIP implements it:
 # RandomResizedCrop(scale=(0.9, 1.0)) with torchvision's default aspect-ratio range.
@@ -50,6 +64,54 @@ class BadImage(ValueError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISDIR, "a folder"))
+
+
+def _not_regular(mode):
+    return BadImage("not_a_file", next((kind for test, kind in _FILE_KINDS if test(mode)),
+                                       "not a regular file"))
+
+
+def _too_large(size, max_bytes):
+    return BadImage("file_too_large", f"{size} bytes > max_bytes={max_bytes}")
+
+
+def read_file(path, max_bytes=DEFAULT_MAX_BYTES):
+    """The bytes of the regular file `path` (str or bytes; local, or a URL: `clip_jax.paths`).
+
+    Raises `BadImage` `not_a_file` for anything but a regular file (symlinks followed), which
+    is never opened, and `file_too_large` for a file over `max_bytes`, known from its size
+    before reading, or from reading max_bytes + 1 of a file that grew (nothing more is read).
+    A missing or unreadable file raises the OSError (FileNotFoundError, PermissionError).
+    """
+    if isinstance(path, str) and paths.is_remote(path):
+        size = paths.size(path)          # an object store holds regular files only
+        if size > max_bytes:
+            raise _too_large(size, max_bytes)
+        with paths.path(path).open("rb") as f:
+            data = f.read(max_bytes + 1)
+    else:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(mode)
+        # O_NONBLOCK: should a FIFO have replaced the file since stat, open does not wait.
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(path, flags)
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise _not_regular(info.st_mode)
+            if info.st_size > max_bytes:
+                raise _too_large(info.st_size, max_bytes)
+            data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise BadImage("file_too_large", f"more than max_bytes={max_bytes} bytes (it grew "
+                                         "while read)")
+    return data
 
 
 def open_image(data, min_size=DEFAULT_MIN_SIZE, max_pixels=DEFAULT_MAX_PIXELS):

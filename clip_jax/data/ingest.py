@@ -47,6 +47,9 @@ Options (all formats)
   --min-size       skip images whose short side is below this (default 32)
   --max-pixels     skip images with more pixels than this (default 100 million); only the
                    image header has been read then, so a decompression bomb costs no memory
+  --max-bytes      skip files larger than this (default 64 MiB): image files, caption
+                   sidecars, wds members, TFDS images; the size is checked before reading,
+                   and no more than this is ever read of a file (one may grow meanwhile)
   --quality        JPEG quality of the stored images (default 95)
   --records-per-shard  records per ArrayRecord shard (default 5000)
   --workers        processes decoding and encoding images (default: all CPUs; 0 = in-process)
@@ -61,6 +64,10 @@ Skipped rows
     bad_row          csv: wrong number of fields, or a line the csv module cannot parse
     missing_file     the image file does not exist (or the path field is empty)
     unreadable_file  the image file (or a caption sidecar, or a folder) cannot be read
+    not_a_file       the path names a FIFO, a device (/dev/zero), a socket or a folder: it
+                     is not opened (a FIFO would hang the ingest, a device never end)
+    file_too_large   the image file, caption sidecar, wds member or TFDS image has more than
+                     --max-bytes
     missing_caption  captions: image without sidecar; wds: sample without a txt member
     missing_image    captions: sidecar without image; wds: sample without an image member
     empty_caption    the caption is empty or whitespace only
@@ -186,6 +193,9 @@ def _open_csv(path):
 def prepare_csv(input_spec, image_column="filepath", caption_column="caption", delimiter=None):
     source = input_spec.path
     delimiter = _csv_delimiter(source, delimiter)
+    if not paths.is_remote(source) and os.path.exists(source) and not os.path.isfile(source):
+        raise OptionError(f"the CSV file {source!r} is not a regular file (a pipe, a device or "
+                          "a folder); it is read twice: write it to a file first")
     try:
         with _open_csv(source) as f:
             header = next(csv.reader(f, delimiter=delimiter), [])
@@ -287,13 +297,13 @@ def _file_row(top, path, caption="", **fields):
     return Row(_display(path), key=key, caption=caption, path=path, **fields)
 
 
-def prepare_captions(input_spec):
+def prepare_captions(input_spec, max_bytes=images.DEFAULT_MAX_BYTES):
     source = input_spec.path
     _check_folder(source)
-    return Prepared([functools.partial(_caption_rows, source)], {})
+    return Prepared([functools.partial(_caption_rows, source, max_bytes)], {})
 
 
-def _caption_rows(top):
+def _caption_rows(top, max_bytes):
     for folder, names, error in _walk(top):
         if error:
             yield _unreadable_folder(folder, error)
@@ -304,22 +314,22 @@ def _caption_rows(top):
         for name in names:
             stem = os.path.splitext(name)[0]
             if _is_image(name):
-                yield _captioned_row(top, folder, name, sidecars.get(stem))
+                yield _captioned_row(top, folder, name, sidecars.get(stem), max_bytes)
             elif sidecars.get(stem) == name and stem not in image_stems:
                 yield _file_row(top, os.path.join(folder, name),
                                 skip=("missing_image", f"no image named {_display(stem)}.*"))
 
 
-def _captioned_row(top, folder, name, sidecar):
+def _captioned_row(top, folder, name, sidecar, max_bytes):
     path = os.path.join(folder, name)
     if sidecar is None:
         return _file_row(top, path, skip=("missing_caption",
                                           f"no {_display(os.path.splitext(name)[0])}.txt"))
     try:
-        with open(os.path.join(folder, sidecar), "rb") as f:
-            caption, repaired = _decode_text(f.read())
-    except OSError as e:
-        return _file_row(top, path, skip=("unreadable_file", f"{_display(sidecar)}: {e.strerror}"))
+        caption, repaired = _decode_text(ingest_rows.read_file(os.path.join(folder, sidecar),
+                                                               max_bytes))
+    except (ingest_rows.RowSkipped, images.BadImage) as e:
+        return _file_row(top, path, skip=(e.reason, f"{_display(sidecar)}: {e.detail}"))
     return _file_row(top, path, caption, repairs=_repairs(repaired))
 
 
@@ -375,9 +385,9 @@ def _matching_files(pattern):
             and paths.isfile(f"{folder}/{n}")] if paths.isdir(folder) else []
 
 
-def prepare_wds(input_spec):
+def prepare_wds(input_spec, max_bytes=images.DEFAULT_MAX_BYTES):
     shards = _expand_shards(input_spec.patterns)
-    return Prepared([functools.partial(_wds_shard_rows, shard) for shard in shards],
+    return Prepared([functools.partial(_wds_shard_rows, shard, max_bytes) for shard in shards],
                     {"files": shards})
 
 
@@ -390,9 +400,14 @@ def _member_key(name):
     return posixpath.join(folder, stem), extension.lower()
 
 
-def _tar_samples(path):
+class _TooLarge(int):
+    """A tar member over max_bytes, left unread: its size."""
+
+
+def _tar_samples(path, max_bytes):
     """(key, {extension: bytes or None}) for each run of consecutive members with one key.
-    Only image and caption members are read; the others are listed with None."""
+    Only image and caption members are read, those over max_bytes not (`_TooLarge`); the
+    others are listed with None. Only regular members count (tarfile creates nothing)."""
     wanted = {*WDS_IMAGE_EXTENSIONS, WDS_CAPTION_EXTENSION}
     key, members = None, {}
     remote = paths.path(path).open("rb") if paths.is_remote(path) else None
@@ -406,21 +421,26 @@ def _tar_samples(path):
                 if members:
                     yield key, members
                 key, members = split[0], {}
-            members[split[1]] = tar.extractfile(member).read() if split[1] in wanted else None
+            if split[1] not in wanted:
+                members[split[1]] = None
+            elif member.size > max_bytes:
+                members[split[1]] = _TooLarge(member.size)
+            else:
+                members[split[1]] = tar.extractfile(member).read()
     if members:
         yield key, members
 
 
-def _wds_shard_rows(shard):
+def _wds_shard_rows(shard, max_bytes):
     try:
-        for key, members in _tar_samples(shard):
-            yield _wds_row(shard, key, members)
+        for key, members in _tar_samples(shard, max_bytes):
+            yield _wds_row(shard, key, members, max_bytes)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         yield Row(_display(shard), skip=("corrupt_archive",
                                          f"{_display(shard)}: {type(e).__name__}: {e}"))
 
 
-def _wds_row(shard, key, members):
+def _wds_row(shard, key, members, max_bytes):
     row = Row(f"{_display(shard)}:{_display(key)}",
               key=f"{_display(os.path.basename(shard))}/{_display(key)}")
     image = next((ext for ext in WDS_IMAGE_EXTENSIONS if ext in members), None)
@@ -429,6 +449,10 @@ def _wds_row(shard, key, members):
         return row._replace(skip=("missing_image", found))
     if WDS_CAPTION_EXTENSION not in members:
         return row._replace(skip=("missing_caption", found))
+    for ext in (image, WDS_CAPTION_EXTENSION):
+        if isinstance(members[ext], _TooLarge):
+            return row._replace(skip=("file_too_large", f"member {_display(key)}.{ext}: "
+                                      f"{members[ext]} bytes > max_bytes={max_bytes}"))
     caption, repaired = _decode_text(members[WDS_CAPTION_EXTENSION])
     return row._replace(caption=caption, image=members[image], repairs=_repairs(repaired))
 
@@ -576,9 +600,10 @@ def _clear_output(out):
         paths.path(path).unlink()
 
 
-def _check_settings(max_size, min_size, max_pixels, quality, records_per_shard, workers):
+def _check_settings(max_size, min_size, max_pixels, max_bytes, quality, records_per_shard, workers):
     for option, value, low in (("--max-size", max_size, 1), ("--min-size", min_size, 1),
-                               ("--max-pixels", max_pixels, 1), ("--quality", quality, 1),
+                               ("--max-pixels", max_pixels, 1), ("--max-bytes", max_bytes, 1),
+                               ("--quality", quality, 1),
                                ("--records-per-shard", records_per_shard, 1),
                                ("--workers", workers, 0)):
         if value < low:
@@ -591,7 +616,8 @@ RUNNERS = ("local", "beam")
 
 
 def run(format, source, out, *, max_size=256, min_size=images.DEFAULT_MIN_SIZE,
-        max_pixels=images.DEFAULT_MAX_PIXELS, quality=95, records_per_shard=5000, workers=None,
+        max_pixels=images.DEFAULT_MAX_PIXELS, max_bytes=images.DEFAULT_MAX_BYTES, quality=95,
+        records_per_shard=5000, workers=None,
         overwrite=False, progress=False, runner="local", beam_args=(), **format_options):
     """Ingests `source` (see the module docstring) into the folder `out`; returns the manifest.
 
@@ -602,7 +628,7 @@ def run(format, source, out, *, max_size=256, min_size=images.DEFAULT_MIN_SIZE,
     unusable input.
     """
     workers = os.cpu_count() if workers is None else workers
-    _check_settings(max_size, min_size, max_pixels, quality, records_per_shard, workers)
+    _check_settings(max_size, min_size, max_pixels, max_bytes, quality, records_per_shard, workers)
     try:
         input_spec = spec_lib.for_ingest(format, source, format_options.pop("split", None))
     except spec_lib.SpecError as e:
@@ -614,11 +640,14 @@ def run(format, source, out, *, max_size=256, min_size=images.DEFAULT_MIN_SIZE,
             import apache_beam  # noqa: F401
         except ImportError:
             raise OptionError("--runner=beam needs Apache Beam: pip install -e '.[beam]'") from None
+    if input_spec.kind in ("captions", "wds"):   # they read caption files, tar members
+        format_options["max_bytes"] = max_bytes
     prepared = FORMATS[input_spec.kind](input_spec, **format_options)
     _check_output(out, overwrite)
-    settings = Settings(max_size, min_size, max_pixels, quality, prepared.fetch)
+    settings = Settings(max_size, min_size, max_pixels, quality, prepared.fetch, max_bytes)
     manifest_fields = {**prepared.extra,
                        "max_size": max_size, "min_size": min_size, "max_pixels": max_pixels,
+                       "max_bytes": max_bytes,
                        "quality": quality, "records_per_shard": records_per_shard,
                        "source": {"format": format, "source": source, **prepared.options}}
     _clear_output(out)

@@ -4,7 +4,6 @@ neither driver imports the other's module for them (`ingest` starts `ingest_beam
 """
 from typing import NamedTuple
 
-from clip_jax import paths
 from clip_jax.data import images, records
 
 CHUNK_ROWS = 32                 # rows per unit of work sent to a worker
@@ -50,6 +49,7 @@ class Settings(NamedTuple):
     max_pixels: int
     quality: int
     fetch: object = None         # rows -> rows with images filled in (tfds), or None
+    max_bytes: int = images.DEFAULT_MAX_BYTES   # larger image files are skipped unread
 
 
 class Prepared(NamedTuple):
@@ -73,16 +73,16 @@ class Prepared(NamedTuple):
             yield from part()
 
 
-def _read_file(path):
+def read_file(path, max_bytes):
+    """A file a row names (an image, a caption sidecar): `images.read_file`, which skips
+    (`BadImage`) what is not a regular file (a FIFO would hang the ingest, /dev/zero fill
+    its memory) or is over max_bytes, unread; a missing or unreadable file -> RowSkipped."""
     try:
-        if isinstance(path, str) and paths.is_remote(path):
-            return paths.read_bytes(path)
-        with open(path, "rb") as f:
-            return f.read()
+        return images.read_file(path, max_bytes)
     except FileNotFoundError:
         raise RowSkipped("missing_file", "no such file") from None
     except OSError as e:
-        raise RowSkipped("unreadable_file", f"{type(e).__name__}: {e.strerror}") from None
+        raise RowSkipped("unreadable_file", f"{type(e).__name__}: {e.strerror or e}") from None
 
 
 def process_row(row, settings):
@@ -93,7 +93,10 @@ def process_row(row, settings):
         caption = row.caption.strip()
         if not caption:
             raise RowSkipped("empty_caption", repr(row.caption[:40]))
-        data = row.image if row.path is None else _read_file(row.path)
+        data = row.image if row.path is None else read_file(row.path, settings.max_bytes)
+        if len(data) > settings.max_bytes:    # a TFDS image (wds skips its members unread)
+            raise images.BadImage("file_too_large",
+                                  f"{len(data)} bytes > max_bytes={settings.max_bytes}")
         img, conversion = images.load_for_storage(data, settings.max_size, settings.min_size,
                                                   settings.max_pixels)
         image = images.encode_jpeg(img, settings.quality)

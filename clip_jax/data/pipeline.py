@@ -14,6 +14,8 @@ Design (exactness first):
   3. A record that fails to read or decode is replaced by the next record of the source
      (index + 1, wrapping; deterministic), its row is flagged in `replaced`, and the
      iterator counts the flags (`data/replaced_records` in the training metrics).
+     MAX_CONSECUTIVE_BAD_RECORDS in a row raise `BrokenDataset`, naming the records and
+     (`record_files`) the shard files.
   4. `to_iter_dataset` (+ `mp_prefetch` when `config.data.workers > 0`; Grain's worker
      slicing keeps the element order, so the output does not depend on the workers).
   5. The host batch becomes a global `jax.Array` with
@@ -52,6 +54,11 @@ def normalize_images(images):
     mean = xp.asarray(CLIP_MEAN, xp.float32)
     std = xp.asarray(CLIP_STD, xp.float32)
     return (images.astype(xp.float32) / xp.float32(255.0) - mean) / std
+
+
+class BrokenDataset(RuntimeError):
+    """MAX_CONSECUTIVE_BAD_RECORDS records in a row could not be loaded: the message names
+    the record range and, for ingested data, the shard files."""
 
 
 # ----------------------------------------------------------------------------- rows
@@ -136,8 +143,12 @@ class LoadRows:
                 return image, caption, candidate, int(attempt > 0)
             except Exception as e:   # broken record: deterministic replacement by the next
                 error = e
-        raise RuntimeError(f"records {index}..{candidate} of {self.source!r} are all unreadable "
-                           f"(last error: {type(error).__name__}: {error}); the dataset is broken")
+        tried = [(int(index) + a) % n for a in range(MAX_CONSECUTIVE_BAD_RECORDS)]
+        files = getattr(self.source, "record_files", lambda indices: [])(tried)
+        where = f", in {', '.join(files)}" if files else ""
+        raise BrokenDataset(f"records {index}..{candidate} of {self.source!r} are all unreadable"
+                           f"{where} (last error: {type(error).__name__}: {error}); the dataset "
+                           "is broken")
 
     def __call__(self, k, index_batch):
         indices = np.asarray(index_batch)[self.rows]

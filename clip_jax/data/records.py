@@ -17,9 +17,12 @@ manifest.json holds at least `format`, `num_records`, `rows` (input rows seen), 
 (list of {"path", "num_records"}, paths relative to DIR), `skipped` (reason -> count) and
 `repaired` (what was converted and kept -> count); `num_records + sum(skipped) == rows`.
 """
+import concurrent.futures
 import json
+import os
 
 import msgpack
+import numpy as np
 
 from clip_jax import paths
 
@@ -127,12 +130,36 @@ def read_manifest(directory):
     return manifest
 
 
+def shard_records(path):
+    """The number of records of the local ArrayRecord shard `path`; ValueError if it cannot be
+    opened (truncated: its index is at the end; corrupt index; not a regular file)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+    if not os.path.isfile(path):     # a FIFO would block the reader
+        raise ValueError("not a regular file")
+    reader = ArrayRecordReader(path)
+    ok, count = reader.ok(), reader.num_records()
+    try:
+        reader.close()                # raises the reason when the reader is not ok
+    except RuntimeError as e:
+        raise ValueError(str(e)) from None
+    if not ok:
+        raise ValueError("the ArrayRecord reader cannot open it")
+    return count
+
+
 class IngestedSource:
     """Grain random-access source over an ingested directory: record i -> dict (decoded msgpack).
 
     Picklable (Grain worker processes reopen the shards). Shards in a remote directory are
     copied to this host's cache first (`paths.local_copy`: the ArrayRecord reader opens
     local files only), once, when the source is made.
+
+    Damage: every shard is opened when the source is made, and one that cannot be opened
+    (a truncated shard has lost its index, which ArrayRecord keeps at the end) or that holds
+    another number of records than the manifest says is a ValueError naming the shard file;
+    nothing then reads a dataset with a hole in it. A record that cannot be read or decoded
+    in a shard that opens (corrupt bytes mid-file) raises a ValueError naming its shard and
+    position, which the training pipeline replaces and counts (`pipeline.LoadRows`).
     """
 
     def __init__(self, directory):
@@ -140,29 +167,73 @@ class IngestedSource:
         self.manifest = read_manifest(self.directory)
         if self.manifest["num_records"] == 0:
             raise ValueError(f"{paths.join(self.directory, MANIFEST)}: the dataset has 0 records")
-        self._paths = [paths.local_copy(paths.join(self.directory, s["path"]))
-                       for s in self.manifest["shards"] if s["num_records"] > 0]
+        shards = [s for s in self.manifest["shards"] if s["num_records"] > 0]
+        self._names = [paths.join(self.directory, s["path"]) for s in shards]
+        self._counts = [int(s["num_records"]) for s in shards]
+        self._ends = np.cumsum(self._counts)
+        self._paths = [paths.local_copy(name) for name in self._names]
+        self._check_shards()
         self._source = None
+
+    def _check_shards(self):
+        with concurrent.futures.ThreadPoolExecutor(min(16, len(self._paths))) as pool:
+            found = list(pool.map(_try_shard_records, self._paths))
+        for name, expected, (count, error) in zip(self._names, self._counts, found):
+            if error is not None or count != expected:
+                problem = (f"cannot be opened ({error})" if error is not None else
+                           f"holds {count} records, {MANIFEST} says {expected}")
+                raise ValueError(
+                    f"{name}: damaged shard of the ingested dataset {self.directory}: {problem}. "
+                    "A truncated or corrupt shard cannot be read: copy it again from where the "
+                    "dataset came from, or ingest the data again (python -m clip_jax.ingest ... "
+                    f"--out {self.directory} --overwrite)")
 
     @property
     def _records(self):
         if self._source is None:
             import grain
-            self._source = grain.sources.ArrayRecordDataSource(self._paths)
+            # Counts given ("path[0:n]", checked when the source was made): Grain then opens
+            # a shard only when a record of it is read.
+            self._source = grain.sources.ArrayRecordDataSource(
+                [f"{p}[0:{n}]" for p, n in zip(self._paths, self._counts)])
         return self._source
 
     def __len__(self):
         return int(self.manifest["num_records"])
 
+    def locate(self, index):
+        """(shard file, position in it) of record `index`."""
+        shard = int(np.searchsorted(self._ends, int(index), side="right"))
+        return self._names[shard], int(index) - int(self._ends[shard] - self._counts[shard])
+
+    def record_files(self, indices):
+        """The shard files holding the records `indices`, in shard order."""
+        return sorted({self.locate(i)[0] for i in indices})
+
     def __getitem__(self, index):
-        return decode_record(self._records[int(index)])
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} out of range [0, {len(self)})")
+        try:
+            return decode_record(self._records[index])
+        except Exception as e:   # the reader raises RuntimeError ("Corrupted Riegeli/records file")
+            shard, position = self.locate(index)
+            raise ValueError(f"{shard}: record {position} (record {index} of the dataset) is "
+                             f"unreadable: {type(e).__name__}: {e}") from None
 
     def __getstate__(self):   # a worker reopens the local shards; it reads nothing remote
-        return {"directory": self.directory, "manifest": self.manifest, "paths": self._paths}
+        return {k: v for k, v in self.__dict__.items() if k != "_source"}
 
     def __setstate__(self, state):
-        self.directory, self.manifest, self._paths = state["directory"], state["manifest"], state["paths"]
+        self.__dict__.update(state)
         self._source = None
 
     def __repr__(self):
         return f"IngestedSource({self.directory!r}, num_records={len(self)})"
+
+
+def _try_shard_records(path):
+    try:
+        return shard_records(path), None
+    except ValueError as e:
+        return None, e

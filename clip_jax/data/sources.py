@@ -15,7 +15,9 @@
 Every source has `len()` and `[i]` -> {'image': encoded bytes or uint8 [H, W, 3],
 'caption': str}, may carry 'label', and is picklable (Grain worker processes). A source
 whose `presized` attribute is true (synthetic) yields images at the model's size, used
-as they are; all others are decoded and cropped by the pipeline.
+as they are; all others are decoded and cropped by the pipeline. A source may have
+`record_files(indices)` -> the files holding those records (ingested data: its shards), which
+the pipeline names when it gives up on a run of unreadable records.
 """
 
 import numpy as np
@@ -132,6 +134,16 @@ class ConcatSource:
         part = int(np.searchsorted(self.offsets, index, side="right")) - 1
         return self.parts[part][index - int(self.offsets[part])]
 
+    def record_files(self, indices):
+        """The files holding the records `indices`, from the parts that know theirs."""
+        files = []
+        for j, part in enumerate(self.parts):
+            mine = [int(i) - int(self.offsets[j]) for i in indices
+                    if self.offsets[j] <= int(i) < self.offsets[j + 1]]
+            if mine and hasattr(part, "record_files"):
+                files += part.record_files(mine)
+        return files
+
 
 def parse_weights(spec, num_sources):
     """'' -> None; '0.7,0.3' -> normalised float array; ValueError names the key."""
@@ -175,7 +187,8 @@ def make_source(config, split="train"):
 
 def tokenizer_corpus(source, n):
     """Up to n captions to train a tokenizer on: the source's own corpus if it has one
-    (synthetic), else the captions of n records spread evenly over the source."""
+    (synthetic), else the captions of n records spread evenly over the source. Unreadable
+    records are skipped; ValueError if none of them can be read."""
     if hasattr(source, "tokenizer_corpus"):
         return source.tokenizer_corpus(n)
     if isinstance(source, ConcatSource):
@@ -183,10 +196,14 @@ def tokenizer_corpus(source, n):
         return [c for p in source.parts for c in tokenizer_corpus(p, per)]
     size = len(source)
     indices = np.unique(np.linspace(0, size - 1, num=min(n, size)).astype(np.int64))
-    out = []
+    out, error = [], None
     for i in indices:
         try:
             out.append(source[int(i)]["caption"])
-        except Exception:   # a broken record: the pipeline replaces it; the corpus skips it
-            continue
+        except Exception as e:   # a broken record: the pipeline replaces it; the corpus skips it
+            error = error or e
+    if error is not None and not out:
+        raise ValueError(f"none of the {len(indices)} records of {source!r} read for the "
+                         f"tokenizer's captions could be read (first error: {error}); the "
+                         "dataset is broken")
     return out

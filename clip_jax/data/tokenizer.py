@@ -51,9 +51,13 @@ class SentencePieceTokenizer(Tokenizer):
         import sentencepiece as spm
         if vocab_size < 8:
             raise ValueError(f"tokenizer vocab_size must be >= 8, got {vocab_size}")
+        corpus = list(corpus)
+        if not any(str(c).strip() for c in corpus):   # SentencePiece: `!sentences_.empty()`
+            raise ValueError(f"no captions to train the tokenizer on ({len(corpus)} given, "
+                             "none with text)")
         buf = io.BytesIO()
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(list(corpus)), model_writer=buf,
+            sentence_iterator=iter(corpus), model_writer=buf,
             vocab_size=vocab_size - 3,         # + padding, sot, eot
             hard_vocab_limit=False, model_type=model_type,
             character_coverage=1.0, normalization_rule_name="nmt_nfkc_cf",

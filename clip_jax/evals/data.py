@@ -110,7 +110,8 @@ def _digest(*parts):
 # ----------------------------------------------------------------------------- readers
 
 class FileReader:
-    """reader[i] -> the bytes of file i."""
+    """reader[i] -> the bytes of file i; `images.BadImage` for a FIFO or device (never opened:
+    it would hang or never end) or a file over `images.DEFAULT_MAX_BYTES`."""
 
     def __init__(self, paths):
         self.paths = list(paths)
@@ -119,7 +120,7 @@ class FileReader:
         return len(self.paths)
 
     def __getitem__(self, i):
-        return paths.read_bytes(self.paths[i])
+        return images.read_file(self.paths[i])
 
 
 class RecordReader:

@@ -31,11 +31,10 @@ class Views:
         return len(self.data)
 
     def __getitem__(self, i):
-        image = self.data.image(i)
         if self.data.presized:
-            return np.asarray(image, np.uint8)
-        try:
-            return images.center_crop(image, self.image_size)
+            return np.asarray(self.data.image(i), np.uint8)
+        try:   # reading too: a FIFO or device among the files is refused (BadImage)
+            return images.center_crop(self.data.image(i), self.image_size)
         except images.BadImage as e:
             raise ValueError(f"{self.data.name}: image {self.data.keys[i]!r} is unusable ({e}); "
                              "an evaluation does not skip images: remove or fix it") from None
