@@ -2,13 +2,17 @@
 images with a tiny random CLIP, and the command line end to end."""
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import clip_jax
 from clip_jax.apps import search
-from tests.helpers import drawn_image, run_cli, write_model_dir
+from tests.helpers import REPO, device_env, drawn_image, run_cli, write_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -84,24 +88,126 @@ def test_a_crashed_add_is_ignored_on_open_and_cut_off_by_the_next_add(tmp_path):
     index = search.Index.open(d)
     assert index.count == 5 and index.paths == [f"/a/{i}.png" for i in range(5)]
     assert index.embeddings.tobytes() == good
-    assert index.search(rng.normal(size=(1, 6)), 10)[1].max() == 4
+    assert index.search(rng.normal(size=(1, 6)), 10)[1].max() == 4 and index.damage is None
+    with pytest.raises(search.SearchError, match="opened read-only"):
+        index.add(["/b/new.png"], rng.normal(size=(1, 6)))
+    index = search.Index.open(d, write=True)
     index.add(["/b/new.png"], rng.normal(size=(1, 6)))
+    index.close()
     index = search.Index.open(d)
     assert index.count == 6 and index.paths[-1] == "/b/new.png"
     assert (d / "paths.txt").read_text() == "".join(p + "\n" for p in index.paths)
     assert os.path.getsize(d / "embeddings.f32") == 6 * 6 * 4
     assert (d / "embeddings.f32").read_bytes()[:len(good)] == good
-    # index.json counting rows that are not there is reported, not read past the end.
-    meta = json.loads((d / "index.json").read_text())
-    (d / "index.json").write_text(json.dumps({**meta, "count": 9}))
-    with pytest.raises(search.SearchError, match="damaged"):
-        search.Index.open(d)
     with pytest.raises(search.SearchError, match="already holds an index"):
         search.Index.create(d, "/ckpt", 6)
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "cat.jpg").write_bytes(b"")
     with pytest.raises(search.SearchError, match="not empty"):   # --out pointed at the wrong folder
         search.Index.create(tmp_path / "photos", "/ckpt", 6)
+
+
+@pytest.mark.parametrize("damage", ["paths_cut", "paths_short", "rows_cut", "count_high"])
+def test_a_damaged_tail_is_cut_off_never_extended(tmp_path, damage, capsys):
+    rng = np.random.default_rng(2)
+    d = tmp_path / "idx"
+    names = [f"/photos/album/{i}.png" for i in range(5)]
+    rows = rng.normal(size=(5, 6))
+    with search.Index.create(d, "/ckpt", 6) as index:
+        index.add(names, rows)
+    if damage == "paths_cut":     # the last path cut short: "/photos/al", a directory
+        os.truncate(d / "paths.txt", os.path.getsize(d / "paths.txt") - 10)
+    elif damage == "paths_short":
+        (d / "paths.txt").write_text("".join(n + "\n" for n in names[:4]))
+    elif damage == "rows_cut":
+        os.truncate(d / "embeddings.f32", os.path.getsize(d / "embeddings.f32") - 1)
+    else:                         # index.json counting rows that are not there
+        meta = json.loads((d / "index.json").read_text())
+        (d / "index.json").write_text(json.dumps({**meta, "count": 9}))
+    whole = 5 if damage == "count_high" else 4
+    files = {f: (d / f).read_bytes() for f in ("index.json", "paths.txt", "embeddings.f32")}
+
+    index = search.Index.open(d)   # a query: searches the whole entries, changes nothing
+    assert index.count == whole and index.paths == names[:whole]
+    assert "is damaged" in index.damage and f"searching the first {whole}" in index.damage
+    assert index.search(rng.normal(size=(1, 6)), 10)[1].max() == whole - 1
+    assert {f: (d / f).read_bytes() for f in files} == files
+
+    with search.Index.open(d, write=True) as index:   # an `index` run: repairs, says so
+        dropped = "4 entries" if damage == "count_high" else "1 entry"
+        assert f"dropped the last {dropped} (path and vector)" in capsys.readouterr().err
+        assert json.loads((d / "index.json").read_text())["count"] == whole
+        assert (d / "paths.txt").read_text() == "".join(n + "\n" for n in names[:whole])
+        assert os.path.getsize(d / "embeddings.f32") == whole * 6 * 4
+        index.add(["/photos/new.png"], rng.normal(size=(1, 6)))
+    index = search.Index.open(d)
+    assert index.damage is None and index.paths == names[:whole] + ["/photos/new.png"]
+    assert (d / "paths.txt").read_bytes() == b"".join(os.fsencode(p) + b"\n" for p in index.paths)
+    np.testing.assert_allclose(index.embeddings[:whole], search.l2_normalize(rows[:whole]), atol=1e-6)
+    assert os.path.getsize(d / "embeddings.f32") == (whole + 1) * 6 * 4
+
+
+def test_one_writer_at_a_time_and_a_dead_writers_lock_is_taken_over(tmp_path, capsys):
+    d = tmp_path / "idx"
+    writer = search.Index.create(d, "/ckpt", 3)
+    writer.add(["/a.png"], np.ones((1, 3)))
+    holder = f"pid {os.getpid()} on {socket.gethostname()} since "
+    for second in (lambda: search.Index.open(d, write=True), lambda: search.lock_index(d)):
+        with pytest.raises(search.SearchError, match=f"^{d} is being written by another process "
+                                                     f"\\({holder}.*\\): wait for it to finish$"):
+            second()   # another open file description: flock refuses it as another process's
+    writer.add(["/b.png"], np.ones((1, 3)))   # the first writer is untouched
+    writer.close()
+    assert (d / "lock").read_text() == ""     # released cleanly: nothing recorded
+    writer = search.Index.open(d, write=True)
+    assert capsys.readouterr().err == ""
+    assert (d / "lock").read_text().startswith(holder)
+    # A killed writer: the OS closes its descriptors, which drops the flock; the record stays.
+    writer._lock.close()
+    with search.Index.open(d, write=True) as index:
+        assert index.count == 2
+        err = capsys.readouterr().err
+        assert f"warning: {d}: taking over the lock of {holder}" in err and "without releasing" in err
+    # A command that fails after taking the lock releases it: the next writer does not warn.
+    with pytest.raises(SystemExit, match="was built with --checkpoint /ckpt"):
+        search.main(["index", "--checkpoint", str(tmp_path / "none"), "--images", str(tmp_path),
+                     "--out", str(d)])
+    assert (d / "lock").read_text() == ""
+    for remote in (search.Index.open, lambda p: search.Index.create(p, "/ckpt", 3)):
+        with pytest.raises(search.SearchError, match="must be a local directory"):
+            remote("gs://bucket/idx")
+
+
+@pytest.mark.slow
+def test_a_second_index_run_is_refused_while_another_process_writes(tmp_path):
+    d = tmp_path / "idx"
+    # The first writer, in another process: adds, waits, adds again, then is SIGKILLed.
+    script = ("import sys, numpy as np; from clip_jax.apps import search\n"
+              "index = search.Index.create(sys.argv[1], '/no/such/checkpoint', 3)\n"
+              "index.add(['/a.png', '/b.png'], np.ones((2, 3))); print('added', flush=True)\n"
+              "sys.stdin.readline(); index.add(['/c.png'], np.ones((1, 3))); print('added', flush=True)\n"
+              "sys.stdin.read()\n")
+    first = subprocess.Popen([sys.executable, "-c", script, str(d)], cwd=REPO, env=device_env(1),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline() == "added\n"
+        # The checkpoint does not exist: refused before any model is loaded.
+        proc = run_cli(["clip_jax.apps.search", "index", "--checkpoint", "/no/such/checkpoint",
+                        "--images", str(tmp_path), "--out", str(d)], check=False)
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert proc.stderr.startswith(f"error: {d} is being written by another process (pid {first.pid} "
+                                      f"on {socket.gethostname()} since ")
+        assert proc.stderr.endswith("): wait for it to finish\n") and proc.stderr.count("\n") == 1
+        first.stdin.write("go on\n")
+        first.stdin.flush()
+        assert first.stdout.readline() == "added\n"
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    with search.Index.open(d, write=True) as index:   # the dead writer's lock is taken over
+        assert index.paths == ["/a.png", "/b.png", "/c.png"] and index.count == 3
+    assert os.path.getsize(d / "embeddings.f32") == 3 * 3 * 4
+    assert (d / "paths.txt").read_text() == "/a.png\n/b.png\n/c.png\n"
 
 
 def _write_images(root, names, start):

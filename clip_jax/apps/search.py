@@ -4,7 +4,7 @@
     python -m clip_jax.apps.search query photos.index "a red circle" -k 5
     python -m clip_jax.apps.search query photos.index --image photos/cat.jpg --json
 
-An INDEX directory holds three files:
+An INDEX directory holds four files:
 
   index.json      {"format": "clip_jax.search/1", "checkpoint": <absolute path given at
                   creation>, "source": <the checkpoint state directory it resolved to>,
@@ -12,10 +12,25 @@ An INDEX directory holds three files:
   embeddings.f32  raw little-endian float32 rows of d values, L2-normalised, in add order;
                   read memory-mapped, so an index larger than memory can be searched
   paths.txt       one absolute image path per line, row i naming embedding i
+  lock            the writers' lock (below): "pid N on HOST since TIME" while one holds it
 
 Only the first `count` rows and lines are the index. An add appends rows and lines (and
 fsyncs them) before index.json is atomically replaced with the new count, so a crash
 mid-add leaves extra rows that are ignored on open and cut off by the next add.
+
+One writer at a time: `index` (and `Index.create`, `Index.open(write=True)`) holds an
+exclusive `fcntl.flock` on INDEX/lock, taken before the model is loaded; a second writer
+stops at once with an error naming the holder (pid, host, since when), recorded in the file.
+The OS drops the lock when its process ends however it ends, so a killed writer never leaves
+it stuck: the next one takes it over and says so. The index is local-only (memory-mapped
+and appended to), so a local lock suffices. Queries take no lock: a writer only appends
+past `count` before replacing index.json.
+
+A damaged tail (paths.txt holding fewer complete lines than `count`, its last one cut short,
+or embeddings.f32 fewer rows, as a truncated copy or a full disk leave) is never extended:
+opening for writing cuts the index to the entries it holds whole (a path line with its
+newline and a full row), rewrites the count and says how many entries it dropped (their
+images are embedded again by that run); a query searches those entries and warns.
 
 `index` walks DIR recursively in sorted order and embeds only the files whose absolute
 path is not in the index yet: re-running it after adding images embeds just the new ones
@@ -27,8 +42,11 @@ embeddings from different weights are not comparable.
 """
 import argparse
 import concurrent.futures
+import datetime
+import fcntl
 import json
 import os
+import socket
 import sys
 
 import numpy as np
@@ -46,6 +64,47 @@ class SearchError(ValueError):
     """A problem with an index or the inputs to it; the CLI prints it without a traceback."""
 
 
+class LockHeld(OSError):
+    """`hold_lock`: another open file (another process) holds the lock; `holder` is its record."""
+
+    def __init__(self, path, holder):
+        super().__init__(f"{path} is held by {holder or 'a process that has not recorded itself yet'}")
+        self.holder = holder
+
+
+def hold_lock(path):
+    """An exclusive lock on the local file `path` (created), held while the returned file stays
+    open (`release_lock` ends it) and dropped by the OS when the process ends however it ends
+    (fcntl.flock), so a killed holder never leaves it stuck. The file records the holder as
+    "pid N on HOST since TIME" for whoever is refused. Returns (file, stale): `stale` is the
+    record of a holder that ended without releasing (killed), else None. Raises LockHeld.
+    Local file systems only (flock over NFS depends on the client)."""
+    f = open(path, "a+")   # not "w": the holder's record must survive a refused open
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise LockHeld(path, holder) from None
+    f.seek(0)
+    stale = f.read().strip() or None   # release_lock empties the file
+    f.truncate(0)
+    since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {since}\n")
+    f.flush()
+    return f, stale
+
+
+def release_lock(f):
+    """Ends a `hold_lock` lock, emptying its record first (so the next holder knows the last
+    one ended cleanly)."""
+    if not f.closed:
+        f.truncate(0)
+        f.flush()
+        f.close()   # closing the last descriptor releases the flock
+
+
 def _fsync_append(path, data, keep_bytes):
     """Cuts `path` to `keep_bytes` (dropping a crashed add's tail), appends `data`, fsyncs."""
     with open(path, "r+b" if os.path.exists(path) else "w+b") as f:
@@ -56,12 +115,66 @@ def _fsync_append(path, data, keep_bytes):
         os.fsync(f.fileno())
 
 
-class Index:
-    """An embedding index directory (layout in the module docstring)."""
+INDEX_FILES = {"embeddings.f32", "paths.txt", "index.json.tmp", "lock"}   # besides index.json
 
-    def __init__(self, directory, meta, paths):
+
+def _local(directory):
+    """`directory` made absolute; an index is memory-mapped and appended to, so local only."""
+    if paths_lib.is_remote(directory):
+        raise SearchError(f"{directory}: an index must be a local directory (it is memory-mapped)")
+    return os.path.abspath(directory)
+
+
+def _check_index_dir(directory):
+    """Refuses a directory that holds neither an index nor only an index's files (a crashed
+    create's), so --out pointed at the wrong folder writes nothing there."""
+    if os.path.isdir(directory) and not os.path.exists(os.path.join(directory, "index.json")):
+        others = set(os.listdir(directory)) - INDEX_FILES
+        if others:
+            raise SearchError(f"{directory} is not empty and holds no index ({sorted(others)[0]}, ...)")
+
+
+def lock_index(directory):
+    """Takes INDEX `directory`'s writer lock (creating the directory), for `Index.create` and
+    `Index.open(write=True)`; returns the held lock file. Raises SearchError naming the holder
+    if another process writes the index; takes over (with a warning) the lock of one killed."""
+    directory = _local(directory)
+    _check_index_dir(directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        lock, stale = hold_lock(os.path.join(directory, "lock"))
+    except LockHeld as e:
+        raise SearchError(f"{directory} is being written by another process "
+                          f"({e.holder or 'not recorded yet'}): wait for it to finish") from None
+    except OSError as e:
+        raise SearchError(f"{directory}: cannot lock the index: {e.strerror or e}") from None
+    if stale:
+        print(f"warning: {directory}: taking over the lock of {stale}, which ended without "
+              f"releasing it", file=sys.stderr)
+    return lock
+
+
+class Index:
+    """An embedding index directory (layout in the module docstring). Opened for writing
+    (`create`, `open(write=True)`) it holds the index's lock until `close()` (or `with`)."""
+
+    def __init__(self, directory, meta, paths, lock=None):
         self.directory, self.meta, self.paths = directory, meta, paths
         self._embeddings = None
+        self._lock = lock
+        self.damage = None   # what a read-only open left out of a damaged tail
+
+    def close(self):
+        """Releases the writer's lock (a read-only index holds nothing)."""
+        if self._lock is not None:
+            release_lock(self._lock)
+            self._lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     @property
     def count(self):
@@ -75,26 +188,46 @@ class Index:
         return os.path.join(self.directory, name)
 
     @classmethod
-    def create(cls, directory, checkpoint, dim, source=""):
-        directory = os.path.abspath(directory)
+    def create(cls, directory, checkpoint, dim, source="", lock=None):
+        """A new empty index, open for writing; `lock`: the directory's lock if already taken."""
+        directory = _local(directory)
         if os.path.exists(os.path.join(directory, "index.json")):
             raise SearchError(f"{directory} already holds an index")
-        others = set(os.listdir(directory)) if os.path.isdir(directory) else set()
-        others -= {"embeddings.f32", "paths.txt", "index.json.tmp"}   # a crashed create's
-        if others:
-            raise SearchError(f"{directory} is not empty and holds no index ({sorted(others)[0]}, ...)")
-        os.makedirs(directory, exist_ok=True)
-        for name in ("embeddings.f32", "paths.txt"):
-            open(os.path.join(directory, name), "wb").close()
-        index = cls(directory, {"format": FORMAT, "checkpoint": paths_lib.resolve(checkpoint),
-                                "source": source, "dim": int(dim), "count": 0,
-                                "dtype": "float32"}, [])
-        index._write_meta()
+        lock = lock or lock_index(directory)
+        try:
+            if os.path.exists(os.path.join(directory, "index.json")):   # made before we locked
+                raise SearchError(f"{directory} already holds an index")
+            _check_index_dir(directory)
+            for name in ("embeddings.f32", "paths.txt"):
+                open(os.path.join(directory, name), "wb").close()
+            index = cls(directory, {"format": FORMAT, "checkpoint": paths_lib.resolve(checkpoint),
+                                    "source": source, "dim": int(dim), "count": 0,
+                                    "dtype": "float32"}, [], lock)
+            index._write_meta()
+        except BaseException:
+            release_lock(lock)
+            raise
         return index
 
     @classmethod
-    def open(cls, directory):
-        directory = os.path.abspath(directory)
+    def open(cls, directory, write=False, lock=None):
+        """The index in `directory`. A damaged tail (module docstring) is cut off: read-only,
+        in memory only, described in `.damage`; with `write` (or a `lock` already taken) on
+        disk, under the lock, with a warning on stderr."""
+        directory = _local(directory)
+        if write and lock is None:
+            if not os.path.exists(os.path.join(directory, "index.json")):   # lock_index would create it
+                raise SearchError(f"{directory}: no index here (no index.json)")
+            lock = lock_index(directory)
+        try:
+            return cls._open(directory, lock)
+        except BaseException:
+            if lock is not None:
+                release_lock(lock)
+            raise
+
+    @classmethod
+    def _open(cls, directory, lock):
         try:
             with open(os.path.join(directory, "index.json")) as f:
                 meta = json.load(f)
@@ -105,13 +238,39 @@ class Index:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("dtype") != "float32":
             raise SearchError(f"{directory}/index.json is not a {FORMAT} float32 index")
         count, dim = int(meta["count"]), int(meta["dim"])
-        with open(os.path.join(directory, "paths.txt"), "rb") as f:
-            lines = f.read().split(b"\n")[:count]
-        rows = os.path.getsize(os.path.join(directory, "embeddings.f32")) // (4 * dim)
-        if len(lines) < count or rows < count or (count and lines[-1] == b""):
-            raise SearchError(f"{directory}: index.json counts {count} entries but paths.txt "
-                              f"or embeddings.f32 holds fewer: the index is damaged")
-        return cls(directory, meta, [os.fsdecode(line) for line in lines])
+        try:
+            with open(os.path.join(directory, "paths.txt"), "rb") as f:
+                lines = f.read().split(b"\n")[:-1][:count]   # whole lines only: [-1] lacks its newline
+            rows = os.path.getsize(os.path.join(directory, "embeddings.f32")) // (4 * dim)
+        except OSError as e:
+            raise SearchError(f"{directory}: {e.strerror or e} ({e.filename})") from None
+        whole = min(len(lines), rows, count)
+        index = cls(directory, meta, [os.fsdecode(line) for line in lines[:whole]], lock)
+        if whole < count:
+            index.meta = {**meta, "count": whole}
+            damage = (f"{directory} is damaged: index.json counts {count} entries, paths.txt holds "
+                      f"{len(lines)} whole lines and embeddings.f32 {rows} whole rows")
+            dropped = f"{count - whole} entr{'y' if count - whole == 1 else 'ies'}"
+            if lock is None:
+                index.damage = (f"{damage}; searching the first {whole} (the next `index` run into "
+                                f"it drops the last {dropped})")
+            else:
+                index._write_meta()   # first: files longer than count are the normal crash tail
+                index._cut_tail()
+                print(f"warning: {damage}: dropped the last {dropped} (path and vector); their "
+                      f"images are embedded again", file=sys.stderr)
+        return index
+
+    def _sizes(self):
+        """Bytes of embeddings.f32 and of paths.txt that hold exactly the `count` entries."""
+        return self.count * self.dim * 4, sum(len(os.fsencode(p)) + 1 for p in self.paths)
+
+    def _cut_tail(self):
+        """Cuts the files to `count` entries, dropping whatever a crashed add or damage left."""
+        for name, size in zip(("embeddings.f32", "paths.txt"), self._sizes()):
+            with open(self._file(name), "r+b") as f:
+                f.truncate(size)
+                os.fsync(f.fileno())
 
     def _write_meta(self):
         tmp = self._file("index.json.tmp")
@@ -141,9 +300,10 @@ class Index:
             raise SearchError("image paths containing a newline cannot be indexed")
         if not paths:
             return
-        path_bytes = sum(len(os.fsencode(p)) + 1 for p in self.paths)
-        _fsync_append(self._file("embeddings.f32"), embeddings.astype("<f4").tobytes(),
-                      self.count * self.dim * 4)
+        if self._lock is None:
+            raise SearchError(f"{self.directory} was opened read-only: Index.open(..., write=True) to add")
+        row_bytes, path_bytes = self._sizes()
+        _fsync_append(self._file("embeddings.f32"), embeddings.astype("<f4").tobytes(), row_bytes)
         _fsync_append(self._file("paths.txt"), b"".join(os.fsencode(p) + b"\n" for p in paths),
                       path_bytes)
         self.meta["count"] = self.count + len(paths)
@@ -202,16 +362,26 @@ def _load(model, path):
         return None, e.reason
 
 
-def build_index(model, image_dir, out, batch_size=256, checkpoint=None, workers=None, progress=True):
+def build_index(model, image_dir, out, batch_size=256, checkpoint=None, workers=None, progress=True,
+                lock=None):
     """Embeds the images under `image_dir` that INDEX `out` lacks (creating it) and appends
     them, one batch at a time (a crash keeps the finished batches). `checkpoint`: the path
-    recorded in a new index, default `model.source`. Returns {added, skipped, total}."""
-    from tqdm import tqdm
+    recorded in a new index, default `model.source`. `lock`: `out`'s lock if the caller took
+    it (`lock_index`), else taken here; released on return. Returns {added, skipped, total}."""
     if not os.path.isdir(image_dir):
         raise SearchError(f"--images {image_dir}: no such directory")
+    lock = lock or lock_index(out)
+    try:
+        return _build_index(model, image_dir, out, batch_size, checkpoint, workers, progress, lock)
+    finally:
+        release_lock(lock)
+
+
+def _build_index(model, image_dir, out, batch_size, checkpoint, workers, progress, lock):
+    from tqdm import tqdm
     checkpoint = paths_lib.resolve(checkpoint or model.source)
     if os.path.exists(os.path.join(out, "index.json")):
-        index = Index.open(out)
+        index = Index.open(out, lock=lock)
         if index.meta["checkpoint"] != checkpoint:
             raise SearchError(f"{index.directory} was built with --checkpoint {index.meta['checkpoint']}, "
                               f"not {checkpoint}: pass that checkpoint, or --out a new index")
@@ -219,7 +389,7 @@ def build_index(model, image_dir, out, batch_size=256, checkpoint=None, workers=
             raise SearchError(f"{checkpoint} now resolves to {model.source}, but {index.directory} "
                               f"holds embeddings of {index.meta['source']}: build a new index")
     else:
-        index = Index.create(out, checkpoint, model.config.model.embed_dim, source=model.source)
+        index = Index.create(out, checkpoint, model.config.model.embed_dim, source=model.source, lock=lock)
     known = set(index.paths)
     todo = [p for p in list_images(image_dir) if p not in known]
     skipped, warnings, added = {}, [], 0
@@ -312,13 +482,18 @@ def main(argv=None):
                 raise SearchError("--batch-size must be at least 1")
             if not os.path.isdir(args.images):   # these checks come before the slow load
                 raise SearchError(f"--images {args.images}: no such directory")
-            if os.path.exists(os.path.join(args.out, "index.json")):
-                recorded = Index.open(args.out).meta["checkpoint"]
-                if recorded != paths_lib.resolve(args.checkpoint):
-                    raise SearchError(f"--out {args.out} was built with --checkpoint {recorded}, not "
-                                      f"{paths_lib.resolve(args.checkpoint)}: pass that, or a new --out")
-            model = _load_model(args.checkpoint, batch_size=args.batch_size)
-            stats = build_index(model, args.images, args.out, args.batch_size, checkpoint=args.checkpoint)
+            lock = lock_index(args.out)   # a second writer stops here, at once
+            try:
+                if os.path.exists(os.path.join(args.out, "index.json")):
+                    recorded = Index.open(args.out).meta["checkpoint"]
+                    if recorded != paths_lib.resolve(args.checkpoint):
+                        raise SearchError(f"--out {args.out} was built with --checkpoint {recorded}, not "
+                                          f"{paths_lib.resolve(args.checkpoint)}: pass that, or a new --out")
+                model = _load_model(args.checkpoint, batch_size=args.batch_size)
+                stats = build_index(model, args.images, args.out, args.batch_size,
+                                    checkpoint=args.checkpoint, lock=lock)
+            finally:
+                release_lock(lock)   # an error is no killed writer: the next one need not warn
             skipped = ", ".join(f"{n} {r}" for r, n in sorted(stats["skipped"].items())) or "none"
             print(f"added {stats['added']} images (skipped: {skipped}); "
                   f"{os.path.abspath(args.out)} holds {stats['total']}")
@@ -328,6 +503,8 @@ def main(argv=None):
         if args.k < 1:
             raise SearchError("-k must be at least 1")
         index = Index.open(args.index)
+        if index.damage:
+            print(f"warning: {index.damage}", file=sys.stderr)
         model = _load_model(args.checkpoint or index.meta["checkpoint"],
                             "--checkpoint" if args.checkpoint else "the index's checkpoint")
         if index.meta.get("source") and model.source != index.meta["source"]:
