@@ -46,7 +46,11 @@ _held = set()      # local lock files held by this process (POSIX locks do not c
 
 
 class LockHeld(Exception):
-    """Another live process holds the lock; the message names it."""
+    """Another live process holds the lock; the message names it, `holder` is its record."""
+
+    def __init__(self, message, holder=None):
+        super().__init__(message)
+        self.holder = holder
 
 
 def _now_iso():
@@ -98,6 +102,7 @@ class DirectoryLock:
         self._fd = None
         self._stop = threading.Event()
         self._thread = None
+        self._renewed = time.monotonic()
 
     def __enter__(self):
         self.acquire()
@@ -106,8 +111,14 @@ class DirectoryLock:
     def __exit__(self, *exc):
         self.release()
 
+    def __del__(self):          # dropped without release(), as an open file would be
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 -- at interpreter shutdown modules may be gone
+            pass
+
     def _in_use(self, record, extra=""):
-        return LockHeld(f"{self.what} is in use by {describe(record)}{extra}")
+        return LockHeld(f"{self.what} is in use by {describe(record)}{extra}", record)
 
     def acquire(self):
         if not paths.is_remote(self.directory):
@@ -184,19 +195,24 @@ class DirectoryLock:
         return note
 
     def _renew(self):
-        renewed = time.monotonic()
-        while not self._stop.wait(self.heartbeat_s):
-            record = self._read()
-            if record is not None and record.get("token") != self.record["token"]:
-                self.lost = f"{self.what} was taken over by {describe(record)}"
-                return
-            try:
-                self._write()
-                renewed = time.monotonic()
-            except Exception:  # noqa: BLE001 -- a failed renewal is retried; the lease decides
-                if time.monotonic() - renewed > self.lease_s:
-                    self.lost = f"the lock of {self.what} could not be renewed for {self.lease_s:.0f} s"
-                    return
+        self._renewed = time.monotonic()
+        while not self._stop.wait(self.heartbeat_s) and self.renew():
+            pass
+
+    def renew(self):
+        """One heartbeat (the lease thread's): False once the lock is lost (see `lost`)."""
+        record = self._read()
+        if record is not None and record.get("token") != self.record["token"]:
+            self.lost = f"{self.what} was taken over by {describe(record)}"
+            return False
+        try:
+            self._write()
+            self._renewed = time.monotonic()
+        except Exception:  # noqa: BLE001 -- a failed renewal is retried; the lease decides
+            if time.monotonic() - self._renewed > self.lease_s:
+                self.lost = f"the lock of {self.what} could not be renewed for {self.lease_s:.0f} s"
+                return False
+        return True
 
     # ------------------------------------------------------------------ release
     def release(self):

@@ -24,7 +24,8 @@ def _hold_in_child(directory):
     code = textwrap.dedent(f"""
         import sys, time
         from clip_jax import lock
-        note = lock.DirectoryLock({str(directory)!r}).acquire()
+        held = lock.DirectoryLock({str(directory)!r})
+        held.acquire()
         print("held", flush=True)
         time.sleep(600)
     """)
@@ -87,8 +88,9 @@ def bucket():
 
 
 def test_a_lease_on_a_bucket(bucket):
+    from clip_jax import paths
     d = f"{bucket}/leases/run"
-    fast = dict(heartbeat_s=0.05, lease_s=5.0, settle_s=0.0)
+    fast = dict(heartbeat_s=3600.0, lease_s=5.0, settle_s=0.0)     # heartbeats by hand below
     # A holder on another host, renewed recently: refused, with its age.
     _lease_record(d)
     with pytest.raises(lock.LockHeld, match=r"in use by pid 1 on elsewhere since then \(renewed 0 s ago"):
@@ -105,15 +107,13 @@ def test_a_lease_on_a_bucket(bucket):
     ours = lock.DirectoryLock(d, **fast)
     assert "no longer running" in ours.acquire()
     # The holder renews; one that finds its record replaced knows it lost the lock.
-    time.sleep(0.3)
-    assert ours.lost is None
+    before = json.loads(paths.read_text(f"{d}/{lock.LOCK_FILE}"))["heartbeat"]
+    assert ours.renew() and ours.lost is None
+    assert json.loads(paths.read_text(f"{d}/{lock.LOCK_FILE}"))["heartbeat"] > before
     _lease_record(d, pid=7, host="intruder")
-    deadline = time.monotonic() + 10
-    while ours.lost is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert not ours.renew()
     assert ours.lost and "taken over by pid 7 on intruder" in ours.lost
     ours.release()                                    # leaves the intruder's record alone
-    from clip_jax import paths
     assert json.loads(paths.read_text(f"{d}/{lock.LOCK_FILE}"))["host"] == "intruder"
 
 

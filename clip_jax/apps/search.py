@@ -12,18 +12,18 @@ An INDEX directory holds four files:
   embeddings.f32  raw little-endian float32 rows of d values, L2-normalised, in add order;
                   read memory-mapped, so an index larger than memory can be searched
   paths.txt       one absolute image path per line, row i naming embedding i
-  lock            the writers' lock (below): "pid N on HOST since TIME" while one holds it
+  lock            the writers' lock (below): the holder's pid, host and start while one holds it
 
 Only the first `count` rows and lines are the index. An add appends rows and lines (and
 fsyncs them) before index.json is atomically replaced with the new count, so a crash
 mid-add leaves extra rows that are ignored on open and cut off by the next add.
 
-One writer at a time: `index` (and `Index.create`, `Index.open(write=True)`) holds an
-exclusive `fcntl.flock` on INDEX/lock, taken before the model is loaded; a second writer
-stops at once with an error naming the holder (pid, host, since when), recorded in the file.
-The OS drops the lock when its process ends however it ends, so a killed writer never leaves
-it stuck: the next one takes it over and says so. The index is local-only (memory-mapped
-and appended to), so a local lock suffices. Queries take no lock: a writer only appends
+One writer at a time: `index` (and `Index.create`, `Index.open(write=True)`) holds INDEX/lock
+(`clip_jax.lock.DirectoryLock`, as a training run holds its workdir), taken before the model
+is loaded; a second writer stops at once with an error naming the holder (pid, host, since
+when), recorded in the file. The OS drops the lock when its process ends however it ends,
+so a killed writer never leaves it stuck: the next one takes it over and says so. The index
+is local-only (memory-mapped and appended to). Queries take no lock: a writer only appends
 past `count` before replacing index.json.
 
 A damaged tail (paths.txt holding fewer complete lines than `count`, its last one cut short,
@@ -42,16 +42,13 @@ embeddings from different weights are not comparable.
 """
 import argparse
 import concurrent.futures
-import datetime
-import fcntl
 import json
 import os
-import socket
 import sys
 
 import numpy as np
 
-from clip_jax import inference, paths as paths_lib
+from clip_jax import inference, lock as lock_lib, paths as paths_lib
 from clip_jax.checkpoint import CheckpointError
 from clip_jax.data.images import IMAGE_EXTENSIONS, BadImage
 from clip_jax.models.clip import l2_normalize
@@ -62,47 +59,6 @@ BLOCK_ROWS = 65536   # rows scored at once: bounds search memory to BLOCK_ROWS x
 
 class SearchError(ValueError):
     """A problem with an index or the inputs to it; the CLI prints it without a traceback."""
-
-
-class LockHeld(OSError):
-    """`hold_lock`: another open file (another process) holds the lock; `holder` is its record."""
-
-    def __init__(self, path, holder):
-        super().__init__(f"{path} is held by {holder or 'a process that has not recorded itself yet'}")
-        self.holder = holder
-
-
-def hold_lock(path):
-    """An exclusive lock on the local file `path` (created), held while the returned file stays
-    open (`release_lock` ends it) and dropped by the OS when the process ends however it ends
-    (fcntl.flock), so a killed holder never leaves it stuck. The file records the holder as
-    "pid N on HOST since TIME" for whoever is refused. Returns (file, stale): `stale` is the
-    record of a holder that ended without releasing (killed), else None. Raises LockHeld.
-    Local file systems only (flock over NFS depends on the client)."""
-    f = open(path, "a+")   # not "w": the holder's record must survive a refused open
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip()
-        f.close()
-        raise LockHeld(path, holder) from None
-    f.seek(0)
-    stale = f.read().strip() or None   # release_lock empties the file
-    f.truncate(0)
-    since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {since}\n")
-    f.flush()
-    return f, stale
-
-
-def release_lock(f):
-    """Ends a `hold_lock` lock, emptying its record first (so the next holder knows the last
-    one ended cleanly)."""
-    if not f.closed:
-        f.truncate(0)
-        f.flush()
-        f.close()   # closing the last descriptor releases the flock
 
 
 def _fsync_append(path, data, keep_bytes):
@@ -136,22 +92,22 @@ def _check_index_dir(directory):
 
 def lock_index(directory):
     """Takes INDEX `directory`'s writer lock (creating the directory), for `Index.create` and
-    `Index.open(write=True)`; returns the held lock file. Raises SearchError naming the holder
-    if another process writes the index; takes over (with a warning) the lock of one killed."""
+    `Index.open(write=True)`; returns the held `lock.DirectoryLock`. Raises SearchError
+    naming the holder if another process writes the index; takes over (with a warning) the
+    lock of one killed."""
     directory = _local(directory)
     _check_index_dir(directory)
+    held = lock_lib.DirectoryLock(directory)
     try:
-        os.makedirs(directory, exist_ok=True)
-        lock, stale = hold_lock(os.path.join(directory, "lock"))
-    except LockHeld as e:
+        stale = held.acquire()
+    except lock_lib.LockHeld as e:
         raise SearchError(f"{directory} is being written by another process "
-                          f"({e.holder or 'not recorded yet'}): wait for it to finish") from None
+                          f"({lock_lib.describe(e.holder)}): wait for it to finish") from None
     except OSError as e:
         raise SearchError(f"{directory}: cannot lock the index: {e.strerror or e}") from None
     if stale:
-        print(f"warning: {directory}: taking over the lock of {stale}, which ended without "
-              f"releasing it", file=sys.stderr)
-    return lock
+        print(f"warning: {directory}: {stale}", file=sys.stderr)
+    return held
 
 
 class Index:
@@ -167,7 +123,7 @@ class Index:
     def close(self):
         """Releases the writer's lock (a read-only index holds nothing)."""
         if self._lock is not None:
-            release_lock(self._lock)
+            self._lock.release()
             self._lock = None
 
     def __enter__(self):
@@ -205,7 +161,7 @@ class Index:
                                     "dtype": "float32"}, [], lock)
             index._write_meta()
         except BaseException:
-            release_lock(lock)
+            lock.release()
             raise
         return index
 
@@ -223,7 +179,7 @@ class Index:
             return cls._open(directory, lock)
         except BaseException:
             if lock is not None:
-                release_lock(lock)
+                lock.release()
             raise
 
     @classmethod
@@ -374,7 +330,7 @@ def build_index(model, image_dir, out, batch_size=256, checkpoint=None, workers=
     try:
         return _build_index(model, image_dir, out, batch_size, checkpoint, workers, progress, lock)
     finally:
-        release_lock(lock)
+        lock.release()
 
 
 def _build_index(model, image_dir, out, batch_size, checkpoint, workers, progress, lock):
@@ -493,7 +449,7 @@ def main(argv=None):
                 stats = build_index(model, args.images, args.out, args.batch_size,
                                     checkpoint=args.checkpoint, lock=lock)
             finally:
-                release_lock(lock)   # an error is no killed writer: the next one need not warn
+                lock.release()   # an error is no killed writer: the next one need not warn
             skipped = ", ".join(f"{n} {r}" for r, n in sorted(stats["skipped"].items())) or "none"
             print(f"added {stats['added']} images (skipped: {skipped}); "
                   f"{os.path.abspath(args.out)} holds {stats['total']}")
