@@ -225,14 +225,18 @@ def test_build_index_embeds_new_images_and_skips_broken_ones(tmp_path, model, ca
     (root / "sub" / "x.jpg").write_text("not a picture")
     (root / "other" / "empty.png").write_bytes(b"")
     (root / "notes.txt").write_text("not an image extension: not looked at")
+    os.mkfifo(root / "pipe.png")                    # would hang a plain open().read()
+    os.symlink("/dev/zero", root / "zero.jpg")      # would fill memory
     encoded = []
     encode = model.encode_image
     model.encode_image = lambda x, normalize=False: (encoded.append(len(x)), encode(x, normalize))[1]
     try:
         stats = search.build_index(model, root, tmp_path / "idx", batch_size=8, progress=False)
         err = capsys.readouterr().err
-        assert stats == {"added": 12, "skipped": {"not_an_image": 1, "empty_file": 1}, "total": 12}
+        assert stats == {"added": 12, "skipped": {"not_an_image": 1, "empty_file": 1, "not_a_file": 2},
+                         "total": 12}
         assert f"{root / 'sub' / 'x.jpg'}: not_an_image" in err
+        assert f"{root / 'pipe.png'}: not_a_file" in err
         assert f"{root / 'other' / 'empty.png'}: empty_file" in err
         index = search.Index.open(tmp_path / "idx")
         order = ["UPPER.PNG", "a.jpg", "b.png", "c.png", "s.jpg", "other/p.png", "other/q.png",
@@ -247,7 +251,8 @@ def test_build_index_embeds_new_images_and_skips_broken_ones(tmp_path, model, ca
         new = _write_images(root, ["d.png", "sub/deeper/a.jpg", "new/n.png"], 20)
         encoded.clear()
         stats = search.build_index(model, root, tmp_path / "idx", batch_size=8, progress=False)
-        assert stats == {"added": 3, "skipped": {"not_an_image": 1, "empty_file": 1}, "total": 15}
+        assert stats == {"added": 3, "skipped": {"not_an_image": 1, "empty_file": 1, "not_a_file": 2},
+                         "total": 15}
         assert sum(encoded) == 3   # only the new images were embedded
     finally:
         model.encode_image = encode

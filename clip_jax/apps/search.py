@@ -50,7 +50,7 @@ import numpy as np
 
 from clip_jax import inference, lock as lock_lib, paths as paths_lib
 from clip_jax.checkpoint import CheckpointError
-from clip_jax.data.images import IMAGE_EXTENSIONS, BadImage
+from clip_jax.data.images import IMAGE_EXTENSIONS, BadImage, read_file
 from clip_jax.models.clip import l2_normalize
 
 FORMAT = "clip_jax.search/1"
@@ -309,9 +309,8 @@ def list_images(image_dir):
 
 def _load(model, path):
     """(preprocessed image, None) or (None, skip reason)."""
-    try:
-        with open(path, "rb") as f:
-            return model.preprocess(f.read()), None
+    try:     # regular files of bounded size only: a FIFO or /dev/zero in the folder is skipped
+        return model.preprocess(read_file(path)), None
     except OSError as e:
         return None, f"unreadable ({e.strerror or e})"
     except BadImage as e:
