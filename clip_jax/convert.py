@@ -339,7 +339,17 @@ def find_weights(path):
     cfg_path = paths.join(directory, "open_clip_config.json")
     model_cfg = None
     if paths.isfile(cfg_path):
-        model_cfg = json.loads(paths.read_text(cfg_path)).get("model_cfg")
+        try:
+            model_cfg = inference.read_json_object(cfg_path).get("model_cfg")
+        except ValueError as e:
+            raise ConvertError(str(e)) from None
+        parts = {"model_cfg": model_cfg}
+        if isinstance(model_cfg, dict):
+            parts.update({f"model_cfg.{k}": model_cfg.get(k) for k in ("vision_cfg", "text_cfg")})
+        for where, value in parts.items():
+            if value is not None and not isinstance(value, dict):
+                raise ConvertError(f"{cfg_path}: expected {where} to be a JSON object, found "
+                                   f"{json.dumps(value)[:60]}")
     return path, model_cfg
 
 

@@ -159,9 +159,21 @@ class CLIPModel:
 
 # ---------------------------------------------------------------------- loading
 
-def _read_json(path):
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "true or false", type(None): "null"}
+
+
+def read_json_object(path):
+    """The JSON object (dict) in the file `path`; ValueError naming the file if it is not one."""
     import json
-    return json.loads(paths.read_text(path))
+    try:
+        value = json.loads(paths.read_text(path))
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        found = _JSON_TYPES.get(type(value), type(value).__name__)
+        raise ValueError(f"{path}: expected a JSON object, found {found}")
+    return value
 
 
 def locate(path):
@@ -181,10 +193,14 @@ def locate(path):
     for candidate in candidates:
         if not paths.isfile(candidate):
             continue
-        saved = _read_json(candidate)
         if candidate.endswith("metadata"):
-            saved = saved.get("config") if isinstance(saved, dict) else None
-        if saved:
+            try:   # a damaged step's meta: load_model_variables reports it
+                saved = read_json_object(candidate).get("config")
+            except ValueError:
+                continue
+        else:
+            saved = read_json_object(candidate)
+        if saved and isinstance(saved, dict):
             config = config_lib.from_json(saved)
             home = paths.dirname(candidate) if candidate.endswith("config.json") else run_dir
             return config, state_dir, home
