@@ -331,7 +331,7 @@ def test_an_option_shared_by_evaluators_must_be_declared_alike(monkeypatch):
 
 def test_reports_as_printed():
     per_class = [{"class": "cat", "n": 2, "top1": 0.5}, {"class": "dog", "n": 1, "top1": 1.0}]
-    zs = {"task": "zeroshot", "data": "d", "n": 3, "templates": 2, "top1": 2 / 3, "top5": 1.0,
+    zs = {"task": "zeroshot", "data": "d", "n": 3, "classes": 2, "templates": 2, "top1": 2 / 3, "top5": 1.0,
           "mean_per_class": 0.75, "per_class": per_class, "group_by": "level:1", "group_gap": 0.5,
           "worst_group": "a", "groups": {"a": {"n": 2, "top1": 0.5}, "b": {"n": 1, "top1": 1.0}}}
     assert zeroshot.ZeroShot.format_result(zs).splitlines() == [
@@ -340,6 +340,9 @@ def test_reports_as_printed():
         "class  n    top1", "cat    2   50.00", "dog    1  100.00",
         "by level:1: gap 50.00 points (worst: a)",
         "group  n    top1", "a      2   50.00", "b      1  100.00"]
+    # The header counts every class of the classifier, saying so when some have no image.
+    assert zeroshot.ZeroShot.format_result({**zs, "classes": 3}).splitlines()[0] == (
+        "zeroshot on d: 3 images, 3 classes (2 with images), 2 prompt templates")
     lp = {**zs, "task": "linear_probe", "train_data": "t", "train_n": 10, "C": 0.1, "val_top1": 0.9,
           "C_tried": 15}
     del lp["groups"]
@@ -398,6 +401,20 @@ def test_imagefolder_and_csv_data(tmp_path):
         data_lib.open_eval_data(str(path), image_column="path")
     with pytest.raises(ValueError, match="no such file or directory"):
         data_lib.open_eval_data(str(tmp_path / "nowhere"))
+
+
+def test_an_empty_class_folder_is_an_error_naming_it(tmp_path):
+    """As torchvision's ImageFolder: a class folder without an image would be an extra class
+    of the zero-shot classifier that no image belongs to (changing top-1 silently)."""
+    root = write_imagefolder(tmp_path / "folder")
+    os.makedirs(os.path.join(root, "green_star", "a"))
+    with open(os.path.join(root, "green_star", "a", "readme.txt"), "w") as f:
+        f.write("no image")
+    with pytest.raises(ValueError, match=r"folder: 1 class folder\(s\) hold no images .*: green_star;"):
+        data_lib.open_eval_data(root)
+    fake = data_lib.EvalData("d", ValueReader(), ["a", "b"], np.array([0, 0]), ["x", "y"])
+    result = report.classification_report(np.array([[1.0, 0.0], [0.0, 1.0]]), fake.labels, fake.classnames)[0]
+    assert result["classes"] == 2 and len(result["per_class"]) == 1
 
 
 def test_ingested_imagefolder_keeps_labels_and_groups(tmp_path):

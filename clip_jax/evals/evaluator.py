@@ -103,8 +103,11 @@ class Classification(Evaluator):
 
     @classmethod
     def format_result(cls, result):
+        with_images = len(result["per_class"])
+        classes = f"{result['classes']} classes" + (
+            f" ({with_images} with images)" if with_images != result["classes"] else "")
         lines = [f"{cls.task} on {result['data']}: {result['n']} images, "
-                 f"{len(result['per_class'])} classes{cls.describe(result)}",
+                 f"{classes}{cls.describe(result)}",
                  f"  top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
                  f"mean per-class {100 * result['mean_per_class']:.2f}%",
                  report.format_table(result["per_class"], ["class", "n", "top1"])]
