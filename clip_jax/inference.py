@@ -31,6 +31,10 @@ from clip_jax.models import abstract_variables, build_model, encoder_fns
 DEFAULT_BATCH_SIZE = 256
 
 
+class NonFiniteEmbeddings(ValueError):
+    """An encoder gave NaN or infinite embeddings: the weights have diverged or are damaged."""
+
+
 def _to_host(x):
     """The whole array as numpy on every process (gathered if it spans several processes)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -84,8 +88,12 @@ class CLIPModel:
         if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(f"encode_image expects float32 [n, {self.image_size}, {self.image_size}, 3] "
                              f"preprocessed images, got shape {images.shape}; see `preprocess`")
+        bad = int(np.sum(~np.isfinite(images).all(axis=(1, 2, 3))))
+        if bad:
+            raise ValueError(f"encode_image: {bad} of the {len(images)} images hold NaN or "
+                             "infinite values")
         out = self._batched(self._encode_image, len(images), images.__getitem__, images.shape[1:],
-                            np.float32)
+                            np.float32, "image")
         return l2_normalize(out) if normalize else out
 
     def encode_image_rows(self, n, rows, normalize=False):
@@ -94,7 +102,7 @@ class CLIPModel:
         called batch by batch, in order, with the rows of `local_rows(n)`; with several
         processes each process is asked only for the rows its devices hold."""
         shape = (self.image_size, self.image_size, 3)
-        out = self._batched(self._encode_image, n, rows, shape, np.float32)
+        out = self._batched(self._encode_image, n, rows, shape, np.float32, "image")
         return l2_normalize(out) if normalize else out
 
     def encode_text(self, ids, normalize=False):
@@ -103,7 +111,8 @@ class CLIPModel:
         if ids.ndim != 2 or ids.shape[1] != self.context_length:
             raise ValueError(f"encode_text expects int32 [n, {self.context_length}] token ids, "
                              f"got shape {ids.shape}; see `tokenize`")
-        out = self._batched(self._encode_text, len(ids), ids.__getitem__, ids.shape[1:], np.int32)
+        out = self._batched(self._encode_text, len(ids), ids.__getitem__, ids.shape[1:], np.int32,
+                            "text")
         return l2_normalize(out) if normalize else out
 
     @property
@@ -136,10 +145,11 @@ class CLIPModel:
         return [[start + i for i in positions if i < count]
                 for start, count, _, positions in self._batches(n)]
 
-    def _batched(self, fn, n, rows, item_shape, dtype):
+    def _batched(self, fn, n, rows, item_shape, dtype, tower):
         """fn over n inputs in padded batches laid over the mesh. Each process fetches only
         the rows its devices hold (`rows(indices)`); padding rows are zeros; the outputs
-        are gathered to every process."""
+        are gathered to every process. Every embedding that comes out of the model passes
+        here: a batch with a non-finite one raises NonFiniteEmbeddings (on every process)."""
         outs = []
         with sharding.mesh_context(self.mesh, self.rules):
             for start, count, size, positions in self._batches(n):
@@ -152,6 +162,13 @@ class CLIPModel:
                     (size, *item_shape), self._data_sharding,
                     lambda index: local[[where[i] for i in range(*index[0].indices(size))]])
                 outs.append(_to_host(fn(self.variables, batch))[:count])
+                bad = int(np.sum(~np.isfinite(outs[-1]).all(axis=1)))
+                if bad:
+                    who = f"checkpoint {self.source}" if self.source else "the current weights"
+                    raise NonFiniteEmbeddings(
+                        f"{who}: non-finite {tower} embeddings (NaN or infinity) for {bad} of "
+                        f"{count} inputs (rows {start}-{start + count - 1} of {n}): the weights "
+                        "have diverged or are damaged")
         if not outs:
             return np.zeros((0, int(self.config.model.embed_dim)), np.float32)
         return np.concatenate(outs).astype(np.float32)

@@ -517,6 +517,52 @@ def test_loaded_model_api(loaded, model_dir):
         clip_jax.load(os.path.dirname(model_dir))
 
 
+def _with_nan_projection(model):
+    """`model` (a loaded CLIPModel) whose image projection is NaN: every image embedding is."""
+    import copy
+    nan = copy.copy(model)
+    params = dict(model.variables["params"])
+    params["visual"] = {**params["visual"], "proj": params["visual"]["proj"] * np.nan}
+    nan.variables = {**model.variables, "params": params}
+    return nan
+
+
+def test_non_finite_embeddings_are_refused_naming_the_checkpoint(loaded, model_dir, tmp_path):
+    """NaN features would still give figures (argmax over NaN logits picks class 0): the
+    encoders refuse them, so evaluation, search and training's evals never score them."""
+    import clip_jax
+    from clip_jax.apps import search
+    nan = _with_nan_projection(loaded)
+    data = data_lib.open_eval_data("synthetic", loaded.config)
+    with pytest.raises(clip_jax.inference.NonFiniteEmbeddings,
+                       match=rf"checkpoint {model_dir}: non-finite image embeddings \(NaN or infinity\) "
+                             r"for 8 of 8 inputs \(rows 0-7 of 32\)"):
+        zeroshot.evaluate(nan, data, progress=False)
+    with pytest.raises(ValueError, match="1 of the 2 images hold NaN or infinite values"):
+        loaded.encode_image(np.stack([np.zeros((16, 16, 3)), np.full((16, 16, 3), np.nan)]))
+    images = tmp_path / "images"
+    images.mkdir()
+    drawn_image(1, 20, 20).save(images / "a.png")
+    with pytest.raises(clip_jax.inference.NonFiniteEmbeddings):
+        search.build_index(nan, str(images), str(tmp_path / "index"), progress=False)
+    assert search.Index.open(str(tmp_path / "index")).count == 0          # nothing indexed
+
+
+def test_training_evals_log_nan_figures_and_a_warning_for_non_finite_embeddings(loaded, capsys):
+    import types
+    config = loaded.config
+    evaluators = evaluate.TrainingEvaluators(config, loaded.tokenizer, loaded.mesh, loaded.rules)
+    nan = _with_nan_projection(loaded).variables
+    out = evaluators(types.SimpleNamespace(params=nan["params"], batch_stats={}))
+    assert set(out) == {f"zeroshot/{a}/{k}" for a in ("shape", "color")
+                        for k in ("top1", "top5", "mean_per_class")} | {"zeroshot/top1"}
+    assert all(np.isnan(v) for v in out.values())
+    printed = capsys.readouterr().out
+    assert "WARNING: evaluation zeroshot/shape logged as NaN: the current weights: non-finite image" in printed
+    out = evaluators(types.SimpleNamespace(params=loaded.variables["params"], batch_stats={}))
+    assert all(np.isfinite(v) for v in out.values())
+
+
 def test_training_evals_equal_the_command_line_on_the_saved_checkpoint(tmp_path, capsys):
     """config.evals during training and `python -m clip_jax.evaluate` on the saved checkpoint
     (loaded from disk, other batch size) give the same figures; also from a step directory."""

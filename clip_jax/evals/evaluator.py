@@ -69,8 +69,14 @@ class Evaluator:
         return data.head(int(s["max_examples"]))
 
     def run(self, model, cache_dir="", progress=True):
-        """{figure: value, ...}, with "task" and "data" (what the command line prints as JSON)."""
+        """{figure: value, ...}, with "task" and "data" (what the command line prints as JSON).
+        Non-finite embeddings raise `inference.NonFiniteEmbeddings` (the model's encoders
+        refuse them), naming the checkpoint: no figure is made of them."""
         raise NotImplementedError
+
+    def figures(self):
+        """The `logged` figures this evaluator's `run` returns with its settings."""
+        return self.logged
 
     @classmethod
     def format_result(cls, result):
@@ -95,6 +101,9 @@ class Classification(Evaluator):
         super().__init__(data, config, **settings)
         if self.settings["group_by"]:
             self.data.group_values(self.settings["group_by"])   # a bad attribute fails now
+
+    def figures(self):
+        return tuple(k for k in self.logged if k != "group_gap" or self.settings["group_by"])
 
     @classmethod
     def describe(cls, result):
