@@ -30,7 +30,7 @@ import sys
 
 import numpy as np
 
-from clip_jax import distributed, inference
+from clip_jax import checkpoint, distributed, inference
 from clip_jax.data import spec as spec_lib
 from clip_jax.evals import registry
 
@@ -145,7 +145,7 @@ def main(argv=None):
         model = inference.load(args.workdir or args.checkpoint, batch_size=args.batch_size)
         evaluator = registry.get(args.task)(args.data, model.config, **options)
         result = evaluator.run(model, cache_dir=args.cache_dir, progress=not args.no_progress)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, checkpoint.CheckpointError) as e:
         sys.exit(f"error: {e}")
     result["checkpoint"] = model.source
     if distributed.is_main():          # every process has the figures; one prints them

@@ -17,6 +17,14 @@ shapes are compiled whatever the input sizes. Parameters are laid out by the run
 sharding rules on a mesh of all devices (the run's mesh if it fits, else data-parallel).
 Embeddings come back as numpy float32, unnormalised unless `normalize=True` — as
 OpenAI's `encode_image`/`encode_text` do.
+
+Nothing wrong comes out silently. The arrays are checked against the checksums saved with
+them (`checkpoint.load_model_variables`): for a run's workdir a damaged newest checkpoint
+is skipped with a WARNING naming it and the array, and the newest intact one is loaded
+(`source` says which); a damaged checkpoint named directly is a `CheckpointError`. The
+encoders raise `NonFiniteEmbeddings` (a ValueError naming the checkpoint) rather than
+return a NaN or infinite embedding: from diverged or damaged weights, evaluation figures
+and search scores would look plausible and mean nothing.
 """
 
 import jax
@@ -246,17 +254,17 @@ def inference_mesh(config):
 
 def load(path, batch_size=DEFAULT_BATCH_SIZE):
     """A `CLIPModel` for the checkpoint at `path` (a workdir, a checkpoint, converted weights)."""
-    config, state_dir, home = locate(path)
+    config, _, home = locate(path)
     tokenizer = load_tokenizer(config, home)
     mesh = inference_mesh(config)
     rules = tuple(tuple(r) for r in config.sharding_rules)
     model = build_model(config.model)
     target = abstract_variables(model, config.model, mesh, rules)
     target = {"params": target["params"], "batch_stats": target.get("batch_stats", {})}
-    variables, report = checkpoint.load_model_variables(state_dir, target, what="clip_jax.load")
+    variables, report = checkpoint.load_model_variables(path, target, what="clip_jax.load")
     if report["missing"]:
-        raise ValueError(f"{state_dir} lacks {len(report['missing'])} of the model's arrays, "
+        raise ValueError(f"{report['source']} lacks {len(report['missing'])} of the model's arrays, "
                          f"e.g. {report['missing'][0]}")
     if not variables["batch_stats"]:
         variables = {"params": variables["params"]}
-    return CLIPModel(config, variables, tokenizer, mesh, rules, batch_size, source=state_dir)
+    return CLIPModel(config, variables, tokenizer, mesh, rules, batch_size, source=report["source"])
