@@ -21,6 +21,7 @@ Decisions (see BUILD_NOTES.md, "Checkpoints"):
   run (another model's shapes, another data source) is a config error, not corruption:
   the run stops and nothing is moved.
 """
+import contextlib
 import datetime
 import json
 
@@ -314,23 +315,50 @@ def describe_mismatch(saved, wanted):
 
 
 # ---------------------------------------------------------------- parameters only
+#
+# Every read of a model's arrays other than training's resume -- `load_model_variables`, used
+# by init_from, clip_jax.load (evaluate, search) and the OpenCLIP export -- checks them
+# against the checksums saved with them: a training step's `meta`, or CHECKSUMS_FILE beside
+# a tree written by `save_params`. A PATH naming a run (its workdir or checkpoints directory)
+# means its newest intact step: newer damaged ones are reported and skipped, never moved
+# (these readers only read; training alone quarantines). A PATH naming one checkpoint that
+# does not verify is an error naming it and the array.
 
 MODEL_KEYS = ("params", "batch_stats")
+CHECKSUMS_FILE = "checksums.json"
+
+
+def checksums(tree):
+    """{path: checksum} of every array of `tree` (see `_leaf_checksum`): arrays laid over a
+    mesh are summed there (a collective: every process calls this), the others on this host."""
+    on_mesh = lambda x: isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding)
+    meshed = jax.tree.map(lambda x: x if on_mesh(x) else None, tree)
+    local = jax.tree.map(lambda x: None if on_mesh(x) else x, tree)
+    out = {}
+    if jax.tree.leaves(meshed):
+        out.update(_Checksummer(jax.tree.leaves(meshed)[0].sharding.mesh)(meshed))
+    if jax.tree.leaves(local):
+        out.update({k: int(v) for k, v in _flat(jax.device_get(jax.jit(_tree_checksums)(local))).items()})
+    return out
 
 
 def save_params(directory, params, batch_stats=None, config=None, tokenizer_file=None):
     """Writes a parameters-only checkpoint (e.g. converted weights) that `init_from` reads.
 
-    With `config` (its `model` and `data.tokenizer*` keys matter) it is also a model that
+    The arrays' checksums go to DIR/checksums.json, which every load checks. With `config`
+    (its `model` and `data.tokenizer*` keys matter) it is also a model that
     `clip_jax.load(directory)` opens: the config goes to DIR/config.json and a SentencePiece
     `tokenizer_file` is copied to DIR/tokenizer/spm.model.
     """
     directory = paths.resolve(directory)
     tree = {"params": params, "batch_stats": batch_stats or {}}
+    sums = checksums(tree)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory, tree)
     if jax.process_index() != 0:
         return
+    paths.write_text(paths.join(directory, CHECKSUMS_FILE),
+                     json.dumps({"checksums": sums, "shapes": shapes(tree)}, indent=1))
     if config is not None:
         paths.write_text(paths.join(directory, "config.json"), config.to_json_best_effort(indent=2))
     if tokenizer_file:
@@ -340,7 +368,7 @@ def save_params(directory, params, batch_stats=None, config=None, tokenizer_file
 def read_arrays(path):
     """The arrays saved at `path` (see `resolve_state_dir`) as numpy, whatever mesh saved them.
 
-    For inspection and tests; tuples come back as lists."""
+    For inspection and tests (not checked against the checksums); tuples come back as lists."""
     state_dir = resolve_state_dir(path)
     tree = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
     tree = getattr(tree, "tree", tree)
@@ -348,25 +376,111 @@ def read_arrays(path):
     return ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=args))
 
 
-def resolve_state_dir(path, what="config.init_from"):
-    """The Orbax tree directory that `init_from=path` means (`what` names the option in errors).
-
-    Accepts a run's workdir (its newest checkpoint), a checkpoints directory (newest step),
-    one step directory, or a parameters-only checkpoint written by `save_params`.
-    """
+def _model_checkpoints(path, what):
+    """(the Orbax tree directories PATH may mean, newest first; True if PATH names a run,
+    whose older checkpoints stand in for a damaged newest one)."""
     path = paths.resolve(path)
     if paths.isdir(paths.join(path, "checkpoints")):
         path = paths.join(path, "checkpoints")
     steps = [int(d) for d in paths.listdir(path) if d.isdigit()
              and paths.isdir(paths.join(path, d, "state"))] if paths.isdir(path) else []
     if steps:
-        path = paths.join(path, str(max(steps)))
+        return [paths.join(path, str(s), "state") for s in sorted(steps, reverse=True)], True
     if paths.isdir(paths.join(path, "state")):
         path = paths.join(path, "state")
-    if not paths.exists(paths.join(path, "_CHECKPOINT_METADATA")) and \
-            not paths.exists(paths.join(path, "_METADATA")):
+    if not _is_tree(path):
         raise CheckpointError(f"{what}: no checkpoint found at {path}")
-    return path
+    return [path], False
+
+
+def _is_tree(state_dir):
+    return (paths.exists(paths.join(state_dir, "_CHECKPOINT_METADATA"))
+            or paths.exists(paths.join(state_dir, "_METADATA")))
+
+
+def resolve_state_dir(path, what="config.init_from"):
+    """The Orbax tree directory that `init_from=path` means (`what` names the option in errors).
+
+    Accepts a run's workdir (its newest checkpoint), a checkpoints directory (newest step),
+    one step directory, or a parameters-only checkpoint written by `save_params`. Only the
+    tree's metadata is looked for here: `load_model_variables` checks the arrays, and may
+    settle on an older step.
+    """
+    candidates, _ = _model_checkpoints(path, what)
+    for state_dir in candidates:
+        if _is_tree(state_dir):
+            return state_dir
+    raise CheckpointError(f"{what}: no checkpoint found at {candidates[0]}")
+
+
+def _step_dir(state_dir):
+    """The training checkpoint (step directory) whose `state` is `state_dir`, or None."""
+    parent = paths.dirname(state_dir)
+    if state_dir.rstrip("/").endswith("/state") and paths.exists(paths.join(parent, "_CHECKPOINT_METADATA")):
+        return parent
+    return None
+
+
+def _saved_checksums(state_dir):
+    """{path: checksum} saved with the tree in `state_dir` (its step's `meta`, or
+    CHECKSUMS_FILE beside it); None for parameters saved before `save_params` stored them."""
+    step_dir = _step_dir(state_dir)
+    where = paths.join(step_dir, "meta", "metadata") if step_dir else paths.join(state_dir, CHECKSUMS_FILE)
+    if not step_dir and not paths.exists(where):
+        return None
+    try:
+        saved = json.loads(paths.read_text(where))
+    except (OSError, ValueError) as e:
+        raise _Corrupt(f"its checksums ({where}) are unreadable: {type(e).__name__}: "
+                       f"{str(e)[:200]}") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("checksums"), dict):
+        raise _Corrupt(f"{where} holds no checksums")
+    return saved["checksums"]
+
+
+@contextlib.contextmanager
+def _read_failure_is_damage():
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- any read failure means this checkpoint is unusable
+        _drop_failed_reads()
+        raise _Corrupt(f"unreadable: {type(e).__name__}: {str(e)[:300]}") from None
+
+
+def _read_verified(path, what, read):
+    """`read(state_dir)` -> (tree of the arrays it read, as saved; result) on the newest
+    checkpoint PATH means whose arrays match their saved checksums (see the comment above).
+    Returns (result, state_dir)."""
+    candidates, is_run = _model_checkpoints(path, what)
+    failures = []
+    for state_dir in candidates:
+        name = _step_dir(state_dir) or state_dir
+        try:
+            expected = _saved_checksums(state_dir)
+            arrays, result = read(state_dir)
+            if expected is None:
+                log(f"note: {what}: {state_dir} has no saved checksums (written before "
+                    "save_params stored them), so its arrays are used unverified")
+                return result, state_dir
+            bad = sorted(k for k, v in checksums(arrays).items() if expected.get(k) != v)
+            if bad:
+                more = f" (and {len(bad) - 1} more array(s))" if len(bad) > 1 else ""
+                raise _Corrupt(f"{bad[0]} differs from its saved checksum{more}")
+        except _Corrupt as e:
+            failures.append((name, str(e)))
+            if is_run and state_dir != candidates[-1]:
+                log(f"WARNING: {what}: checkpoint {name} is damaged ({e}); using the previous one")
+                continue
+            break
+        return result, state_dir
+    if len(failures) == 1:
+        hint = (" (the run's workdir gives its newest intact checkpoint)"
+                if _step_dir(candidates[0]) and not is_run else "")
+        raise CheckpointError(f"{what}: checkpoint {failures[0][0]} is damaged: {failures[0][1]}{hint}")
+    raise CheckpointError(f"{what}: no checkpoint of {path} is intact: "
+                          + "; ".join(f"{name}: {why}" for name, why in failures))
 
 
 def _resize_position_embedding(saved, shape):
@@ -389,58 +503,64 @@ RESIZABLE = {"['params']['visual']['positional_embedding']": _resize_position_em
 def load_model_variables(path, target, what="config.init_from"):
     """Parameters (and BatchNorm statistics) of the checkpoint at `path`, fitted to `target`.
 
-    `target`: {'params': ..., 'batch_stats': ...} of freshly initialised, sharded arrays.
-    Returns (variables, report). Leaves the checkpoint lacks keep their fresh values
-    ('missing'); leaves this model lacks are ignored ('unexpected'); a ViT positional
-    embedding of another image size is resized ('resized'). Any other shape difference
-    raises CheckpointError listing every one of them.
+    `target`: {'params': ..., 'batch_stats': ...} of freshly initialised, sharded arrays
+    (or `ShapeDtypeStruct`s; without a sharding a leaf is read as a numpy array).
+    Returns (variables, report). The arrays read are checked against their saved checksums
+    first; `path` naming a run falls back past damaged newer checkpoints (see the comment
+    above). Leaves the checkpoint lacks keep their fresh values ('missing'); leaves this
+    model lacks are ignored ('unexpected'); a ViT positional embedding of another image size
+    is resized ('resized'). Any other shape difference raises CheckpointError listing every
+    one of them. `report['source']` is the state directory read.
     """
-    state_dir = resolve_state_dir(path, what)
-    tree_meta = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
-    tree_meta = getattr(tree_meta, "tree", tree_meta)
-    saved = _flat({m: tree_meta.get(m, {}) for m in MODEL_KEYS})
-    wanted = _flat({m: target.get(m, {}) for m in MODEL_KEYS})
-    report = {"source": state_dir, "loaded": [], "resized": [], "mismatched": [],
-              "missing": [k for k in wanted if k not in saved],
-              "unexpected": [k for k in saved if k not in wanted]}
-    exact, resize = [], []
-    for k in wanted:
-        if k not in saved:
-            continue
-        if tuple(saved[k].shape) == tuple(wanted[k].shape):
-            exact.append(k)
-        elif k in RESIZABLE:
-            resize.append(k)
-        else:
-            report["mismatched"].append(f"{k}: saved {list(saved[k].shape)}, this model "
-                                        f"{list(wanted[k].shape)}")
-    if report["mismatched"]:
-        raise CheckpointError(f"{what}={path}: parameter shapes differ from this "
-                              "model's: " + "; ".join(report["mismatched"]))
+    target = {m: target.get(m, {}) for m in MODEL_KEYS}
+    wanted = _flat(target)
 
-    # Restore exactly the leaves we use: matched ones straight into their target sharding,
-    # resized ones as host arrays first.
-    def spec(k):
-        if k in exact:
-            x = wanted[k]
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-        return jax.ShapeDtypeStruct(tuple(saved[k].shape), saved[k].dtype)
+    def read(state_dir):
+        with _read_failure_is_damage():
+            tree_meta = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
+        tree_meta = {m: getattr(tree_meta, "tree", tree_meta).get(m, {}) for m in MODEL_KEYS}
+        saved = _flat(tree_meta)
+        plan = {"source": state_dir, "loaded": [], "resized": [], "mismatched": [],
+                "missing": [k for k in wanted if k not in saved],
+                "unexpected": [k for k in saved if k not in wanted], "exact": [], "resize": []}
+        for k in wanted:
+            if k not in saved:
+                continue
+            if tuple(saved[k].shape) == tuple(wanted[k].shape):
+                plan["exact"].append(k)
+            elif k in RESIZABLE:
+                plan["resize"].append(k)
+            else:
+                plan["mismatched"].append(f"{k}: saved {list(saved[k].shape)}, this model "
+                                          f"{list(wanted[k].shape)}")
+        if plan["mismatched"]:
+            raise CheckpointError(f"{what}={path}: parameter shapes differ from this "
+                                  "model's: " + "; ".join(plan["mismatched"]))
+        # Exactly the leaves we use, as saved (the checksums are of those): matched ones
+        # straight into their target sharding, resized ones as host arrays first.
+        exact = set(plan["exact"])
+        sharding = lambda k: wanted[k].sharding if k in exact else None
+        keypaths = {jax.tree_util.keystr(p): p for p, _ in jax.tree_util.tree_flatten_with_path(tree_meta)[0]}
+        item = _unflatten({keypaths[k]: jax.ShapeDtypeStruct(tuple(saved[k].shape), saved[k].dtype,
+                                                             sharding=sharding(k))
+                           for k in plan["exact"] + plan["resize"]})
+        restore_args = jax.tree.map(
+            lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding) if s.sharding is not None
+            else ocp.RestoreArgs(restore_type=np.ndarray), item)
+        with _read_failure_is_damage():
+            restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+                item=item, restore_args=restore_args, partial_restore=True)) if item else {}
+        return restored, (restored, plan, saved)
 
-    paths = {jax.tree_util.keystr(p): p for p, _ in
-             jax.tree_util.tree_flatten_with_path({m: tree_meta.get(m, {}) for m in MODEL_KEYS})[0]}
-    item = _unflatten({paths[k]: spec(k) for k in exact + resize})
-    restore_args = jax.tree.map(
-        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding) if s.sharding is not None
-        else ocp.RestoreArgs(restore_type=np.ndarray), item)
-    restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True)) if item else {}
+    (restored, report, saved), _ = _read_verified(path, what, read)
     got = _flat(restored)
+    exact, resize = report.pop("exact"), report.pop("resize")
 
     def fill(keypath, fresh):
         k = jax.tree_util.keystr(keypath)
         if k in exact:
             report["loaded"].append(k)
-            return got[k]
+            return got[k] if got[k].dtype == fresh.dtype else got[k].astype(fresh.dtype)
         if k in resize:
             new = RESIZABLE[k](np.asarray(got[k]), fresh.shape)
             if new is None:
@@ -450,7 +570,7 @@ def load_model_variables(path, target, what="config.init_from"):
             return jax.device_put(new.astype(fresh.dtype), fresh.sharding)
         return fresh
 
-    variables = jax.tree_util.tree_map_with_path(fill, {m: target.get(m, {}) for m in MODEL_KEYS})
+    variables = jax.tree_util.tree_map_with_path(fill, target)
     return variables, report
 
 

@@ -339,7 +339,17 @@ def find_weights(path):
     cfg_path = paths.join(directory, "open_clip_config.json")
     model_cfg = None
     if paths.isfile(cfg_path):
-        model_cfg = json.loads(paths.read_text(cfg_path)).get("model_cfg")
+        try:
+            model_cfg = inference.read_json_object(cfg_path).get("model_cfg")
+        except ValueError as e:
+            raise ConvertError(str(e)) from None
+        parts = {"model_cfg": model_cfg}
+        if isinstance(model_cfg, dict):
+            parts.update({f"model_cfg.{k}": model_cfg.get(k) for k in ("vision_cfg", "text_cfg")})
+        for where, value in parts.items():
+            if value is not None and not isinstance(value, dict):
+                raise ConvertError(f"{cfg_path}: expected {where} to be a JSON object, found "
+                                   f"{json.dumps(value)[:60]}")
     return path, model_cfg
 
 
@@ -427,10 +437,15 @@ def open_clip_config(config):
 
 def export_open_clip(run, out):
     """Writes `out` (a state_dict OpenCLIP loads) and open_clip_config.json beside it."""
-    config, state_dir, _ = inference.locate(run)
-    arrays = checkpoint.read_arrays(state_dir)
-    tensors = to_torch({"params": arrays["params"], "batch_stats": arrays.get("batch_stats", {})},
-                       config.model)
+    config, _, _ = inference.locate(run)
+    # The arrays as numpy (no sharding), checked against their checksums like any load.
+    target = abstract_variables(build_model(config.model), config.model)
+    variables, report = checkpoint.load_model_variables(
+        run, {"params": target["params"], "batch_stats": target.get("batch_stats", {})}, what="SRC")
+    if report["missing"]:
+        raise ConvertError(f"{report['source']} lacks {len(report['missing'])} of the model's "
+                           f"arrays, e.g. {report['missing'][0]}")
+    tensors = to_torch(variables, config.model)
     cfg = open_clip_config(config)
     try:
         with paths.staged(out) as local:
@@ -496,7 +511,7 @@ def main(argv=None):
                   f"{report['parameters']:,} parameters, activation {report['activation']}")
             print(f"wrote {args.out} (clip_jax.load('{args.out}'), or "
                   f"--config=configs/finetune.py:{args.out} to fine-tune)")
-    except (ConvertError, ValueError, OSError) as e:
+    except (ConvertError, ValueError, OSError, checkpoint.CheckpointError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -17,6 +17,12 @@ decodes and embeds only its share of the images; the figures are those of one pr
 The same evaluators run during training for each entry of `config.evals`
 (`TrainingEvaluators`), every `config.eval_every` steps and at the end, logging
 `<task>/<name>/<figure>` (and `zeroshot/top1`, the mean top-1 of the zero-shot entries).
+
+NaN or infinite embeddings are never scored (an argmax over NaN logits makes a plausible
+figure): the encoders raise `inference.NonFiniteEmbeddings` naming the checkpoint. The
+command line stops with that error; during training the entry's figures are logged as NaN
+with a WARNING line and training goes on -- whether the run itself is lost is for its own
+non-finite guard (`config.max_bad_steps`) to decide, not for an evaluation.
 """
 import argparse
 import json
@@ -24,7 +30,7 @@ import sys
 
 import numpy as np
 
-from clip_jax import distributed, inference
+from clip_jax import checkpoint, distributed, inference
 from clip_jax.data import spec as spec_lib
 from clip_jax.evals import registry
 
@@ -69,7 +75,11 @@ class TrainingEvaluators:
         out, averaged = {}, {}
         try:
             for name, evaluator in self.evaluators:
-                result = evaluator.run(self.model, progress=False)
+                try:
+                    result = evaluator.run(self.model, progress=False)
+                except inference.NonFiniteEmbeddings as e:
+                    distributed.log(f"WARNING: evaluation {evaluator.task}/{name} logged as NaN: {e}")
+                    result = {key: float("nan") for key in evaluator.figures()}
                 for key in evaluator.logged:
                     if key in result:
                         out[f"{evaluator.task}/{name}/{key}"] = float(result[key])
@@ -135,7 +145,7 @@ def main(argv=None):
         model = inference.load(args.workdir or args.checkpoint, batch_size=args.batch_size)
         evaluator = registry.get(args.task)(args.data, model.config, **options)
         result = evaluator.run(model, cache_dir=args.cache_dir, progress=not args.no_progress)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, checkpoint.CheckpointError) as e:
         sys.exit(f"error: {e}")
     result["checkpoint"] = model.source
     if distributed.is_main():          # every process has the figures; one prints them

@@ -17,6 +17,14 @@ shapes are compiled whatever the input sizes. Parameters are laid out by the run
 sharding rules on a mesh of all devices (the run's mesh if it fits, else data-parallel).
 Embeddings come back as numpy float32, unnormalised unless `normalize=True` — as
 OpenAI's `encode_image`/`encode_text` do.
+
+Nothing wrong comes out silently. The arrays are checked against the checksums saved with
+them (`checkpoint.load_model_variables`): for a run's workdir a damaged newest checkpoint
+is skipped with a WARNING naming it and the array, and the newest intact one is loaded
+(`source` says which); a damaged checkpoint named directly is a `CheckpointError`. The
+encoders raise `NonFiniteEmbeddings` (a ValueError naming the checkpoint) rather than
+return a NaN or infinite embedding: from diverged or damaged weights, evaluation figures
+and search scores would look plausible and mean nothing.
 """
 
 import jax
@@ -29,6 +37,10 @@ from clip_jax.models.clip import MAX_LOGIT_SCALE, l2_normalize
 from clip_jax.models import abstract_variables, build_model, encoder_fns
 
 DEFAULT_BATCH_SIZE = 256
+
+
+class NonFiniteEmbeddings(ValueError):
+    """An encoder gave NaN or infinite embeddings: the weights have diverged or are damaged."""
 
 
 def _to_host(x):
@@ -84,8 +96,12 @@ class CLIPModel:
         if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(f"encode_image expects float32 [n, {self.image_size}, {self.image_size}, 3] "
                              f"preprocessed images, got shape {images.shape}; see `preprocess`")
+        bad = int(np.sum(~np.isfinite(images).all(axis=(1, 2, 3))))
+        if bad:
+            raise ValueError(f"encode_image: {bad} of the {len(images)} images hold NaN or "
+                             "infinite values")
         out = self._batched(self._encode_image, len(images), images.__getitem__, images.shape[1:],
-                            np.float32)
+                            np.float32, "image")
         return l2_normalize(out) if normalize else out
 
     def encode_image_rows(self, n, rows, normalize=False):
@@ -94,7 +110,7 @@ class CLIPModel:
         called batch by batch, in order, with the rows of `local_rows(n)`; with several
         processes each process is asked only for the rows its devices hold."""
         shape = (self.image_size, self.image_size, 3)
-        out = self._batched(self._encode_image, n, rows, shape, np.float32)
+        out = self._batched(self._encode_image, n, rows, shape, np.float32, "image")
         return l2_normalize(out) if normalize else out
 
     def encode_text(self, ids, normalize=False):
@@ -103,7 +119,8 @@ class CLIPModel:
         if ids.ndim != 2 or ids.shape[1] != self.context_length:
             raise ValueError(f"encode_text expects int32 [n, {self.context_length}] token ids, "
                              f"got shape {ids.shape}; see `tokenize`")
-        out = self._batched(self._encode_text, len(ids), ids.__getitem__, ids.shape[1:], np.int32)
+        out = self._batched(self._encode_text, len(ids), ids.__getitem__, ids.shape[1:], np.int32,
+                            "text")
         return l2_normalize(out) if normalize else out
 
     @property
@@ -136,10 +153,11 @@ class CLIPModel:
         return [[start + i for i in positions if i < count]
                 for start, count, _, positions in self._batches(n)]
 
-    def _batched(self, fn, n, rows, item_shape, dtype):
+    def _batched(self, fn, n, rows, item_shape, dtype, tower):
         """fn over n inputs in padded batches laid over the mesh. Each process fetches only
         the rows its devices hold (`rows(indices)`); padding rows are zeros; the outputs
-        are gathered to every process."""
+        are gathered to every process. Every embedding that comes out of the model passes
+        here: a batch with a non-finite one raises NonFiniteEmbeddings (on every process)."""
         outs = []
         with sharding.mesh_context(self.mesh, self.rules):
             for start, count, size, positions in self._batches(n):
@@ -152,6 +170,13 @@ class CLIPModel:
                     (size, *item_shape), self._data_sharding,
                     lambda index: local[[where[i] for i in range(*index[0].indices(size))]])
                 outs.append(_to_host(fn(self.variables, batch))[:count])
+                bad = int(np.sum(~np.isfinite(outs[-1]).all(axis=1)))
+                if bad:
+                    who = f"checkpoint {self.source}" if self.source else "the current weights"
+                    raise NonFiniteEmbeddings(
+                        f"{who}: non-finite {tower} embeddings (NaN or infinity) for {bad} of "
+                        f"{count} inputs (rows {start}-{start + count - 1} of {n}): the weights "
+                        "have diverged or are damaged")
         if not outs:
             return np.zeros((0, int(self.config.model.embed_dim)), np.float32)
         return np.concatenate(outs).astype(np.float32)
@@ -159,9 +184,21 @@ class CLIPModel:
 
 # ---------------------------------------------------------------------- loading
 
-def _read_json(path):
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "true or false", type(None): "null"}
+
+
+def read_json_object(path):
+    """The JSON object (dict) in the file `path`; ValueError naming the file if it is not one."""
     import json
-    return json.loads(paths.read_text(path))
+    try:
+        value = json.loads(paths.read_text(path))
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        found = _JSON_TYPES.get(type(value), type(value).__name__)
+        raise ValueError(f"{path}: expected a JSON object, found {found}")
+    return value
 
 
 def locate(path):
@@ -181,10 +218,14 @@ def locate(path):
     for candidate in candidates:
         if not paths.isfile(candidate):
             continue
-        saved = _read_json(candidate)
         if candidate.endswith("metadata"):
-            saved = saved.get("config") if isinstance(saved, dict) else None
-        if saved:
+            try:   # a damaged step's meta: load_model_variables reports it
+                saved = read_json_object(candidate).get("config")
+            except ValueError:
+                continue
+        else:
+            saved = read_json_object(candidate)
+        if saved and isinstance(saved, dict):
             config = config_lib.from_json(saved)
             home = paths.dirname(candidate) if candidate.endswith("config.json") else run_dir
             return config, state_dir, home
@@ -213,17 +254,17 @@ def inference_mesh(config):
 
 def load(path, batch_size=DEFAULT_BATCH_SIZE):
     """A `CLIPModel` for the checkpoint at `path` (a workdir, a checkpoint, converted weights)."""
-    config, state_dir, home = locate(path)
+    config, _, home = locate(path)
     tokenizer = load_tokenizer(config, home)
     mesh = inference_mesh(config)
     rules = tuple(tuple(r) for r in config.sharding_rules)
     model = build_model(config.model)
     target = abstract_variables(model, config.model, mesh, rules)
     target = {"params": target["params"], "batch_stats": target.get("batch_stats", {})}
-    variables, report = checkpoint.load_model_variables(state_dir, target, what="clip_jax.load")
+    variables, report = checkpoint.load_model_variables(path, target, what="clip_jax.load")
     if report["missing"]:
-        raise ValueError(f"{state_dir} lacks {len(report['missing'])} of the model's arrays, "
+        raise ValueError(f"{report['source']} lacks {len(report['missing'])} of the model's arrays, "
                          f"e.g. {report['missing'][0]}")
     if not variables["batch_stats"]:
         variables = {"params": variables["params"]}
-    return CLIPModel(config, variables, tokenizer, mesh, rules, batch_size, source=state_dir)
+    return CLIPModel(config, variables, tokenizer, mesh, rules, batch_size, source=report["source"])

@@ -3,6 +3,7 @@
 The subprocess tests (SIGTERM/SIGKILL, other meshes, several processes) are in test_resume.py.
 """
 import glob
+import json
 import os
 import shutil
 
@@ -338,3 +339,83 @@ def test_a_corrupt_checkpoint_that_cannot_be_moved_is_skipped_and_then_replaced(
     capsys.readouterr()
     train.train(tiny_config(total_steps=8, checkpoint_every=4), wd)
     assert "already trained to step 8" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- reading a model's arrays
+
+def _flip_a_byte_of(step_dir, array):
+    """Flips one bit inside the stored (compressed) chunk of `array` (e.g. 'params.visual.proj')
+    in an OCDBT data file of `step_dir`'s state: found by reading the chunk's bytes through
+    TensorStore's OCDBT driver. Orbax then restores different values without complaint."""
+    import tensorstore as ts
+    state = os.path.join(step_dir, "state")
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{state}/"}).result()
+    key = next(k for k in kv.list().result() if k.startswith(array.encode() + b"/")
+               and not k.endswith(b".zarray"))
+    chunk = kv.read(key).result().value
+    for f in glob.glob(os.path.join(state, "**", "d", "*"), recursive=True):
+        data = bytearray(open(f, "rb").read())
+        at = data.find(chunk)
+        if at >= 0:
+            data[at + len(chunk) * 3 // 4] ^= 0x10     # in the literals: a different value
+            open(f, "wb").write(bytes(data))
+            return
+    raise AssertionError(f"{array}'s chunk is in no data file of {state}")
+
+
+def test_loads_check_checksums_fall_back_past_a_damaged_newest_and_move_nothing(reference_run, tmp_path, capsys):
+    import clip_jax
+    from clip_jax import convert, evaluate
+    wd = str(tmp_path / "run")
+    shutil.copytree(reference_run[0], wd)
+    step8, step4 = (os.path.join(wd, "checkpoints", s) for s in ("8", "4"))
+    intact = checkpoint.read_arrays(step8)["params"]["visual"]["proj"]
+    _flip_a_byte_of(step8, "params.visual.proj")
+    damaged = checkpoint.read_arrays(step8)["params"]["visual"]["proj"]
+    assert not np.array_equal(intact, damaged)                   # Orbax reads it silently
+    capsys.readouterr()
+
+    model = clip_jax.load(wd)                      # the run: its newest intact checkpoint
+    assert model.source == os.path.join(step4, "state")
+    assert (f"WARNING: clip_jax.load: checkpoint {step8} is damaged "
+            "(['params']['visual']['proj'] differs from its saved checksum); using the previous one"
+            in capsys.readouterr().out)
+    np.testing.assert_array_equal(np.asarray(model.variables["params"]["visual"]["proj"]),
+                                  checkpoint.read_arrays(step4)["params"]["visual"]["proj"])
+    named = rf"checkpoint {step8} is damaged: \['params'\]\['visual'\]\['proj'\] differs from its saved checksum"
+    with pytest.raises(checkpoint.CheckpointError, match="clip_jax.load: " + named):
+        clip_jax.load(step8)                       # one checkpoint, named: an error
+    with pytest.raises(SystemExit, match="error: clip_jax.load: " + named):
+        evaluate.main(["zeroshot", "--checkpoint", step8, "--data", "synthetic", "--no-progress"])
+    with pytest.raises(checkpoint.CheckpointError, match="SRC: " + named):
+        convert.export_open_clip(step8, str(tmp_path / "export" / "model.safetensors"))
+    assert not os.path.exists(tmp_path / "export")
+
+    _flip_a_byte_of(step4, "params.text.token_embedding.embedding")
+    with pytest.raises(checkpoint.CheckpointError, match=rf"no checkpoint of {wd} is intact: .*8: .*; .*4: "
+                                                         r"\['params'\]\['text'\]\['token_embedding'\]"):
+        clip_jax.load(wd)
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["4", "8"]   # readers move nothing
+    assert not os.path.exists(os.path.join(wd, "checkpoints.corrupt"))
+
+
+def test_save_params_stores_checksums_that_loads_check(tmp_path, capsys):
+    src = _init(tiny_config(seed=5))
+    target = {"params": src.params, "batch_stats": {}}
+    out = str(tmp_path / "converted")
+    checkpoint.save_params(out, src.params)
+    sums = json.load(open(os.path.join(out, checkpoint.CHECKSUMS_FILE)))["checksums"]
+    assert sums == checkpoint.checksums({"params": src.params, "batch_stats": {}})
+    checkpoint.load_model_variables(out, target)
+    # One flipped bit in one array: an error naming the directory and the array.
+    stored = json.load(open(os.path.join(out, checkpoint.CHECKSUMS_FILE)))
+    stored["checksums"]["['params']['logit_scale']"] += 1
+    open(os.path.join(out, checkpoint.CHECKSUMS_FILE), "w").write(json.dumps(stored))
+    with pytest.raises(checkpoint.CheckpointError, match=rf"checkpoint {out} is damaged: "
+                                                         r"\['params'\]\['logit_scale'\] differs"):
+        checkpoint.load_model_variables(out, target)
+    # Written before save_params stored checksums: loaded, with a one-line note.
+    os.remove(os.path.join(out, checkpoint.CHECKSUMS_FILE))
+    capsys.readouterr()
+    checkpoint.load_model_variables(out, target)
+    assert f"note: config.init_from: {out} has no saved checksums" in capsys.readouterr().out

@@ -232,3 +232,22 @@ def test_init_from_with_another_tokenizer_is_a_config_error(tmp_path):
     config = tiny_config(init_from=out)
     with pytest.raises(config_lib.ConfigError, match=r"config.data.tokenizer: 'sentencepiece', but .* 'clip_bpe'"):
         validation.validate(config)
+
+
+def test_an_open_clip_config_that_is_not_a_json_object_is_refused_naming_the_file(tmp_path):
+    """A Hugging Face directory's open_clip_config.json must be a JSON object (as must its
+    model_cfg, vision_cfg and text_cfg): anything else is a one-line refusal, not a traceback."""
+    d = tmp_path / "hub"
+    d.mkdir()
+    cfg_file = d / "open_clip_config.json"
+    (d / "open_clip_model.safetensors").write_bytes(b"")   # never read: the config is refused first
+    for content, expected in [
+            ([{"model_cfg": {}}], "expected a JSON object, found an array"),
+            ("not json", "not valid JSON"),
+            ({"model_cfg": [1, 2]}, "expected model_cfg to be a JSON object, found [1, 2]"),
+            ({"model_cfg": {"vision_cfg": "big"}}, "expected model_cfg.vision_cfg to be a JSON object")]:
+        cfg_file.write_text(content if isinstance(content, str) else json.dumps(content))
+        with pytest.raises(SystemExit) as e:
+            convert.main([str(d), "--out", str(tmp_path / "out")])
+        assert str(e.value).startswith(f"error: {cfg_file}: ") and expected in str(e.value), str(e.value)
+    assert not (tmp_path / "out").exists()

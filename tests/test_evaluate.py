@@ -331,7 +331,7 @@ def test_an_option_shared_by_evaluators_must_be_declared_alike(monkeypatch):
 
 def test_reports_as_printed():
     per_class = [{"class": "cat", "n": 2, "top1": 0.5}, {"class": "dog", "n": 1, "top1": 1.0}]
-    zs = {"task": "zeroshot", "data": "d", "n": 3, "templates": 2, "top1": 2 / 3, "top5": 1.0,
+    zs = {"task": "zeroshot", "data": "d", "n": 3, "classes": 2, "templates": 2, "top1": 2 / 3, "top5": 1.0,
           "mean_per_class": 0.75, "per_class": per_class, "group_by": "level:1", "group_gap": 0.5,
           "worst_group": "a", "groups": {"a": {"n": 2, "top1": 0.5}, "b": {"n": 1, "top1": 1.0}}}
     assert zeroshot.ZeroShot.format_result(zs).splitlines() == [
@@ -340,6 +340,9 @@ def test_reports_as_printed():
         "class  n    top1", "cat    2   50.00", "dog    1  100.00",
         "by level:1: gap 50.00 points (worst: a)",
         "group  n    top1", "a      2   50.00", "b      1  100.00"]
+    # The header counts every class of the classifier, saying so when some have no image.
+    assert zeroshot.ZeroShot.format_result({**zs, "classes": 3}).splitlines()[0] == (
+        "zeroshot on d: 3 images, 3 classes (2 with images), 2 prompt templates")
     lp = {**zs, "task": "linear_probe", "train_data": "t", "train_n": 10, "C": 0.1, "val_top1": 0.9,
           "C_tried": 15}
     del lp["groups"]
@@ -408,6 +411,20 @@ def test_an_evaluation_image_that_is_a_fifo_is_an_error_not_a_hang(tmp_path):
     with deadline(60), pytest.raises(ValueError, match=r"image 'red_circle/a/1.png' is unusable "
                                                        r"\(not_a_file: a FIFO"):
         [views[i] for i in range(len(data))]
+
+
+def test_an_empty_class_folder_is_an_error_naming_it(tmp_path):
+    """As torchvision's ImageFolder: a class folder without an image would be an extra class
+    of the zero-shot classifier that no image belongs to (changing top-1 silently)."""
+    root = write_imagefolder(tmp_path / "folder")
+    os.makedirs(os.path.join(root, "green_star", "a"))
+    with open(os.path.join(root, "green_star", "a", "readme.txt"), "w") as f:
+        f.write("no image")
+    with pytest.raises(ValueError, match=r"folder: 1 class folder\(s\) hold no images .*: green_star;"):
+        data_lib.open_eval_data(root)
+    fake = data_lib.EvalData("d", ValueReader(), ["a", "b"], np.array([0, 0]), ["x", "y"])
+    result = report.classification_report(np.array([[1.0, 0.0], [0.0, 1.0]]), fake.labels, fake.classnames)[0]
+    assert result["classes"] == 2 and len(result["per_class"]) == 1
 
 
 def test_ingested_imagefolder_keeps_labels_and_groups(tmp_path):
@@ -508,6 +525,52 @@ def test_loaded_model_api(loaded, model_dir):
     assert loaded.logit_scale == pytest.approx(np.exp(raw))
     with pytest.raises(ValueError, match="no checkpoint found"):
         clip_jax.load(os.path.dirname(model_dir))
+
+
+def _with_nan_projection(model):
+    """`model` (a loaded CLIPModel) whose image projection is NaN: every image embedding is."""
+    import copy
+    nan = copy.copy(model)
+    params = dict(model.variables["params"])
+    params["visual"] = {**params["visual"], "proj": params["visual"]["proj"] * np.nan}
+    nan.variables = {**model.variables, "params": params}
+    return nan
+
+
+def test_non_finite_embeddings_are_refused_naming_the_checkpoint(loaded, model_dir, tmp_path):
+    """NaN features would still give figures (argmax over NaN logits picks class 0): the
+    encoders refuse them, so evaluation, search and training's evals never score them."""
+    import clip_jax
+    from clip_jax.apps import search
+    nan = _with_nan_projection(loaded)
+    data = data_lib.open_eval_data("synthetic", loaded.config)
+    with pytest.raises(clip_jax.inference.NonFiniteEmbeddings,
+                       match=rf"checkpoint {model_dir}: non-finite image embeddings \(NaN or infinity\) "
+                             r"for 8 of 8 inputs \(rows 0-7 of 32\)"):
+        zeroshot.evaluate(nan, data, progress=False)
+    with pytest.raises(ValueError, match="1 of the 2 images hold NaN or infinite values"):
+        loaded.encode_image(np.stack([np.zeros((16, 16, 3)), np.full((16, 16, 3), np.nan)]))
+    images = tmp_path / "images"
+    images.mkdir()
+    drawn_image(1, 20, 20).save(images / "a.png")
+    with pytest.raises(clip_jax.inference.NonFiniteEmbeddings):
+        search.build_index(nan, str(images), str(tmp_path / "index"), progress=False)
+    assert search.Index.open(str(tmp_path / "index")).count == 0          # nothing indexed
+
+
+def test_training_evals_log_nan_figures_and_a_warning_for_non_finite_embeddings(loaded, capsys):
+    import types
+    config = loaded.config
+    evaluators = evaluate.TrainingEvaluators(config, loaded.tokenizer, loaded.mesh, loaded.rules)
+    nan = _with_nan_projection(loaded).variables
+    out = evaluators(types.SimpleNamespace(params=nan["params"], batch_stats={}))
+    assert set(out) == {f"zeroshot/{a}/{k}" for a in ("shape", "color")
+                        for k in ("top1", "top5", "mean_per_class")} | {"zeroshot/top1"}
+    assert all(np.isnan(v) for v in out.values())
+    printed = capsys.readouterr().out
+    assert "WARNING: evaluation zeroshot/shape logged as NaN: the current weights: non-finite image" in printed
+    out = evaluators(types.SimpleNamespace(params=loaded.variables["params"], batch_stats={}))
+    assert all(np.isfinite(v) for v in out.values())
 
 
 def test_training_evals_equal_the_command_line_on_the_saved_checkpoint(tmp_path, capsys):

@@ -466,7 +466,7 @@ def main(argv=None):
             print(f"warning: the index holds embeddings of {index.meta['source']}; the query is "
                   f"embedded with {model.source}", file=sys.stderr)
         results = query(index, model, args.text, args.image and os.path.abspath(args.image), args.k)
-    except SearchError as e:
+    except (SearchError, inference.NonFiniteEmbeddings) as e:   # nothing non-finite is indexed
         sys.exit(f"error: {e}")
     for rank, (path, score) in enumerate(results, 1):
         print(f"{rank:3d}  {score:.4f}  {path}")

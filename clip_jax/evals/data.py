@@ -3,7 +3,9 @@ The spec strings are parsed by `clip_jax/data/spec.py`, the grammar training and
 
   DIR                 an ImageFolder, DIR/<class>/**/<image> (torchvision's layout): label =
                       index of the class folder in sorted order, class name = folder name
-                      with '_' read as a space; files without an image extension are ignored
+                      with '_' read as a space; files without an image extension are ignored,
+                      and a class folder with no image is an error, as in torchvision (it
+                      would be an extra class no image belongs to)
   DIR                 a directory made by `python -m clip_jax.ingest` (it has manifest.json):
                       labels and class names from an imagefolder or labelled-TFDS ingest;
                       records with the same key (one image, several caption rows) are one
@@ -155,15 +157,22 @@ def open_imagefolder(directory, origin="--data"):
     classes = [c for c in paths.listdir(directory) if paths.isdir(paths.join(directory, c))]
     if not classes:
         raise ValueError(f"{origin} {directory}: no class folders (expected DIR/<class>/<images>)")
-    files, keys, labels = [], [], []
+    files, keys, labels, empty = [], [], [], []
     for label, cls in enumerate(classes):
-        for rel in paths.walk_files(paths.join(directory, cls)):
-            if rel.lower().endswith(IMAGE_EXTENSIONS):
-                files.append(paths.join(directory, cls, rel))
-                keys.append(f"{cls}/{rel}")
-                labels.append(label)
+        found = [rel for rel in paths.walk_files(paths.join(directory, cls))
+                 if rel.lower().endswith(IMAGE_EXTENSIONS)]
+        empty += [] if found else [cls]
+        for rel in found:
+            files.append(paths.join(directory, cls, rel))
+            keys.append(f"{cls}/{rel}")
+            labels.append(label)
     if not files:
         raise ValueError(f"{origin} {directory}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+    if empty:
+        shown = ", ".join(empty[:10]) + (f" (+{len(empty) - 10} more)" if len(empty) > 10 else "")
+        raise ValueError(f"{origin} {directory}: {len(empty)} class folder(s) hold no images "
+                         f"({', '.join(IMAGE_EXTENSIONS)}): {shown}; each would be a class no image "
+                         "belongs to: remove the folder or add its images")
     stats = [(k, paths.size(p), int(paths.mtime(p))) for k, p in zip(keys, files)]
     return EvalData(directory, FileReader(files), keys, np.array(labels, np.int64),
                     [prompts.readable_classname(c) for c in classes], fingerprint=_digest(stats))

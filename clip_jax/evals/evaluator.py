@@ -69,8 +69,14 @@ class Evaluator:
         return data.head(int(s["max_examples"]))
 
     def run(self, model, cache_dir="", progress=True):
-        """{figure: value, ...}, with "task" and "data" (what the command line prints as JSON)."""
+        """{figure: value, ...}, with "task" and "data" (what the command line prints as JSON).
+        Non-finite embeddings raise `inference.NonFiniteEmbeddings` (the model's encoders
+        refuse them), naming the checkpoint: no figure is made of them."""
         raise NotImplementedError
+
+    def figures(self):
+        """The `logged` figures this evaluator's `run` returns with its settings."""
+        return self.logged
 
     @classmethod
     def format_result(cls, result):
@@ -96,6 +102,9 @@ class Classification(Evaluator):
         if self.settings["group_by"]:
             self.data.group_values(self.settings["group_by"])   # a bad attribute fails now
 
+    def figures(self):
+        return tuple(k for k in self.logged if k != "group_gap" or self.settings["group_by"])
+
     @classmethod
     def describe(cls, result):
         """What follows the classes in the report's first line."""
@@ -103,8 +112,11 @@ class Classification(Evaluator):
 
     @classmethod
     def format_result(cls, result):
+        with_images = len(result["per_class"])
+        classes = f"{result['classes']} classes" + (
+            f" ({with_images} with images)" if with_images != result["classes"] else "")
         lines = [f"{cls.task} on {result['data']}: {result['n']} images, "
-                 f"{len(result['per_class'])} classes{cls.describe(result)}",
+                 f"{classes}{cls.describe(result)}",
                  f"  top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
                  f"mean per-class {100 * result['mean_per_class']:.2f}%",
                  report.format_table(result["per_class"], ["class", "n", "top1"])]

@@ -14,7 +14,8 @@ def topk_correct(logits, labels, k):
 
 
 def classification_report(logits, labels, classnames):
-    """top1, top5, mean per-class top-1 (classes with no example left out) and the table."""
+    """top1, top5, mean per-class top-1 (classes with no example left out), the number of
+    classes scored (those with no example included) and the table."""
     labels = np.asarray(labels)
     top1 = topk_correct(logits, labels, 1)
     per_class = []
@@ -22,7 +23,7 @@ def classification_report(logits, labels, classnames):
         mask = labels == c
         if mask.any():
             per_class.append({"class": name, "n": int(mask.sum()), "top1": float(top1[mask].mean())})
-    return {"n": int(len(labels)), "top1": float(top1.mean()),
+    return {"n": int(len(labels)), "classes": len(classnames), "top1": float(top1.mean()),
             "top5": float(topk_correct(logits, labels, 5).mean()),
             "mean_per_class": float(np.mean([row["top1"] for row in per_class])),
             "per_class": per_class}, top1
