@@ -116,6 +116,8 @@ class Checkpointer:
         """Starts saving `state` (a dict; see module docstring) at its step."""
         step = int(jax.device_get(state["step"]))
         meta = {"step": step, "checksums": self._checksum(state), "shapes": shapes(state),
+                "nonfinite_streak": int(jax.device_get(state["nonfinite_streak"]))
+                if "nonfinite_streak" in state else None,
                 "config": json.loads(config.to_json_best_effort()) if config is not None else None,
                 "tokenizer": self.tokenizer,
                 "process_count": jax.process_count(), "device_count": jax.device_count(),
@@ -423,7 +425,9 @@ def _step_dir(state_dir):
 
 def _saved_checksums(state_dir):
     """{path: checksum} saved with the tree in `state_dir` (its step's `meta`, or
-    CHECKSUMS_FILE beside it); None for parameters saved before `save_params` stored them."""
+    CHECKSUMS_FILE beside it); None for parameters saved before `save_params` stored them.
+    A training step saved while its loss was not finite is reported here too (its weights
+    are the last good ones of a run that was diverging; evaluations of them mislead)."""
     step_dir = _step_dir(state_dir)
     where = paths.join(step_dir, "meta", "metadata") if step_dir else paths.join(state_dir, CHECKSUMS_FILE)
     if not step_dir and not paths.exists(where):
@@ -435,6 +439,11 @@ def _saved_checksums(state_dir):
                        f"{str(e)[:200]}") from None
     if not isinstance(saved, dict) or not isinstance(saved.get("checksums"), dict):
         raise _Corrupt(f"{where} holds no checksums")
+    streak = saved.get("nonfinite_streak")
+    if isinstance(streak, int) and streak > 0:
+        log(f"WARNING: checkpoint {step_dir} was saved after {streak} step(s) in a row with a "
+            "non-finite loss or gradient: its weights are the last updated ones of a run that "
+            "was diverging")
     return saved["checksums"]
 
 

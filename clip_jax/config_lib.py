@@ -182,6 +182,15 @@ def quiet_absl_logging():
         return not (record.name == "asyncio" and "exception was never retrieved" in str(record.msg))
     py_logging.getLogger("absl").addFilter(reported_elsewhere)
     py_logging.getLogger("asyncio").addFilter(reported_elsewhere)
+    # TensorStore's callbacks into the event loop of a save or restore that failed and closed
+    # it arrive as "unraisable" RuntimeErrors, a traceback each.
+    import sys
+    previous = sys.unraisablehook
+
+    def unraisable(info):
+        if not (isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed"):
+            previous(info)
+    sys.unraisablehook = unraisable
 
 
 class ConfigError(ValueError):

@@ -223,7 +223,7 @@ def run_schedule(config):
     return optim.make_schedule(config.optim, config.total_steps)
 
 
-def test_too_many_nonfinite_steps_stop_the_run_with_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_too_many_nonfinite_steps_stop_the_run_with_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     from clip_jax.data import pipeline
     real = pipeline.make_train_iterator
 
@@ -266,6 +266,12 @@ def test_too_many_nonfinite_steps_stop_the_run_with_the_last_good_checkpoint(tmp
     # Resumed, the streak goes on from the checkpoint's 3: the message counts all of them.
     with pytest.raises(train.TrainingStopped, match=r"4 steps in a row \(steps 6 to 9\)"):
         train.train(config, wd)
+    # Its checkpoints' weights are finite, but an evaluation of them is told the run diverged.
+    import clip_jax
+    capsys.readouterr()
+    clip_jax.load(wd)
+    assert (f"WARNING: checkpoint {wd}/checkpoints/8 was saved after 3 step(s) in a row with a "
+            "non-finite loss") in capsys.readouterr().out
 
 
 def test_truncate_after_drops_later_steps_and_a_half_written_line(tmp_path):
