@@ -15,83 +15,21 @@ JSON object of every figure. On several processes (--distributed, as training's)
 decodes and embeds only its share of the images; the figures are those of one process.
 
 The same evaluators run during training for each entry of `config.evals`
-(`TrainingEvaluators`), every `config.eval_every` steps and at the end, logging
-`<task>/<name>/<figure>` (and `zeroshot/top1`, the mean top-1 of the zero-shot entries).
+(clip_jax/evals/training.py).
 
 NaN or infinite embeddings are never scored (an argmax over NaN logits makes a plausible
-figure): the encoders raise `inference.NonFiniteEmbeddings` naming the checkpoint. The
-command line stops with that error; during training the entry's figures are logged as NaN
-with a WARNING line and training goes on -- whether the run itself is lost is for its own
-non-finite guard (`config.max_bad_steps`) to decide, not for an evaluation.
+figure): the encoders raise `inference.NonFiniteEmbeddings` naming the checkpoint, and the
+command line stops with that error.
 """
 import argparse
 import json
 import sys
 
-import numpy as np
-
 from clip_jax import checkpoint, distributed, inference
-from clip_jax.data import spec as spec_lib
 from clip_jax.evals import registry
 
 COMMAND_LINE = "python -m clip_jax.evaluate"
 
-
-# ----------------------------------------------------------------------------- training
-
-def uses_synthetic(config):
-    return str(config.data.source) == "synthetic"
-
-
-def training_evaluators(config):
-    """[(name, Evaluator)] of `config.evals`; entries on synthetic[:ATTR] data run only when
-    training on the synthetic data (they measure the embedded task)."""
-    evaluators = []
-    for name, entry in config.get("evals", {}).items():
-        entry = dict(entry)
-        task, spec = entry.pop("task", ""), str(entry.pop("data", ""))
-        if not spec:
-            raise ValueError(f"config.evals.{name}: needs data")
-        if spec_lib.names_synthetic(spec) and not uses_synthetic(config):
-            continue
-        evaluators.append((name, registry.create(task, spec, config, entry, f"config.evals.{name}")))
-    return evaluators
-
-
-class TrainingEvaluators:
-    """`config.evals`, run on the training state: state -> {metric name: value}."""
-
-    def __init__(self, config, tokenizer, mesh, rules):
-        self.evaluators = training_evaluators(config)
-        # At most the training batch (CLIPModel rounds it to the mesh's batch shards).
-        self.model = inference.CLIPModel(config, None, tokenizer, mesh, rules, min(256, config.batch_size))
-
-    def __bool__(self):
-        return bool(self.evaluators)
-
-    def __call__(self, state):
-        params, batch_stats = state.params, state.batch_stats
-        self.model.variables = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
-        out, averaged = {}, {}
-        try:
-            for name, evaluator in self.evaluators:
-                try:
-                    result = evaluator.run(self.model, progress=False)
-                except inference.NonFiniteEmbeddings as e:
-                    distributed.log(f"WARNING: evaluation {evaluator.task}/{name} logged as NaN: {e}")
-                    result = {key: float("nan") for key in evaluator.figures()}
-                for key in evaluator.logged:
-                    if key in result:
-                        out[f"{evaluator.task}/{name}/{key}"] = float(result[key])
-                for key in evaluator.averaged:
-                    averaged.setdefault(f"{evaluator.task}/{key}", []).append(result[key])
-        finally:
-            self.model.variables = None
-        out.update({key: float(np.mean(values)) for key, values in averaged.items()})
-        return out
-
-
-# ----------------------------------------------------------------------------- command line
 
 def print_report(result):
     print(registry.get(result["task"]).format_result(result))

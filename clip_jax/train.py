@@ -20,11 +20,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clip_jax import (checkpoint, config_lib, distributed, evaluate, losses, metrics, optim, paths,
-                      sharding, validation, workdir as workdir_lib)
+from clip_jax import (checkpoint, config_lib, distributed, losses, metrics, optim, paths, sharding,
+                      validation, workdir as workdir_lib)
 from clip_jax import ops as ops_lib
 from clip_jax.data import pipeline, tokenizer as tokenizer_lib
 from clip_jax.distributed import log
+from clip_jax.evals import training as training_evals
 from clip_jax.models import abstract_variables, build_model, input_specs, variables_init_fn
 
 
@@ -368,7 +369,7 @@ def _train_owned(config, workdir, ckpt_dir, owner):
 
     run = build(config)
     try:   # opens every evaluation dataset: a bad config.evals entry stops the run here
-        evaluator = evaluate.TrainingEvaluators(config, tokenizer, run.mesh, run.rules) or None
+        evaluator = training_evals.TrainingEvaluators(config, tokenizer, run.mesh, run.rules) or None
     except (ValueError, OSError) as e:
         preemption.close()
         raise config_lib.ConfigError(str(e)) from None

@@ -15,7 +15,7 @@ from PIL import Image
 
 from clip_jax import config_lib, evaluate, metrics, train, validation
 from clip_jax.data import pipeline, synthetic
-from clip_jax.evals import data as data_lib
+from clip_jax.evals import data as data_lib, training as training_evals
 from clip_jax.evals import features, linear_probe, registry, report, retrieval, zeroshot
 from clip_jax.evals.evaluator import Evaluator, Option
 from tests.helpers import (REPO, deadline, device_env, drawn_image, free_port, run_python,
@@ -312,8 +312,8 @@ def test_a_registered_evaluator_is_a_task_of_the_command_line_config_and_trainin
     config = tiny_config()
     config.evals = ml_collections.ConfigDict({"a": dict(task="echo", data="x", level=0.5),
                                               "b": dict(task="echo", data="y", level=0.25)})
-    runner = evaluate.TrainingEvaluators.__new__(evaluate.TrainingEvaluators)
-    runner.evaluators = evaluate.training_evaluators(config)
+    runner = training_evals.TrainingEvaluators.__new__(training_evals.TrainingEvaluators)
+    runner.evaluators = training_evals.training_evaluators(config)
     runner.model = type("Model", (), {"variables": None})()
     state = type("State", (), {"params": {}, "batch_stats": {}})()
     assert runner(state) == {"echo/a/level": 0.5, "echo/b/level": 0.25, "echo/level": 0.375}
@@ -561,7 +561,7 @@ def test_non_finite_embeddings_are_refused_naming_the_checkpoint(loaded, model_d
 def test_training_evals_log_nan_figures_and_a_warning_for_non_finite_embeddings(loaded, capsys):
     import types
     config = loaded.config
-    evaluators = evaluate.TrainingEvaluators(config, loaded.tokenizer, loaded.mesh, loaded.rules)
+    evaluators = training_evals.TrainingEvaluators(config, loaded.tokenizer, loaded.mesh, loaded.rules)
     nan = _with_nan_projection(loaded).variables
     out = evaluators(types.SimpleNamespace(params=nan["params"], batch_stats={}))
     assert set(out) == {f"zeroshot/{a}/{k}" for a in ("shape", "color")
