@@ -25,7 +25,7 @@ import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 
-from clip_jax import config_lib, summary, train  # noqa: E402
+from clip_jax import config_lib, cost, train  # noqa: E402
 from clip_jax.benchmark.timing import timed  # noqa: E402
 from clip_jax.benchmark.train import synthetic_batch  # noqa: E402
 
@@ -83,7 +83,7 @@ def main():
         by_kind, by_layer = summarize(trace_file, op_names(compiled.as_text()))
         total = sum(by_kind.values())
         print(f"step {wall * 1e3:.0f} ms wall (traced), {total / 1e3:.0f} ms op time; "
-              f"{summary.step_flops(config) / built.mesh.size / 1e9:.0f} GFLOP per step per device "
+              f"{cost.step_flops(config) / built.mesh.size / 1e9:.0f} GFLOP per step per device "
               f"(XLA cost analysis); trace: {trace_file}")
         for title, table in (("HLO op kind", by_kind), ("layer", by_layer)):
             print(f"\nop time by {title}:")

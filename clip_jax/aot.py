@@ -15,7 +15,7 @@ them):
   generated code, against the chip's HBM, and whether it `fits`;
 - FLOPs: what one chip executes per step (rematerialised forward passes included) and the
   model's FLOPs per step (no recomputation: what MFU counts), both XLA's counts of the step
-  with the towers unrolled (`summary.step_flops`);
+  with the towers unrolled (`cost.step_flops`);
 - collectives: for each kind (all-gather, reduce-scatter, all-reduce, collective-permute,
   all-to-all), how many run per step and the bytes they carry per chip, summed from the
   compiled HLO (an op in a loop counted once per iteration). The bytes are each op's data:
@@ -40,7 +40,6 @@ are set.
 """
 import dataclasses
 import json
-import math
 import os
 import re
 import sys
@@ -48,10 +47,9 @@ import time
 
 import jax
 
-from clip_jax import config_lib, sharding, summary, train, validation
+from clip_jax import config_lib, cost, sharding, train, validation
 
 GIB = 2 ** 30
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,151 +81,7 @@ def topology_devices(topology):
     return list(desc.devices), chip
 
 
-# ------------------------------------------------------------------ the compiled HLO
-
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2,
-                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
-_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\]")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][a-z0-9\-]*)\((.*)$")
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_CALLS = re.compile(r"\b(body|condition|to_apply|calls|branch_computations|true_computation|"
-                    r"false_computation)=(\{[^}]*\}|%?[\w.\-]+)")
-_REDUCE_SCATTER_FUSION = "all-reduce-scatter"     # libtpu's name for a fused reduce-scatter
-_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-
-
-def shape_bytes(text):
-    """Bytes of every array shape written in `text` (a tuple's elements summed)."""
-    total = 0
-    for dtype, dims in _SHAPE.findall(text):
-        total += math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES[dtype]
-    return total
-
-
-def _operands(rest):
-    """The operand names of an instruction, from the text after its opcode's '('."""
-    depth, i = 1, 0
-    while i < len(rest) and depth:
-        depth += {"(": 1, ")": -1}.get(rest[i], 0)
-        i += 1
-    operands = re.sub(r"/\*.*?\*/", "", rest[:i - 1])       # /*index=5*/ markers
-    return [o.strip().split(" ")[-1].lstrip("%") for o in operands.split(",") if o.strip()]
-
-
-def _trip_count(while_line, computations):
-    """A `while` loop's trip count: XLA's `known_trip_count` when it records one, else the
-    bound of the loop's condition when that is `counter < constant` (how `lax.scan` and
-    `fori_loop` compile; the counter starts at 0), else 1."""
-    m = _TRIP_COUNT.search(while_line)
-    if m:
-        return int(m.group(1))
-    cond = re.search(r"condition=%?([\w.\-]+)", while_line)
-    lines = computations.get(cond.group(1), []) if cond else []
-    bounds = [int(c) for line in lines for c in re.findall(r"= s32\[\]\S* constant\((\d+)\)", line)]
-    compares = [line for line in lines if " compare(" in line and "direction=LT" in line]
-    return bounds[0] if len(bounds) == 1 and len(compares) == 1 else 1
-
-
-def collective_bytes(hlo_text):
-    """{kind: {'count', 'bytes'}} per device and step from a compiled module's HLO text.
-
-    Each instruction is weighted by how often it runs: once, or the trip count of each
-    `while` loop around it (XLA records it as `known_trip_count`); each branch of a
-    conditional counts once (an upper bound: one of them runs). Async pairs count once (the
-    `-start`). The TPU compiler splits some collectives into a start and continuations
-    fused into later computations (`continuation_config`); only the start counts. It emits
-    a reduce-scatter as an all-reduce and a slice fused into an `all-reduce-scatter`
-    computation (v5e); that counts as the reduce-scatter it is. An all-gather counts its
-    result (the gathered data), every other kind its input."""
-    computations, current, entry = {}, None, None
-    for line in hlo_text.splitlines():
-        if not line.startswith(" ") and line.rstrip().endswith("{"):
-            m = _COMPUTATION.match(line)
-            if m:
-                current = m.group(1)
-                computations[current] = []
-                if line.startswith("ENTRY"):
-                    entry = current
-                continue
-        if current is not None and line.startswith(" "):
-            computations[current].append(line)
-    weight, continuations = {entry: 1}, set()
-    order = [entry]
-    for name in order:                   # callers before callees (the HLO is acyclic)
-        for line in computations.get(name, []):
-            trips = 1
-            if " while(" in line:
-                trips = _trip_count(line, computations)
-            called = {}
-            for key, callees in _CALLS.findall(line):
-                for callee in callees.strip("{}").split(","):
-                    called[callee.strip().lstrip("%")] = key
-            for callee, key in called.items():
-                if "continuation_config" in line:
-                    continuations.add(callee)
-                if callee in computations:
-                    weight[callee] = weight.get(callee, 0) + weight[name] * (
-                        trips if key in ("body", "condition") else 1)
-                    if callee not in order:
-                        order.append(callee)
-    shapes = {}
-    for lines in computations.values():
-        for line in lines:
-            m = _INSTRUCTION.match(line)
-            if m:
-                shapes[m.group(1)] = m.group(2)
-    out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
-    for name, lines in computations.items():
-        if name in continuations:
-            continue
-        for line in lines:
-            m = _INSTRUCTION.match(line)
-            if not m:
-                continue
-            _, result_type, opcode, rest = m.groups()
-            kind = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
-            if kind not in out:
-                continue
-            if kind == "all-reduce" and name.startswith(_REDUCE_SCATTER_FUSION):
-                kind = "reduce-scatter"
-            operand_bytes = sum(shape_bytes(shapes.get(o, "")) for o in _operands(rest))
-            if kind == "all-gather":
-                size = shape_bytes(result_type)
-                if opcode.endswith("-start"):        # the result tuple holds the operands too
-                    size -= operand_bytes
-            else:
-                size = operand_bytes
-            out[kind]["count"] += weight.get(name, 1)
-            out[kind]["bytes"] += weight.get(name, 1) * size
-    return out
-
-
 # ------------------------------------------------------------------ compile and measure
-
-def minimum_collective_bytes(config, run):
-    """The collective bytes per chip and step that the mesh and sharding rules imply (see the
-    module docstring): {kind: bytes}."""
-    params = run.abstract_state.params
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    shards = sharding.num_batch_shards(run.mesh, run.rules)
-    embeds = 2 * config.batch_size * int(config.model.embed_dim) * 4   # two towers, float32
-    out = {kind: 0 for kind in COLLECTIVES}
-    if shards > 1:
-        out["all-gather"] += embeds
-        out["reduce-scatter"] += embeds
-    if run.mesh.shape["data"] > 1:
-        out["all-reduce"] += 4 * n_params / (run.mesh.shape["fsdp"] * run.mesh.shape["model"])
-    if run.mesh.shape["fsdp"] > 1:
-        # Each parameter gathered in the compute dtype for the forward (again for the backward
-        # with remat), its float32 gradient reduce-scattered. With K micro-batches (the
-        # gradient cache) that is per micro-batch, plus one gather for its no-gradient pass.
-        width = 2 if config.model.dtype == "bfloat16" else 4
-        k = int(config.micro_batches)
-        gathers = (2 if config.model.remat else 1) + (1 if k > 1 else 0)
-        out["all-gather"] += k * gathers * width * n_params / run.mesh.shape["model"]
-        out["reduce-scatter"] += k * 4 * n_params / run.mesh.shape["model"]
-    return {k: int(v) for k, v in out.items()}
-
 
 def _out_of_memory(error):
     text = str(error)
@@ -252,8 +106,8 @@ def add_flops(report, config, chip):
     compiled program counts a loop's body once (a scanned tower's blocks once), so they are
     counted on the step lowered, not compiled, with the towers unrolled."""
     chips, peak = report["topology_chips"], chip.peak_tflops * 1e12
-    flops = summary.step_flops(config, ops="xla") / chips
-    model_flops = summary.step_flops(config, model_flops=True)
+    flops = cost.step_flops(config, ops="xla") / chips
+    model_flops = cost.step_flops(config, model_flops=True)
     estimate, compute_bound = report["xla_seconds_estimate"], flops / peak
     report.update(
         flops=flops, model_flops=model_flops,
@@ -285,17 +139,17 @@ def analyse(config, devices, chip, hlo_dir=None, count_flops=True):
     report.update(memory_per_chip_bytes=int(used), fits=used <= report["hbm_bytes"],
                   memory_bytes={k: int(getattr(mem, k + "_size_in_bytes"))
                                 for k in ("argument", "output", "alias", "temp", "generated_code")})
-    cost = summary.xla_cost(compiled) or {}
-    estimate = cost.get("optimal_seconds")
-    report.update(bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+    xla = cost.xla_cost(compiled)
+    estimate = xla.get("optimal_seconds")
+    report.update(bytes_accessed=float(xla.get("bytes accessed", 0.0)),
                   xla_seconds_estimate=float(estimate) if estimate and estimate > 0 else None)
     if count_flops:
         add_flops(report, config, chip)
     hlo = compiled.as_text()
-    found = collective_bytes(hlo)
+    found = cost.collective_bytes(hlo)
     report["collectives"] = found
     report["collective_bytes"] = {k: v["bytes"] for k, v in found.items()}
-    report["minimum_collective_bytes"] = minimum_collective_bytes(config, run)
+    report["minimum_collective_bytes"] = cost.minimum_collective_bytes(config, run)
     batch = config.batch_size
     # A global B x B block anywhere in the program (the loss must hold B_local x B at most),
     # unless a parameter has that shape too (tiny test models).
@@ -307,66 +161,6 @@ def analyse(config, devices, chip, hlo_dir=None, count_flops=True):
         with open(os.path.join(hlo_dir, f"train_step_b{batch}.hlo.txt"), "w") as f:
             f.write(hlo)
     return report
-
-
-def search_largest(fits, unit, start, limit=None, resolution=None, guess=None):
-    """The largest multiple of `unit` for which `fits(n)` holds (0 if none), assuming it holds
-    below some size and not above, within `unit` (or, with `resolution`, within
-    max(unit, largest / resolution)). Returns (largest, {n: fits(n)} for every n tried).
-
-    Without `guess`: doubling from `start` (capped by `limit`), then bisection. `guess(lo, hi)`
-    may name where it expects the limit (e.g. extrapolated from measured memory; hi is None
-    while no size has failed); the next size tried is that guess, kept inside the bracket
-    and at most 4x the largest fit, so a good guess closes the bracket in two or three
-    tries. After three guesses the search bisects, so a poor one costs at most three."""
-    tried = {}
-
-    def check(n):
-        if n not in tried:
-            tried[n] = bool(fits(n))
-        return tried[n]
-
-    def window(lo):
-        return max(unit, lo // resolution if resolution else 0)
-
-    n = max(unit, start // unit * unit)
-    lo, hi = (n, None) if check(n) else (0, n)
-    guesses = 0
-    while hi is None or hi - lo > window(lo):
-        if hi is None and limit is not None and lo >= limit:
-            break
-        g = guess(lo, hi) if guess is not None and guesses < 3 else None
-        if g is not None:
-            guesses += 1
-            upper = hi - window(lo) if hi is not None else 4 * max(lo, unit)
-            n = min(max(int(g) // unit * unit, lo + window(lo)), upper) // unit * unit
-        elif hi is None:
-            n = lo * 2
-        else:
-            n = (lo + hi) // 2 // unit * unit
-        if limit is not None and hi is None:
-            n = min(n, limit // unit * unit)
-        if n <= lo or (hi is not None and n >= hi):
-            break
-        if check(n):
-            lo = n
-        else:
-            hi = n
-    return lo, tried
-
-
-def memory_guess(points, budget):
-    """Where memory reaches `budget`, by the straight line through the two measured (batch,
-    memory) points nearest to it: the last fit and the first over budget once both are
-    known (regula falsi), else the two largest fits. None with fewer than two points."""
-    below = sorted(p for p in points if p[1] <= budget)
-    above = sorted(p for p in points if p[1] > budget)
-    pair = [below[-1], above[0]] if below and above else below[-2:]
-    if len(pair) < 2 or pair[1][0] == pair[0][0]:
-        return None
-    (n0, m0), (n1, m1) = pair
-    slope = (m1 - m0) / (n1 - n0)
-    return n1 + (budget - m1) / slope if slope > 0 else None
 
 
 def find_max_batch(config, devices, chip):
@@ -386,10 +180,10 @@ def find_max_batch(config, devices, chip):
         return report["fits"]
 
     def guess(lo, hi):
-        return memory_guess([(r["batch_size"], r["memory_per_chip_bytes"]) for _, r in reports
+        return cost.memory_guess([(r["batch_size"], r["memory_per_chip_bytes"]) for _, r in reports
                              if r["memory_per_chip_bytes"] is not None], budget)
 
-    largest, _ = search_largest(fits, shards * int(config.micro_batches), config.batch_size,
+    largest, _ = cost.search_largest(fits, shards * int(config.micro_batches), config.batch_size,
                                 resolution=16, guess=guess)
     for trial, report in reports:
         if report["batch_size"] == largest:
@@ -428,7 +222,7 @@ def format_report(name, topology, r):
     lines.append(f"              compute bound {r['compute_bound_seconds']:.3f} s/step "
                  f"(MFU {r['mfu_at_compute_bound']:.0%} at it)")
     lines.append("  collectives per chip and step (MiB; minimum the sharding implies):")
-    for kind in COLLECTIVES:
+    for kind in cost.COLLECTIVES:
         c = r["collectives"][kind]
         lines.append(f"              {kind:<19} {c['count']:>5} ops {c['bytes'] / 2**20:>10,.1f} "
                      f"({r['minimum_collective_bytes'][kind] / 2**20:,.1f})")

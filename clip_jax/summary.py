@@ -18,54 +18,17 @@ import math
 import sys
 
 import jax
-import ml_collections
 
-from clip_jax import config_lib, losses, sharding, train, validation
+from clip_jax import config_lib, cost, losses, sharding, validation
 from clip_jax.models import abstract_variables, build_model, count_params, encoder_fns, input_specs
-
-
-def unrolled(model_cfg):
-    """`model_cfg` with its towers unrolled: XLA's cost analysis counts the body of a loop
-    once, so the FLOPs of a scanned tower (`scan_layers`) are counted on this copy (the
-    same computation)."""
-    model_cfg = model_cfg.copy_and_resolve_references()
-    with model_cfg.unlocked():
-        model_cfg.scan_layers = False
-    return model_cfg
-
-
-def step_flops(config, model_flops=False, ops=None):
-    """XLA's FLOP count of one whole train step of `config` (all devices together): the step
-    lowered, not compiled, for one local device with the towers unrolled. `ops` overrides
-    `config.model.ops` (e.g. 'xla' to count what a TPU runs). With `model_flops`, the
-    model's FLOPs as MFU counts them: no recomputed forward passes (no remat) and the plain
-    model code (no CPU kernel's products over zero padding)."""
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        config.model = unrolled(config.model)
-        config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, model=1))
-        if ops is not None:
-            config.model.ops = ops
-        if model_flops:
-            config.model.remat, config.model.ops = False, "xla"
-    run = train.build(config, jax.local_devices()[:1])
-    with run.context():
-        lowered = run.train_step.lower(run.abstract_state, run.abstract_batch())
-    return float(xla_cost(lowered).get("flops", 0.0))
 
 
 def gflops(model, model_cfg, variables):
     """Forward GFLOPs of one image and of one text (XLA's cost analysis; `model` unrolled)."""
     img, txt = input_specs(model_cfg)
     enc_i, enc_t = encoder_fns(model)
-    flops = lambda lowered: xla_cost(lowered)["flops"] / 1e9
+    flops = lambda lowered: cost.xla_cost(lowered)["flops"] / 1e9
     return {"image": flops(enc_i.lower(variables, img)), "text": flops(enc_t.lower(variables, txt))}
-
-
-def xla_cost(lowered):
-    """XLA's cost analysis (a dict: 'flops', ...) of a lowered or compiled program."""
-    cost = lowered.cost_analysis()
-    return cost[0] if isinstance(cost, (list, tuple)) else cost
 
 
 def activation_bytes(model, model_cfg, variables, batch):
@@ -103,7 +66,7 @@ def memory_estimate(config, model, variables, n_params, num_devices):
 
 
 def summarize(config, memory=True, num_devices=None):
-    model_cfg = unrolled(config.model)
+    model_cfg = cost.unrolled(config.model)
     model = build_model(model_cfg)
     variables = abstract_variables(model, model_cfg)
     counts = count_params(variables["params"])

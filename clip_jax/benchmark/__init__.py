@@ -12,7 +12,7 @@ is the command line.
                    result), --repeats times. Reports samples/s, step times (median/min/max),
                    the FLOP/s executed (XLA's cost analysis of the step, recomputed forward
                    passes included), the model's FLOP/s (the step without rematerialisation,
-                   plain model code; both `summary.step_flops`, towers unrolled) and
+                   plain model code; both `cost.step_flops`, towers unrolled) and
                    MFU = model FLOP/s / (peak x devices), the peak
                    per device given by --peak_tflops or measured here: the best rate of
                    square matmuls of several sizes in the compute dtype

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from clip_jax import losses, sharding
-from clip_jax.aot import search_largest
+from clip_jax.cost import search_largest
 from clip_jax.config_lib import DEFAULT_RULES
 
 LOSS_BATCHES = [1024 * 2 ** i for i in range(7)]    # 1k .. 64k

@@ -2,7 +2,7 @@
 
 The step runs on one fixed device-resident batch (`synthetic_batch`), so the figure is the
 step's alone, not the input pipeline's (the `data` mode times that). MFU counts the model's
-FLOPs (the step without rematerialisation, towers unrolled; `summary.step_flops`) against
+FLOPs (the step without rematerialisation, towers unrolled; `cost.step_flops`) against
 a peak per device given by the user or measured here (`measure_peak_tflops`); HFU counts
 the FLOPs XLA executes, recomputed forward passes included.
 """
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax import sharding, summary, train
+from clip_jax import cost, sharding, train
 from clip_jax.benchmark.timing import timed, timings
 from clip_jax.data import pipeline
 
@@ -44,8 +44,7 @@ def measure_peak_tflops(dtype, sizes=None, repeats=5):
 
 def xla_flops(staged):
     """FLOPs of a lowered or compiled program by XLA's cost analysis (0 when it has none)."""
-    cost = summary.xla_cost(staged)
-    return float(cost.get("flops", 0.0)) if cost else 0.0
+    return float(cost.xla_cost(staged).get("flops", 0.0))
 
 
 def synthetic_batch(run):
@@ -80,8 +79,8 @@ def benchmark_train(config, steps, warmup, repeats, peak_tflops=None):
         step_times = timings(step, repeats * steps, warmup=1 + warmup)
     windows = [sum(step_times[i * steps:(i + 1) * steps]) for i in range(repeats)]
     # XLA's counts of the whole step, towers unrolled (a loop's body counts once).
-    flops = summary.step_flops(config)
-    model_flops = summary.step_flops(config, model_flops=True)
+    flops = cost.step_flops(config)
+    model_flops = cost.step_flops(config, model_flops=True)
     state = None      # freed before the peak's matmuls
     per_step = statistics.median(windows) / steps
     devices = run.mesh.size
