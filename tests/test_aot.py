@@ -1,4 +1,4 @@
-"""clip_jax.aot: the real train step compiled for a TPU topology on this CPU host.
+"""clip_jax.aot and clip_jax.pod: the real train step compiled for a TPU topology on this CPU host.
 
 The compile tests need libtpu (`pip install -e '.[tpu]'`, which CI installs) and are skipped
 without it. They run on one xdist worker: libtpu takes a lock per process.
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from clip_jax import aot, cost
+from clip_jax import cost, pod
 from tests.helpers import run_cli, run_python, tiny_flags
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -18,7 +18,7 @@ libtpu_worker = pytest.mark.xdist_group("libtpu")
 @pytest.mark.parametrize("topology, message", [("v9:2x2", "GENERATION"), ("v5e", "GENERATION")])
 def test_bad_topology_is_refused_with_its_name(topology, message):
     with pytest.raises(ValueError, match=message):
-        aot.topology_devices(topology)
+        pod.topology_devices(topology)
 
 
 @needs_libtpu
@@ -80,7 +80,7 @@ def test_on_a_tpu_mesh_the_model_is_the_plain_code_and_sums_gradients_in_float32
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
         import jax, jax.numpy as jnp
         from jax.sharding import NamedSharding, PartitionSpec as P
-        from clip_jax import aot, cost
+        from clip_jax import cost, pod
         from tests.helpers import tiny_config
 
         def summed_types(hlo):
@@ -89,8 +89,8 @@ def test_on_a_tpu_mesh_the_model_is_the_plain_code_and_sums_gradients_in_float32
                               for t in re.findall(r"\\b(bf16|f32)\\[", line.split(op)[0])))
 
         config = tiny_config(resnet={variant == "resnet"}, batch_size=64, model__dtype="bfloat16")
-        devices, _ = aot.topology_devices("v5e:2x2")
-        run, compiled = aot.compile_step(config, devices)
+        devices, _ = pod.topology_devices("v5e:2x2")
+        run, compiled = pod.compile_step(config, devices)
         mesh = run.mesh
         x = jax.ShapeDtypeStruct((64, 32), jnp.bfloat16, sharding=NamedSharding(mesh, P("data")))
         k = jax.ShapeDtypeStruct((32, 48), jnp.float32, sharding=NamedSharding(mesh, P()))

@@ -1,0 +1,184 @@
+"""The real train step compiled ahead of time for a TPU pod slice, on any host, and what
+`python -m clip_jax.aot` reports of it.
+
+The step is the trainer's own (`train.build` with the topology's compile-only devices, then
+`run.train_step.lower(...).compile()`), compiled by libtpu for a topology (what
+`jax.experimental.topologies.get_topology_desc` takes: `v4:4x4x8` is a v4-256 slice, 128
+chips; `v5e:16x16` a v5e-256; `v5p:4x4x8`, `v6e:16x16`, ...). It needs libtpu
+(`pip install -e '.[tpu]'`), not a TPU. Nothing is allocated or run.
+
+Reported per chip (v4 and v5p chips are one JAX device each, both TensorCores, as JAX runs
+them):
+- memory: XLA's memory analysis, arguments + outputs - aliased (donated) + temporaries +
+  generated code, against the chip's HBM, and whether it `fits`;
+- FLOPs: what one chip executes per step (rematerialised forward passes included) and the
+  model's FLOPs per step (no recomputation: what MFU counts), both XLA's counts of the step
+  with the towers unrolled (`cost.step_flops`);
+- collectives: for each kind (all-gather, reduce-scatter, all-reduce, collective-permute,
+  all-to-all), how many run per step and the bytes they carry per chip, summed from the
+  compiled HLO (an op in a loop counted once per iteration). The bytes are each op's data:
+  an all-gather's gathered result, the input of a reduce-scatter, all-reduce, all-to-all or
+  collective-permute. `minimum_collective_bytes` is what the mesh and sharding rules imply:
+  the loss's gathered embeddings (2 x B x D, forward) and their reduce-scatter (backward),
+  and the gradients' all-reduce over the data axis (FSDP: the parameters' all-gathers and
+  the gradients' reduce-scatter, per micro-batch with `micro_batches`);
+- time: XLA's estimate when its cost analysis gives a usable one (libtpu 0.0.42's is
+  negative for these steps, so none), and the compute bound (the chip's FLOPs at its
+  peak), with the MFU each implies.
+
+`find_max_batch` searches the largest global batch that fits (a multiple of the batch
+shards x micro-batches, to within 1/16), each compile's memory pointing to the next size
+to try (`cost.search_largest`, `cost.memory_guess`). A batch that does not fit is one XLA
+refuses to compile (out of HBM) or whose memory exceeds the HBM.
+"""
+import dataclasses
+import os
+import re
+import time
+
+import jax
+
+from clip_jax import cost, sharding, train
+
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    hbm_gib: float          # HBM per chip
+    peak_tflops: float      # dense bfloat16 peak per chip
+    megacore: bool          # two TensorCores compiled as one device
+
+
+# Per-chip figures from Cloud TPU's system-architecture pages.
+CHIPS = {"v4": Chip(32, 275, True), "v5e": Chip(16, 197, False), "v5p": Chip(95, 459, True),
+         "v6e": Chip(32, 918, False)}
+
+
+def topology_devices(topology):
+    """The compile-only devices of a TPU topology such as 'v4:4x4x8', and its chip."""
+    from jax.experimental import topologies
+    generation = topology.split(":")[0]
+    if generation not in CHIPS or ":" not in topology:
+        raise ValueError(f"--topology: expected GENERATION:SHAPE with GENERATION one of "
+                         f"{sorted(CHIPS)}, e.g. v4:4x4x8 or v5e:16x16; got {topology!r}")
+    chip = CHIPS[generation]
+    options = {"chip_config_name": "megacore"} if chip.megacore else {}
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **options)
+    except Exception as e:   # noqa: BLE001  (libtpu missing, or a shape it does not know)
+        raise ValueError(f"--topology={topology}: {type(e).__name__}: {e} (the TPU compiler "
+                         "comes with pip install -e '.[tpu]')") from None
+    return list(desc.devices), chip
+
+
+# ------------------------------------------------------------------ compile and measure
+
+def _out_of_memory(error):
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text or "out of memory" in text
+
+
+def compile_step(config, devices):
+    """(run, compiled step) for `config` on `devices`, or (run, the out-of-memory error)."""
+    run = train.build(config, devices)
+    with run.context():
+        lowered = run.train_step.lower(run.abstract_state, run.abstract_batch())
+        try:
+            return run, lowered.compile()
+        except Exception as e:   # noqa: BLE001   (jax raises XlaRuntimeError)
+            if _out_of_memory(e):
+                return run, e
+            raise
+
+
+def add_flops(report, config, chip):
+    """FLOPs and the times and MFU they imply, into `report`. XLA's cost analysis of the
+    compiled program counts a loop's body once (a scanned tower's blocks once), so they are
+    counted on the step lowered, not compiled, with the towers unrolled."""
+    chips, peak = report["topology_chips"], chip.peak_tflops * 1e12
+    flops = cost.step_flops(config, ops="xla") / chips
+    model_flops = cost.step_flops(config, model_flops=True)
+    estimate, compute_bound = report["xla_seconds_estimate"], flops / peak
+    report.update(
+        flops=flops, model_flops=model_flops,
+        mfu_at_xla_estimate=model_flops / (chips * peak * estimate) if estimate else None,
+        compute_bound_seconds=compute_bound,
+        mfu_at_compute_bound=model_flops / (chips * peak * compute_bound) if flops else None)
+    return report
+
+
+def analyse(config, devices, chip, hlo_dir=None, count_flops=True):
+    """The report for one compile of `config`'s train step on `devices` (the module docstring);
+    `count_flops=False` leaves out the FLOPs (`add_flops`: two more lowerings)."""
+    t0 = time.perf_counter()
+    run, compiled = compile_step(config, devices)
+    report = {"topology_chips": len(devices), "device_kind": devices[0].device_kind,
+              "batch_size": config.batch_size,
+              "mesh": {a: int(run.mesh.shape[a]) for a in sharding.MESH_AXES},
+              "local_batch": config.batch_size // sharding.num_batch_shards(run.mesh, run.rules),
+              "loss": config.loss.name, "micro_batches": int(config.micro_batches),
+              "remat": bool(config.model.remat), "dtype": str(config.model.dtype),
+              "hbm_bytes": int(chip.hbm_gib * GIB), "compile_seconds": time.perf_counter() - t0}
+    if isinstance(compiled, Exception):
+        report.update(fits=False, memory_per_chip_bytes=None,
+                      error=str(compiled).strip().splitlines()[0][:500])
+        return report
+    mem = compiled.memory_analysis()
+    used = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+            + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+    report.update(memory_per_chip_bytes=int(used), fits=used <= report["hbm_bytes"],
+                  memory_bytes={k: int(getattr(mem, k + "_size_in_bytes"))
+                                for k in ("argument", "output", "alias", "temp", "generated_code")})
+    xla = cost.xla_cost(compiled)
+    estimate = xla.get("optimal_seconds")
+    report.update(bytes_accessed=float(xla.get("bytes accessed", 0.0)),
+                  xla_seconds_estimate=float(estimate) if estimate and estimate > 0 else None)
+    if count_flops:
+        add_flops(report, config, chip)
+    hlo = compiled.as_text()
+    found = cost.collective_bytes(hlo)
+    report["collectives"] = found
+    report["collective_bytes"] = {k: v["bytes"] for k, v in found.items()}
+    report["minimum_collective_bytes"] = cost.minimum_collective_bytes(config, run)
+    batch = config.batch_size
+    # A global B x B block anywhere in the program (the loss must hold B_local x B at most),
+    # unless a parameter has that shape too (tiny test models).
+    param_shapes = {tuple(x.shape) for x in jax.tree.leaves(run.abstract_state.params)}
+    report["global_square_blocks"] = [] if (batch, batch) in param_shapes else sorted(set(
+        re.findall(rf"\b(?:f32|bf16)\[{batch},{batch}\]", hlo)))[:3]
+    if hlo_dir:
+        os.makedirs(hlo_dir, exist_ok=True)
+        with open(os.path.join(hlo_dir, f"train_step_b{batch}.hlo.txt"), "w") as f:
+            f.write(hlo)
+    return report
+
+
+def find_max_batch(config, devices, chip, on_report=None):
+    """(largest fitting global batch, [report of each compile tried]). Each compile's memory
+    guides the next size (`memory_guess`): a compile of a 256-chip step takes minutes.
+    `on_report(report)` is called after each compile."""
+    shards = sharding.num_batch_shards(
+        sharding.make_mesh(config.mesh, devices), tuple(tuple(r) for r in config.sharding_rules))
+    reports, budget = [], chip.hbm_gib * GIB
+
+    def fits(batch):
+        trial = config.copy_and_resolve_references()
+        with trial.unlocked():
+            trial.batch_size = batch
+        report = analyse(trial, devices, chip, count_flops=False)
+        reports.append((trial, report))
+        if on_report is not None:
+            on_report(report)
+        return report["fits"]
+
+    def guess(lo, hi):
+        return cost.memory_guess([(r["batch_size"], r["memory_per_chip_bytes"]) for _, r in reports
+                                  if r["memory_per_chip_bytes"] is not None], budget)
+
+    largest, _ = cost.search_largest(fits, shards * int(config.micro_batches), config.batch_size,
+                                     resolution=16, guess=guess)
+    for trial, report in reports:
+        if report["batch_size"] == largest:
+            add_flops(report, trial, chip)
+    return largest, [report for _, report in reports]
