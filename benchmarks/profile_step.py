@@ -11,7 +11,6 @@ the tables understate convolutions. The raw trace stays in
 --trace_dir for Perfetto (ui.perfetto.dev) or TensorBoard.
 """
 import os
-import sys
 
 if __name__ == "__main__":     # before JAX starts; not when the helpers are imported
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
@@ -25,7 +24,7 @@ import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 
-from clip_jax import config_lib, cost, train  # noqa: E402
+from clip_jax import cli, cost, train  # noqa: E402
 from clip_jax.benchmark.timing import timed  # noqa: E402
 from clip_jax.benchmark.train import synthetic_batch  # noqa: E402
 
@@ -56,17 +55,14 @@ def summarize(trace_file, names):
 
 
 def main():
-    from absl import app, flags
-    from ml_collections import config_flags
-    config_lib.check_cli_overrides_or_exit(sys.argv)
-    config_flag = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+    from absl import flags
+    config_flag = cli.config_flag()
     flags.DEFINE_integer("top", 25, "rows per table")
     flags.DEFINE_string("trace_dir", None, "where the trace goes (default: a new temporary directory)")
     flags.mark_flags_as_required(["config"])
 
     def run(argv):
         del argv
-        config_lib.quiet_absl_logging()
         config, top = config_flag.value, flags.FLAGS.top
         trace_dir = flags.FLAGS.trace_dir or tempfile.mkdtemp(prefix="clip_jax_profile_")
         built = train.build(config)
@@ -90,7 +86,7 @@ def main():
             for key, us in table.most_common(top):
                 print(f"  {us / 1e3:9.1f} ms {100 * us / total:5.1f}%  {key[:110]}")
 
-    app.run(run)
+    cli.run(run)
 
 
 if __name__ == "__main__":

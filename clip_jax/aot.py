@@ -28,7 +28,7 @@ import sys
 
 import jax
 
-from clip_jax import config_lib, cost, pod, validation
+from clip_jax import cli, cost, pod, validation
 from clip_jax.pod import GIB
 
 
@@ -71,7 +71,7 @@ def format_report(name, topology, r):
 
 
 def main():
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")   # see the docstring
@@ -79,10 +79,8 @@ def main():
     # Compile-only TPU programs cannot be stored in (or read back from) JAX's persistent
     # compilation cache.
     jax.config.update("jax_enable_compilation_cache", False)
-    config_lib.check_cli_overrides_or_exit(sys.argv)
     sys.argv = [a.replace("--find-max-batch", "--find_max_batch", 1) for a in sys.argv]
-    config_flag = config_flags.DEFINE_config_file(
-        "config", None, "Config file; override keys with --config.key=value.", lock_config=True)
+    config_flag = cli.config_flag()
     flags.DEFINE_string("topology", None, "TPU topology, e.g. v4:4x4x8 (v4-256), v5e:16x16 "
                         "(v5e-256), v5p:4x4x8, v6e:16x16")
     flags.DEFINE_bool("find_max_batch", False, "search the largest global batch that fits "
@@ -95,16 +93,13 @@ def main():
 
     def run(argv):
         del argv
-        config_lib.quiet_absl_logging()
         F = flags.FLAGS
         config, name = config_flag.value, config_flags.get_config_filename(F["config"])
-        try:
+        with cli.stop_on(ValueError):     # config_lib.ConfigError is one
             devices, chip = pod.topology_devices(F.topology)
             if F.hbm_gib:
                 chip = dataclasses.replace(chip, hbm_gib=F.hbm_gib)
             validation.validate(config, len(devices))
-        except (ValueError, config_lib.ConfigError) as e:
-            sys.exit(f"error: {e}")
         if F.find_max_batch:
             largest, reports = pod.find_max_batch(
                 config, devices, chip,
@@ -123,7 +118,7 @@ def main():
         if F.json:
             print(json.dumps(result))
 
-    app.run(run)
+    cli.run(run)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ README.md ("Config keys"). Shapes come from the paper / reference
 implementation (see the table in README.md); parameter counts are tested.
 """
 import json
-import os
 
 import ml_collections
 
@@ -162,97 +161,18 @@ def paper_config(name):
     return c
 
 
-def quiet_absl_logging():
-    """Warnings and up only (no 'Unable to initialize backend tpu' lines), unless --verbosity
-    was given. Without --verbosity, Orbax's ERROR records and asyncio's "exception was never
-    retrieved" (TensorStore's futures) are dropped too: they repeat, with pages of
-    traceback per array, a failed save or restore that reaches clip_jax as an exception
-    and is reported by it in one line (`error: no space left on ...`)."""
-    import logging as py_logging
-    from absl import flags, logging
-    if flags.FLAGS["verbosity"].present:
-        return
-    logging.set_verbosity(logging.WARNING)
-
-    def reported_elsewhere(record):
-        if record.levelno < py_logging.ERROR:
-            return True
-        if "/orbax/" in record.pathname.replace("\\", "/"):
-            return False
-        return not (record.name == "asyncio" and "exception was never retrieved" in str(record.msg))
-    py_logging.getLogger("absl").addFilter(reported_elsewhere)
-    py_logging.getLogger("asyncio").addFilter(reported_elsewhere)
-    # TensorStore's callbacks into the event loop of a save or restore that failed and closed
-    # it arrive as "unraisable" RuntimeErrors, a traceback each.
-    import sys
-    previous = sys.unraisablehook
-
-    def unraisable(info):
-        if not (isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed"):
-            previous(info)
-    sys.unraisablehook = unraisable
-
-
 class ConfigError(ValueError):
     """A config problem found before any work starts; the message names the key."""
 
 
 def lookup(config, dotted):
+    """(True, the value at the dotted key), or (False, the last node on its path)."""
     node = config
     for part in dotted.split("."):
         if not hasattr(node, "keys") or part not in node.keys():
             return False, node
         node = node[part]
     return True, node
-
-
-def check_override_keys(config, argv, flag="config"):
-    """Rejects `--config.a.b=v` overrides whose key `a.b` does not exist in `config`."""
-    import difflib
-    prefix = f"--{flag}."
-    for arg in argv:
-        if not arg.startswith(prefix):
-            continue
-        dotted = arg[len(prefix):].split("=", 1)[0]
-        found, parent = lookup(config, dotted)
-        if not found:
-            leaf = dotted.rsplit(".", 1)[-1]
-            options = list(parent.keys()) if hasattr(parent, "keys") else []
-            close = difflib.get_close_matches(leaf, options, n=1)
-            hint = f" (did you mean {dotted.rsplit('.', 1)[0] + '.' if '.' in dotted else ''}{close[0]}?)" if close else ""
-            raise ConfigError(f"unknown config key '{dotted}' in {arg!r}{hint}")
-
-
-def load_config_file(argv, default=None):
-    """The config named by argv's --config=PATH[:ARG] (or `default`), loaded as absl would."""
-    import importlib.util
-    path = default
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        elif arg == "--config" and i + 1 < len(argv):
-            path = argv[i + 1]
-    if path is None:
-        return base_config()
-    path, _, arg = path.partition(":")
-    if not os.path.exists(path):
-        raise ConfigError(f"--config: no such file {path!r}")
-    spec = importlib.util.spec_from_file_location("_clip_jax_config", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:
-        raise ConfigError(f"--config={path}: {type(e).__name__}: {e}") from None
-    return module.get_config(arg) if arg else module.get_config()
-
-
-def check_cli_overrides_or_exit(argv, default=None):
-    """Before absl parses argv: exits with a message naming an unknown --config.* key."""
-    import sys
-    try:
-        check_override_keys(load_config_file(argv, default), argv)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
 
 
 # Keys that may change between a run's invocations without changing what it computes.

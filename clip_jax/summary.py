@@ -15,11 +15,10 @@ With --json the last line printed is one JSON object.
 """
 import json
 import math
-import sys
 
 import jax
 
-from clip_jax import config_lib, cost, losses, sharding, validation
+from clip_jax import cli, config_lib, cost, losses, sharding, validation
 from clip_jax.models import abstract_variables, build_model, count_params, encoder_fns, input_specs
 
 
@@ -95,10 +94,8 @@ def format_summary(name, s):
 
 
 def main():
-    from absl import app, flags
-    from ml_collections import config_flags
-    config_flag = config_flags.DEFINE_config_file("config", None, "Config file to summarise.",
-                                                  lock_config=True)
+    from absl import flags
+    config_flag = cli.config_flag()
     flags.DEFINE_bool("json", False, "Also print the figures as one JSON object (last line).")
     flags.DEFINE_bool("memory", True, "Estimate per-device memory (compiles fwd+bwd; slower).")
     flags.DEFINE_integer("devices", None, "Device count to size the mesh for (default: the "
@@ -107,19 +104,16 @@ def main():
 
     def run(argv):
         del argv
-        config_lib.quiet_absl_logging()
         F = flags.FLAGS
         config = config_flag.value
-        try:
+        with cli.stop_on(config_lib.ConfigError):
             validation.validate(config, F.devices or jax.device_count())
-        except config_lib.ConfigError as e:
-            sys.exit(f"error: {e}")
         s = summarize(config, memory=F.memory, num_devices=F.devices)
         print(format_summary(F.config, s))
         if F.json:
             print(json.dumps(s))
 
-    app.run(run)
+    cli.run(run)
 
 
 if __name__ == "__main__":

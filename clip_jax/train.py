@@ -9,7 +9,6 @@ SIGTERM saves one at the current step and stops.
 import contextlib
 import dataclasses
 import json
-import os
 import sys
 import time
 
@@ -20,8 +19,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clip_jax import (checkpoint, config_lib, distributed, losses, metrics, optim, paths, sharding,
-                      validation, workdir as workdir_lib)
+from clip_jax import (checkpoint, cli, config_lib, distributed, losses, metrics, optim, paths,
+                      sharding, validation, workdir as workdir_lib)
 from clip_jax import ops as ops_lib
 from clip_jax.data import pipeline, tokenizer as tokenizer_lib
 from clip_jax.distributed import log
@@ -510,16 +509,8 @@ def _steps(config, run, state, start, data, ckpt, preemption, evaluator, writer,
 
 
 def main():
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    # Before the config flag is defined: with a default file, config_flags applies the
-    # --config.* overrides at definition time and would fail there with a bare AttributeError.
-    config_lib.check_cli_overrides_or_exit(sys.argv)
-
-    config_flag = config_flags.DEFINE_config_file(
-        "config", None, "Path to a config file, e.g. configs/smoke.py. Override keys with "
-        "--config.key=value (see README.md, 'Config keys').", lock_config=True)
+    from absl import flags
+    config_flag = cli.config_flag()
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, TensorBoard "
                         "events, plots and the cached tokenizer. Must be shared by all "
                         "processes of a multi-host run. Rerunning with the same workdir resumes.")
@@ -535,27 +526,19 @@ def main():
 
     def run(argv):
         del argv
-        config_lib.quiet_absl_logging()
         FLAGS = flags.FLAGS
-        try:
+        with cli.stop_on(ValueError):
             distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address,
                                    FLAGS.num_processes, FLAGS.process_id)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
-        try:
+        # At once: the threads of a failed background save may still be running, and at
+        # interpreter shutdown they print pages of "Event loop is closed". Everything that
+        # matters is closed by now (train's cleanup), and the lock is released.
+        with cli.stop_on(config_lib.ConfigError), cli.stop_on(
+                checkpoint.CheckpointError, workdir_lib.WorkdirError, TrainingStopped,
+                pipeline.BrokenDataset, at_once=True):
             train(config_flag.value, FLAGS.workdir)
-        except config_lib.ConfigError as e:
-            sys.exit(f"error: {e}")
-        except (checkpoint.CheckpointError, workdir_lib.WorkdirError, TrainingStopped,
-                pipeline.BrokenDataset) as e:
-            # At once: the threads of a failed background save may still be running, and at
-            # interpreter shutdown they print pages of "Event loop is closed". Everything
-            # that matters is closed by now (train's cleanup), and the lock is released.
-            sys.stdout.flush()
-            os.write(2, f"error: {e}\n".encode())   # one write: processes sharing a terminal do not interleave
-            os._exit(1)
 
-    app.run(run)
+    cli.run(run)
 
 
 if __name__ == "__main__":

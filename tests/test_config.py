@@ -100,13 +100,6 @@ def test_batch_must_divide_over_batch_shards():
         validation.validate(c, num_devices=8)
 
 
-def test_unknown_override_key_names_it_and_suggests():
-    c = load(os.path.join(REPO, "configs", "smoke.py"))
-    with pytest.raises(config_lib.ConfigError, match="'optim.lrr'.*did you mean optim.lr"):
-        config_lib.check_override_keys(c, ["--config.optim.lrr=1"])
-    config_lib.check_override_keys(c, ["--config.optim.lr=1", "--workdir=x"])
-
-
 @pytest.mark.parametrize("arg,match", [
     ("--config.batchsize=64", "unknown config key 'batchsize'"),
     ("--config.batch_size=abc", "config.batch_size"),

@@ -3,10 +3,9 @@ import json
 import sys
 
 import jax
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from clip_jax import config_lib, validation
+from clip_jax import cli, validation
 from clip_jax.benchmark import checkpoint, data, evaluate, loss, train
 
 DEFAULT_CONFIG = "configs/smoke.py"
@@ -72,31 +71,22 @@ def run_mode(mode, config, f):
 
 
 def main():
-    # Before the config flag is defined: with a default file, config_flags applies the
-    # --config.* overrides at definition time and would fail there with a bare AttributeError.
-    config_lib.check_cli_overrides_or_exit(sys.argv, default=DEFAULT_CONFIG)
     sys.argv = [a.replace("--peak-tflops", "--peak_tflops", 1) if a.startswith("--peak-tflops") else a
                 for a in sys.argv]
-    config_flag = config_flags.DEFINE_config_file(
-        "config", DEFAULT_CONFIG, "Config file; override keys with --config.key=value.",
-        lock_config=True)
+    config_flag = cli.config_flag(default=DEFAULT_CONFIG)
     _define_flags()
 
     def run(argv):
-        config_lib.quiet_absl_logging()
         mode = argv[1] if len(argv) > 1 else "train"
         if mode not in MODES or len(argv) > 2:
-            sys.exit(f"error: usage: python -m clip_jax.benchmark [{'|'.join(MODES)}] [flags]; "
-                     f"got {argv[1:]}")
-        try:
+            cli.fail(f"usage: python -m clip_jax.benchmark [{'|'.join(MODES)}] [flags]; got {argv[1:]}")
+        with cli.stop_on(ValueError):     # config_lib.ConfigError is one
             config = None if mode == "loss" else config_flag.value
             result = {"mode": mode, **run_mode(mode, config, flags.FLAGS)}
-        except (config_lib.ConfigError, ValueError) as e:
-            sys.exit(f"error: {e}")
         if flags.FLAGS.json:
             print(json.dumps(result))
 
-    app.run(run)
+    cli.run(run)
 
 
 if __name__ == "__main__":
