@@ -33,13 +33,12 @@ import dataclasses
 import functools
 import json
 import re
-import sys
 from typing import Optional, Tuple
 
 import jax
 import numpy as np
 
-from clip_jax import checkpoint, config_lib, inference, paths, pytorch_io
+from clip_jax import checkpoint, cli, config_lib, inference, paths, pytorch_io
 from clip_jax.data.pipeline import CLIP_MEAN, CLIP_STD
 from clip_jax.models import abstract_variables, build_model, count_params
 
@@ -494,7 +493,7 @@ def main(argv=None):
                              "opcode and object caps grow with it). Checkpoints are untrusted input: "
                              "malformed ones are refused with the reason, nothing is run")
     args = parser.parse_args(argv)
-    try:
+    with cli.stop_on(ConvertError, ValueError, OSError, checkpoint.CheckpointError):
         if args.to == "open_clip":
             if args.arch or args.activation or args.max_bytes:
                 parser.error("--arch, --activation and --max-bytes apply to import only")
@@ -511,8 +510,6 @@ def main(argv=None):
                   f"{report['parameters']:,} parameters, activation {report['activation']}")
             print(f"wrote {args.out} (clip_jax.load('{args.out}'), or "
                   f"--config=configs/finetune.py:{args.out} to fine-tune)")
-    except (ConvertError, ValueError, OSError, checkpoint.CheckpointError) as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,8 @@ command line stops with that error.
 """
 import argparse
 import json
-import sys
 
-from clip_jax import checkpoint, distributed, inference
+from clip_jax import checkpoint, cli, distributed, inference
 from clip_jax.evals import registry
 
 COMMAND_LINE = "python -m clip_jax.evaluate"
@@ -76,15 +75,13 @@ def main(argv=None):
     import absl.logging
     absl.logging.set_verbosity(absl.logging.ERROR)   # orbax's notes on reading a checkpoint
     options = {key: getattr(args, key) for key in registry.all_options()}
-    try:
+    with cli.stop_on(ValueError, OSError, checkpoint.CheckpointError):
         options = registry.check(args.task, options, COMMAND_LINE, flags=True)
         distributed.initialize(args.distributed, args.coordinator_address, args.num_processes,
                                args.process_id)
         model = inference.load(args.workdir or args.checkpoint, batch_size=args.batch_size)
         evaluator = registry.get(args.task)(args.data, model.config, **options)
         result = evaluator.run(model, cache_dir=args.cache_dir, progress=not args.no_progress)
-    except (ValueError, OSError, checkpoint.CheckpointError) as e:
-        sys.exit(f"error: {e}")
     result["checkpoint"] = model.source
     if distributed.is_main():          # every process has the figures; one prints them
         print_report(result)

@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 
+from clip_jax import cli
 from clip_jax.data import images, ingest, records
 from clip_jax.data import spec as spec_lib
 
@@ -128,15 +129,11 @@ def main(argv=None):
     if beam_args and options["runner"] != "beam":
         parser.error(f"options after '--' are Beam's and need --runner=beam: {' '.join(beam_args)}")
     format, source, out = options.pop("format"), options.pop("source"), options.pop("out")
-    try:
+    with cli.stop_on(ingest.OptionError):
         manifest = ingest.run(format, source, out, beam_args=beam_args, **options)
-    except ingest.OptionError as e:
-        print(f"python -m clip_jax.ingest: error: {e}", file=sys.stderr)
-        return 2
     print(summary(manifest))
     print(f"manifest: {os.path.join(out, records.MANIFEST)}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

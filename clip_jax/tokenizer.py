@@ -14,8 +14,8 @@ The library side is `clip_jax.data.tokenizer` (and `clip_jax.data.bpe`).
 """
 import argparse
 import os
-import sys
 
+from clip_jax import cli
 from clip_jax.data import bpe, records, sources, tokenizer as tokenizer_lib
 
 
@@ -56,7 +56,7 @@ def main(argv=None):
     encode.add_argument("texts", nargs="+")
     args = parser.parse_args(argv)
 
-    try:
+    with cli.stop_on(ValueError, OSError):
         if args.command == "train":
             captions = read_captions(args.captions, args.max_captions)
             if not captions:
@@ -70,8 +70,6 @@ def main(argv=None):
             for text in args.texts:
                 ids = tok([text])[0].tolist()
                 print(" ".join(map(str, ids[:ids.index(tok.eot_id) + 1])))
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

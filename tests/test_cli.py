@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from clip_jax import cli, config_lib
+from clip_jax.data import synthetic
 from tests.helpers import REPO, run_python
 from tests.test_config import load
 
@@ -60,3 +61,11 @@ def test_fail_at_once_writes_one_line_and_skips_the_interpreter_shutdown():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert (proc.returncode, proc.stdout, proc.stderr) == (1, "stdout so far", "error: no space left on /w\n")
+
+
+def test_argparse_commands_stop_the_same_way(tmp_path):
+    """An unwritable --out of the synthetic export was an OSError traceback."""
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as stopped:
+        synthetic.main(["--out", str(tmp_path / "file"), "--n", "1"])
+    assert stopped.value.code.startswith("error: ") and str(tmp_path / "file") in stopped.value.code

@@ -574,19 +574,19 @@ def test_tfds_labels(tfds_dir, tmp_path):
         run("tfds", TFDS_NAME, tmp_path / "o", data_dir=tfds_dir, label_key="caption")
 
 
-def test_tfds_split_comes_from_the_data_spec_grammar(tfds_dir, tmp_path, capsys):
+def test_tfds_split_comes_from_the_data_spec_grammar(tfds_dir, tmp_path):
     """Without --split the command line reads the grammar's default split, train (as a
     training source tfds:NAME does); a split written into SOURCE is refused, naming it."""
     from clip_jax import ingest as ingest_cli
     common = ["--data-dir", tfds_dir, "--workers", "0", "--no-progress", "--min-size", "1"]
-    assert ingest_cli.main(["tfds", TFDS_NAME, "--out", str(tmp_path / "a"), *common]) == 0
+    ingest_cli.main(["tfds", TFDS_NAME, "--out", str(tmp_path / "a"), *common])
     manifest = records.read_manifest(str(tmp_path / "a"))
     assert manifest["source"]["split"] == "train" and manifest["rows"] == 6
-    assert ingest_cli.main(["tfds", TFDS_NAME, "--split", "train[:2]", "--out", str(tmp_path / "b"),
-                            *common]) == 0
+    ingest_cli.main(["tfds", TFDS_NAME, "--split", "train[:2]", "--out", str(tmp_path / "b"), *common])
     assert records.read_manifest(str(tmp_path / "b"))["rows"] == 2
-    assert ingest_cli.main(["tfds", f"{TFDS_NAME}:train", "--out", str(tmp_path / "c"), *common]) == 2
-    assert f"SOURCE '{TFDS_NAME}:train': expected NAME or NAME:VERSION" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:
+        ingest_cli.main(["tfds", f"{TFDS_NAME}:train", "--out", str(tmp_path / "c"), *common])
+    assert stopped.value.code.startswith(f"error: SOURCE '{TFDS_NAME}:train': expected NAME or NAME:VERSION")
     assert not (tmp_path / "c").exists()
 
 
@@ -625,7 +625,7 @@ def test_cli(tmp_path):
     assert records.read_manifest(str(out))["num_records"] == 13
 
     proc = cli("csv", csv_path, "--out", str(out))                   # existing output
-    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "--overwrite" in proc.stderr
     (out / "data-00009.array_record").write_bytes(b"stale")
     (out / "notes.txt").write_text("mine")
     proc = cli("csv", csv_path, "--out", str(out), "--overwrite", "--no-progress")

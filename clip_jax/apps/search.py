@@ -48,7 +48,7 @@ import sys
 
 import numpy as np
 
-from clip_jax import inference, lock as lock_lib, paths as paths_lib
+from clip_jax import cli, inference, lock as lock_lib, paths as paths_lib
 from clip_jax.checkpoint import CheckpointError
 from clip_jax.data.images import IMAGE_EXTENSIONS, BadImage, read_file
 from clip_jax.models.clip import l2_normalize
@@ -431,7 +431,7 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     from absl import logging
     logging.set_verbosity(logging.ERROR)   # orbax's "Metadata file does not exist" warning
-    try:
+    with cli.stop_on(SearchError, inference.NonFiniteEmbeddings):   # nothing non-finite is indexed
         if args.command == "index":
             if args.batch_size < 1:
                 raise SearchError("--batch-size must be at least 1")
@@ -466,8 +466,6 @@ def main(argv=None):
             print(f"warning: the index holds embeddings of {index.meta['source']}; the query is "
                   f"embedded with {model.source}", file=sys.stderr)
         results = query(index, model, args.text, args.image and os.path.abspath(args.image), args.k)
-    except (SearchError, inference.NonFiniteEmbeddings) as e:   # nothing non-finite is indexed
-        sys.exit(f"error: {e}")
     for rank, (path, score) in enumerate(results, 1):
         print(f"{rank:3d}  {score:.4f}  {path}")
     if args.json:

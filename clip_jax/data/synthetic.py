@@ -15,6 +15,8 @@ import re
 
 import numpy as np
 
+from clip_jax import cli
+
 SHAPES = ("circle", "square", "triangle", "cross", "star", "diamond")
 
 # Colour names a caption would use -> RGB. Saturated / bright, far from every background.
@@ -272,7 +274,8 @@ def main(argv=None):
     p.add_argument("--label", choices=("shape", "color"), default="shape",
                    help="the class folders: shape (default) or color")
     args = p.parse_args(argv)
-    export_imagefolder(args.out, args.n, args.split, args.seed, args.image_size, args.label)
+    with cli.stop_on(OSError):
+        export_imagefolder(args.out, args.n, args.split, args.seed, args.image_size, args.label)
     print(f"wrote {args.n} images to {args.out}/<{args.label}>/... and {args.out}/captions.csv")
 
 
