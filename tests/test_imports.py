@@ -159,3 +159,36 @@ def test_the_library_imports_no_tool():
     wrong = [f"{name} imports {target}" for name, path in modules.items() if not is_tool(name)
              for _, target, _ in _imports(name, path, modules) if is_tool(target)]
     assert [m for m in modules if is_tool(m)] and wrong == []
+
+
+# Library modules that also hold a thin command line: a `main` over their own functions (as
+# big_vision's train.py). They are library: other modules import them for those functions.
+LIBRARY_WITH_MAIN = ("clip_jax.train", "clip_jax.convert", "clip_jax.data.synthetic")
+
+
+def _defines_main(path):
+    return any(isinstance(node, ast.FunctionDef) and node.name == "main"
+               for node in ast.parse(path.read_text(), str(path)).body)
+
+
+def _command_line_modules(modules):
+    """The command-line modules: those with a module-level `main` (a package's `__main__`
+    included), except LIBRARY_WITH_MAIN."""
+    return sorted(name for name, path in modules.items()
+                  if _defines_main(path) and name not in LIBRARY_WITH_MAIN)
+
+
+def test_no_module_imports_a_command_line_module():
+    """A command-line module is an entry point: no clip_jax module imports it, the library
+    nor another command line. What both need lives in a library module (train took its
+    evaluators from evaluate, aot its FLOP counts from summary, the benchmark its search
+    from aot: now evals/training.py, cost.py, pod.py); the shared flags and error handling
+    are clip_jax/cli.py."""
+    modules = _modules()
+    command_lines = _command_line_modules(modules)
+    wrong = [f"{name} imports {target}" for name, path in modules.items()
+             for _, target, _ in _imports(name, path, modules) if target in command_lines]
+    assert {"clip_jax.evaluate", "clip_jax.aot", "clip_jax.summary", "clip_jax.ingest",
+            "clip_jax.tokenizer", "clip_jax.benchmark.__main__", "clip_jax.apps.search"} <= set(command_lines)
+    assert all(_defines_main(modules[name]) for name in LIBRARY_WITH_MAIN)
+    assert wrong == []
