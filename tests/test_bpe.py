@@ -231,10 +231,6 @@ def test_literal_special_token_strings_become_sot_eot(tok):
     assert tok.encode("<|StartOfText|>hello") == [SOT, HELLO]
 
 
-def test_get_pairs():
-    assert bpe.get_pairs(("a", "b", "a", "b</w>")) == {("a", "b"), ("b", "a"), ("a", "b</w>")}
-
-
 # ----------------------------------------------------------------------------- decode
 
 def test_decode_round_trips_after_cleaning(tok):
@@ -352,9 +348,14 @@ def test_bounded_cache_gives_the_same_ids():
 
 # ----------------------------------------------------------------------------- the reference
 
+def get_pairs(word):
+    """The reference's: the set of adjacent symbol pairs of a word (a sequence of symbols)."""
+    return set(zip(word[:-1], word[1:]))
+
+
 class _ReferenceBPE:
     """A transcription of OpenAI CLIP's clip/simple_tokenizer.py (MIT licence): __init__
-    (on a list of merges), bpe and encode, used as an oracle."""
+    (on a list of merges), bpe and encode (with `get_pairs` above), used as an oracle."""
 
     def __init__(self, merges):
         self.byte_encoder = bpe.bytes_to_unicode()
@@ -373,7 +374,7 @@ class _ReferenceBPE:
         if token in self.cache:
             return self.cache[token]
         word = tuple(token[:-1]) + (token[-1] + '</w>',)
-        pairs = bpe.get_pairs(word)
+        pairs = get_pairs(word)
         if not pairs:
             return token + '</w>'
         while True:
@@ -400,7 +401,7 @@ class _ReferenceBPE:
             word = tuple(new_word)
             if len(word) == 1:
                 break
-            pairs = bpe.get_pairs(word)
+            pairs = get_pairs(word)
         word = ' '.join(word)
         self.cache[token] = word
         return word

@@ -104,11 +104,6 @@ def bytes_to_unicode():
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
-def get_pairs(word):
-    """The set of adjacent symbol pairs of a word (a sequence of symbols)."""
-    return set(zip(word[:-1], word[1:]))
-
-
 def basic_clean(text):
     text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text))
