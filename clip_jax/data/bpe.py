@@ -114,13 +114,9 @@ def whitespace_clean(text):
     return _WHITESPACE.sub(" ", text).strip()
 
 
-def clean(text):
-    """The reference's normalisation: whitespace_clean(basic_clean(text)).lower()."""
-    return _clean_and_split(text)[0]
-
-
 def _clean_and_split(text):
-    """(clean(text), the pre-tokeniser's findall for it)."""
+    """(the reference's normalisation, whitespace_clean(basic_clean(text)).lower(), and the
+    pre-tokeniser's findall for it)."""
     if _NEEDS_FTFY.search(text) is None:
         # printable ASCII without '&' (+ \t \n): ftfy and html.unescape are identities, and
         # str.split() splits on exactly the whitespace regex's \s matches here.
