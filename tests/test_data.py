@@ -93,12 +93,12 @@ def test_train_never_yields_heldout_and_covers_every_attribute():
 
 
 def test_heldout_only_yields_heldout_combinations():
-    ex = synthetic.heldout_examples(40, seed=0, image_size=16)
-    assert ex["image"].shape == (40, 16, 16, 3)
-    got = set(zip(ex["shape"].tolist(), ex["color"].tolist()))
-    assert got == HELDOUT
+    heldout = synthetic.SyntheticSource("heldout", 16, 40, 0)
+    examples = [heldout[i] for i in range(40)]
+    assert all(e["image"].shape == (16, 16, 3) and e["image"].dtype == np.uint8 for e in examples)
+    assert {(e["shape"], e["color"]) for e in examples} == HELDOUT
     train = synthetic.SyntheticSource("train", 16, 40, 0)
-    assert not any(np.array_equal(ex["image"][i], train[i]["image"]) for i in range(40))
+    assert not any(np.array_equal(examples[i]["image"], train[i]["image"]) for i in range(40))
 
 
 def test_zeroshot_tasks_and_corpus():
@@ -192,12 +192,10 @@ def test_bad_source_names_the_key(tok):
         pipeline.make_train_iterator(_config(source="tfds"), tok, NamedSharding(mesh, P("data")))
 
 
-def test_heldout_examples_are_the_heldout_combinations():
-    ex = synthetic.heldout_examples(16, 0, 16)
-    assert ex["image"].shape == (16, 16, 16, 3) and ex["image"].dtype == np.uint8
-    assert set(zip(ex["shape"].tolist(), ex["color"].tolist())) == HELDOUT
-    images = pipeline.normalize_images(ex["image"])
-    np.testing.assert_allclose(images[..., 0], (ex["image"][..., 0] / 255 - 0.48145466) / 0.26862954,
+def test_normalize_images_uses_clip_mean_and_std():
+    pixels = np.stack([synthetic.SyntheticSource("heldout", 16, 16, 0)[i]["image"] for i in range(16)])
+    images = pipeline.normalize_images(pixels)
+    np.testing.assert_allclose(images[..., 0], (pixels[..., 0] / 255 - 0.48145466) / 0.26862954,
                                rtol=1e-5)
 
 

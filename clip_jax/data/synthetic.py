@@ -212,15 +212,6 @@ class SyntheticSource:
                 f"num_records={self.num_records}, seed={self.seed})")
 
 
-def heldout_examples(n, seed=0, image_size=32):
-    """n held-out-combination examples, stacked: image uint8 [n,S,S,3], caption list, shape/color int32 [n]."""
-    exs = [example(i, seed, image_size, "heldout") for i in range(n)]
-    return dict(image=np.stack([e["image"] for e in exs]) if exs else np.zeros((0, image_size, image_size, 3), np.uint8),
-                caption=[e["caption"] for e in exs],
-                shape=np.array([e["shape"] for e in exs], np.int32),
-                color=np.array([e["color"] for e in exs], np.int32))
-
-
 def caption_corpus(n, seed=0):
     """The captions of the first n training examples (no images drawn): tokenizer training text."""
     return [attributes(i, seed, "train")["caption"] for i in range(n)]
