@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax.benchmark import timing, train as train_bench
+from clip_jax import cost
+from clip_jax.benchmark import timing
 from clip_jax.models import layers
 from clip_jax.ops import cpu
 
@@ -39,7 +40,7 @@ def main():
     params = jax.jit(model.init)(jax.random.key(1), x)
     loss = lambda p, x: jnp.sum(model.apply(p, x).astype(jnp.float32) ** 2)
     compiled = jax.jit(jax.grad(loss)).lower(params, x).compile()
-    flops = train_bench.xla_flops(compiled)
+    flops = float(cost.xla_cost(compiled).get("flops", 0.0))
     times = timing.timings(lambda: jax.block_until_ready(compiled(params, x)), args.runs)
     median = float(np.median(times))
     print(f"{args.layers} blocks, width {args.width}, {args.batch}x{args.tokens} tokens, {args.dtype}, "

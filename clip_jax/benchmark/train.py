@@ -42,11 +42,6 @@ def measure_peak_tflops(dtype, sizes=None, repeats=5):
     return best
 
 
-def xla_flops(staged):
-    """FLOPs of a lowered or compiled program by XLA's cost analysis (0 when it has none)."""
-    return float(cost.xla_cost(staged).get("flops", 0.0))
-
-
 def synthetic_batch(run):
     """A random global batch of the run's config (uint8 pixels normalised, token ids), laid out
     on the run's mesh as the input pipeline lays out real ones."""
