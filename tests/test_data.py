@@ -307,7 +307,7 @@ def test_a_corrupt_record_is_named_and_replaced_the_rest_of_its_shard_read(tmp_p
     i = 7
     assert list(bad) == [i]
     assert "data-00001.array_record: record 2 (record 7 of the dataset) is unreadable" in bad[i]
-    load = pipeline.LoadRows(src, tok, [0], 16, 0, (0.9, 1.0), (0.75, 1.33))
+    load = pipeline.HostBatchLoader(src, tok, [0], 16, 0, (0.9, 1.0), (0.75, 1.33))
     assert load.load_or_replace(i, [0])[2:] == (i + 1, 1)
     assert src.record_files([4, 5, 12]) == [os.path.join(d, f"data-0000{j}.array_record")
                                             for j in (0, 1, 2)]

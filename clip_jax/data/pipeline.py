@@ -9,7 +9,7 @@ Design (exactness first):
   2. Each process keeps only the rows of every global index batch that its devices
      hold (`process_rows`: for the usual batch sharding the contiguous slice
      [p*B/P, (p+1)*B/P)), then one map loads, decodes, crops and tokenises just those
-     rows (`LoadRows`). The crop's randomness is seeded by (seed, k, global row), so it
+     rows (`HostBatchLoader`). The crop's randomness is seeded by (seed, k, global row), so it
      too is independent of who computes it.
   3. A record that fails to read or decode is replaced by the next record of the source
      (index + 1, wrapping; deterministic), its row is flagged in `replaced`, and the
@@ -105,7 +105,7 @@ def index_batches(num_records, global_batch_size, seed, weights=None, part_sizes
     return ds.batch(global_batch_size, drop_remainder=True)   # repeat(None) reseeds each epoch
 
 
-class LoadRows:
+class HostBatchLoader:
     """(k, global index batch k) -> this process's host batch (picklable, for Grain workers).
 
     Each element: images uint8 [R, S, S, 3], tokens int32 [R, ctx], indices int64 [R]
@@ -163,7 +163,7 @@ class LoadRows:
 def make_host_dataset(config, tokenizer, rows=None, start=0, opened=None):
     """grain.IterDataset of this process's host batches (numpy), from global batch `start` on.
 
-    Each element is a `LoadRows` output for R = len(rows) rows (default: the whole global
+    Each element is a `HostBatchLoader` output for R = len(rows) rows (default: the whole global
     batch). `opened`: the (source, weights) of `sources.make_source`, if already open.
     """
     source, weights = opened or sources.make_source(config, "train")
@@ -171,7 +171,7 @@ def make_host_dataset(config, tokenizer, rows=None, start=0, opened=None):
     if rows is None:
         rows = np.arange(batch)
     part_sizes = getattr(source, "sizes", [len(source)])
-    load = LoadRows(source, tokenizer, rows, config.model.vision.image_size, config.seed,
+    load = HostBatchLoader(source, tokenizer, rows, config.model.vision.image_size, config.seed,
                     config.data.crop_scale, config.data.crop_ratio)
     ds = index_batches(len(source), batch, config.seed, weights, part_sizes).map_with_index(load)
     if start:

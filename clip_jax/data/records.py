@@ -159,7 +159,7 @@ class IngestedSource:
     another number of records than the manifest says is a ValueError naming the shard file;
     nothing then reads a dataset with a hole in it. A record that cannot be read or decoded
     in a shard that opens (corrupt bytes mid-file) raises a ValueError naming its shard and
-    position, which the training pipeline replaces and counts (`pipeline.LoadRows`).
+    position, which the training pipeline replaces and counts (`pipeline.HostBatchLoader`).
     """
 
     def __init__(self, directory):
