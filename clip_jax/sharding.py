@@ -71,7 +71,7 @@ def batch_sharding(mesh, rules):
     return NamedSharding(mesh, P(batch_axes(rules) or None))
 
 
-def _fit(spec, shape, mesh):
+def _drop_indivisible_axes(spec, shape, mesh):
     """Drops mesh axes that do not divide the dimension they would split."""
     out = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -100,7 +100,7 @@ def logical_to_sharding(abstract_boxed, mesh, rules):
     mesh_specs = nn.logical_to_mesh(logical_specs, rules)
     shapes = unbox_abstract(abstract_boxed)
     return jax.tree.map(
-        lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+        lambda spec, x: NamedSharding(mesh, _drop_indivisible_axes(spec, x.shape, mesh)),
         mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 

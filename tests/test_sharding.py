@@ -58,6 +58,6 @@ def test_param_shardings_follow_rules_on_8_devices():
 
 def test_non_dividing_axis_is_dropped():
     mesh = jax.sharding.AbstractMesh((4, 2, 1), sharding.MESH_AXES)
-    assert sharding._fit(P("fsdp", "model"), (3, 8), mesh) == P(None, "model")  # size-1 axis divides
-    assert sharding._fit(P(("data", "fsdp"),), (4,), mesh) == P("data")
-    assert sharding._fit(P(("data", "fsdp"),), (16,), mesh) == P(("data", "fsdp"))
+    assert sharding._drop_indivisible_axes(P("fsdp", "model"), (3, 8), mesh) == P(None, "model")  # size-1 axis divides
+    assert sharding._drop_indivisible_axes(P(("data", "fsdp"),), (4,), mesh) == P("data")
+    assert sharding._drop_indivisible_axes(P(("data", "fsdp"),), (16,), mesh) == P(("data", "fsdp"))
