@@ -20,8 +20,8 @@ import sys
 import jax
 import ml_collections
 
-from clip_jax import config_lib, losses, sharding, train, validation
-from clip_jax.models import abstract_variables, build_model, count_params, encoder_fns, input_specs
+from clip_jax import config_lib, losses, models, sharding, train, validation
+from clip_jax.models import abstract_variables, count_params, encoder_fns, input_specs
 
 
 def unrolled(model_cfg):
@@ -103,8 +103,11 @@ def memory_estimate(config, model, variables, n_params, num_devices):
 
 
 def summarize(config, memory=True, num_devices=None):
-    model_cfg = unrolled(config.model)
-    model = build_model(model_cfg)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.model = unrolled(config.model)
+    model_cfg = config.model
+    model = models.from_config(config)
     variables = abstract_variables(model, model_cfg)
     counts = count_params(variables["params"])
     out = {"params": counts, "gflops": gflops(model, model_cfg, variables)}

@@ -26,7 +26,8 @@ def test_finetune_config_takes_model_tokenizer_and_weights_from_converted_weight
     cfg = _model("resnet", embed_dim=32)
     cfg.text.vocab_size = 49408
     out = str(tmp_path / "converted")
-    checkpoint.save_params(out, _random_variables(cfg)["params"], config=convert.converted_config(cfg))
+    config = convert.converted_config(cfg)
+    checkpoint.save_params(out, _random_variables(config)["params"], config=config)
     path = os.path.join(REPO, "configs", "finetune.py")
     c = load(path, out)
     validation.validate(c, num_devices=8)

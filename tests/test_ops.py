@@ -8,15 +8,16 @@ import types
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax.core import meta
 
-from clip_jax import ops
-from clip_jax.models import build_model, layers, resnet
+from clip_jax import models, ops
+from clip_jax.models import layers, resnet
 from clip_jax.ops import cpu
 from tests.helpers import REPO, run_python
-from tests.test_models import make_images, make_tokens, small_cfg
+from tests.test_models import build, make_images, make_tokens, small_cfg
 
 CPU = cpu.CpuOps()
 
@@ -57,7 +58,8 @@ def test_cpu_ops_model_equals_the_plain_model_in_float32(kind):
     BatchNorm's custom backward, the pools; ViT: the dense layers) against the plain code:
     embeddings, BatchNorm statistics and every parameter's gradient."""
     cfg = small_cfg(kind)
-    plain, fast = build_model(cfg), build_model(cfg, ops.select("auto", _cpu_mesh()))
+    plain = build(cfg)
+    fast = models.from_config(ml_collections.ConfigDict(dict(model=cfg, loss=dict(name="clip"))), _cpu_mesh())
     assert plain.ops is None and fast.ops == cpu.CpuOps()
     images, tokens = make_images(4, cfg.vision.image_size), make_tokens(4)
     variables = meta.unbox(plain.init(jax.random.key(0), images, tokens))
@@ -86,7 +88,7 @@ def test_cpu_ops_unroll_the_resnet_stages_and_the_plain_code_scans_them():
         cfg.vision.layers = (1, 3, 1, 1)       # a stage with blocks to scan
         cfg.text.layers = 3
         cfg.scan_layers = True
-    plain, fast = build_model(cfg), build_model(cfg, cpu.CpuOps())
+    plain, fast = build(cfg), build(cfg, kernels=cpu.CpuOps())
     images, tokens = make_images(2, cfg.vision.image_size), make_tokens(2)
     variables = meta.unbox(plain.init(jax.random.key(0), images, tokens))
 
@@ -120,7 +122,7 @@ def test_each_cpu_piece_can_be_turned_off(piece):
         cfg.cpu_ops_off = f" {piece} "
     ops_ = ops.for_model(cfg, _cpu_mesh())
     assert ops_ == cpu.CpuOps(off=frozenset({piece}))
-    plain, full, without = build_model(cfg), build_model(cfg, CPU), build_model(cfg, ops_)
+    plain, full, without = build(cfg), build(cfg, kernels=CPU), build(cfg, kernels=ops_)
     images, tokens = make_images(4, cfg.vision.image_size), make_tokens(4)
     variables = meta.unbox(plain.init(jax.random.key(0), images, tokens))
 

@@ -30,7 +30,7 @@ def for_model(model_cfg, mesh):
 
 
 def select(name, mesh, off=()):
-    """The `ops` for `config.model.ops = name` (`models.build_model(..., ops=)`) when the
+    """The `ops` for `config.model.ops = name` (`models.from_config(config, mesh)`) when the
     model runs on `mesh` (None: the plain code); `off`: `CpuOps` pieces left to the plain
     code."""
     if name not in CHOICES:
