@@ -120,9 +120,10 @@ def validate(config, num_devices=None):
     need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b2" if not 0 <= o.b2 < 1 else "optim.b1", "must be in [0, 1)")
     need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    need(config.loss.name in losses.LOSSES, "loss.name", f"must be one of {sorted(losses.LOSSES)}")
-    need(losses.valid_block_size(config.loss.block_size), "loss.block_size",
-         "must be a positive integer")
+    try:
+        losses.check(config.loss)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     need(isinstance(config.micro_batches, int) and config.micro_batches >= 1, "micro_batches",
          "must be a positive integer")
     need(config.batch_size % config.micro_batches == 0, "micro_batches", "must divide batch_size")

@@ -47,7 +47,7 @@ class CLIP(nn.Module):
     activation: str = "quick_gelu"   # transformer MLPs: 'quick_gelu' (OpenAI) or 'gelu'
     ops: Any = None             # a platform's kernels (clip_jax.ops.select); None: plain XLA
     # The learned temperature's initial log, and the learned logit bias (None: none): the
-    # paper's 1/0.07; SigLIP's log 10 and -10 (losses.model_options).
+    # paper's 1/0.07; SigLIP's log 10 and -10 (its entry in losses.LOSSES).
     logit_scale_init: float = math.log(1 / 0.07)
     logit_bias_init: Optional[float] = None
 
