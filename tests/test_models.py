@@ -406,24 +406,24 @@ def test_scanned_resnet_equals_the_unrolled_one(remat):
     (1, 1, 0, 8), (3, 1, 1, 8), (3, 2, 1, 8), (3, 2, 1, 7), (1, 2, 0, 8), (3, 1, 1, 5),
     (2, 2, 0, 8), (4, 4, 0, 8)])           # the last two: ViT patch embeddings
 def test_bfloat16_convolution_keeps_its_kernel_gradient_in_float32(size, stride, padding, height):
-    """`layers.conv` in bfloat16 ('same' ResNet convolutions, strided; patch embeddings): the
+    """`ops.plain.conv` in bfloat16 ('same' ResNet convolutions, strided; patch embeddings): the
     forward and the input gradient are JAX's own, and the kernel's gradient is the float32
     sum of the bfloat16 products (what the convolution of the bfloat16-rounded values in
     float32 gives), not rounded to bfloat16: that is what the devices then sum (test_aot
     checks the compiled TPU step)."""
-    from clip_jax.models import layers
+    from clip_jax.ops import plain
     kx, kk, kg = jax.random.split(jax.random.key(size * 10 + stride), 3)
     x = jax.random.normal(kx, (2, height, 8, 8)).astype(jnp.bfloat16)     # H != W: a swap shows
     kernel = jax.random.normal(kk, (size, size, 8, 12)) / (size * 8 ** 0.5)
-    conv = lambda x, k: layers.conv(x, k, stride, padding, jnp.bfloat16)
+    conv = lambda x, k: plain.conv(x, k, stride, padding, jnp.bfloat16)
     out = conv(x, kernel)
     cotangent = jax.random.normal(kg, out.shape).astype(jnp.bfloat16)
 
     def autodiff(x, kernel):       # JAX's own gradient of the bfloat16 convolution
-        return layers._conv(x, kernel.astype(jnp.bfloat16), stride, padding)
+        return plain._conv(x, kernel.astype(jnp.bfloat16), stride, padding)
 
     def exact(x, rounded_kernel):  # the same values in float32
-        return layers._conv(x.astype(jnp.float32), rounded_kernel, stride, padding)
+        return plain._conv(x.astype(jnp.float32), rounded_kernel, stride, padding)
 
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(autodiff(x, kernel), np.float32))
     dx, dk = jax.vjp(conv, x, kernel)[1](cotangent)

@@ -14,8 +14,8 @@ import pytest
 from flax.core import meta
 
 from clip_jax import models, ops
-from clip_jax.models import layers, resnet
-from clip_jax.ops import cpu
+from clip_jax.models import resnet
+from clip_jax.ops import PLAIN, cpu, plain
 from tests.helpers import REPO, run_python
 from tests.test_models import build, make_images, make_tokens, small_cfg
 
@@ -33,23 +33,36 @@ def test_select_follows_the_mesh_devices_not_the_process():
     assert ops.select("cpu", _fake_mesh("cpu")) == cpu.CpuOps()
     # On this CPU process, a TPU or GPU mesh still gets the plain code.
     for platform in ("tpu", "gpu"):
-        assert ops.select("auto", _fake_mesh(platform)) is None
+        assert ops.select("auto", _fake_mesh(platform)) == PLAIN
         with pytest.raises(ValueError, match="'cpu' kernels need CPU devices"):
             ops.select("cpu", _fake_mesh(platform))
-    assert ops.select("xla", _fake_mesh("cpu")) is None
+    assert ops.select("xla", _fake_mesh("cpu")) == PLAIN
     with pytest.raises(ValueError, match="config.model.ops"):
         ops.select("fast", _fake_mesh("cpu"))
 
 
-def test_models_never_ask_the_process_for_its_backend_or_devices():
+def test_models_and_kernels_never_ask_the_process_for_its_backend_or_devices():
     """The platform comes from the mesh (clip_jax.ops.select), so a step traced on a CPU
     host for a TPU topology is the TPU program."""
     forbidden = re.compile(r"default_backend\(|device_count\(|jax\.devices\(|local_devices\(")
-    models = os.path.join(REPO, "clip_jax", "models")
-    for name in sorted(os.listdir(models)):
+    for package in ("models", "ops"):
+        directory = os.path.join(REPO, "clip_jax", package)
+        for name in sorted(os.listdir(directory)):
+            if name.endswith(".py"):
+                with open(os.path.join(directory, name)) as f:
+                    assert not forbidden.search(f.read()), name
+
+
+def test_the_models_call_their_kernels_without_fallbacks():
+    """Every module reaches the kernels through its `ops` field, whose default is the plain
+    code (`ops.PLAIN`): no getattr fallback, no None."""
+    directory = os.path.join(REPO, "clip_jax", "models")
+    for name in sorted(os.listdir(directory)):
         if name.endswith(".py"):
-            with open(os.path.join(models, name)) as f:
-                assert not forbidden.search(f.read()), name
+            with open(os.path.join(directory, name)) as f:
+                text = f.read()
+            assert "getattr(self.ops" not in text and "getattr(ops" not in text, name
+            assert "ops: Any = None" not in text, name
 
 
 @pytest.mark.parametrize("kind", ["resnet", "vit"])
@@ -60,7 +73,7 @@ def test_cpu_ops_model_equals_the_plain_model_in_float32(kind):
     cfg = small_cfg(kind)
     plain = build(cfg)
     fast = models.from_config(ml_collections.ConfigDict(dict(model=cfg, loss=dict(name="clip"))), _cpu_mesh())
-    assert plain.ops is None and fast.ops == cpu.CpuOps()
+    assert plain.ops == PLAIN and fast.ops == cpu.CpuOps()
     images, tokens = make_images(4, cfg.vision.image_size), make_tokens(4)
     variables = meta.unbox(plain.init(jax.random.key(0), images, tokens))
     weights = jax.random.normal(jax.random.key(1), (4, cfg.embed_dim))
@@ -168,10 +181,10 @@ def test_cpu_matmul_equals_the_plain_one():
     def loss(fn, dtype):
         return lambda x, k, b: jnp.sum(fn(x.astype(dtype), k, b, dtype).astype(jnp.float32) * r)
 
-    exact, exact_g = jax.value_and_grad(loss(layers.matmul, jnp.float32), argnums=(0, 1, 2))(
+    exact, exact_g = jax.value_and_grad(loss(plain.matmul, jnp.float32), argnums=(0, 1, 2))(
         x, kernel, bias)
     for dtype in (jnp.float32, jnp.bfloat16):
-        want, want_g = jax.jit(jax.value_and_grad(loss(layers.matmul, dtype), argnums=(0, 1, 2)))(
+        want, want_g = jax.jit(jax.value_and_grad(loss(plain.matmul, dtype), argnums=(0, 1, 2)))(
             x, kernel, bias)
         got, got_g = jax.jit(jax.value_and_grad(loss(cpu.matmul, dtype), argnums=(0, 1, 2)))(
             x, kernel, bias)
@@ -250,7 +263,7 @@ def _lax_conv(x, kernel, stride=1):
     (3, 1, jnp.bfloat16, 64), (3, 1, jnp.float32, 128), (3, 2, jnp.bfloat16, 8)])
 def test_cpu_conv_equals_the_plain_convolution(size, stride, dtype, channels):
     """Every path of `CpuOps.conv` (1x1 as a product, wide bfloat16 3x3 as im2col, the
-    rest as XLA's convolution with a float32 accumulator) against `resnet.conv`, forward
+    rest as XLA's convolution with a float32 accumulator) against `plain.Ops.conv`, forward
     and both gradients, relative to the largest entry: float32 to rounding, bfloat16 to
     its precision."""
     kx, kk, kg = jax.random.split(jax.random.key(0), 3)
@@ -264,11 +277,11 @@ def test_cpu_conv_equals_the_plain_convolution(size, stride, dtype, channels):
         return jnp.sum(fn(x, kernel, stride, dtype).astype(jnp.float32) * cotangent)
 
     got = jax.jit(CPU.conv, static_argnums=(2, 3))(x, kernel, stride, dtype)
-    want = resnet.conv(x, kernel, stride, dtype)
+    want = PLAIN.conv(x, kernel, stride, dtype)
     assert got.dtype == jnp.float32 and got.shape == want.shape == out_shape
     _assert_close(got, want, tol)
     g_got = jax.jit(jax.grad(functools.partial(loss, CPU.conv), (0, 1)))(x, kernel)
-    g_want = jax.grad(functools.partial(loss, resnet.conv), (0, 1))(x, kernel)
+    g_want = jax.grad(functools.partial(loss, PLAIN.conv), (0, 1))(x, kernel)
     assert g_got[0].dtype == dtype and g_got[1].dtype == jnp.float32
     for a, b in zip(g_got, g_want):
         _assert_close(a, b, tol)
@@ -356,7 +369,7 @@ def test_conv_module_has_nn_conv_parameters_and_each_ops_path(dtype, channels, i
                         param_dtype=jnp.float32,
                         kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
     ref_variables = reference.init(jax.random.key(1), x)
-    for ops_, takes_im2col in ((None, False), (CPU, im2col)):
+    for ops_, takes_im2col in ((PLAIN, False), (CPU, im2col)):
         layer = resnet.Conv(8, 3, dtype=dtype, ops=ops_)
         variables = meta.unbox(layer.init(jax.random.key(1), x))
         assert jax.tree.structure(variables) == jax.tree.structure(ref_variables)
@@ -370,7 +383,7 @@ def test_conv_module_has_nn_conv_parameters_and_each_ops_path(dtype, channels, i
 
 # ------------------------------------------------------------------------ BatchNorm, pools
 
-@pytest.mark.parametrize("ops_", [None, CPU], ids=["plain", "cpu"])
+@pytest.mark.parametrize("ops_", [PLAIN, CPU], ids=["plain", "cpu"])
 @pytest.mark.parametrize("relu,with_residual", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_batch_norm_matches_flax(ops_, relu, with_residual, dtype):
@@ -428,7 +441,7 @@ def test_batch_norm_matches_flax(ops_, relu, with_residual, dtype):
 
 def test_cpu_batch_norm_carries_the_statistics_gradients():
     """The CPU BatchNorm's VJP also carries the batch mean's and variance's cotangents, as
-    autodiff of the plain `resnet.batch_norm` does."""
+    autodiff of the plain `plain.Ops.batch_norm` does."""
     k = jax.random.split(jax.random.key(1), 4)
     x = 2.0 * jax.random.normal(k[0], (3, 4, 4, 5)) - 1.0
     scale, bias = 1 + jax.random.normal(k[1], (5,)), jax.random.normal(k[2], (5,))
@@ -439,7 +452,7 @@ def test_cpu_batch_norm_carries_the_statistics_gradients():
         return jnp.sin(y).sum() + (mean * u).sum() + (var * v).sum()
 
     got = jax.grad(functools.partial(objective, CPU.batch_norm), argnums=(0, 1, 2))(x, scale, bias)
-    want = jax.grad(functools.partial(objective, resnet.batch_norm), argnums=(0, 1, 2))(x, scale, bias)
+    want = jax.grad(functools.partial(objective, PLAIN.batch_norm), argnums=(0, 1, 2))(x, scale, bias)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
@@ -448,7 +461,7 @@ def test_cpu_batch_norm_carries_the_statistics_gradients():
     (jnp.float32, 2, 8, 6), (jnp.bfloat16, 2, 8, 6), (jnp.float32, 4, 8, 12),
     (jnp.float32, 2, 7, 6)])
 def test_cpu_avg_pool_equals_the_plain_pool(dtype, k, height, width):
-    """The reshape-and-mean pool against `resnet.avg_pool` (nn.avg_pool), forward and
+    """The reshape-and-mean pool against `plain.Ops.avg_pool` (nn.avg_pool), forward and
     gradient: float32 to rounding; bfloat16 to one rounding of the float32 mean (nn.avg_pool
     sums in bfloat16); an odd side (height 7) takes the fallback and floors."""
     kx, kg = jax.random.split(jax.random.key(0))
@@ -458,12 +471,12 @@ def test_cpu_avg_pool_equals_the_plain_pool(dtype, k, height, width):
     def loss(pool, x):
         return jnp.sum(pool(x, k).astype(jnp.float32) * cotangent)
 
-    reference = lambda x, k: resnet.avg_pool(x.astype(jnp.float32), k)
+    reference = lambda x, k: PLAIN.avg_pool(x.astype(jnp.float32), k)
     got = jax.jit(CPU.avg_pool, static_argnums=1)(x, k)
     assert got.dtype == dtype and got.shape == (2, height // k, width // k, 3)
     tol = 1e-6 if dtype == jnp.float32 else 2 ** -8
     np.testing.assert_allclose(np.asarray(got, np.float32), reference(x, k), rtol=tol, atol=tol)
-    np.testing.assert_allclose(np.asarray(resnet.avg_pool(x, k), np.float32), reference(x, k),
+    np.testing.assert_allclose(np.asarray(PLAIN.avg_pool(x, k), np.float32), reference(x, k),
                                rtol=2 * tol, atol=2 * tol)
     dx = jax.jit(jax.grad(functools.partial(loss, CPU.avg_pool)))(x)
     want_dx = jax.grad(functools.partial(loss, reference))(x)
@@ -471,3 +484,4 @@ def test_cpu_avg_pool_equals_the_plain_pool(dtype, k, height, width):
     np.testing.assert_allclose(np.asarray(dx, np.float32), want_dx, rtol=tol, atol=tol)
     if height % k:                                # the floored row gets no gradient
         assert not np.any(np.asarray(dx, np.float32)[:, height - height % k:])
+

@@ -43,7 +43,7 @@ def from_config(config, mesh=None) -> CLIP:
         remat=bool(m.get("remat", False)),
         scan_layers=bool(m.get("scan_layers", False)),
         activation=str(m.get("activation", "quick_gelu")),
-        ops=None if mesh is None else ops.for_model(m, mesh),
+        ops=ops.PLAIN if mesh is None else ops.for_model(m, mesh),
         **losses.model_options(config.loss),
     )
 

@@ -1,11 +1,11 @@
-"""Platform-specific kernels for the models, chosen once from the mesh's devices.
+"""The kernels the models run on, chosen once from the mesh's devices.
 
-The models (`clip_jax/models`) are plain Flax/XLA. A few of their pieces take an `ops`
-object that may replace them: `matmul` (every dense layer), `conv` and `batch_norm`
-(the ResNet), `avg_pool` (the ResNet's pools). `ops=None` is the plain code, which is what
-runs on TPUs and GPUs, whose compilers fuse and lay out those pieces themselves.
-`CpuOps` (clip_jax/ops/cpu.py) holds the XLA:CPU variants; a test checks each against the
-plain piece, forward and backward.
+The models (`clip_jax/models`) call every platform-dependent piece on an `ops` object, an
+`Ops` (plain.py): `matmul` (every dense layer), `conv` and `batch_norm` (the ResNet),
+`avg_pool` (the ResNet's pools), and `scan_convolutions`. `Ops` is the plain code, which
+is what runs on TPUs and GPUs, whose compilers fuse and lay out those pieces themselves;
+`PLAIN` is every module's default. `CpuOps` (cpu.py) subclasses it with the XLA:CPU
+variants; a test checks each against the plain piece, forward and backward.
 
 `config.model.ops`:
 - 'auto' (default): `CpuOps` on a mesh of CPU devices, the plain code on any other;
@@ -21,6 +21,9 @@ is the TPU program.
 """
 from clip_jax.config_lib import MODEL_OPS as CHOICES
 from clip_jax.ops.cpu import CpuOps
+from clip_jax.ops.plain import PLAIN, Ops
+
+__all__ = ["CHOICES", "PLAIN", "CpuOps", "Ops", "for_model", "select"]
 
 
 def for_model(model_cfg, mesh):
@@ -31,16 +34,15 @@ def for_model(model_cfg, mesh):
 
 def select(name, mesh, off=()):
     """The `ops` for `config.model.ops = name` (`models.from_config(config, mesh)`) when the
-    model runs on `mesh` (None: the plain code); `off`: `CpuOps` pieces left to the plain
-    code."""
+    model runs on `mesh`; `off`: `CpuOps` pieces left to the plain code."""
     if name not in CHOICES:
         raise ValueError(f"config.model.ops: must be one of {CHOICES}, got {name!r}")
     if name == "xla":
-        return None
+        return PLAIN
     platform = mesh.devices.flat[0].platform
     if name == "cpu" and platform != "cpu":
         raise ValueError(f"config.model.ops: 'cpu' kernels need CPU devices, but the mesh's "
                          f"devices are {platform!r} (use 'auto' or 'xla')")
     if platform != "cpu":
-        return None
+        return PLAIN
     return CpuOps(per_image_im2col=mesh.size > 1, off=frozenset(off))
