@@ -106,7 +106,7 @@ def infer_model_config(tensors, source="checkpoint", open_clip_cfg=None):
                   heads=int(text_heads or text_width // 64),
                   layers=_count(tensors, "transformer.resblocks.")),
         dtype="float32", remat=False, scan_layers=False,
-        activation="quick_gelu" if quick else "gelu", ops="auto", cpu_ops_off="")
+        activation="quick_gelu" if quick else "gelu")
     import ml_collections
     return ml_collections.ConfigDict(model)
 
@@ -165,7 +165,7 @@ def arch_config(arch):
 
 def _shape_dict(model_cfg):
     d = json.loads(model_cfg.to_json())
-    for k in ("dtype", "remat", "scan_layers", "activation", "ops", "cpu_ops_off"):
+    for k in ("dtype", "remat", "scan_layers", "activation"):
         d.pop(k, None)
     d["vision"]["layers"] = list(d["vision"]["layers"]) if isinstance(d["vision"]["layers"], (list, tuple)) \
         else d["vision"]["layers"]

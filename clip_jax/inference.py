@@ -18,7 +18,8 @@ each padded to a power of two (a multiple of the mesh's batch shards), so a hand
 shapes are compiled whatever the input sizes. Parameters are laid out by the run's
 sharding rules on a mesh of all devices (the run's mesh if it fits, else data-parallel).
 Embeddings come back as numpy float32, unnormalised unless `normalize=True` — as
-OpenAI's `encode_image`/`encode_text` do.
+OpenAI's `encode_image`/`encode_text` do. The model runs on the kernels this host's devices
+suit (`load(..., kernels='auto')`), never the ones the saved run chose.
 
 Nothing wrong comes out silently. The arrays are checked against the checksums saved with
 them (`checkpoint.load_model_variables`): for a run's workdir a damaged newest checkpoint
@@ -30,9 +31,10 @@ and search scores would look plausible and mean nothing.
 """
 
 import jax
+import ml_collections
 import numpy as np
 
-from clip_jax import checkpoint, config_lib, models, paths, sharding
+from clip_jax import checkpoint, config_lib, models, ops, paths, sharding
 from clip_jax.data import images as images_lib, tokenizer as tokenizer_lib
 from clip_jax.data.pipeline import normalize_images
 from clip_jax.models.clip import MAX_LOGIT_SCALE, l2_normalize
@@ -262,9 +264,15 @@ def inference_mesh(config):
         return sharding.make_mesh({"data": -1, "fsdp": 1, "model": 1})
 
 
-def load(path, batch_size=DEFAULT_BATCH_SIZE):
-    """A `CLIPModel` for the checkpoint at `path` (a workdir, a checkpoint, converted weights)."""
+def load(path, batch_size=DEFAULT_BATCH_SIZE, kernels="auto"):
+    """A `CLIPModel` for the checkpoint at `path` (a workdir, a checkpoint, converted weights).
+
+    `kernels` (`config.kernels.ops`: 'auto', 'xla' or 'cpu') are chosen for this host's
+    devices, never taken from the saved run: a run trained with the CPU kernels loads on a
+    GPU or TPU host with the plain ones."""
     config, _, home = locate(path)
+    config.kernels = ml_collections.ConfigDict(dict(ops=kernels, cpu_ops_off=""))
+    ops.check(config.kernels)
     tokenizer = load_tokenizer(config, home)
     mesh = inference_mesh(config)
     rules = tuple(tuple(r) for r in config.sharding_rules)

@@ -70,7 +70,8 @@ def test_paper_recipe(name):
     ("model.vision.kind", "mlp", "config.model.vision.kind"),
     ("model.vision.patch_size", 7, "config.model.vision.patch_size"),
     ("model.dtype", "float16", "config.model.dtype"),
-    ("model.cpu_ops_off", "im2col,fast_pools", "config.model.cpu_ops_off.*fast_pools"),
+    ("kernels.cpu_ops_off", "im2col,fast_pools", r"config.kernels.cpu_ops_off: unknown CPU kernel piece\(s\) \['fast_pools'\]"),
+    ("kernels.ops", "fast", "config.kernels.ops: must be one of"),
     ("optim.lr", 0.0, "config.optim.lr"),
     ("loss.name", "nope", "config.loss.name"),
     ("data.source", "laion", "config.data.source"),
@@ -106,6 +107,30 @@ def test_unknown_override_key_names_it_and_suggests():
     with pytest.raises(config_lib.ConfigError, match="'optim.lrr'.*did you mean optim.lr"):
         config_lib.check_override_keys(c, ["--config.optim.lrr=1"])
     config_lib.check_override_keys(c, ["--config.optim.lr=1", "--workdir=x"])
+
+
+def test_the_kernel_keys_that_left_the_model_block_say_where_they_went():
+    """`model.ops` / `model.cpu_ops_off` are `kernels.ops` / `kernels.cpu_ops_off` now: an
+    override or a config file that sets the old key is told so; a saved config that has it
+    (every checkpoint's before) reads without it, and resuming from one reports no change."""
+    import json
+    c = load(os.path.join(REPO, "configs", "smoke.py"))
+    with pytest.raises(config_lib.ConfigError, match=r"config key 'model.ops' in '--config.model.ops=xla' "
+                                                     r"moved to 'kernels.ops': use --config.kernels.ops=xla"):
+        config_lib.check_override_keys(c, ["--config.model.ops=xla"])
+    with pytest.raises(config_lib.ConfigError, match="'model.cpu_ops_off'.*moved to 'kernels.cpu_ops_off'"):
+        config_lib.check_override_keys(c, ["--config.model.cpu_ops_off=im2col"])
+    old = json.loads(c.to_json_best_effort())
+    old["model"].update(ops="cpu", cpu_ops_off="im2col")
+    del old["kernels"]
+    read = config_lib.from_json(old)
+    assert "ops" not in read.model and "cpu_ops_off" not in read.model
+    assert read.kernels.to_dict() == {"ops": "auto", "cpu_ops_off": ""}
+    validation.validate(read, num_devices=1)
+    assert config_lib.describe_changes(old, c) == []
+    c.model.ops = "xla"                              # a config file written for the old layout
+    with pytest.raises(config_lib.ConfigError, match=r"config.model.ops: moved to config.kernels.ops"):
+        validation.validate(c, num_devices=1)
 
 
 @pytest.mark.parametrize("arg,match", [

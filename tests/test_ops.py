@@ -37,7 +37,7 @@ def test_select_follows_the_mesh_devices_not_the_process():
         with pytest.raises(ValueError, match="'cpu' kernels need CPU devices"):
             ops.select("cpu", _fake_mesh(platform))
     assert ops.select("xla", _fake_mesh("cpu")) == PLAIN
-    with pytest.raises(ValueError, match="config.model.ops"):
+    with pytest.raises(ValueError, match=r"config.kernels.ops: must be one of \('auto', 'xla', 'cpu'\) \(got 'fast'\)"):
         ops.select("fast", _fake_mesh("cpu"))
 
 
@@ -72,7 +72,8 @@ def test_cpu_ops_model_equals_the_plain_model_in_float32(kind):
     embeddings, BatchNorm statistics and every parameter's gradient."""
     cfg = small_cfg(kind)
     plain = build(cfg)
-    fast = models.from_config(ml_collections.ConfigDict(dict(model=cfg, loss=dict(name="clip"))), _cpu_mesh())
+    config = ml_collections.ConfigDict(dict(model=cfg, loss=dict(name="clip"), kernels=dict(ops="auto")))
+    fast = models.from_config(config, _cpu_mesh())
     assert plain.ops == PLAIN and fast.ops == cpu.CpuOps()
     images, tokens = make_images(4, cfg.vision.image_size), make_tokens(4)
     variables = meta.unbox(plain.init(jax.random.key(0), images, tokens))
@@ -122,7 +123,7 @@ def _cpu_mesh():
 
 @pytest.mark.parametrize("piece", cpu.PIECES)
 def test_each_cpu_piece_can_be_turned_off(piece):
-    """`config.model.cpu_ops_off` (what the side-by-side turns off to measure a piece) leaves
+    """`config.kernels.cpu_ops_off` (what the side-by-side turns off to measure a piece) leaves
     that piece to the plain code: the bfloat16 ResNet's gradient program changes, and it
     still computes what the plain model computes, to bfloat16 accuracy (embeddings; every
     gradient relative to the largest gradient entry: the bfloat16 models with and without
@@ -132,8 +133,7 @@ def test_each_cpu_piece_can_be_turned_off(piece):
     with cfg.unlocked():
         cfg.vision.layers = (1, 1, 1, 3)       # a wide stage (im2col) with blocks to scan
         cfg.scan_layers = True
-        cfg.cpu_ops_off = f" {piece} "
-    ops_ = ops.for_model(cfg, _cpu_mesh())
+    ops_ = ops.from_config(ml_collections.ConfigDict(dict(ops="auto", cpu_ops_off=f" {piece} ")), _cpu_mesh())
     assert ops_ == cpu.CpuOps(off=frozenset({piece}))
     plain, full, without = build(cfg), build(cfg, kernels=CPU), build(cfg, kernels=ops_)
     images, tokens = make_images(4, cfg.vision.image_size), make_tokens(4)
@@ -158,11 +158,11 @@ def test_each_cpu_piece_can_be_turned_off(piece):
 def test_cpu_pieces_are_checked_by_name():
     with pytest.raises(ValueError, match=r"unknown CPU kernel piece\(s\) \['im2cols'\]"):
         cpu.CpuOps(off={"im2cols"})
-    cfg = small_cfg("resnet")
-    with cfg.unlocked():
-        cfg.cpu_ops_off = "im2col,pool"
-    with pytest.raises(ValueError, match="pool"):
-        ops.for_model(cfg, _cpu_mesh())
+    kernels = ml_collections.ConfigDict(dict(ops="auto", cpu_ops_off="im2col,pool"))
+    want = r"config.kernels.cpu_ops_off: unknown CPU kernel piece\(s\) \['pool'\]; the pieces are .* \(got 'im2col,pool'\)"
+    for check in (ops.check, lambda k: ops.from_config(k, _cpu_mesh())):
+        with pytest.raises(ValueError, match=want):
+            check(kernels)
 
 
 # ------------------------------------------------------------------------ matmul
@@ -485,3 +485,40 @@ def test_cpu_avg_pool_equals_the_plain_pool(dtype, k, height, width):
     if height % k:                                # the floored row gets no gradient
         assert not np.any(np.asarray(dx, np.float32)[:, height - height % k:])
 
+
+# ------------------------------------------------------------------------ kernels at load
+
+def test_a_checkpoint_made_with_the_cpu_kernels_loads_and_evaluates_with_the_plain_ones(tmp_path):
+    """The kernels are the reading host's choice (`clip_jax.load(kernels=)`, default 'auto'),
+    never the saved run's: an old config.json (the kernels in its model block, as in every
+    checkpoint before `config.kernels`) loads with this host's choice whatever it says, and a
+    model saved by a run with `kernels.ops=cpu` loads with the plain code (what a GPU or TPU
+    host runs), giving the CPU kernels' embeddings and evaluation figures."""
+    import json
+    import clip_jax
+    from clip_jax.evals import data as data_lib, zeroshot
+    from tests.helpers import write_model_dir
+    src = write_model_dir(tmp_path / "model", resnet=True)    # the ResNet: every kernel piece
+    path = os.path.join(src, "config.json")
+    with open(path) as f:
+        saved = json.load(f)
+    old = json.loads(json.dumps(saved))
+    old["model"].update(ops="xla", cpu_ops_off="im2col")
+    old.pop("kernels", None)
+    with open(path, "w") as f:
+        json.dump(old, f)
+    assert clip_jax.load(src, batch_size=8).model.ops == CPU      # 'auto' on this CPU host
+    saved["kernels"] = {"ops": "cpu", "cpu_ops_off": ""}
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    plain_model = clip_jax.load(src, kernels="xla", batch_size=8)
+    cpu_model = clip_jax.load(src, kernels="cpu", batch_size=8)
+    assert plain_model.model.ops == PLAIN and cpu_model.model.ops == CPU
+    images = np.random.default_rng(0).standard_normal((3, 32, 32, 3)).astype(np.float32)
+    ids = plain_model.tokenize(["a red circle.", "a blue square.", "a star"])
+    np.testing.assert_allclose(plain_model.encode_image(images), cpu_model.encode_image(images),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(plain_model.encode_text(ids), cpu_model.encode_text(ids), rtol=1e-5, atol=1e-5)
+    data = data_lib.open_eval_data("synthetic:shape", plain_model.config)
+    got, want = (zeroshot.evaluate(m, data, progress=False) for m in (plain_model, cpu_model))
+    assert got["top1"] == want["top1"] and got["top5"] == want["top5"]

@@ -19,9 +19,9 @@ def from_config(config, mesh=None) -> CLIP:
     `config` is the whole run config: the architecture comes from `config.model`, the
     parameters the loss needs (SigLIP's `logit_bias`, its initial temperature) from
     `config.loss` (`losses.model_options`), so a model is built the same way wherever
-    its checkpoint is read. `mesh`: where the model runs, whose devices choose the
-    platform's kernels (`clip_jax.ops`); None gives the plain code, for what needs only
-    shapes (abstract variables, name tables, FLOP counts)."""
+    its checkpoint is read. `mesh`: where the model runs, whose devices choose the kernels
+    `config.kernels` asks for (`clip_jax.ops.from_config`); None gives the plain code, for
+    what needs only shapes (abstract variables, name tables, FLOP counts)."""
     m = config.model
     v, t = m.vision, m.text
     kind = str(v.kind)
@@ -43,7 +43,7 @@ def from_config(config, mesh=None) -> CLIP:
         remat=bool(m.get("remat", False)),
         scan_layers=bool(m.get("scan_layers", False)),
         activation=str(m.get("activation", "quick_gelu")),
-        ops=ops.PLAIN if mesh is None else ops.for_model(m, mesh),
+        ops=ops.PLAIN if mesh is None else ops.from_config(config.kernels, mesh),
         **losses.model_options(config.loss),
     )
 

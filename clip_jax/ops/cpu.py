@@ -21,7 +21,7 @@ one pays, measured piece by piece on 2-core AVX512-BF16 CPUs, is in BUILD_NOTES
 - `scan_convolutions` False: the ResNet's stages unrolled (see `CpuOps`).
 
 None of this is used on a TPU or GPU mesh: `clip_jax.ops.select` picks these only for a
-mesh of CPU devices (or `config.model.ops = 'cpu'`).
+mesh of CPU devices (or `config.kernels.ops = 'cpu'`).
 """
 import dataclasses
 import functools
@@ -31,8 +31,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.layout import Layout, with_layout_constraint
 
-from clip_jax.config_lib import CPU_OPS_PIECES as PIECES
 from clip_jax.ops import plain
+
+# The pieces of `CpuOps`, each of which `config.kernels.cpu_ops_off` can leave to the plain
+# code to measure what it gains (`off`).
+PIECES = ("stored_transposes", "conv_1x1_as_matmul", "im2col", "float32_accumulator",
+          "batch_norm_backward", "pool_as_mean", "unrolled_convolutions")
 
 # The smallest input width at which `conv` runs a bfloat16 3x3 convolution as im2col: below
 # it (RN50's stem and first stage, 32-64 channels at 112x112 and 56x56) the copies cost more
@@ -199,10 +203,10 @@ class CpuOps(plain.Ops):
 
     per_image_im2col: gather each image's 3x3 windows separately; True when the batch is
     split over several devices (see `_im2col_3x3`).
-    off: pieces (`PIECES`, named in config_lib) left to the plain code, so that a
-    side-by-side run measures what each gains (`config.model.cpu_ops_off`,
-    `benchmarks/side_by_side.py --variant`): a piece stays only while that measurement
-    shows it pays (BUILD_NOTES "Platform ops on CPU")."""
+    off: pieces (`PIECES`) left to the plain code, so that a side-by-side run measures what
+    each gains (`config.kernels.cpu_ops_off`, `benchmarks/side_by_side.py --variant`): a
+    piece stays only while that measurement shows it pays (BUILD_NOTES "Platform ops on
+    CPU")."""
     per_image_im2col: bool = False
     off: frozenset = frozenset()
 
