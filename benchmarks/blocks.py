@@ -15,7 +15,7 @@ import numpy as np
 from clip_jax import cost
 from clip_jax.benchmark import timing
 from clip_jax.models import layers
-from clip_jax.ops import cpu
+from clip_jax.ops import PLAIN, cpu
 
 
 def main():
@@ -35,7 +35,7 @@ def main():
 
     model = layers.Transformer(width=args.width, layers=args.layers, heads=args.heads,
                                causal=args.causal, dtype=jnp.dtype(args.dtype),
-                               ops=cpu.CpuOps() if args.ops == "cpu" else None)
+                               ops=cpu.CpuOps() if args.ops == "cpu" else PLAIN)
     x = jax.random.normal(jax.random.key(0), (args.batch, args.tokens, args.width))
     params = jax.jit(model.init)(jax.random.key(1), x)
     loss = lambda p, x: jnp.sum(model.apply(p, x).astype(jnp.float32) ** 2)

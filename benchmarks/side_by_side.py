@@ -14,7 +14,7 @@ Each framework runs as its users run it on a CPU host: clip_jax through `launch/
 OpenCLIP child as it is (huge pages do not change its speed; BUILD_NOTES "Platform ops on CPU").
 
 `--variant NAME=FLAG[,FLAG...]` adds a clip_jax run with those extra flags to every round,
-in the same alternation: e.g. `--variant plain=--config.model.ops=xla` times the plain model
+in the same alternation: e.g. `--variant plain=--config.kernels.ops=xla` times the plain model
 code beside the CPU kernels (`clip_jax.ops`), and `--variant bare=env` clip_jax without the
 CPU launcher. Its ratio to the default clip_jax run is printed beside OpenCLIP's.
 
@@ -141,7 +141,7 @@ def compare(name, batch, args):
 
 def _variant(text):
     """'LABEL=FLAG[,FLAG...]' -> (LABEL, flags); flags start with -- (or are 'env'), so
-    `--config.model.cpu_ops_off=a,b` keeps its comma."""
+    `--config.kernels.cpu_ops_off=a,b` keeps its comma."""
     label, flags = text.split("=", 1)
     return label, tuple(re.split(r",(?=--|env(?:,|$))", flags))
 
@@ -167,7 +167,7 @@ def main():
     parser.add_argument("--variant", action="append", default=[], dest="variants",
                         type=_variant,
                         help="LABEL=FLAG[,FLAG...]: another clip_jax run per round with these extra "
-                             "flags ('env': without launch/cpu_env.sh), e.g. plain=--config.model.ops=xla; "
+                             "flags ('env': without launch/cpu_env.sh), e.g. plain=--config.kernels.ops=xla; "
                              "a comma not followed by -- or env stays inside its flag's value")
     parser.add_argument("--json", action="store_true", help="print all results as JSON on the last line")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

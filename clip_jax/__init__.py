@@ -7,8 +7,9 @@ started). Process-level settings that pay on CPU hosts are opt-in: launch/cpu_en
 __version__ = "0.1.0"
 
 
-def load(path, batch_size=256):
-    """A trained or converted CLIP ready for inference; see `clip_jax.inference`."""
+def load(path, batch_size=256, kernels="auto"):
+    """A trained or converted CLIP ready for inference, on the kernels this host's devices
+    suit (`kernels`: 'auto', 'xla' or 'cpu'); see `clip_jax.inference`."""
     # lazy: `import clip_jax` must not import JAX (tests/test_imports.py)
     from clip_jax.inference import load as _load
-    return _load(path, batch_size=batch_size)
+    return _load(path, batch_size=batch_size, kernels=kernels)

@@ -114,6 +114,11 @@ def check_override_keys(config, argv, flag="config"):
             continue
         dotted = arg[len(prefix):].split("=", 1)[0]
         found, parent = config_lib.lookup(config, dotted)
+        if not found and dotted in config_lib.MOVED_KEYS:
+            new = config_lib.MOVED_KEYS[dotted]
+            raise config_lib.ConfigError(
+                f"config key '{dotted}' in {arg!r} moved to '{new}': use "
+                f"{prefix}{new}={arg.split('=', 1)[1] if '=' in arg else '...'}")
         if not found:
             leaf = dotted.rsplit(".", 1)[-1]
             options = list(parent.keys()) if hasattr(parent, "keys") else []

@@ -29,13 +29,6 @@ PAPER_LR = {
     "vit_b32": 5e-4, "vit_b16": 5e-4, "vit_l14": 4e-4, "vit_l14_336": 2e-5,
 }
 
-# config.model.ops: which platform kernels the models take (clip_jax/ops/__init__.py).
-MODEL_OPS = ("auto", "xla", "cpu")
-# config.model.cpu_ops_off: the pieces of clip_jax.ops.cpu.CpuOps (its PIECES), each of which
-# can be left to the plain code to measure what it gains.
-CPU_OPS_PIECES = ("stored_transposes", "conv_1x1_as_matmul", "im2col", "float32_accumulator",
-                  "batch_norm_backward", "pool_as_mean", "unrolled_convolutions")
-
 # Logical axis name -> mesh axes (MaxText style). The only place sharding is decided.
 # Parameters: 'embed' (model width), 'mlp' (MLP hidden), 'heads', 'kv' (head dim),
 # 'vocab', 'joint' (shared embedding space), 'conv_in'/'conv_out' (conv channels),
@@ -78,8 +71,6 @@ def model_config(name):
         remat=True,         # rematerialise each residual block in the backward pass
         scan_layers=True,   # each tower's repeated blocks compiled once, as a lax.scan
         activation="quick_gelu",   # transformer MLPs; 'gelu' for OpenCLIP's non-quickgelu models
-        ops="auto",         # platform kernels (clip_jax.ops): 'auto', 'xla' (plain) or 'cpu'
-        cpu_ops_off="",     # CPU kernel pieces left to the plain code, to measure them (ops.cpu.PIECES)
     ))
 
 
@@ -102,6 +93,11 @@ def base_config():
         lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
         warmup_steps=2000, grad_clip_norm=0.0))   # 0: no clipping
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))  # -1: the rest
+    # The kernels the models run on (clip_jax/ops, which owns the names and checks them): a
+    # runtime choice of the host, not architecture. `ops`: 'auto' (the XLA:CPU variants on a
+    # CPU mesh, the plain code elsewhere), 'xla' (plain) or 'cpu'; `cpu_ops_off`: CPU kernel
+    # pieces left to the plain code, comma-separated, to measure them.
+    c.kernels = ml_collections.ConfigDict(dict(ops="auto", cpu_ops_off=""))
     c.sharding_rules = DEFAULT_RULES
     # The contrastive loss (clip_jax/losses.py): 'clip' (the paper's, sharded), 'clip_blockwise'
     # (the same value, logits streamed over column blocks of `block_size`: O(B_local x block)
@@ -175,17 +171,41 @@ def lookup(config, dotted):
     return True, node
 
 
-# Keys that may change between a run's invocations without changing what it computes.
+# Keys that may change between a run's invocations without changing what it computes (the
+# kernels compute the same up to rounding).
 RESUME_NEUTRAL_KEYS = ("progress", "log_every", "eval_every", "checkpoint_every", "max_to_keep",
                        "max_bad_steps", "init_from", "mesh.", "sharding_rules", "data.workers",
-                       "data.prefetch", "evals.")
+                       "data.prefetch", "evals.", "kernels.")
+
+# Keys that moved: old name -> new name. Saved configs that have an old key (every
+# checkpoint's config.json before the kernels left the model block) are read without it;
+# a command line or config file that sets it is told where it went.
+MOVED_KEYS = {"model.ops": "kernels.ops", "model.cpu_ops_off": "kernels.cpu_ops_off"}
+
+
+def _without_moved_keys(tree):
+    """A saved config's JSON tree (a dict, changed in place) without the keys that moved: the
+    saved kernels were the saving host's choice, and the reader makes its own."""
+    for old in MOVED_KEYS:
+        *parents, leaf = old.split(".")
+        node = tree
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return tree
 
 
 def from_json(saved):
     """A ConfigDict from a saved config (JSON text or the dict `json.loads` gives).
 
-    JSON turns tuples into lists; the keys that hold tuples get them back."""
+    JSON turns tuples into lists; the keys that hold tuples get them back. Keys that moved
+    (`MOVED_KEYS`) are dropped, and a config saved before the `kernels` block existed gets
+    the default one: which kernels run is the reader's choice."""
     tree = json.loads(saved) if isinstance(saved, str) else json.loads(json.dumps(saved))
+    _without_moved_keys(tree)
+    if "kernels" not in tree:
+        tree["kernels"] = base_config().kernels.to_dict()
     vision = tree.get("model", {}).get("vision", {})
     if isinstance(vision.get("layers"), list):   # before ConfigDict fixes the field's type
         vision["layers"] = tuple(vision["layers"])
@@ -212,6 +232,6 @@ def describe_changes(saved, config):
     if not saved:
         return []
     now = _flatten(json.loads(config.to_json_best_effort()))
-    before = _flatten(saved)
+    before = _flatten(_without_moved_keys(json.loads(json.dumps(saved))))
     return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(now) | set(before))
             if before.get(k) != now.get(k) and not k.startswith(RESUME_NEUTRAL_KEYS)]

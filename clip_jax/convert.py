@@ -14,7 +14,8 @@ and OpenCLIP's `-quickgelu` ones use QuickGELU (the default), OpenCLIP's others 
 (`--activation gelu`, or taken from `open_clip_config.json`).
 
 The output directory is a parameters-only Orbax checkpoint plus `config.json` (the
-model, float32, the CLIP BPE tokenizer) and `convert.json` (what was converted): it
+model, float32, the loss whose parameters the weights carry -- 'siglip' with a
+`logit_bias` -- and the CLIP BPE tokenizer) and `convert.json` (what was converted): it
 opens with `clip_jax.load(DIR)` and fine-tunes with `--config=configs/finetune.py:DIR`
 or `config.init_from=DIR`.
 
@@ -38,9 +39,9 @@ from typing import Optional, Tuple
 import jax
 import numpy as np
 
-from clip_jax import checkpoint, cli, config_lib, inference, paths, pytorch_io
+from clip_jax import checkpoint, cli, config_lib, inference, losses, models, paths, pytorch_io
 from clip_jax.data.pipeline import CLIP_MEAN, CLIP_STD
-from clip_jax.models import abstract_variables, build_model, count_params
+from clip_jax.models import abstract_variables, count_params
 
 # Tensors a reference checkpoint may hold that are not model weights.
 IGNORED = re.compile(r"(^|\.)attn_mask$|\.num_batches_tracked$|^(input_resolution|context_length|vocab_size)$")
@@ -104,7 +105,7 @@ def infer_model_config(tensors, source="checkpoint", open_clip_cfg=None):
                   heads=int(text_heads or text_width // 64),
                   layers=_count(tensors, "transformer.resblocks.")),
         dtype="float32", remat=False, scan_layers=False,
-        activation="quick_gelu" if quick else "gelu", ops="auto", cpu_ops_off="")
+        activation="quick_gelu" if quick else "gelu")
     import ml_collections
     return ml_collections.ConfigDict(model)
 
@@ -113,12 +114,12 @@ def infer_model_config(tensors, source="checkpoint", open_clip_cfg=None):
 # others' values that describe the paper's architecture (anything else is refused).
 _OPEN_CLIP_READ = {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg", "custom_text",
                    "image_size", "layers", "width", "patch_size", "head_width", "heads",
-                   "context_length", "vocab_size", "patch_dropout", "timm_model_name"}
+                   "context_length", "vocab_size", "patch_dropout", "timm_model_name",
+                   "init_logit_scale", "init_logit_bias"}
 _OPEN_CLIP_DEFAULTS = {"mlp_ratio": 4.0, "ls_init_value": None, "attentional_pool": False,
                        "no_ln_pre": False, "final_ln_after_pool": False, "output_tokens": False,
                        "proj_bias": False, "embed_cls": False, "pad_id": 0, "no_causal_mask": False,
-                       "pool_type": ("tok", "argmax"), "init_logit_bias": None,
-                       "cast_dtype": None, "hf_tokenizer_name": None, "tokenizer_kwargs": None,
+                       "pool_type": ("tok", "argmax"), "cast_dtype": None, "hf_tokenizer_name": None, "tokenizer_kwargs": None,
                        "act_kwargs": None, "norm_kwargs": None, "output_dim": None}
 
 
@@ -163,7 +164,7 @@ def arch_config(arch):
 
 def _shape_dict(model_cfg):
     d = json.loads(model_cfg.to_json())
-    for k in ("dtype", "remat", "scan_layers", "activation", "ops", "cpu_ops_off"):
+    for k in ("dtype", "remat", "scan_layers", "activation"):
         d.pop(k, None)
     d["vision"]["layers"] = list(d["vision"]["layers"]) if isinstance(d["vision"]["layers"], (list, tuple)) \
         else d["vision"]["layers"]
@@ -212,15 +213,17 @@ def _entry(collection, path):
     return Entry(collection, tuple(path), ".".join(names + [leaf]), layout, part)
 
 
-def name_table(model_cfg):
-    """Entries for every array of the model `model_cfg` describes (from its abstract init)."""
-    return _name_table(model_cfg.to_json(sort_keys=True))
+def name_table(config):
+    """Entries for every array of the model the run config `config` builds
+    (`models.from_config`, abstractly): its architecture and the parameters its loss
+    needs (SigLIP's `logit_bias`)."""
+    return _name_table(config.model.to_json(sort_keys=True), config.loss.to_json(sort_keys=True))
 
 
 @functools.lru_cache(maxsize=16)
-def _name_table(model_json):
-    model_cfg = config_lib.from_json({"model": json.loads(model_json)}).model
-    variables = abstract_variables(build_model(model_cfg), model_cfg)
+def _name_table(model_json, loss_json):
+    config = config_lib.from_json({"model": json.loads(model_json), "loss": json.loads(loss_json)})
+    variables = abstract_variables(models.from_config(config), config.model)
     table = []
     for collection in ("params", "batch_stats"):
         leaves = jax.tree_util.tree_flatten_with_path(variables.get(collection, {}))[0]
@@ -258,13 +261,14 @@ def _set(tree, path, value):
     tree[path[-1]] = value
 
 
-def from_torch(tensors, model_cfg, source="checkpoint"):
-    """{'params': ..., 'batch_stats': ...} (float32 numpy) from reference-named `tensors`.
+def from_torch(tensors, config, source="checkpoint"):
+    """{'params': ..., 'batch_stats': ...} (float32 numpy) from reference-named `tensors`, for
+    the model of the run config `config`.
 
     Raises ConvertError listing every missing, unexpected or misshapen tensor."""
     out = {"params": {}, "batch_stats": {}}
     used, problems = set(), []
-    for entry, shape in name_table(model_cfg):
+    for entry, shape in name_table(config):
         if entry.torch_name not in tensors:
             problems.append(f"missing {entry.torch_name}")
             continue
@@ -288,16 +292,17 @@ def from_torch(tensors, model_cfg, source="checkpoint"):
     problems += [f"unexpected {k}" for k in extra]
     if problems:
         more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
-        raise ConvertError(f"{source} does not fit the model {_describe(model_cfg)}: "
+        raise ConvertError(f"{source} does not fit the model {_describe(config.model)}: "
                            + "; ".join(problems[:8]) + more)
     return out
 
 
-def to_torch(variables, model_cfg):
-    """The reference state_dict {name: float32 array} of our `variables`."""
+def to_torch(variables, config):
+    """The reference state_dict {name: float32 array} of our `variables` (of the model of the
+    run config `config`)."""
     import jax
     out, fused = {}, {}
-    for entry, _ in name_table(model_cfg):
+    for entry, _ in name_table(config):
         tree = variables.get(entry.collection, {})
         for k in entry.path:
             tree = tree[k]
@@ -368,10 +373,21 @@ def load_reference_tensors(path, max_bytes=None):
     return tensors
 
 
-def converted_config(model_cfg):
-    """The full config saved with converted weights: the model and the CLIP BPE tokenizer."""
+def converted_loss(tensors, open_clip_cfg=None):
+    """The loss whose model the weights are: a learned logit bias (OpenCLIP's
+    `init_logit_bias`) is a parameter of the SigLIP loss's models (`losses.model_options`),
+    so weights with one are 'siglip', the others 'clip'."""
+    has_bias = "logit_bias" in tensors or (open_clip_cfg or {}).get("init_logit_bias") is not None
+    return "siglip" if has_bias else "clip"
+
+
+def converted_config(model_cfg, loss="clip"):
+    """The full config saved with converted weights: the model, the loss whose parameters they
+    carry (`converted_loss`), and the CLIP BPE tokenizer. `clip_jax.load` builds the model
+    from it (`models.from_config`)."""
     config = config_lib.base_config()
     config.model = model_cfg
+    config.loss.name = loss
     config.data.tokenizer = "clip_bpe"
     config.data.tokenizer_path = ""     # the vendored reference merges file
     return config
@@ -395,16 +411,16 @@ def import_checkpoint(src, out, arch=None, activation=None, max_bytes=None):
             model_cfg = wanted
         if activation:
             model_cfg.activation = activation
-        variables = from_torch(tensors, model_cfg, weights)
+        config = converted_config(model_cfg, converted_loss(tensors, open_clip_cfg))
+        variables = from_torch(tensors, config, weights)
     except ConvertError:
         raise
     except Exception as e:
         raise ConvertError(f"{weights}: its tensor shapes are not a CLIP's ({type(e).__name__}: {e})") from None
-    config = converted_config(model_cfg)
     checkpoint.save_params(out, variables["params"], variables["batch_stats"], config=config)
     report = dict(source=weights, architecture=paper_name(model_cfg) or "custom",
                   description=_describe(model_cfg), activation=model_cfg.activation,
-                  tensors=len(tensors), arrays=len(name_table(model_cfg)),
+                  loss=config.loss.name, tensors=len(tensors), arrays=len(name_table(config)),
                   parameters=count_params(variables["params"])["total"])
     paths.write_text(paths.join(out, "convert.json"), json.dumps(report, indent=2))
     return report
@@ -429,6 +445,11 @@ def open_clip_config(config):
         vision_cfg=vision,
         text_cfg=dict(context_length=int(t.context_length), vocab_size=int(t.vocab_size),
                       width=int(t.width), heads=int(t.heads), layers=int(t.layers)))
+    # A model with a learned logit bias (the SigLIP loss's): OpenCLIP makes the parameter
+    # when its initial value is set (the exported value replaces it).
+    bias = losses.model_options(config.loss).get("logit_bias_init")
+    if bias is not None:
+        model_cfg["init_logit_bias"] = bias
     preprocess = dict(mean=list(CLIP_MEAN), std=list(CLIP_STD), interpolation="bicubic",
                       resize_mode="shortest")
     return {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
@@ -438,13 +459,13 @@ def export_open_clip(run, out):
     """Writes `out` (a state_dict OpenCLIP loads) and open_clip_config.json beside it."""
     config, _, _ = inference.locate(run)
     # The arrays as numpy (no sharding), checked against their checksums like any load.
-    target = abstract_variables(build_model(config.model), config.model)
+    target = abstract_variables(models.from_config(config), config.model)
     variables, report = checkpoint.load_model_variables(
         run, {"params": target["params"], "batch_stats": target.get("batch_stats", {})}, what="SRC")
     if report["missing"]:
         raise ConvertError(f"{report['source']} lacks {len(report['missing'])} of the model's "
                            f"arrays, e.g. {report['missing'][0]}")
-    tensors = to_torch(variables, config.model)
+    tensors = to_torch(variables, config)
     cfg = open_clip_config(config)
     try:
         with paths.staged(out) as local:

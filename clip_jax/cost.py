@@ -42,7 +42,7 @@ def unrolled(model_cfg):
 def step_flops(config, model_flops=False, ops=None):
     """XLA's FLOP count of one whole train step of `config` (all devices together): the step
     lowered, not compiled, for one local device with the towers unrolled. `ops` overrides
-    `config.model.ops` (e.g. 'xla' to count what a TPU runs). With `model_flops`, the
+    `config.kernels.ops` (e.g. 'xla' to count what a TPU runs). With `model_flops`, the
     model's FLOPs as MFU counts them: no recomputed forward passes (no remat) and the plain
     model code (no CPU kernel's products over zero padding)."""
     config = config.copy_and_resolve_references()
@@ -50,9 +50,9 @@ def step_flops(config, model_flops=False, ops=None):
         config.model = unrolled(config.model)
         config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, model=1))
         if ops is not None:
-            config.model.ops = ops
+            config.kernels.ops = ops
         if model_flops:
-            config.model.remat, config.model.ops = False, "xla"
+            config.model.remat, config.kernels.ops = False, "xla"
     run = train.build(config, jax.local_devices()[:1])
     with run.context():
         lowered = run.train_step.lower(run.abstract_state, run.abstract_batch())

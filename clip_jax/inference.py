@@ -8,15 +8,18 @@
 PATH may be a run's workdir, its `checkpoints` directory or one step directory in it, or
 a parameters-only checkpoint written by `checkpoint.save_params(..., config=...)`
 (converted pretrained weights). The model's config comes from WORKDIR/config.json, the
-checkpoint's own metadata, or DIR/config.json; its tokenizer from `data.tokenizer_path`
-or the run's cached SentencePiece model (WORKDIR/tokenizer/spm.model) — never trained here.
+checkpoint's own metadata, or DIR/config.json, and the model is built from all of it
+(`models.from_config`: a SigLIP run's model has its `logit_bias`); its tokenizer from
+`data.tokenizer_path` or the run's cached SentencePiece model (WORKDIR/tokenizer/spm.model)
+— never trained here.
 
 Encoders are jitted and batched: inputs are cut into batches of at most `batch_size`,
 each padded to a power of two (a multiple of the mesh's batch shards), so a handful of
 shapes are compiled whatever the input sizes. Parameters are laid out by the run's
 sharding rules on a mesh of all devices (the run's mesh if it fits, else data-parallel).
 Embeddings come back as numpy float32, unnormalised unless `normalize=True` — as
-OpenAI's `encode_image`/`encode_text` do.
+OpenAI's `encode_image`/`encode_text` do. The model runs on the kernels this host's devices
+suit (`load(..., kernels='auto')`), never the ones the saved run chose.
 
 Nothing wrong comes out silently. The arrays are checked against the checksums saved with
 them (`checkpoint.load_model_variables`): for a run's workdir a damaged newest checkpoint
@@ -28,13 +31,14 @@ and search scores would look plausible and mean nothing.
 """
 
 import jax
+import ml_collections
 import numpy as np
 
-from clip_jax import checkpoint, config_lib, ops, paths, sharding
+from clip_jax import checkpoint, config_lib, models, ops, paths, sharding
 from clip_jax.data import images as images_lib, tokenizer as tokenizer_lib
 from clip_jax.data.pipeline import normalize_images
 from clip_jax.models.clip import MAX_LOGIT_SCALE, l2_normalize
-from clip_jax.models import abstract_variables, build_model, encoder_fns
+from clip_jax.models import abstract_variables, encoder_fns
 
 DEFAULT_BATCH_SIZE = 256
 
@@ -61,7 +65,7 @@ class CLIPModel:
     def __init__(self, config, variables, tokenizer, mesh, rules, batch_size=DEFAULT_BATCH_SIZE,
                  source=""):
         self.config = config
-        self.model = build_model(config.model, ops.for_model(config.model, mesh))
+        self.model = models.from_config(config, mesh)
         self.variables = variables
         self.tokenizer = tokenizer
         self.mesh, self.rules = mesh, tuple(rules)
@@ -129,6 +133,14 @@ class CLIPModel:
         logits = logit_scale * cosine similarity."""
         raw = float(_to_host(self.variables["params"]["logit_scale"]))
         return min(float(np.exp(raw)), MAX_LOGIT_SCALE)
+
+    @property
+    def logit_bias(self):
+        """The learned logit bias of a model trained with a SigLIP loss (None for the CLIP
+        losses): its probability that an image and a text match is
+        sigmoid(logit_scale * cosine similarity + logit_bias), as in training."""
+        bias = self.variables["params"].get("logit_bias")
+        return None if bias is None else float(_to_host(bias))
 
     def padded_size(self, n):
         """The batch shape `n` inputs are padded to: a power of two (>= the batch shards),
@@ -252,13 +264,19 @@ def inference_mesh(config):
         return sharding.make_mesh({"data": -1, "fsdp": 1, "model": 1})
 
 
-def load(path, batch_size=DEFAULT_BATCH_SIZE):
-    """A `CLIPModel` for the checkpoint at `path` (a workdir, a checkpoint, converted weights)."""
+def load(path, batch_size=DEFAULT_BATCH_SIZE, kernels="auto"):
+    """A `CLIPModel` for the checkpoint at `path` (a workdir, a checkpoint, converted weights).
+
+    `kernels` (`config.kernels.ops`: 'auto', 'xla' or 'cpu') are chosen for this host's
+    devices, never taken from the saved run: a run trained with the CPU kernels loads on a
+    GPU or TPU host with the plain ones."""
     config, _, home = locate(path)
+    config.kernels = ml_collections.ConfigDict(dict(ops=kernels, cpu_ops_off=""))
+    ops.check(config.kernels)
     tokenizer = load_tokenizer(config, home)
     mesh = inference_mesh(config)
     rules = tuple(tuple(r) for r in config.sharding_rules)
-    model = build_model(config.model)
+    model = models.from_config(config)
     target = abstract_variables(model, config.model, mesh, rules)
     target = {"params": target["params"], "batch_stats": target.get("batch_stats", {})}
     variables, report = checkpoint.load_model_variables(path, target, what="clip_jax.load")

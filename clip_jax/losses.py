@@ -17,12 +17,18 @@ of the batch shards (`ppermute`), each device scoring its images against the blo
 (B_local x B_local logits); its `custom_vjp` backward runs the ring again, the text
 gradients travelling with their blocks back to their owners.
 
-`make_loss(config.loss, mesh, batch_axes)` gives the trainer one signature for all of them:
+`LOSSES` is the registry, one `Loss` entry per `config.loss.name`: the function, the model
+options it needs (`models.from_config` builds SigLIP's model with its learned bias) and the
+`config.loss` keys it reads with their checks (`check`, which config validation and
+`make_loss` both call). Nothing else dispatches on the name. `make_loss(config.loss, mesh,
+batch_axes)` gives the trainer one signature for all of them:
 fn(image_embeds, text_embeds, logit_scale, logit_bias) -> scalar. `logit_scale` is the
 model's output, exp(t') (the temperature's inverse), in every loss.
 """
+import dataclasses
 import functools
 import math
+from typing import Any, Callable, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -151,22 +157,11 @@ def clip_loss_blockwise_local(image_local, text_local, logit_scale, axis_name, b
     return total / (2 * all_image.shape[0])
 
 
-def valid_block_size(block_size):
-    """Whether `config.loss.block_size` is usable: the one check (config validation and
-    `clip_loss_blockwise` both ask it)."""
-    return isinstance(block_size, int) and not isinstance(block_size, bool) and block_size >= 1
-
-
-def check_block_size(block_size):
-    if not valid_block_size(block_size):
-        raise ValueError(f"config.loss.block_size must be a positive integer, got {block_size!r}")
-
-
 def clip_loss_blockwise(image_embeds, text_embeds, logit_scale, mesh, batch_axes, block_size):
     """`clip_loss` with each row's log-sum-exp streamed over column blocks of `block_size`
     (the last one padded with masked columns): equal value and gradients, O(B_local x
-    block) logits per device instead of O(B_local x B)."""
-    check_block_size(block_size)
+    block) logits per device instead of O(B_local x B). `block_size` is a positive integer
+    (`config.loss.block_size`, checked by the registry: `check`)."""
     if not batch_axes:
         return clip_loss_blockwise_local(image_embeds, text_embeds, logit_scale, None, block_size)
     axes = tuple(batch_axes)
@@ -267,48 +262,89 @@ def siglip_loss(image_embeds, text_embeds, logit_scale, logit_bias, mesh, batch_
                                                      logit_bias)
 
 
-# ------------------------------------------------------------------------ entry points
+# ------------------------------------------------------------------------ the registry
 
-LOSSES = {"clip": clip_loss, "clip_blockwise": clip_loss_blockwise, "siglip": siglip_loss}
+def _positive_int(x):
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
-def get_loss(name):
-    """The loss function registered as `name` (its own signature; the trainer uses make_loss)."""
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A `config.loss` key that a loss reads, and its check."""
+    key: str
+    valid: Callable[[Any], bool]
+    must: str                  # what a valid value is, for the error message
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """One registered loss: `LOSSES[config.loss.name]`.
+
+    fn: the loss, called as fn(image_embeds, text_embeds, logit_scale, [logit_bias,] mesh,
+      batch_axes, *option values): the bias only when the model learns one, then the
+      values of `options`, in order.
+    model_options: the `CLIP` fields its model needs (`models.from_config` passes them):
+      SigLIP's initial temperature and learned bias. A loss whose options hold a
+      `logit_bias_init` takes the model's `logit_bias`; the others take none.
+    options: the `config.loss` keys it reads, each with its check (`check`)."""
+    fn: Callable
+    model_options: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    options: Tuple[Option, ...] = ()
+
+    @property
+    def learns_bias(self):
+        return "logit_bias_init" in self.model_options
+
+
+LOSSES = {
+    "clip": Loss(clip_loss),
+    "clip_blockwise": Loss(clip_loss_blockwise,
+                           options=(Option("block_size", _positive_int, "must be a positive integer"),)),
+    # The paper's initial t' = log 10 and bias -10.
+    "siglip": Loss(siglip_loss, model_options={"logit_scale_init": math.log(10.0), "logit_bias_init": -10.0}),
+}
+
+
+def get(name):
+    """The registry's entry for `config.loss.name = name`."""
     if name not in LOSSES:
-        raise ValueError(f"config.loss.name={name!r} is not one of {sorted(LOSSES)}")
+        raise ValueError(f"config.loss.name: must be one of {sorted(LOSSES)} (got {name!r})")
     return LOSSES[name]
 
 
-def make_loss(loss_cfg, mesh, batch_axes):
-    """fn(image_embeds, text_embeds, logit_scale, logit_bias) -> scalar loss for `config.loss`
-    (`name`, `block_size`). `logit_bias` must be None for the CLIP losses and an array for
-    'siglip'."""
-    name = loss_cfg.name
-    loss = get_loss(name)
-    if name == "clip_blockwise":
-        check_block_size(loss_cfg.block_size)
-
-    def fn(image_embeds, text_embeds, logit_scale, logit_bias=None):
-        if name == "siglip":
-            if logit_bias is None:
-                raise ValueError("config.loss.name='siglip' needs a logit_bias (the model "
-                                 "makes one when built with losses.model_options(config.loss))")
-            return loss(image_embeds, text_embeds, logit_scale, logit_bias, mesh, batch_axes)
-        if logit_bias is not None:
-            raise ValueError(f"config.loss.name={name!r} takes no logit_bias (it would get no "
-                             "gradient); only 'siglip' uses one")
-        if name == "clip_blockwise":
-            return loss(image_embeds, text_embeds, logit_scale, mesh, batch_axes,
-                        loss_cfg.block_size)
-        return loss(image_embeds, text_embeds, logit_scale, mesh, batch_axes)
-
-    return fn
+def check(loss_cfg):
+    """The entry for `config.loss`, after checking the name and the options that loss reads;
+    ValueError naming the first bad key (`validation` and `make_loss` both ask here)."""
+    loss = get(loss_cfg.name)
+    for option in loss.options:
+        value = loss_cfg.get(option.key)
+        if not option.valid(value):
+            raise ValueError(f"config.loss.{option.key}: {option.must} (got {value!r})")
+    return loss
 
 
 def model_options(loss_cfg):
-    """Model keyword options the loss needs: SigLIP's initial t' = log 10 and bias -10 (the
-    paper's), nothing for the CLIP losses."""
-    get_loss(loss_cfg.name)
-    if loss_cfg.name == "siglip":
-        return {"logit_scale_init": math.log(10.0), "logit_bias_init": -10.0}
-    return {}
+    """The `CLIP` fields the loss of `config.loss` needs (`models.from_config`)."""
+    return dict(get(loss_cfg.name).model_options)
+
+
+def make_loss(loss_cfg, mesh, batch_axes):
+    """fn(image_embeds, text_embeds, logit_scale, logit_bias) -> scalar loss for `config.loss`:
+    one signature for every registered loss. `logit_bias` must be an array for a loss whose
+    model learns one (SigLIP) and None for the others."""
+    loss = check(loss_cfg)
+    values = [loss_cfg[option.key] for option in loss.options]
+    name = loss_cfg.name
+
+    def fn(image_embeds, text_embeds, logit_scale, logit_bias=None):
+        if loss.learns_bias and logit_bias is None:
+            raise ValueError(f"config.loss.name={name!r} needs a logit_bias (the model makes one "
+                             "when built by models.from_config)")
+        if not loss.learns_bias and logit_bias is not None:
+            users = sorted(n for n, entry in LOSSES.items() if entry.learns_bias)
+            raise ValueError(f"config.loss.name={name!r} takes no logit_bias (it would get no "
+                             f"gradient); only {users} use one")
+        bias = (logit_bias,) if loss.learns_bias else ()
+        return loss.fn(image_embeds, text_embeds, logit_scale, *bias, mesh, batch_axes, *values)
+
+    return fn

@@ -18,8 +18,8 @@ import math
 
 import jax
 
-from clip_jax import cli, config_lib, cost, losses, sharding, validation
-from clip_jax.models import abstract_variables, build_model, count_params, encoder_fns, input_specs
+from clip_jax import cli, config_lib, cost, losses, models, sharding, validation
+from clip_jax.models import abstract_variables, count_params, encoder_fns, input_specs
 
 
 def gflops(model, model_cfg, variables):
@@ -65,8 +65,11 @@ def memory_estimate(config, model, variables, n_params, num_devices):
 
 
 def summarize(config, memory=True, num_devices=None):
-    model_cfg = cost.unrolled(config.model)
-    model = build_model(model_cfg)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.model = cost.unrolled(config.model)
+    model_cfg = config.model
+    model = models.from_config(config)
     variables = abstract_variables(model, model_cfg)
     counts = count_params(variables["params"])
     out = {"params": counts, "gflops": gflops(model, model_cfg, variables)}

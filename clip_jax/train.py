@@ -19,13 +19,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clip_jax import (checkpoint, cli, config_lib, distributed, losses, metrics, optim, paths,
-                      sharding, validation, workdir as workdir_lib)
-from clip_jax import ops as ops_lib
+from clip_jax import (checkpoint, cli, config_lib, distributed, losses, metrics, models, optim,
+                      paths, sharding, validation, workdir as workdir_lib)
 from clip_jax.data import pipeline, tokenizer as tokenizer_lib
 from clip_jax.distributed import log
 from clip_jax.evals import training as training_evals
-from clip_jax.models import abstract_variables, build_model, input_specs, variables_init_fn
+from clip_jax.models import abstract_variables, input_specs, variables_init_fn
 
 
 @flax.struct.dataclass
@@ -290,8 +289,7 @@ def build(config, devices=None):
     a TPU topology's compile-only devices (clip_jax.aot): nothing here runs on them."""
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = tuple(tuple(r) for r in config.sharding_rules)
-    model = build_model(config.model, ops_lib.for_model(config.model, mesh),
-                        **losses.model_options(config.loss))
+    model = models.from_config(config, mesh)
     labels = None
     if config.lock_image.enabled:
         labels = optim.frozen_labels(abstract_variables(model, config.model, mesh, rules)["params"],

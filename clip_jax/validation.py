@@ -2,15 +2,15 @@
 first bad key, before any work starts.
 
 Separate from `config_lib` (the tables, defaults and schema, which import nothing of
-clip_jax) because these checks ask the modules that own each option: the losses, the mesh
-axes, the data sources and tokenizers, the evaluators.
+clip_jax) because these checks ask the modules that own each option: the losses, the
+kernels, the mesh axes, the data sources and tokenizers, the evaluators.
 """
 import json
 
 import ml_collections
 
-from clip_jax import losses, paths, sharding
-from clip_jax.config_lib import CPU_OPS_PIECES, MODEL_OPS, ConfigError, lookup
+from clip_jax import losses, ops, paths, sharding
+from clip_jax.config_lib import MOVED_KEYS, ConfigError, lookup
 from clip_jax.data import records, sources, spec as spec_lib, tokenizer
 from clip_jax.evals import registry
 
@@ -103,10 +103,13 @@ def validate(config, num_devices=None):
     need(m.dtype in ("float32", "bfloat16"), "model.dtype", "must be 'float32' or 'bfloat16'")
     need(m.get("activation", "quick_gelu") in ("quick_gelu", "gelu"), "model.activation",
          "must be 'quick_gelu' or 'gelu'")
-    need(m.get("ops", "auto") in MODEL_OPS, "model.ops", f"must be one of {MODEL_OPS}")
-    off = [p.strip() for p in str(m.get("cpu_ops_off", "")).split(",") if p.strip()]
-    need(set(off) <= set(CPU_OPS_PIECES), "model.cpu_ops_off",
-         f"unknown piece(s) {sorted(set(off) - set(CPU_OPS_PIECES))}; the pieces are {CPU_OPS_PIECES}")
+    for old, new in MOVED_KEYS.items():
+        need(not lookup(config, old)[0], old, f"moved to config.{new} (a runtime choice, not "
+             "part of the model)")
+    try:
+        ops.check(config.kernels)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if m.vision.kind == "vit":
         need(m.vision.patch_size > 0 and m.vision.image_size % m.vision.patch_size == 0,
              "model.vision.patch_size", "must be positive and divide model.vision.image_size")
@@ -120,9 +123,10 @@ def validate(config, num_devices=None):
     need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b2" if not 0 <= o.b2 < 1 else "optim.b1", "must be in [0, 1)")
     need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    need(config.loss.name in losses.LOSSES, "loss.name", f"must be one of {sorted(losses.LOSSES)}")
-    need(losses.valid_block_size(config.loss.block_size), "loss.block_size",
-         "must be a positive integer")
+    try:
+        losses.check(config.loss)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     need(isinstance(config.micro_batches, int) and config.micro_batches >= 1, "micro_batches",
          "must be a positive integer")
     need(config.batch_size % config.micro_batches == 0, "micro_batches", "must divide batch_size")

@@ -19,8 +19,6 @@ def get_config(arg=None):
         remat=False,
         scan_layers=False,
         activation="quick_gelu",
-        ops="auto",
-        cpu_ops_off="",
     ))
     if arg == "resnet":
         c.model.vision = ml_collections.ConfigDict(dict(

@@ -241,10 +241,10 @@ def write_model_dir(directory, seed=0, **overrides):
     from clip_jax import checkpoint
     from clip_jax.data import synthetic
     from clip_jax.data.tokenizer import SentencePieceTokenizer
-    from clip_jax.models import build_model, init_variables
+    from clip_jax import models
     config = tiny_config(seed=seed, **overrides)
-    model = build_model(config.model)
-    variables = init_variables(model, config.model, jax.random.key(seed))
+    model = models.from_config(config)
+    variables = models.init_variables(model, config.model, jax.random.key(seed))
     spm = os.path.join(str(directory) + ".tokenizer", "spm.model")
     os.makedirs(os.path.dirname(spm), exist_ok=True)
     SentencePieceTokenizer.train(synthetic.caption_corpus(2000, seed), spm,

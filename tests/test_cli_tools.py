@@ -163,7 +163,7 @@ def test_side_by_side_variants_keep_commas_inside_a_flag():
     spec = importlib.util.spec_from_file_location("side_by_side", path)
     side_by_side = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(side_by_side)
-    assert side_by_side._variant("off=--config.model.cpu_ops_off=im2col,pool_as_mean,env") == \
-        ("off", ("--config.model.cpu_ops_off=im2col,pool_as_mean", "env"))
-    assert side_by_side._variant("plain=--config.model.ops=xla,--config.model.scan_layers=False") == \
-        ("plain", ("--config.model.ops=xla", "--config.model.scan_layers=False"))
+    assert side_by_side._variant("off=--config.kernels.cpu_ops_off=im2col,pool_as_mean,env") == \
+        ("off", ("--config.kernels.cpu_ops_off=im2col,pool_as_mean", "env"))
+    assert side_by_side._variant("plain=--config.kernels.ops=xla,--config.model.scan_layers=False") == \
+        ("plain", ("--config.kernels.ops=xla", "--config.model.scan_layers=False"))

@@ -5,7 +5,7 @@ import importlib.util
 
 import pytest
 
-from clip_jax import config_lib, validation
+from clip_jax import cli, config_lib, validation
 from tests.helpers import REPO, run_cli
 
 # configs/finetune.py needs an argument (converted weights): tested on its own below.
@@ -26,7 +26,8 @@ def test_finetune_config_takes_model_tokenizer_and_weights_from_converted_weight
     cfg = _model("resnet", embed_dim=32)
     cfg.text.vocab_size = 49408
     out = str(tmp_path / "converted")
-    checkpoint.save_params(out, _random_variables(cfg)["params"], config=convert.converted_config(cfg))
+    config = convert.converted_config(cfg)
+    checkpoint.save_params(out, _random_variables(config)["params"], config=config)
     path = os.path.join(REPO, "configs", "finetune.py")
     c = load(path, out)
     validation.validate(c, num_devices=8)
@@ -69,7 +70,8 @@ def test_paper_recipe(name):
     ("model.vision.kind", "mlp", "config.model.vision.kind"),
     ("model.vision.patch_size", 7, "config.model.vision.patch_size"),
     ("model.dtype", "float16", "config.model.dtype"),
-    ("model.cpu_ops_off", "im2col,fast_pools", "config.model.cpu_ops_off.*fast_pools"),
+    ("kernels.cpu_ops_off", "im2col,fast_pools", r"config.kernels.cpu_ops_off: unknown CPU kernel piece\(s\) \['fast_pools'\]"),
+    ("kernels.ops", "fast", "config.kernels.ops: must be one of"),
     ("optim.lr", 0.0, "config.optim.lr"),
     ("loss.name", "nope", "config.loss.name"),
     ("data.source", "laion", "config.data.source"),
@@ -98,6 +100,30 @@ def test_batch_must_divide_over_batch_shards():
     c.mesh.data = 3
     with pytest.raises(config_lib.ConfigError, match="config.mesh"):
         validation.validate(c, num_devices=8)
+
+
+def test_the_kernel_keys_that_left_the_model_block_say_where_they_went():
+    """`model.ops` / `model.cpu_ops_off` are `kernels.ops` / `kernels.cpu_ops_off` now: an
+    override or a config file that sets the old key is told so; a saved config that has it
+    (every checkpoint's before) reads without it, and resuming from one reports no change."""
+    import json
+    c = load(os.path.join(REPO, "configs", "smoke.py"))
+    with pytest.raises(config_lib.ConfigError, match=r"config key 'model.ops' in '--config.model.ops=xla' "
+                                                     r"moved to 'kernels.ops': use --config.kernels.ops=xla"):
+        cli.check_override_keys(c, ["--config.model.ops=xla"])
+    with pytest.raises(config_lib.ConfigError, match="'model.cpu_ops_off'.*moved to 'kernels.cpu_ops_off'"):
+        cli.check_override_keys(c, ["--config.model.cpu_ops_off=im2col"])
+    old = json.loads(c.to_json_best_effort())
+    old["model"].update(ops="cpu", cpu_ops_off="im2col")
+    del old["kernels"]
+    read = config_lib.from_json(old)
+    assert "ops" not in read.model and "cpu_ops_off" not in read.model
+    assert read.kernels.to_dict() == {"ops": "auto", "cpu_ops_off": ""}
+    validation.validate(read, num_devices=1)
+    assert config_lib.describe_changes(old, c) == []
+    c.model.ops = "xla"                              # a config file written for the old layout
+    with pytest.raises(config_lib.ConfigError, match=r"config.model.ops: moved to config.kernels.ops"):
+        validation.validate(c, num_devices=1)
 
 
 @pytest.mark.parametrize("arg,match", [

@@ -17,11 +17,11 @@ from tests.helpers import tiny_config, write_model_dir
 PAPER = list(config_lib.PAPER_MODELS)
 
 
-def _random_variables(model_cfg, seed=0):
-    """Every array of the model filled with distinct random values (numpy trees)."""
+def _random_variables(config, seed=0):
+    """Every array of the run config's model filled with distinct random values (numpy trees)."""
     rng = np.random.default_rng(seed)
     out = {"params": {}, "batch_stats": {}}
-    for entry, shape in convert.name_table(model_cfg):
+    for entry, shape in convert.name_table(config):
         convert._set(out[entry.collection], entry.path, rng.standard_normal(shape).astype(np.float32))
     return out
 
@@ -50,7 +50,7 @@ def _model(kind="vit", **kw):
 
 @pytest.mark.parametrize("kind", ["vit", "resnet"])
 def test_to_torch_then_from_torch_is_the_identity(kind):
-    cfg = _model(kind)
+    cfg = convert.converted_config(_model(kind))
     variables = _random_variables(cfg)
     tensors = convert.to_torch(variables, cfg)
     back = convert.from_torch(tensors, cfg)
@@ -61,7 +61,7 @@ def test_to_torch_then_from_torch_is_the_identity(kind):
 
 
 def test_reference_names_and_layouts():
-    cfg = _model("vit")
+    cfg = convert.converted_config(_model("vit"))
     v = _random_variables(cfg)
     t = convert.to_torch(v, cfg)
     p = v["params"]
@@ -86,7 +86,7 @@ def test_reference_names_and_layouts():
 
 
 def test_resnet_names_include_batch_norm_statistics_and_the_attention_pool():
-    cfg = _model("resnet")
+    cfg = convert.converted_config(_model("resnet"))
     v = _random_variables(cfg)
     t = convert.to_torch(v, cfg)
     block = v["batch_stats"]["visual"]["layer2_0"]
@@ -106,7 +106,7 @@ def test_each_paper_architecture_is_recognised_from_its_tensor_shapes(name):
     cfg = config_lib.model_config(name)
     # Shape-only stand-ins (no memory): inference reads shapes and names only.
     tensors = {}
-    for entry, shape in convert.name_table(cfg):
+    for entry, shape in convert.name_table(convert.converted_config(cfg)):
         if entry.part is not None:
             shape = (3 * int(np.prod(shape[1:])), shape[0]) if entry.layout == "heads_in" else (3 * int(np.prod(shape)),)
         elif entry.layout in ("dense", "heads_in", "heads_out"):
@@ -150,6 +150,51 @@ def test_export_import_round_trip_keeps_arrays_heads_and_activation(tmp_path):
         np.testing.assert_array_equal(fa[k], fb[k], err_msg=str(k))
 
 
+def test_a_siglip_runs_logit_bias_survives_load_export_and_import(tmp_path):
+    """A SigLIP run's model has a learned logit bias (the loss's model options). Every reader
+    of a checkpoint builds the model from the whole config (`models.from_config`), so
+    `clip_jax.load` keeps the bias, and the loaded model's match probabilities,
+    sigmoid(scale * cos + bias), are the trainer's model's; the export to OpenCLIP writes it
+    (with `init_logit_bias`, so that OpenCLIP makes the parameter) and the import back
+    says loss.name=siglip, so it loads there too."""
+    import jax
+    import clip_jax
+    from clip_jax import models, train
+    wd = str(tmp_path / "run")
+    config = tiny_config(total_steps=2, batch_size=16, checkpoint_every=0, loss__name="siglip")
+    config.evals = ml_collections.ConfigDict()
+    train.train(config, wd)
+    trained = checkpoint.read_arrays(wd)["params"]
+    bias = float(trained["logit_bias"])
+    assert bias != 0.0
+
+    loaded = clip_jax.load(wd, batch_size=8)
+    assert "logit_bias" in loaded.variables["params"] and loaded.logit_bias == bias
+    target = models.abstract_variables(models.from_config(loaded.config), loaded.config.model)
+    _, report = checkpoint.load_model_variables(wd, target, what="clip_jax.load")
+    assert report["unexpected"] == [] and report["missing"] == []
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((3, loaded.image_size, loaded.image_size, 3)).astype(np.float32)
+    ids = loaded.tokenize(["a red circle.", "a blue square.", "a green star."])
+    image, text = loaded.encode_image(images, normalize=True), loaded.encode_text(ids, normalize=True)
+    probabilities = 1 / (1 + np.exp(-(loaded.logit_scale * image @ text.T + loaded.logit_bias)))
+    out = train.build(config).model.apply({"params": trained}, images, ids)    # the trainer's model
+    want = jax.nn.sigmoid(out["logit_scale"] * out["image_embeds"] @ out["text_embeds"].T + out["logit_bias"])
+    np.testing.assert_allclose(probabilities, want, rtol=1e-5, atol=1e-6)
+
+    out = tmp_path / "export" / "model.safetensors"
+    convert.main([wd, "--to", "open_clip", "--out", str(out)])
+    assert pytorch_io.read_tensors(str(out))["logit_bias"] == np.float32(bias)
+    oc = json.loads((tmp_path / "export" / "open_clip_config.json").read_text())
+    assert oc["model_cfg"]["init_logit_bias"] == -10.0
+    convert.main([str(tmp_path / "export"), "--out", str(tmp_path / "back")])
+    back = config_lib.from_json(json.loads((tmp_path / "back" / "config.json").read_text()))
+    assert back.loss.name == "siglip"
+    target = models.abstract_variables(models.from_config(back), back.model)
+    variables, report = checkpoint.load_model_variables(str(tmp_path / "back"), target)
+    assert report["unexpected"] == [] and float(variables["params"]["logit_bias"]) == bias
+
+
 def test_safetensors_round_trip_of_dtypes_and_scalars(tmp_path):
     tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "s": np.array(2.5, np.float32),
                "h": np.ones(3, np.float16), "b": np.array([1.5, -2], ml_dtypes.bfloat16),
@@ -181,7 +226,7 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path, mo
 
 
 def test_command_line_errors_name_the_problem(tmp_path, capsys):
-    cfg = _model("vit")
+    cfg = convert.converted_config(_model("vit"))
     tensors = convert.to_torch(_random_variables(cfg), cfg)
 
     def error(args):
@@ -213,7 +258,7 @@ def test_command_line_errors_name_the_problem(tmp_path, capsys):
 
 
 def test_open_clip_options_the_models_lack_are_refused(tmp_path):
-    cfg = _model("vit")
+    cfg = convert.converted_config(_model("vit"))
     d = tmp_path / "hub"
     d.mkdir()
     pytorch_io.write_state_dict(convert.to_torch(_random_variables(cfg), cfg), str(d / "open_clip_model.safetensors"))
@@ -226,7 +271,7 @@ def test_open_clip_options_the_models_lack_are_refused(tmp_path):
 def test_init_from_with_another_tokenizer_is_a_config_error(tmp_path):
     cfg = _model("vit", embed_dim=32)
     cfg.text.vocab_size = 49408
-    variables = _random_variables(cfg)
+    variables = _random_variables(convert.converted_config(cfg))
     out = str(tmp_path / "converted")
     checkpoint.save_params(out, variables["params"], config=convert.converted_config(cfg))
     config = tiny_config(init_from=out)

@@ -145,9 +145,34 @@ def test_siglip_loss_on_8_devices_equals_naive(mesh_name, shards):
     assert r["has_block_logits"]
 
 
-def test_unknown_loss_name_is_rejected():
-    with pytest.raises(ValueError, match="config.loss.name"):
-        losses.get_loss("nope")
+def test_unknown_loss_name_is_one_error_listing_the_registry():
+    want = r"config.loss.name: must be one of \['clip', 'clip_blockwise', 'siglip'\] \(got 'nope'\)"
+    with pytest.raises(ValueError, match=want):
+        losses.get("nope")
+    with pytest.raises(ValueError, match=want):
+        losses.make_loss(_loss_cfg("nope"), None, ())
+    from clip_jax import config_lib, validation
+    from tests.helpers import tiny_config
+    with pytest.raises(config_lib.ConfigError, match=want):
+        validation.validate(tiny_config(loss__name="nope"))
+
+
+def test_a_loss_checks_the_options_it_reads_in_one_place():
+    """The registry entry's checks are what validation and make_loss both apply: the
+    blockwise loss's block size, and nothing of a key that the chosen loss does not read."""
+    from clip_jax import config_lib, validation
+    from tests.helpers import tiny_config
+    config = tiny_config()
+    for bad in (0, -3, 2.5, True, None):
+        want = rf"config.loss.block_size: must be a positive integer \(got {bad!r}\)"
+        with pytest.raises(ValueError, match=want):
+            losses.make_loss(_loss_cfg("clip_blockwise", bad), None, ())
+        config.loss = _loss_cfg("clip_blockwise", bad)
+        with pytest.raises(config_lib.ConfigError, match=want):
+            validation.validate(config)
+    config.loss = _loss_cfg("clip", 0)
+    validation.validate(config)          # the loss 'clip' reads no block size
+    assert losses.check(config.loss) is losses.LOSSES["clip"]
 
 
 def _one_device_mesh():
@@ -240,10 +265,6 @@ def test_make_loss_dispatches_and_checks_the_bias():
         losses.make_loss(_loss_cfg("siglip"), mesh, axes)(img, txt, 5.0, None)
     with pytest.raises(ValueError, match="takes no logit_bias"):
         losses.make_loss(_loss_cfg("clip"), mesh, axes)(img, txt, 5.0, 0.0)
-    with pytest.raises(ValueError, match="config.loss.block_size"):
-        losses.make_loss(_loss_cfg("clip_blockwise", 0), mesh, axes)
-    with pytest.raises(ValueError, match="config.loss.name"):
-        losses.make_loss(_loss_cfg("nope"), mesh, axes)
     assert set(losses.LOSSES) == {"clip", "clip_blockwise", "siglip"}
 
 

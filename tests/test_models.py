@@ -9,8 +9,8 @@ import pytest
 import flax.linen as nn
 from flax.core import meta
 
-from clip_jax import config_lib
-from clip_jax.models import CLIP, build_model, count_params
+from clip_jax import config_lib, models
+from clip_jax.models import CLIP, count_params
 
 # Reference table (shared/reference/clip_models.md), counted on OpenAI's PyTorch code.
 PAPER_COUNTS = {
@@ -42,7 +42,7 @@ def test_paper_table_covers_all_models():
 @pytest.mark.parametrize("name", list(config_lib.PAPER_MODELS))
 def test_paper_param_counts(name):
     cfg = config_lib.model_config(name)
-    model = build_model(cfg)
+    model = build(cfg)
     variables = meta.unbox(abstract_init(model, cfg.vision.image_size,
                                          cfg.text.context_length))
     assert all(isinstance(x, jax.ShapeDtypeStruct)
@@ -51,6 +51,14 @@ def test_paper_param_counts(name):
     image, text, total = PAPER_COUNTS[name]
     assert counts == dict(image=image, text=text, total=total)
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables["params"]))
+
+
+def build(model_cfg, loss="clip", kernels=None):
+    """The CLIP of a run config with this model and loss (`models.from_config`: the plain
+    code), or with `kernels` in its place."""
+    config = ml_collections.ConfigDict(dict(model=model_cfg, loss=dict(name=loss, block_size=1024)))
+    model = models.from_config(config)
+    return model if kernels is None else model.clone(ops=kernels)
 
 
 def small_cfg(kind, dtype="float32", remat=False):
@@ -95,7 +103,7 @@ def unit(x):
 @functools.lru_cache(maxsize=None)
 def init_small(kind):
     cfg = small_cfg(kind)
-    model = build_model(cfg)
+    model = build(cfg)
     size = cfg.vision.image_size
     key = jax.random.key(0)
     variables = fast_jit(model.init)(key, make_images(B, size), make_tokens(B))
@@ -104,7 +112,7 @@ def init_small(kind):
 
 @functools.lru_cache(maxsize=None)
 def forward_fn(kind, dtype="float32", train=False):
-    model = build_model(small_cfg(kind, dtype))
+    model = build(small_cfg(kind, dtype))
     if train:
         return fast_jit(lambda v, i, t: model.apply(v, i, t, train=True,
                                                     mutable=["batch_stats"]))
@@ -208,7 +216,7 @@ def test_transformer_readout_matches_full(causal, remat):
 
 @pytest.mark.parametrize("kind", ["resnet", "vit"])
 def test_bfloat16(kind):
-    model = build_model(small_cfg(kind, "bfloat16"))
+    model = build(small_cfg(kind, "bfloat16"))
     _, size, variables = init_small(kind)
     abstract = meta.unbox(abstract_init(model, size, CTX))
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(abstract))
@@ -234,8 +242,8 @@ def test_remat_matches(kind):
     the train-mode forward (remat with a static `train` and mutable batch_stats).
     Also checks that encode_text / encode_image agree with __call__."""
     _, size, variables = init_small(kind)
-    model = build_model(small_cfg(kind))
-    remat_model = build_model(small_cfg(kind, remat=True))
+    model = build(small_cfg(kind))
+    remat_model = build(small_cfg(kind, remat=True))
     assert remat_model.remat and not model.remat
     remat_vars = meta.unbox(abstract_init(remat_model, size, CTX))
     assert (jax.tree_util.tree_structure(remat_vars)
@@ -278,7 +286,7 @@ def test_remat_matches(kind):
 def test_partition_specs():
     P = jax.sharding.PartitionSpec
     for kind in ("vit", "resnet"):
-        model = build_model(small_cfg(kind))
+        model = build(small_cfg(kind))
         size = small_cfg(kind).vision.image_size
         specs = nn.get_partition_spec(abstract_init(model, size, CTX))["params"]
         text = specs["text"]
@@ -317,7 +325,7 @@ def test_logical_constraints_with_rules():
     rules = config_lib.DEFAULT_RULES
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for kind in ("resnet", "vit"):
-            model = build_model(small_cfg(kind, remat=True))
+            model = build(small_cfg(kind, remat=True))
             abstract = abstract_init(model, small_cfg(kind).vision.image_size, CTX)
             shardings = nn.logical_to_mesh_sharding(
                 nn.get_partition_spec(abstract), mesh, rules)
@@ -398,24 +406,24 @@ def test_scanned_resnet_equals_the_unrolled_one(remat):
     (1, 1, 0, 8), (3, 1, 1, 8), (3, 2, 1, 8), (3, 2, 1, 7), (1, 2, 0, 8), (3, 1, 1, 5),
     (2, 2, 0, 8), (4, 4, 0, 8)])           # the last two: ViT patch embeddings
 def test_bfloat16_convolution_keeps_its_kernel_gradient_in_float32(size, stride, padding, height):
-    """`layers.conv` in bfloat16 ('same' ResNet convolutions, strided; patch embeddings): the
+    """`ops.plain.conv` in bfloat16 ('same' ResNet convolutions, strided; patch embeddings): the
     forward and the input gradient are JAX's own, and the kernel's gradient is the float32
     sum of the bfloat16 products (what the convolution of the bfloat16-rounded values in
     float32 gives), not rounded to bfloat16: that is what the devices then sum (test_aot
     checks the compiled TPU step)."""
-    from clip_jax.models import layers
+    from clip_jax.ops import plain
     kx, kk, kg = jax.random.split(jax.random.key(size * 10 + stride), 3)
     x = jax.random.normal(kx, (2, height, 8, 8)).astype(jnp.bfloat16)     # H != W: a swap shows
     kernel = jax.random.normal(kk, (size, size, 8, 12)) / (size * 8 ** 0.5)
-    conv = lambda x, k: layers.conv(x, k, stride, padding, jnp.bfloat16)
+    conv = lambda x, k: plain.conv(x, k, stride, padding, jnp.bfloat16)
     out = conv(x, kernel)
     cotangent = jax.random.normal(kg, out.shape).astype(jnp.bfloat16)
 
     def autodiff(x, kernel):       # JAX's own gradient of the bfloat16 convolution
-        return layers._conv(x, kernel.astype(jnp.bfloat16), stride, padding)
+        return plain._conv(x, kernel.astype(jnp.bfloat16), stride, padding)
 
     def exact(x, rounded_kernel):  # the same values in float32
-        return layers._conv(x.astype(jnp.float32), rounded_kernel, stride, padding)
+        return plain._conv(x.astype(jnp.float32), rounded_kernel, stride, padding)
 
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(autodiff(x, kernel), np.float32))
     dx, dk = jax.vjp(conv, x, kernel)[1](cotangent)

@@ -8,15 +8,16 @@ import types
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax.core import meta
 
-from clip_jax import ops
-from clip_jax.models import build_model, layers, resnet
-from clip_jax.ops import cpu
+from clip_jax import models, ops
+from clip_jax.models import resnet
+from clip_jax.ops import PLAIN, cpu, plain
 from tests.helpers import REPO, run_python
-from tests.test_models import make_images, make_tokens, small_cfg
+from tests.test_models import build, make_images, make_tokens, small_cfg
 
 CPU = cpu.CpuOps()
 
@@ -32,23 +33,36 @@ def test_select_follows_the_mesh_devices_not_the_process():
     assert ops.select("cpu", _fake_mesh("cpu")) == cpu.CpuOps()
     # On this CPU process, a TPU or GPU mesh still gets the plain code.
     for platform in ("tpu", "gpu"):
-        assert ops.select("auto", _fake_mesh(platform)) is None
+        assert ops.select("auto", _fake_mesh(platform)) == PLAIN
         with pytest.raises(ValueError, match="'cpu' kernels need CPU devices"):
             ops.select("cpu", _fake_mesh(platform))
-    assert ops.select("xla", _fake_mesh("cpu")) is None
-    with pytest.raises(ValueError, match="config.model.ops"):
+    assert ops.select("xla", _fake_mesh("cpu")) == PLAIN
+    with pytest.raises(ValueError, match=r"config.kernels.ops: must be one of \('auto', 'xla', 'cpu'\) \(got 'fast'\)"):
         ops.select("fast", _fake_mesh("cpu"))
 
 
-def test_models_never_ask_the_process_for_its_backend_or_devices():
+def test_models_and_kernels_never_ask_the_process_for_its_backend_or_devices():
     """The platform comes from the mesh (clip_jax.ops.select), so a step traced on a CPU
     host for a TPU topology is the TPU program."""
     forbidden = re.compile(r"default_backend\(|device_count\(|jax\.devices\(|local_devices\(")
-    models = os.path.join(REPO, "clip_jax", "models")
-    for name in sorted(os.listdir(models)):
+    for package in ("models", "ops"):
+        directory = os.path.join(REPO, "clip_jax", package)
+        for name in sorted(os.listdir(directory)):
+            if name.endswith(".py"):
+                with open(os.path.join(directory, name)) as f:
+                    assert not forbidden.search(f.read()), name
+
+
+def test_the_models_call_their_kernels_without_fallbacks():
+    """Every module reaches the kernels through its `ops` field, whose default is the plain
+    code (`ops.PLAIN`): no getattr fallback, no None."""
+    directory = os.path.join(REPO, "clip_jax", "models")
+    for name in sorted(os.listdir(directory)):
         if name.endswith(".py"):
-            with open(os.path.join(models, name)) as f:
-                assert not forbidden.search(f.read()), name
+            with open(os.path.join(directory, name)) as f:
+                text = f.read()
+            assert "getattr(self.ops" not in text and "getattr(ops" not in text, name
+            assert "ops: Any = None" not in text, name
 
 
 @pytest.mark.parametrize("kind", ["resnet", "vit"])
@@ -57,8 +71,10 @@ def test_cpu_ops_model_equals_the_plain_model_in_float32(kind):
     BatchNorm's custom backward, the pools; ViT: the dense layers) against the plain code:
     embeddings, BatchNorm statistics and every parameter's gradient."""
     cfg = small_cfg(kind)
-    plain, fast = build_model(cfg), build_model(cfg, ops.select("auto", _cpu_mesh()))
-    assert plain.ops is None and fast.ops == cpu.CpuOps()
+    plain = build(cfg)
+    config = ml_collections.ConfigDict(dict(model=cfg, loss=dict(name="clip"), kernels=dict(ops="auto")))
+    fast = models.from_config(config, _cpu_mesh())
+    assert plain.ops == PLAIN and fast.ops == cpu.CpuOps()
     images, tokens = make_images(4, cfg.vision.image_size), make_tokens(4)
     variables = meta.unbox(plain.init(jax.random.key(0), images, tokens))
     weights = jax.random.normal(jax.random.key(1), (4, cfg.embed_dim))
@@ -86,7 +102,7 @@ def test_cpu_ops_unroll_the_resnet_stages_and_the_plain_code_scans_them():
         cfg.vision.layers = (1, 3, 1, 1)       # a stage with blocks to scan
         cfg.text.layers = 3
         cfg.scan_layers = True
-    plain, fast = build_model(cfg), build_model(cfg, cpu.CpuOps())
+    plain, fast = build(cfg), build(cfg, kernels=cpu.CpuOps())
     images, tokens = make_images(2, cfg.vision.image_size), make_tokens(2)
     variables = meta.unbox(plain.init(jax.random.key(0), images, tokens))
 
@@ -107,7 +123,7 @@ def _cpu_mesh():
 
 @pytest.mark.parametrize("piece", cpu.PIECES)
 def test_each_cpu_piece_can_be_turned_off(piece):
-    """`config.model.cpu_ops_off` (what the side-by-side turns off to measure a piece) leaves
+    """`config.kernels.cpu_ops_off` (what the side-by-side turns off to measure a piece) leaves
     that piece to the plain code: the bfloat16 ResNet's gradient program changes, and it
     still computes what the plain model computes, to bfloat16 accuracy (embeddings; every
     gradient relative to the largest gradient entry: the bfloat16 models with and without
@@ -117,10 +133,9 @@ def test_each_cpu_piece_can_be_turned_off(piece):
     with cfg.unlocked():
         cfg.vision.layers = (1, 1, 1, 3)       # a wide stage (im2col) with blocks to scan
         cfg.scan_layers = True
-        cfg.cpu_ops_off = f" {piece} "
-    ops_ = ops.for_model(cfg, _cpu_mesh())
+    ops_ = ops.from_config(ml_collections.ConfigDict(dict(ops="auto", cpu_ops_off=f" {piece} ")), _cpu_mesh())
     assert ops_ == cpu.CpuOps(off=frozenset({piece}))
-    plain, full, without = build_model(cfg), build_model(cfg, CPU), build_model(cfg, ops_)
+    plain, full, without = build(cfg), build(cfg, kernels=CPU), build(cfg, kernels=ops_)
     images, tokens = make_images(4, cfg.vision.image_size), make_tokens(4)
     variables = meta.unbox(plain.init(jax.random.key(0), images, tokens))
 
@@ -143,11 +158,11 @@ def test_each_cpu_piece_can_be_turned_off(piece):
 def test_cpu_pieces_are_checked_by_name():
     with pytest.raises(ValueError, match=r"unknown CPU kernel piece\(s\) \['im2cols'\]"):
         cpu.CpuOps(off={"im2cols"})
-    cfg = small_cfg("resnet")
-    with cfg.unlocked():
-        cfg.cpu_ops_off = "im2col,pool"
-    with pytest.raises(ValueError, match="pool"):
-        ops.for_model(cfg, _cpu_mesh())
+    kernels = ml_collections.ConfigDict(dict(ops="auto", cpu_ops_off="im2col,pool"))
+    want = r"config.kernels.cpu_ops_off: unknown CPU kernel piece\(s\) \['pool'\]; the pieces are .* \(got 'im2col,pool'\)"
+    for check in (ops.check, lambda k: ops.from_config(k, _cpu_mesh())):
+        with pytest.raises(ValueError, match=want):
+            check(kernels)
 
 
 # ------------------------------------------------------------------------ matmul
@@ -166,10 +181,10 @@ def test_cpu_matmul_equals_the_plain_one():
     def loss(fn, dtype):
         return lambda x, k, b: jnp.sum(fn(x.astype(dtype), k, b, dtype).astype(jnp.float32) * r)
 
-    exact, exact_g = jax.value_and_grad(loss(layers.matmul, jnp.float32), argnums=(0, 1, 2))(
+    exact, exact_g = jax.value_and_grad(loss(plain.matmul, jnp.float32), argnums=(0, 1, 2))(
         x, kernel, bias)
     for dtype in (jnp.float32, jnp.bfloat16):
-        want, want_g = jax.jit(jax.value_and_grad(loss(layers.matmul, dtype), argnums=(0, 1, 2)))(
+        want, want_g = jax.jit(jax.value_and_grad(loss(plain.matmul, dtype), argnums=(0, 1, 2)))(
             x, kernel, bias)
         got, got_g = jax.jit(jax.value_and_grad(loss(cpu.matmul, dtype), argnums=(0, 1, 2)))(
             x, kernel, bias)
@@ -248,7 +263,7 @@ def _lax_conv(x, kernel, stride=1):
     (3, 1, jnp.bfloat16, 64), (3, 1, jnp.float32, 128), (3, 2, jnp.bfloat16, 8)])
 def test_cpu_conv_equals_the_plain_convolution(size, stride, dtype, channels):
     """Every path of `CpuOps.conv` (1x1 as a product, wide bfloat16 3x3 as im2col, the
-    rest as XLA's convolution with a float32 accumulator) against `resnet.conv`, forward
+    rest as XLA's convolution with a float32 accumulator) against `plain.Ops.conv`, forward
     and both gradients, relative to the largest entry: float32 to rounding, bfloat16 to
     its precision."""
     kx, kk, kg = jax.random.split(jax.random.key(0), 3)
@@ -262,11 +277,11 @@ def test_cpu_conv_equals_the_plain_convolution(size, stride, dtype, channels):
         return jnp.sum(fn(x, kernel, stride, dtype).astype(jnp.float32) * cotangent)
 
     got = jax.jit(CPU.conv, static_argnums=(2, 3))(x, kernel, stride, dtype)
-    want = resnet.conv(x, kernel, stride, dtype)
+    want = PLAIN.conv(x, kernel, stride, dtype)
     assert got.dtype == jnp.float32 and got.shape == want.shape == out_shape
     _assert_close(got, want, tol)
     g_got = jax.jit(jax.grad(functools.partial(loss, CPU.conv), (0, 1)))(x, kernel)
-    g_want = jax.grad(functools.partial(loss, resnet.conv), (0, 1))(x, kernel)
+    g_want = jax.grad(functools.partial(loss, PLAIN.conv), (0, 1))(x, kernel)
     assert g_got[0].dtype == dtype and g_got[1].dtype == jnp.float32
     for a, b in zip(g_got, g_want):
         _assert_close(a, b, tol)
@@ -354,7 +369,7 @@ def test_conv_module_has_nn_conv_parameters_and_each_ops_path(dtype, channels, i
                         param_dtype=jnp.float32,
                         kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
     ref_variables = reference.init(jax.random.key(1), x)
-    for ops_, takes_im2col in ((None, False), (CPU, im2col)):
+    for ops_, takes_im2col in ((PLAIN, False), (CPU, im2col)):
         layer = resnet.Conv(8, 3, dtype=dtype, ops=ops_)
         variables = meta.unbox(layer.init(jax.random.key(1), x))
         assert jax.tree.structure(variables) == jax.tree.structure(ref_variables)
@@ -368,7 +383,7 @@ def test_conv_module_has_nn_conv_parameters_and_each_ops_path(dtype, channels, i
 
 # ------------------------------------------------------------------------ BatchNorm, pools
 
-@pytest.mark.parametrize("ops_", [None, CPU], ids=["plain", "cpu"])
+@pytest.mark.parametrize("ops_", [PLAIN, CPU], ids=["plain", "cpu"])
 @pytest.mark.parametrize("relu,with_residual", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_batch_norm_matches_flax(ops_, relu, with_residual, dtype):
@@ -426,7 +441,7 @@ def test_batch_norm_matches_flax(ops_, relu, with_residual, dtype):
 
 def test_cpu_batch_norm_carries_the_statistics_gradients():
     """The CPU BatchNorm's VJP also carries the batch mean's and variance's cotangents, as
-    autodiff of the plain `resnet.batch_norm` does."""
+    autodiff of the plain `plain.Ops.batch_norm` does."""
     k = jax.random.split(jax.random.key(1), 4)
     x = 2.0 * jax.random.normal(k[0], (3, 4, 4, 5)) - 1.0
     scale, bias = 1 + jax.random.normal(k[1], (5,)), jax.random.normal(k[2], (5,))
@@ -437,7 +452,7 @@ def test_cpu_batch_norm_carries_the_statistics_gradients():
         return jnp.sin(y).sum() + (mean * u).sum() + (var * v).sum()
 
     got = jax.grad(functools.partial(objective, CPU.batch_norm), argnums=(0, 1, 2))(x, scale, bias)
-    want = jax.grad(functools.partial(objective, resnet.batch_norm), argnums=(0, 1, 2))(x, scale, bias)
+    want = jax.grad(functools.partial(objective, PLAIN.batch_norm), argnums=(0, 1, 2))(x, scale, bias)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
@@ -446,7 +461,7 @@ def test_cpu_batch_norm_carries_the_statistics_gradients():
     (jnp.float32, 2, 8, 6), (jnp.bfloat16, 2, 8, 6), (jnp.float32, 4, 8, 12),
     (jnp.float32, 2, 7, 6)])
 def test_cpu_avg_pool_equals_the_plain_pool(dtype, k, height, width):
-    """The reshape-and-mean pool against `resnet.avg_pool` (nn.avg_pool), forward and
+    """The reshape-and-mean pool against `plain.Ops.avg_pool` (nn.avg_pool), forward and
     gradient: float32 to rounding; bfloat16 to one rounding of the float32 mean (nn.avg_pool
     sums in bfloat16); an odd side (height 7) takes the fallback and floors."""
     kx, kg = jax.random.split(jax.random.key(0))
@@ -456,12 +471,12 @@ def test_cpu_avg_pool_equals_the_plain_pool(dtype, k, height, width):
     def loss(pool, x):
         return jnp.sum(pool(x, k).astype(jnp.float32) * cotangent)
 
-    reference = lambda x, k: resnet.avg_pool(x.astype(jnp.float32), k)
+    reference = lambda x, k: PLAIN.avg_pool(x.astype(jnp.float32), k)
     got = jax.jit(CPU.avg_pool, static_argnums=1)(x, k)
     assert got.dtype == dtype and got.shape == (2, height // k, width // k, 3)
     tol = 1e-6 if dtype == jnp.float32 else 2 ** -8
     np.testing.assert_allclose(np.asarray(got, np.float32), reference(x, k), rtol=tol, atol=tol)
-    np.testing.assert_allclose(np.asarray(resnet.avg_pool(x, k), np.float32), reference(x, k),
+    np.testing.assert_allclose(np.asarray(PLAIN.avg_pool(x, k), np.float32), reference(x, k),
                                rtol=2 * tol, atol=2 * tol)
     dx = jax.jit(jax.grad(functools.partial(loss, CPU.avg_pool)))(x)
     want_dx = jax.grad(functools.partial(loss, reference))(x)
@@ -469,3 +484,41 @@ def test_cpu_avg_pool_equals_the_plain_pool(dtype, k, height, width):
     np.testing.assert_allclose(np.asarray(dx, np.float32), want_dx, rtol=tol, atol=tol)
     if height % k:                                # the floored row gets no gradient
         assert not np.any(np.asarray(dx, np.float32)[:, height - height % k:])
+
+
+# ------------------------------------------------------------------------ kernels at load
+
+def test_a_checkpoint_made_with_the_cpu_kernels_loads_and_evaluates_with_the_plain_ones(tmp_path):
+    """The kernels are the reading host's choice (`clip_jax.load(kernels=)`, default 'auto'),
+    never the saved run's: an old config.json (the kernels in its model block, as in every
+    checkpoint before `config.kernels`) loads with this host's choice whatever it says, and a
+    model saved by a run with `kernels.ops=cpu` loads with the plain code (what a GPU or TPU
+    host runs), giving the CPU kernels' embeddings and evaluation figures."""
+    import json
+    import clip_jax
+    from clip_jax.evals import data as data_lib, zeroshot
+    from tests.helpers import write_model_dir
+    src = write_model_dir(tmp_path / "model", resnet=True)    # the ResNet: every kernel piece
+    path = os.path.join(src, "config.json")
+    with open(path) as f:
+        saved = json.load(f)
+    old = json.loads(json.dumps(saved))
+    old["model"].update(ops="xla", cpu_ops_off="im2col")
+    old.pop("kernels", None)
+    with open(path, "w") as f:
+        json.dump(old, f)
+    assert clip_jax.load(src, batch_size=8).model.ops == CPU      # 'auto' on this CPU host
+    saved["kernels"] = {"ops": "cpu", "cpu_ops_off": ""}
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    plain_model = clip_jax.load(src, kernels="xla", batch_size=8)
+    cpu_model = clip_jax.load(src, kernels="cpu", batch_size=8)
+    assert plain_model.model.ops == PLAIN and cpu_model.model.ops == CPU
+    images = np.random.default_rng(0).standard_normal((3, 32, 32, 3)).astype(np.float32)
+    ids = plain_model.tokenize(["a red circle.", "a blue square.", "a star"])
+    np.testing.assert_allclose(plain_model.encode_image(images), cpu_model.encode_image(images),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(plain_model.encode_text(ids), cpu_model.encode_text(ids), rtol=1e-5, atol=1e-5)
+    data = data_lib.open_eval_data("synthetic:shape", plain_model.config)
+    got, want = (zeroshot.evaluate(m, data, progress=False) for m in (plain_model, cpu_model))
+    assert got["top1"] == want["top1"] and got["top5"] == want["top5"]

@@ -160,9 +160,10 @@ def test_export_loads_in_open_clip_with_identical_outputs(tmp_path):
         torch.testing.assert_close(fresh.encode_image(images), reference.encode_image(images), rtol=0, atol=0)
 
 
-def test_a_clip_jax_model_with_its_own_head_width_runs_in_open_clip(tmp_path):
-    # The tiny test model: 2 heads of 16 in both towers, a SentencePiece vocabulary of 256.
-    src = write_model_dir(tmp_path / "model", seed=2)
+def test_a_clip_jax_siglip_model_with_its_own_head_width_runs_in_open_clip(tmp_path):
+    # The tiny test model: 2 heads of 16 in both towers, a SentencePiece vocabulary of 256,
+    # trained with the SigLIP loss: OpenCLIP loads its learned logit bias as its own.
+    src = write_model_dir(tmp_path / "model", seed=2, loss__name="siglip")
     ours = clip_jax.load(src)
     out = tmp_path / "hub" / "open_clip_model.safetensors"
     convert.main([src, "--to", "open_clip", "--out", str(out)])
@@ -174,6 +175,8 @@ def test_a_clip_jax_model_with_its_own_head_width_runs_in_open_clip(tmp_path):
         ref_image = model.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
     assert relative_error(ours.encode_text(ids), ref_text) <= TOLERANCE
     assert relative_error(ours.encode_image(images), ref_image) <= TOLERANCE
+    assert model.logit_bias is not None and model.logit_bias.item() == ours.logit_bias
+    assert model.logit_scale.exp().item() == pytest.approx(ours.logit_scale, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -223,7 +226,7 @@ def test_each_paper_architecture_converts_from_a_reference_state_dict(name):
     model_cfg = convert.infer_model_config(tensors, oc_name)
     assert convert.paper_name(model_cfg) == name
     assert convert._shape_dict(model_cfg) == convert._shape_dict(config_lib.model_config(name))
-    variables = convert.from_torch(tensors, model_cfg, oc_name)
+    variables = convert.from_torch(tensors, convert.converted_config(model_cfg), oc_name)
     counts = count_params(variables["params"])
     assert counts["total"] == sum(p.numel() for p in reference.parameters())
     assert counts["image"] == sum(p.numel() for p in reference.visual.parameters())

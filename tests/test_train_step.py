@@ -61,11 +61,11 @@ def test_micro_batched_gradient_equals_the_full_batch_gradient(loss):
 def test_scanned_towers_give_the_unrolled_gradient_through_the_micro_batched_step(kind):
     """`model.scan_layers` (each tower's repeated blocks as one lax.scan), with remat and
     micro-batches, as the paper configs run: the same loss, gradient and BatchNorm statistics
-    as the unrolled towers. The plain code (`model.ops=xla`), as on a pod: with the CPU
+    as the unrolled towers. The plain code (`kernels.ops=xla`), as on a pod: with the CPU
     kernels a ResNet's stages run unrolled anyway (tests/test_ops.py)."""
     config = tiny_config(batch_size=16, **{"model.text.layers": 3, "model.remat": True,
                                            "micro_batches": 2, "model.vision.layers": 3})
-    config.model.ops = "xla"
+    config.kernels.ops = "xla"
     if kind == "resnet":
         config.model.vision = ml_collections.ConfigDict(dict(
             kind="resnet", image_size=32, layers=(1, 3, 1, 1), width=8, patch_size=0, heads=2))

@@ -5,7 +5,7 @@ import sys
 import jax
 from absl import flags
 
-from clip_jax import cli, validation
+from clip_jax import cli, losses, validation
 from clip_jax.benchmark import checkpoint, data, evaluate, loss, train
 
 DEFAULT_CONFIG = "configs/smoke.py"
@@ -25,7 +25,7 @@ def _define_flags():
     flags.DEFINE_integer("eval_batch_size", 256, "evaluate: images or texts per batch")
     flags.DEFINE_string("checkpoint_dir", None, "checkpoint: where to write (default: a temporary "
                         "directory); point it at the filesystem your runs use")
-    flags.DEFINE_list("losses", ["clip", "clip_blockwise", "siglip"], "loss: the losses to measure")
+    flags.DEFINE_list("losses", list(losses.LOSSES), "loss: the losses to measure (default: all)")
     flags.DEFINE_list("global_batches", [str(b) for b in loss.LOSS_BATCHES],
                       "loss: global batch sizes (multiples of the device count)")
     flags.DEFINE_integer("embed_dim", 512, "loss: embedding dimension")

@@ -9,20 +9,20 @@ import tempfile
 import jax
 import numpy as np
 
-from clip_jax import sharding
+from clip_jax import models, sharding
 from clip_jax.benchmark import photos
 from clip_jax.benchmark.timing import median_time
 from clip_jax.data import tokenizer as tokenizer_lib
 from clip_jax.data.pipeline import normalize_images
 from clip_jax.evals import data as data_lib, features
 from clip_jax.inference import CLIPModel
-from clip_jax.models import build_model, init_variables
+from clip_jax.models import init_variables
 
 
 def benchmark_evaluate(config, source, num_images, repeats, batch_size):
     """{'images_per_sec', 'decode_images_per_sec', 'encode_images_per_sec', 'texts_per_sec', ...}."""
     mesh, rules = sharding.make_mesh(config.mesh), tuple(tuple(r) for r in config.sharding_rules)
-    model = build_model(config.model)
+    model = models.from_config(config)
     variables = init_variables(model, config.model, jax.random.key(0), mesh, rules)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = tokenizer_lib.get_tokenizer(config, tmp)

@@ -25,7 +25,7 @@ def _loss_memory(name, batch, embed_dim, block_size, mesh, batch_axes):
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes))
     embeds = jax.ShapeDtypeStruct((batch, embed_dim), jnp.float32, sharding=split)
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
-    if name == "siglip":
+    if losses.get(name).learns_bias:
         fn, args = jax.value_and_grad(loss, argnums=(0, 1, 2, 3)), (embeds, embeds, scalar, scalar)
     else:
         fn = jax.value_and_grad(lambda i, t, s: loss(i, t, s, None), argnums=(0, 1, 2))

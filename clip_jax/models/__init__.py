@@ -5,24 +5,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
-from clip_jax import sharding
+from clip_jax import losses, ops, sharding
 from clip_jax.models.clip import CLIP
 
-__all__ = ["CLIP", "build_model", "count_params", "input_specs", "encoder_fns", "abstract_variables",
+__all__ = ["CLIP", "from_config", "count_params", "input_specs", "encoder_fns", "abstract_variables",
            "init_variables", "variables_init_fn"]
 
 
-def build_model(model_cfg, ops=None, **options) -> CLIP:
-    """Builds a `CLIP` module from a model ConfigDict (see `config_lib.model_config`).
-    `ops`: a platform's kernels, as `clip_jax.ops.select` chooses them for the mesh the
-    model runs on (None: the plain code). `options` are further CLIP fields (the loss's
-    `logit_scale_init`, `logit_bias_init`)."""
-    v, t = model_cfg.vision, model_cfg.text
+def from_config(config, mesh=None) -> CLIP:
+    """The `CLIP` of a run config: the one place a CLIP is constructed (training, loading,
+    evaluation, conversion, export, summary, AOT, benchmarks).
+
+    `config` is the whole run config: the architecture comes from `config.model`, the
+    parameters the loss needs (SigLIP's `logit_bias`, its initial temperature) from
+    `config.loss` (`losses.model_options`), so a model is built the same way wherever
+    its checkpoint is read. `mesh`: where the model runs, whose devices choose the kernels
+    `config.kernels` asks for (`clip_jax.ops.from_config`); None gives the plain code, for
+    what needs only shapes (abstract variables, name tables, FLOP counts)."""
+    m = config.model
+    v, t = m.vision, m.text
     kind = str(v.kind)
-    layers = v.layers
-    layers = tuple(int(n) for n in layers) if kind == "resnet" else int(layers)
+    layers = tuple(int(n) for n in v.layers) if kind == "resnet" else int(v.layers)
     return CLIP(
-        embed_dim=int(model_cfg.embed_dim),
+        embed_dim=int(m.embed_dim),
         vision_kind=kind,
         image_size=int(v.image_size),
         vision_layers=layers,
@@ -34,12 +39,12 @@ def build_model(model_cfg, ops=None, **options) -> CLIP:
         text_width=int(t.width),
         text_heads=int(t.heads),
         text_layers=int(t.layers),
-        dtype=jnp.dtype(str(model_cfg.get("dtype", "float32"))),
-        remat=bool(model_cfg.get("remat", False)),
-        scan_layers=bool(model_cfg.get("scan_layers", False)),
-        activation=str(model_cfg.get("activation", "quick_gelu")),
-        ops=ops,
-        **options,
+        dtype=jnp.dtype(str(m.get("dtype", "float32"))),
+        remat=bool(m.get("remat", False)),
+        scan_layers=bool(m.get("scan_layers", False)),
+        activation=str(m.get("activation", "quick_gelu")),
+        ops=ops.PLAIN if mesh is None else ops.from_config(config.kernels, mesh),
+        **losses.model_options(config.loss),
     )
 
 
@@ -50,12 +55,12 @@ def _size(tree):
 
 def count_params(params) -> dict:
     """dict(image=, text=, total=): image = params['visual']; text = everything but
-    'visual' and 'logit_scale'; total = all. Accepts boxed/abstract trees, or a
+    'visual', 'logit_scale' and 'logit_bias'; total = all. Accepts boxed/abstract trees, or a
     variables dict with a 'params' entry."""
     if "visual" not in params and "params" in params:
         params = params["params"]
     image = _size(params["visual"])
-    text = _size({k: v for k, v in params.items() if k not in ("visual", "logit_scale")})
+    text = _size({k: v for k, v in params.items() if k not in ("visual", "logit_scale", "logit_bias")})
     return dict(image=image, text=text, total=_size(params))
 
 

@@ -11,6 +11,7 @@ from clip_jax.models.layers import logical
 from clip_jax.models.resnet import ModifiedResNet
 from clip_jax.models.text import TextTransformer
 from clip_jax.models.vit import VisionTransformer
+from clip_jax.ops.plain import PLAIN, Ops
 
 # The cap of the logit scale exp(t), as the paper: the model applies it, the optimiser
 # clamps the parameter t to [0, log MAX_LOGIT_SCALE] (optim.clip_logit_scale).
@@ -45,9 +46,9 @@ class CLIP(nn.Module):
     remat: bool = False
     scan_layers: bool = False   # each tower's repeated blocks as one lax.scan
     activation: str = "quick_gelu"   # transformer MLPs: 'quick_gelu' (OpenAI) or 'gelu'
-    ops: Any = None             # a platform's kernels (clip_jax.ops.select); None: plain XLA
+    ops: Ops = PLAIN            # the kernels (clip_jax.ops): the plain code unless a platform's
     # The learned temperature's initial log, and the learned logit bias (None: none): the
-    # paper's 1/0.07; SigLIP's log 10 and -10 (losses.model_options).
+    # paper's 1/0.07; SigLIP's log 10 and -10 (its entry in losses.LOSSES).
     logit_scale_init: float = math.log(1 / 0.07)
     logit_bias_init: Optional[float] = None
 

@@ -5,8 +5,8 @@ Every parameter initialiser carries logical axis names (MaxText style) via
 `nn.with_logical_partitioning`; the names are mapped to mesh axes by the rules in
 `config_lib.DEFAULT_RULES`.
 
-`ops` (None, or a platform's kernels from `clip_jax.ops`) may replace `matmul`; with None
-the code here is all that runs, on every platform.
+The dense products run on `ops` (`clip_jax.ops.plain.Ops`: the plain code, `PLAIN`, unless
+a platform's kernels are given).
 """
 import functools
 import math
@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 from flax.core import meta
+
+from clip_jax.ops.plain import PLAIN, Ops
 
 Dtype = Any
 
@@ -54,102 +56,6 @@ def layer_norm(dtype, name):
         name=name)
 
 
-def matmul(x, kernel, bias, dtype, out_dtype=None, transpose=jnp.transpose):
-    """x [M, K] @ kernel [K, N] (+ bias [N]) in the compute `dtype`; kernel and bias are
-    float32 parameters. The result is in `out_dtype` (default: `dtype`).
-
-    float32: `jnp.dot` + bias. A lower precision (bfloat16): the products take `dtype`
-    operands and accumulate in float32, the bias is added in float32 before the one
-    rounding, and the backward products likewise, with the parameters' gradients left in
-    float32. JAX's own gradient would round the kernel's gradient to bfloat16 (the dtype of
-    its cast copy), and XLA then sums it across the data-parallel devices in bfloat16 (the
-    TPU compile shows bf16 all-reduces; BUILD_NOTES "Plain models and platform ops"); so the
-    backward is written out, as plain `jnp.dot`s. `transpose` is how those products take
-    their transposed operands (a platform may store them: clip_jax.ops)."""
-    x = x.astype(dtype)
-    if jnp.dtype(dtype) == jnp.float32:
-        y = jnp.dot(x, kernel)
-        return (y if bias is None else y + bias).astype(out_dtype or dtype)
-    zero = jnp.zeros(kernel.shape[1:], jnp.float32)
-    return _low_precision_matmul(x, kernel, zero if bias is None else bias,
-                                 jnp.dtype(out_dtype or dtype), transpose)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _low_precision_matmul(x, kernel, bias, out_dtype, transpose):
-    y = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
-    return (y + bias).astype(out_dtype)
-
-
-def _low_precision_matmul_fwd(x, kernel, bias, out_dtype, transpose):
-    return _low_precision_matmul(x, kernel, bias, out_dtype, transpose), (x, kernel.astype(x.dtype))
-
-
-def _low_precision_matmul_bwd(out_dtype, transpose, saved, g):
-    x, kernel = saved
-    dbias = jnp.sum(g, axis=0, dtype=jnp.float32)
-    g = g.astype(x.dtype)
-    dx = jnp.dot(g, transpose(kernel), preferred_element_type=jnp.float32).astype(x.dtype)
-    dkernel = jnp.dot(transpose(x), g, preferred_element_type=jnp.float32)
-    return dx, dkernel, dbias
-
-
-_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
-
-
-def conv(x, kernel, stride, padding, dtype, out_dtype=None):
-    """The bias-free convolution of x [N, H, W, C] with the float32 kernel [k, k, C, O]
-    (HWIO), `stride` and `padding` (pixels on every side), in the compute `dtype`; the
-    result in `out_dtype` (default: `dtype`).
-
-    In a lower precision (bfloat16) the backward is written out, as `matmul`'s is, so that
-    the kernel's gradient is float32: JAX's own rounds it to the dtype of the kernel's
-    bfloat16 copy, and XLA then sums it across the data-parallel devices in bfloat16
-    (`lax.conv_general_dilated` takes no mixed dtypes). The input gradient is JAX's own."""
-    x = x.astype(dtype)
-    if jnp.dtype(dtype) == jnp.float32:
-        return _conv(x, kernel, stride, padding, out_dtype)
-    return _low_precision_conv(x, kernel, stride, padding, jnp.dtype(out_dtype or dtype))
-
-
-def _conv(x, kernel, stride, padding, out_dtype=None):
-    return jax.lax.conv_general_dilated(
-        x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=out_dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _low_precision_conv(x, kernel, stride, padding, out_dtype):
-    return _conv(x, kernel.astype(x.dtype), stride, padding, out_dtype)
-
-
-def _low_precision_conv_fwd(x, kernel, stride, padding, out_dtype):
-    return (_low_precision_conv(x, kernel, stride, padding, out_dtype),
-            (x, kernel.astype(x.dtype)))
-
-
-def _low_precision_conv_bwd(stride, padding, out_dtype, saved, g):
-    x, kernel = saved
-    g = g.astype(x.dtype)
-    dx, = jax.vjp(lambda x: _conv(x, kernel, stride, padding), x)[1](g)
-    return dx, conv_kernel_gradient(x, g, kernel.shape[0], stride, padding)
-
-
-_low_precision_conv.defvjp(_low_precision_conv_fwd, _low_precision_conv_bwd)
-
-
-def conv_kernel_gradient(x, g, size, stride, padding):
-    """The gradient of `_conv(x, kernel, stride, padding)`'s kernel [size, size, C, O] for the
-    output gradient g [N, H', W', O], accumulated and returned in float32: the convolution
-    JAX's own transpose computes (batch and channels of x swapped, g as the window, dilated
-    by the stride), with a float32 result."""
-    pads = [(padding, size + stride * (out - 1) - n - padding)
-            for n, out in zip(x.shape[1:3], g.shape[1:3])]
-    return jax.lax.conv_general_dilated(
-        x, g, (1, 1), pads, rhs_dilation=(stride, stride),
-        dimension_numbers=("CHWN", "IHWO", "HWNC"), preferred_element_type=jnp.float32)
-
-
 class DenseGeneral(nn.Module):
     """A dense layer over the trailing input axes `axis` to output axes `features`, whose
     kernel is created with its full shape (flax's `nn.DenseGeneral` initialises a flattened
@@ -162,7 +68,7 @@ class DenseGeneral(nn.Module):
     bias_init: Callable = zeros
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    ops: Any = None
+    ops: Ops = PLAIN
 
     @nn.compact
     def __call__(self, x):
@@ -176,7 +82,7 @@ class DenseGeneral(nn.Module):
         lead = x.shape[:x.ndim - len(axis)]
         bias = self.param("bias", self.bias_init, features, self.param_dtype) if self.use_bias else None
         n_in, n_out = math.prod(kernel.shape[:len(axis)]), math.prod(features)
-        y = getattr(self.ops, "matmul", matmul)(
+        y = self.ops.matmul(
             x.reshape(-1, n_in), kernel.reshape(n_in, n_out),
             None if bias is None else bias.reshape(n_out), self.dtype)
         return y.reshape(lead + features)
@@ -194,7 +100,7 @@ class MultiHeadAttention(nn.Module):
     out_features: Optional[int] = None
     out_name: str = "embed"       # logical name of the output dimension
     dtype: Dtype = jnp.float32
-    ops: Any = None
+    ops: Ops = PLAIN
 
     @nn.compact
     def __call__(self, inputs_q, inputs_kv=None, causal=False, kv_lengths=None):
@@ -231,7 +137,7 @@ class MLP(nn.Module):
     proj_std: float
     activation: str = "quick_gelu"
     dtype: Dtype = jnp.float32
-    ops: Any = None
+    ops: Ops = PLAIN
 
     @nn.compact
     def __call__(self, x):
@@ -259,7 +165,7 @@ class ResidualAttentionBlock(nn.Module):
     causal: bool = False
     activation: str = "quick_gelu"
     dtype: Dtype = jnp.float32
-    ops: Any = None
+    ops: Ops = PLAIN
 
     @nn.compact
     def __call__(self, x, readout=None):
@@ -304,7 +210,7 @@ class Transformer(nn.Module):
     scan: bool = False
     activation: str = "quick_gelu"
     dtype: Dtype = jnp.float32
-    ops: Any = None
+    ops: Ops = PLAIN
 
     @nn.compact
     def __call__(self, x, readout=None):

@@ -10,9 +10,8 @@ parameters); pass `train=True` with `mutable=['batch_stats']` to update them. St
 are over the whole global batch (under a batch-sharded mesh XLA sums them across devices),
 so a step does not depend on the device count.
 
-`ops` (None, or a platform's kernels from `clip_jax.ops`) may replace `conv`,
-`batch_norm`, `avg_pool` and the dense layers' `matmul`; with None the code here is all
-that runs.
+The convolutions, BatchNorms, pools and dense products run on `ops`
+(`clip_jax.ops.plain.Ops`: the plain code, `PLAIN`, unless a platform's kernels are given).
 """
 from typing import Any, Optional, Tuple
 
@@ -20,42 +19,12 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from clip_jax.models import layers
 from clip_jax.models.layers import MultiHeadAttention, logical, normal, ones, scan_blocks, zeros
+from clip_jax.ops.plain import PLAIN, Ops, normalise
 
 STAGE_SPEC = ("batch", None, None, None)
 CONV_NAMES = (None, None, "conv_in", "conv_out")
 _he_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-_STAT_AXES = (0, 1, 2)       # NHWC: statistics per channel over batch and space
-
-
-def conv(x, kernel, stride, dtype, out_dtype=None):
-    """The bias-free convolution of x [N, H, W, C] with the float32 kernel [k, k, C, O]
-    (HWIO), 'same' padding (k - 1) // 2, in the compute `dtype` (`layers.conv`: the
-    kernel's gradient stays float32); the result in `out_dtype` (default: `dtype`)."""
-    return layers.conv(x, kernel, stride, (kernel.shape[0] - 1) // 2, dtype, out_dtype)
-
-
-def batch_norm(x, scale, bias, residual, epsilon, relu, dtype):
-    """Training-mode BatchNorm over N, H, W in float32 (the biased variance, as flax's fast
-    variance), then `+ residual` (None: none), then ReLU if `relu`.
-    Returns (y in `dtype`, batch mean, batch variance)."""
-    xf = x.astype(jnp.float32)
-    mean = xf.mean(_STAT_AXES)
-    var = jnp.maximum(0.0, (xf * xf).mean(_STAT_AXES) - mean * mean)
-    return normalise(x, mean, var, scale, bias, residual, epsilon, relu, dtype), mean, var
-
-
-def normalise(x, mean, var, scale, bias, residual, epsilon, relu, dtype):
-    y = (x.astype(jnp.float32) - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
-    if residual is not None:
-        y = y + residual.astype(jnp.float32)
-    return (jax.nn.relu(y) if relu else y).astype(dtype)
-
-
-def avg_pool(x, k):
-    """The k x k, stride-k average pool."""
-    return x if k == 1 else nn.avg_pool(x, (k, k), strides=(k, k), padding="VALID")
 
 
 class Conv(nn.Module):
@@ -65,14 +34,14 @@ class Conv(nn.Module):
     kernel_size: int
     stride: int = 1
     dtype: Any = jnp.float32
-    ops: Any = None
+    ops: Ops = PLAIN
 
     @nn.compact
     def __call__(self, x):
         k = self.kernel_size
         kernel = self.param("kernel", logical(_he_fan_out, CONV_NAMES),
                             (k, k, x.shape[-1], self.features), jnp.float32)
-        return getattr(self.ops, "conv", conv)(x, kernel, self.stride, self.dtype)
+        return self.ops.conv(x, kernel, self.stride, self.dtype)
 
 
 class BatchNorm(nn.Module):
@@ -84,7 +53,7 @@ class BatchNorm(nn.Module):
     epsilon: float = 1e-5
     zero_scale: bool = False
     dtype: Any = jnp.float32
-    ops: Any = None
+    ops: Ops = PLAIN
 
     @nn.compact
     def __call__(self, x, residual: Optional[jax.Array] = None):
@@ -97,7 +66,7 @@ class BatchNorm(nn.Module):
         if not self.train:
             return normalise(x, ra_mean.value, ra_var.value, scale, bias, residual,
                              self.epsilon, self.relu, self.dtype)
-        y, mean, var = getattr(self.ops, "batch_norm", batch_norm)(
+        y, mean, var = self.ops.batch_norm(
             x, scale, bias, residual, self.epsilon, self.relu, self.dtype)
         if not self.is_initializing():
             m = self.momentum
@@ -111,12 +80,12 @@ class Bottleneck(nn.Module):
     planes: int
     stride: int = 1
     dtype: Any = jnp.float32
-    ops: Any = None
+    ops: Ops = PLAIN
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         d, ops = self.dtype, self.ops
-        pool = getattr(ops, "avg_pool", avg_pool)
+        pool = ops.avg_pool
         out = Conv(self.planes, 1, dtype=d, ops=ops, name="conv1")(x)
         out = BatchNorm(train, dtype=d, ops=ops, name="bn1")(out)
         out = Conv(self.planes, 3, dtype=d, ops=ops, name="conv2")(out)
@@ -136,7 +105,7 @@ class AttentionPool2d(nn.Module):
     num_heads: int
     output_dim: int
     dtype: Any = jnp.float32
-    ops: Any = None
+    ops: Ops = PLAIN
 
     @nn.compact
     def __call__(self, x):
@@ -163,7 +132,7 @@ class ModifiedResNet(nn.Module):
     remat: bool = False
     scan: bool = False      # each stage's repeated blocks as one lax.scan (layers.scan_blocks)
     dtype: Any = jnp.float32
-    ops: Any = None
+    ops: Ops = PLAIN
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -172,10 +141,10 @@ class ModifiedResNet(nn.Module):
         for i, (features, stride) in enumerate(((w // 2, 2), (w // 2, 1), (w, 1)), start=1):
             x = Conv(features, 3, stride, dtype=d, ops=ops, name=f"conv{i}")(x)
             x = BatchNorm(train, dtype=d, ops=ops, name=f"bn{i}")(x)
-        x = getattr(ops, "avg_pool", avg_pool)(x, 2)
+        x = ops.avg_pool(x, 2)
         block_cls = nn.remat(Bottleneck, static_argnums=(2,)) if self.remat else Bottleneck
         # A platform may refuse scanned convolutions (clip_jax.ops.cpu: XLA:CPU).
-        scan = self.scan and getattr(ops, "scan_convolutions", True)
+        scan = self.scan and ops.scan_convolutions
         for stage, n in enumerate(self.layers):
             planes, names = w * 2 ** stage, [f"layer{stage + 1}_{i}" for i in range(n)]
             # The first block of a stage changes the width (and from the second stage on

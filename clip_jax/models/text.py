@@ -4,7 +4,8 @@ from typing import Any
 import jax.numpy as jnp
 import flax.linen as nn
 
-from clip_jax.models.layers import ACT_SPEC, Transformer, layer_norm, logical, matmul, normal
+from clip_jax.models.layers import ACT_SPEC, Transformer, layer_norm, logical, normal
+from clip_jax.ops.plain import PLAIN, Ops
 
 
 class TextTransformer(nn.Module):
@@ -18,7 +19,7 @@ class TextTransformer(nn.Module):
     scan: bool = False   # the transformer's blocks as one lax.scan (layers.scan_blocks)
     activation: str = "quick_gelu"
     dtype: Any = jnp.float32
-    ops: Any = None      # a platform's kernels (clip_jax.ops); None: plain
+    ops: Ops = PLAIN     # the kernels (clip_jax.ops): the plain code unless a platform's
 
     @nn.compact
     def __call__(self, tokens):
@@ -43,4 +44,4 @@ class TextTransformer(nn.Module):
         proj = self.param("text_projection",
                           logical(normal(self.width ** -0.5), ("embed", "joint")),
                           (self.width, self.output_dim), jnp.float32)
-        return getattr(self.ops, "matmul", matmul)(x, proj, None, self.dtype, jnp.float32)
+        return self.ops.matmul(x, proj, None, self.dtype, jnp.float32)

@@ -2,7 +2,7 @@
 
 The parameters that meet the compute dtype outside a dense layer (the patch embedding, the
 class and positional embeddings, the projection) are used so that their gradients are
-float32, as the dense layers' are (`layers.matmul`): the patch embedding is `layers.conv`,
+float32, as the dense layers' are (`ops.plain.matmul`): the patch embedding is `ops.plain.conv`,
 the embeddings are added in float32.
 """
 from typing import Any
@@ -10,7 +10,8 @@ from typing import Any
 import jax.numpy as jnp
 import flax.linen as nn
 
-from clip_jax.models.layers import ACT_SPEC, Transformer, conv, layer_norm, logical, matmul, normal
+from clip_jax.models.layers import ACT_SPEC, Transformer, layer_norm, logical, normal
+from clip_jax.ops.plain import PLAIN, Ops, conv
 
 # PyTorch's default Conv2d init (kaiming_uniform(a=sqrt(5))): U(+-1/sqrt(fan_in)).
 # OpenAI CLIP keeps the default for the patch embedding.
@@ -28,7 +29,7 @@ class VisionTransformer(nn.Module):
     scan: bool = False   # the transformer's blocks as one lax.scan (layers.scan_blocks)
     activation: str = "quick_gelu"
     dtype: Any = jnp.float32
-    ops: Any = None      # a platform's kernels (clip_jax.ops); None: plain
+    ops: Ops = PLAIN     # the kernels (clip_jax.ops): the plain code unless a platform's
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -53,13 +54,13 @@ class VisionTransformer(nn.Module):
         x = layer_norm(self.dtype, "ln_post")(x)                    # the class token
         proj = self.param("proj", logical(normal(scale), ("embed", "joint")),
                           (self.width, self.output_dim), jnp.float32)
-        return getattr(self.ops, "matmul", matmul)(x, proj, None, self.dtype, jnp.float32)
+        return self.ops.matmul(x, proj, None, self.dtype, jnp.float32)
 
 
 class PatchEmbedding(nn.Module):
     """The non-overlapping patch x patch convolution, with `nn.Conv`'s parameter (`kernel`
     [p, p, 3, width], no bias, PyTorch's default initialisation) and a float32 kernel
-    gradient (`layers.conv`). Returns float32 [B, g * g, width].
+    gradient (`ops.plain.conv`). Returns float32 [B, g * g, width].
 
     (One product of the flattened patches with the kernel gives the same sums, but on a TPU
     the patches' transpose, whose minor dimension is the 3 colour channels, is laid out

@@ -1,7 +1,7 @@
 """XLA:CPU variants of the models' platform-dependent pieces (`CpuOps`).
 
-Each function here computes what its plain counterpart in `clip_jax/models` computes (the
-tests check forward and backward against it) in a form that XLA:CPU runs faster. Why each
+Each function here computes what its plain counterpart (`clip_jax/ops/plain.py`) computes
+(the tests check forward and backward against it) in a form that XLA:CPU runs faster. Why each
 one pays, measured piece by piece on 2-core AVX512-BF16 CPUs, is in BUILD_NOTES
 ("Platform ops on CPU"):
 
@@ -21,7 +21,7 @@ one pays, measured piece by piece on 2-core AVX512-BF16 CPUs, is in BUILD_NOTES
 - `scan_convolutions` False: the ResNet's stages unrolled (see `CpuOps`).
 
 None of this is used on a TPU or GPU mesh: `clip_jax.ops.select` picks these only for a
-mesh of CPU devices (or `config.model.ops = 'cpu'`).
+mesh of CPU devices (or `config.kernels.ops = 'cpu'`).
 """
 import dataclasses
 import functools
@@ -31,8 +31,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.layout import Layout, with_layout_constraint
 
-from clip_jax.config_lib import CPU_OPS_PIECES as PIECES
-from clip_jax.models import layers, resnet
+from clip_jax.ops import plain
+
+# The pieces of `CpuOps`, each of which `config.kernels.cpu_ops_off` can leave to the plain
+# code to measure what it gains (`off`).
+PIECES = ("stored_transposes", "conv_1x1_as_matmul", "im2col", "float32_accumulator",
+          "batch_norm_backward", "pool_as_mean", "unrolled_convolutions")
 
 # The smallest input width at which `conv` runs a bfloat16 3x3 convolution as im2col: below
 # it (RN50's stem and first stage, 32-64 channels at 112x112 and 56x56) the copies cost more
@@ -53,8 +57,8 @@ def _stored_transpose(x):
 
 
 def matmul(x, kernel, bias, dtype, out_dtype=None):
-    """`models.layers.matmul` whose bfloat16 backward products read stored transposes."""
-    return layers.matmul(x, kernel, bias, dtype, out_dtype, transpose=_stored_transpose)
+    """`plain.matmul` whose bfloat16 backward products read stored transposes."""
+    return plain.matmul(x, kernel, bias, dtype, out_dtype, transpose=_stored_transpose)
 
 
 def _im2col_3x3(x, per_image):
@@ -134,7 +138,7 @@ _STAT_AXES = (0, 1, 2)       # NHWC: statistics per channel over batch and space
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def batch_norm(x, scale, bias, residual, epsilon, relu, dtype):
-    """`models.resnet.batch_norm` (training-mode BatchNorm, `+ residual`, ReLU if `relu`;
+    """`plain.Ops.batch_norm` (training-mode BatchNorm, `+ residual`, ReLU if `relu`;
     returns (y in `dtype`, batch mean, batch variance)) with a hand-written backward."""
     return _bn_fwd(x, scale, bias, residual, epsilon, relu, dtype)[0]
 
@@ -193,18 +197,18 @@ def avg_pool(x, k):
 
 
 @dataclasses.dataclass(frozen=True)
-class CpuOps:
-    """The XLA:CPU variants, as the models take them (`ops=` of `models.CLIP`).
+class CpuOps(plain.Ops):
+    """The XLA:CPU variants, as the models take them (`ops=` of `models.CLIP`): the plain
+    kernels (`plain.Ops`) with these pieces replaced.
 
     per_image_im2col: gather each image's 3x3 windows separately; True when the batch is
     split over several devices (see `_im2col_3x3`).
-    off: pieces (`PIECES`, named in config_lib) left to the plain code, so that a
-    side-by-side run measures what each gains (`config.model.cpu_ops_off`,
-    `benchmarks/side_by_side.py --variant`): a piece stays only while that measurement
-    shows it pays (BUILD_NOTES "Platform ops on CPU")."""
+    off: pieces (`PIECES`) left to the plain code, so that a side-by-side run measures what
+    each gains (`config.kernels.cpu_ops_off`, `benchmarks/side_by_side.py --variant`): a
+    piece stays only while that measurement shows it pays (BUILD_NOTES "Platform ops on
+    CPU")."""
     per_image_im2col: bool = False
     off: frozenset = frozenset()
-    name = "cpu"
 
     def __post_init__(self):
         unknown = sorted(set(self.off) - set(PIECES))
@@ -227,10 +231,10 @@ class CpuOps:
     def matmul(self, x, kernel, bias, dtype, out_dtype=None):
         if self._on("stored_transposes"):
             return matmul(x, kernel, bias, dtype, out_dtype)
-        return layers.matmul(x, kernel, bias, dtype, out_dtype)
+        return super().matmul(x, kernel, bias, dtype, out_dtype)
 
     def conv(self, x, kernel, stride, dtype):
-        """`models.resnet.conv` (a bias-free 'same' convolution). With the float32
+        """`plain.Ops.conv` (a bias-free 'same' convolution). With the float32
         accumulator it returns the product's float32 sums, which the BatchNorm after it
         takes as they are, instead of a bfloat16 rounding that it converts straight back."""
         size, _, c, _ = kernel.shape
@@ -242,12 +246,12 @@ class CpuOps:
         if (size == 3 and stride == 1 and x.dtype == jnp.bfloat16
                 and c >= IM2COL_MIN_CHANNELS and self._on("im2col")):
             return conv3x3_im2col(x, kernel, out_dtype, self.per_image_im2col)
-        return resnet.conv(x, kernel, stride, dtype, out_dtype)
+        return super().conv(x, kernel, stride, dtype, out_dtype)
 
     def batch_norm(self, x, scale, bias, residual, epsilon, relu, dtype):
         if self._on("batch_norm_backward"):
             return batch_norm(x, scale, bias, residual, epsilon, relu, jnp.dtype(dtype))
-        return resnet.batch_norm(x, scale, bias, residual, epsilon, relu, dtype)
+        return super().batch_norm(x, scale, bias, residual, epsilon, relu, dtype)
 
     def avg_pool(self, x, k):
-        return avg_pool(x, k) if self._on("pool_as_mean") else resnet.avg_pool(x, k)
+        return avg_pool(x, k) if self._on("pool_as_mean") else super().avg_pool(x, k)
