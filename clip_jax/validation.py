@@ -15,7 +15,7 @@ from clip_jax.data import records, sources, spec as spec_lib, tokenizer
 from clip_jax.evals import registry
 
 
-def _validate_data(config, need):
+def _validate_data(config, require):
     d = config.data
     try:
         specs = spec_lib.parse_sources(d.source)
@@ -28,16 +28,16 @@ def _validate_data(config, need):
                 records.read_manifest(source_spec.path)
             except ValueError as e:
                 raise ConfigError(f"config.data.source: {e}") from None
-    need(d.workers >= 0, "data.workers", "must be >= 0")
-    need(d.prefetch >= 0, "data.prefetch", "must be >= 0")
+    require(d.workers >= 0, "data.workers", "must be >= 0")
+    require(d.prefetch >= 0, "data.prefetch", "must be >= 0")
     lo, hi = d.crop_scale
-    need(0 < lo <= hi <= 1, "data.crop_scale", "must be (low, high) with 0 < low <= high <= 1")
+    require(0 < lo <= hi <= 1, "data.crop_scale", "must be (low, high) with 0 < low <= high <= 1")
     lo, hi = d.crop_ratio
-    need(0 < lo <= hi, "data.crop_ratio", "must be (low, high) with 0 < low <= high")
-    need(d.tokenizer in tokenizer.TOKENIZERS, "data.tokenizer", f"must be one of {sorted(tokenizer.TOKENIZERS)}")
-    need(not d.tokenizer_path or paths.isfile(d.tokenizer_path), "data.tokenizer_path", "no such file")
+    require(0 < lo <= hi, "data.crop_ratio", "must be (low, high) with 0 < low <= high")
+    require(d.tokenizer in tokenizer.TOKENIZERS, "data.tokenizer", f"must be one of {sorted(tokenizer.TOKENIZERS)}")
+    require(not d.tokenizer_path or paths.isfile(d.tokenizer_path), "data.tokenizer_path", "no such file")
     if d.tokenizer == "sentencepiece":
-        need(d.tokenizer_vocab_size <= config.model.text.vocab_size, "data.tokenizer_vocab_size",
+        require(d.tokenizer_vocab_size <= config.model.text.vocab_size, "data.tokenizer_vocab_size",
              f"must be <= model.text.vocab_size={config.model.text.vocab_size}")
 
 
@@ -82,65 +82,65 @@ def _validate_evals(config):
 def validate(config, num_devices=None):
     """Semantic checks of a whole config; raises ConfigError naming the first bad key."""
 
-    def need(cond, key, msg):
+    def require(cond, key, msg):
         if not cond:
             raise ConfigError(f"config.{key}: {msg} (got {lookup(config, key)[1]!r})")
 
     for key in ("batch_size", "total_steps", "log_every"):
-        need(isinstance(config[key], int) and config[key] > 0, key, "must be a positive integer")
-    need(config.eval_every >= 0, "eval_every", "must be >= 0 (0: only at the end)")
-    need(isinstance(config.checkpoint_every, int) and config.checkpoint_every >= 0,
+        require(isinstance(config[key], int) and config[key] > 0, key, "must be a positive integer")
+    require(config.eval_every >= 0, "eval_every", "must be >= 0 (0: only at the end)")
+    require(isinstance(config.checkpoint_every, int) and config.checkpoint_every >= 0,
          "checkpoint_every", "must be an integer >= 0 (0: only at the end and on preemption)")
-    need(isinstance(config.max_to_keep, int) and config.max_to_keep >= 1, "max_to_keep",
+    require(isinstance(config.max_to_keep, int) and config.max_to_keep >= 1, "max_to_keep",
          "must be a positive integer")
-    need(isinstance(config.max_bad_steps, int) and config.max_bad_steps >= 1, "max_bad_steps",
+    require(isinstance(config.max_bad_steps, int) and config.max_bad_steps >= 1, "max_bad_steps",
          "must be a positive integer")
-    need(not config.init_from or paths.exists(config.init_from), "init_from",
+    require(not config.init_from or paths.exists(config.init_from), "init_from",
          "no such checkpoint directory")
     _check_init_from_tokenizer(config)
     m = config.model
-    need(m.vision.kind in ("resnet", "vit"), "model.vision.kind", "must be 'resnet' or 'vit'")
-    need(m.dtype in ("float32", "bfloat16"), "model.dtype", "must be 'float32' or 'bfloat16'")
-    need(m.get("activation", "quick_gelu") in ("quick_gelu", "gelu"), "model.activation",
+    require(m.vision.kind in ("resnet", "vit"), "model.vision.kind", "must be 'resnet' or 'vit'")
+    require(m.dtype in ("float32", "bfloat16"), "model.dtype", "must be 'float32' or 'bfloat16'")
+    require(m.get("activation", "quick_gelu") in ("quick_gelu", "gelu"), "model.activation",
          "must be 'quick_gelu' or 'gelu'")
     for old, new in MOVED_KEYS.items():
-        need(not lookup(config, old)[0], old, f"moved to config.{new} (a runtime choice, not "
+        require(not lookup(config, old)[0], old, f"moved to config.{new} (a runtime choice, not "
              "part of the model)")
     try:
         ops.check(config.kernels)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if m.vision.kind == "vit":
-        need(m.vision.patch_size > 0 and m.vision.image_size % m.vision.patch_size == 0,
+        require(m.vision.patch_size > 0 and m.vision.image_size % m.vision.patch_size == 0,
              "model.vision.patch_size", "must be positive and divide model.vision.image_size")
-        need(m.vision.width % m.vision.heads == 0, "model.vision.heads", "must divide model.vision.width")
+        require(m.vision.width % m.vision.heads == 0, "model.vision.heads", "must divide model.vision.width")
     else:
-        need(len(m.vision.layers) == 4, "model.vision.layers", "a ResNet needs 4 stage depths")
-        need(m.vision.image_size % 32 == 0, "model.vision.image_size", "a ResNet needs a multiple of 32")
-    need(m.text.width % m.text.heads == 0, "model.text.heads", "must divide model.text.width")
+        require(len(m.vision.layers) == 4, "model.vision.layers", "a ResNet needs 4 stage depths")
+        require(m.vision.image_size % 32 == 0, "model.vision.image_size", "a ResNet needs a multiple of 32")
+    require(m.text.width % m.text.heads == 0, "model.text.heads", "must divide model.text.width")
     o = config.optim
-    need(o.lr > 0, "optim.lr", "must be positive")
-    need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b2" if not 0 <= o.b2 < 1 else "optim.b1", "must be in [0, 1)")
-    need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    require(o.lr > 0, "optim.lr", "must be positive")
+    require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b2" if not 0 <= o.b2 < 1 else "optim.b1", "must be in [0, 1)")
+    require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     try:
         losses.check(config.loss)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    need(isinstance(config.micro_batches, int) and config.micro_batches >= 1, "micro_batches",
+    require(isinstance(config.micro_batches, int) and config.micro_batches >= 1, "micro_batches",
          "must be a positive integer")
-    need(config.batch_size % config.micro_batches == 0, "micro_batches", "must divide batch_size")
-    need(isinstance(config.lock_image.unlocked_blocks, int) and config.lock_image.unlocked_blocks >= 0,
+    require(config.batch_size % config.micro_batches == 0, "micro_batches", "must divide batch_size")
+    require(isinstance(config.lock_image.unlocked_blocks, int) and config.lock_image.unlocked_blocks >= 0,
          "lock_image.unlocked_blocks", "must be an integer >= 0")
-    need(not config.lock_image.enabled or config.init_from, "lock_image.enabled",
+    require(not config.lock_image.enabled or config.init_from, "lock_image.enabled",
          "locks the image tower of a pretrained model: set config.init_from too")
-    _validate_data(config, need)
+    _validate_data(config, require)
     _validate_evals(config)
     rule_names = [r[0] for r in config.sharding_rules]
-    need("batch" in rule_names, "sharding_rules", "needs a rule for the logical axis 'batch'")
+    require("batch" in rule_names, "sharding_rules", "needs a rule for the logical axis 'batch'")
     for name, axes in config.sharding_rules:
         for a in (axes,) if isinstance(axes, str) else (axes or ()):
-            need(a in sharding.MESH_AXES, "sharding_rules", f"rule {name!r} names unknown mesh axis {a!r}")
+            require(a in sharding.MESH_AXES, "sharding_rules", f"rule {name!r} names unknown mesh axis {a!r}")
     if num_devices is not None:
         try:
             shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
@@ -149,7 +149,7 @@ def validate(config, num_devices=None):
         shards = 1
         for a in sharding.batch_axes(config.sharding_rules):
             shards *= shape[a]
-        need(config.batch_size % shards == 0, "batch_size",
+        require(config.batch_size % shards == 0, "batch_size",
              f"must be divisible by the {shards} batch shards of the mesh {shape}")
-        need(config.batch_size % (shards * config.micro_batches) == 0, "micro_batches",
+        require(config.batch_size % (shards * config.micro_batches) == 0, "micro_batches",
              f"batch_size={config.batch_size} must split into micro_batches x {shards} batch shards")
