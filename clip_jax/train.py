@@ -254,8 +254,10 @@ def make_train_step(config, model, tx, schedule, mesh, rules, state_shardings):
 
 
 @dataclasses.dataclass
-class Run:
-    """What training needs; run it under `context()` (mesh + logical-axis rules)."""
+class TrainSetup:
+    """What `build` makes once for a config: the mesh and rules, the model, the optimiser,
+    the state's shapes and shardings, and the jitted step. Use it under `context()` (mesh +
+    logical-axis rules)."""
     config: object
     mesh: jax.sharding.Mesh
     rules: tuple
@@ -298,7 +300,7 @@ def build(config, devices=None):
     abstract_state, state_shardings = train_state_shardings(config, model, tx, mesh, rules)
     with sharding.mesh_context(mesh, rules):
         train_step = make_train_step(config, model, tx, schedule, mesh, rules, state_shardings)
-    return Run(config, mesh, rules, model, tx, abstract_state, state_shardings, train_step)
+    return TrainSetup(config, mesh, rules, model, tx, abstract_state, state_shardings, train_step)
 
 
 class TrainingStopped(Exception):
