@@ -384,7 +384,7 @@ def _train_owned(config, workdir, ckpt_dir, owner):
             except (ValueError, OSError) as e:   # e.g. a damaged shard, named
                 raise config_lib.ConfigError(str(e)) from None
             state, start = initial_state(run, ckpt, data)
-            return _loop(config, workdir, run, state, start, data, ckpt, preemption, evaluator, owner)
+            return _train_from(config, workdir, run, state, start, data, ckpt, preemption, evaluator, owner)
 
 
 @contextlib.contextmanager
@@ -411,7 +411,10 @@ def _closing(*closers):
         raise first
 
 
-def _loop(config, workdir, run, state, start, data, ckpt, preemption, evaluator, owner):
+def _train_from(config, workdir, run, state, start, data, ckpt, preemption, evaluator, owner):
+    """Trains from step `start` to the end (or a preemption) with the metrics writer and the
+    progress bar open, and reports how it ended: the final line, or the newest complete
+    checkpoint when a write failed. Returns the last logged metrics."""
     from tqdm import tqdm
 
     writer = metrics.MetricWriter(workdir, start_step=start)
@@ -428,7 +431,7 @@ def _loop(config, workdir, run, state, start, data, ckpt, preemption, evaluator,
                disable=not config.progress or jax.process_index() != 0, file=sys.stdout)
     try:
         with _closing(bar.close, writer.close):
-            last = _steps(config, run, state, start, data, ckpt, preemption, evaluator, writer, bar, owner)
+            last = _step_loop(config, run, state, start, data, ckpt, preemption, evaluator, writer, bar, owner)
     except (workdir_lib.WorkdirError, checkpoint.CheckpointError) as e:
         newest = ckpt.newest_committed()
         raise type(e)(f"{e}. " + (f"The newest complete checkpoint, {ckpt.directory}/{newest}, is intact: "
@@ -445,8 +448,9 @@ def _loop(config, workdir, run, state, start, data, ckpt, preemption, evaluator,
     return last
 
 
-def _steps(config, run, state, start, data, ckpt, preemption, evaluator, writer, bar, owner):
-    """Steps start+1 .. total_steps (or to a preemption); returns the last logged metrics."""
+def _step_loop(config, run, state, start, data, ckpt, preemption, evaluator, writer, bar, owner):
+    """The step loop: steps start+1 .. total_steps (or to a preemption), each one's batch,
+    update, logging, evaluation and checkpoint; returns the last logged metrics."""
     last = {}
     saved_step = start
     t_last, step_last = time.perf_counter(), start
