@@ -200,12 +200,12 @@ def make_gradient_fn(config, model, mesh, rules):
         grads, _ = jax.lax.scan(pull_back, grads, (images, tokens, g_image, g_text))
         return (loss, (new_stats, scale)), grads
 
-    def compute(params, batch_stats, batch):
+    def loss_and_grads(params, batch_stats, batch):
         frozen = _frozen_mask(config, params)
         if frozen is not None:       # no gradient is computed for locked parameters
             params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
         return (gradient_cache if k > 1 else full_batch)(params, batch_stats, batch)
-    return compute
+    return loss_and_grads
 
 
 def make_train_step(config, model, tx, schedule, mesh, rules, state_shardings):
@@ -218,10 +218,10 @@ def make_train_step(config, model, tx, schedule, mesh, rules, state_shardings):
     write of the new ones, so it copied every moment first (BUILD_NOTES "Train step and
     state", non-finite guard).
     """
-    compute = make_gradient_fn(config, model, mesh, rules)
+    loss_and_grads = make_gradient_fn(config, model, mesh, rules)
 
     def step_fn(state, batch):
-        (loss, (batch_stats, scale)), grads = compute(state.params, state.batch_stats, batch)
+        (loss, (batch_stats, scale)), grads = loss_and_grads(state.params, state.batch_stats, batch)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
