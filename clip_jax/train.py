@@ -8,6 +8,7 @@ SIGTERM saves one at the current step and stops.
 """
 import contextlib
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -21,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clip_jax import (checkpoint, cli, config_lib, distributed, losses, metrics, models, optim,
                       paths, sharding, validation, workdir as workdir_lib)
-from clip_jax.data import pipeline, tokenizer as tokenizer_lib
+from clip_jax.data import pipeline, sources, tokenizer as tokenizer_lib
 from clip_jax.distributed import log
 from clip_jax.evals import training as training_evals
 from clip_jax.models import abstract_variables, input_specs, variables_init_fn
@@ -360,8 +361,12 @@ def _train_owned(config, workdir, ckpt_dir, owner):
             raise workdir_lib.WorkdirError(workdir_lib.os_error_message(e, workdir, "writing config.json")) from None
 
     preemption = distributed.Preemption()   # before anything slow: a SIGTERM now is not lost
-    try:   # opens the data source too (a workdir tokenizer is trained on its captions)
-        tokenizer = tokenizer_lib.get_tokenizer(config, workdir)
+    # The training source is opened once (every shard of an ingested dataset is opened, which
+    # on a bucket is a request each), for the workdir tokenizer's captions if one must be
+    # trained, and for the pipeline.
+    open_source = functools.cache(lambda: sources.make_source(config, "train"))
+    try:
+        tokenizer = tokenizer_lib.get_tokenizer(config, workdir, open_source)
     except (ValueError, OSError) as e:
         preemption.close()
         raise config_lib.ConfigError(str(e)) from None
@@ -378,10 +383,11 @@ def _train_owned(config, workdir, ckpt_dir, owner):
     with _closing(preemption.close, lambda: data is not None and data.close(),
                   ckpt.close):   # ckpt.close waits for a save in flight: the newest is complete
         with run.context():
-            try:   # opens the training source (again, or first with a given tokenizer)
+            try:   # opens the training source, unless the tokenizer has (e.g. a damaged shard, named)
                 data = pipeline.make_train_iterator(config, tokenizer,
-                                                    sharding.batch_sharding(run.mesh, run.rules))
-            except (ValueError, OSError) as e:   # e.g. a damaged shard, named
+                                                    sharding.batch_sharding(run.mesh, run.rules),
+                                                    open_source())
+            except (ValueError, OSError) as e:
                 raise config_lib.ConfigError(str(e)) from None
             state, start = initial_state(run, ckpt, data)
             return _train_from(config, workdir, run, state, start, data, ckpt, preemption, evaluator, owner)

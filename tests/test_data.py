@@ -569,3 +569,17 @@ def test_global_arrays_identical_with_two_real_processes(tmp_path):
                                          (2, (2, 1, port, "2x2"))], timeout=180)
     assert [o["processes"] for o in outs] == [1, 2, 2] and {o["devices"] for o in outs} == {4}
     assert outs[0]["hash"] == outs[1]["hash"] == outs[2]["hash"]
+
+
+def test_training_opens_its_source_once(tmp_path, monkeypatch):
+    """Opening an ingested dataset opens every shard (a request each on a bucket): the
+    workdir tokenizer's captions and the pipeline use one opening."""
+    from clip_jax import train
+    from tests.helpers import tiny_config
+    ingested = write_ingested(tmp_path / "ing", 64, records_per_shard=16)
+    opened = []
+    real = sources.make_source
+    monkeypatch.setattr(sources, "make_source", lambda *a, **k: opened.append(a) or real(*a, **k))
+    train.train(tiny_config(total_steps=1, data__source=ingested), str(tmp_path / "wd"))
+    assert len(opened) == 1
+    assert os.path.exists(tmp_path / "wd" / "tokenizer" / "spm.model")   # trained on its captions

@@ -202,11 +202,12 @@ class GlobalBatchIterator:
     `replaced_records` counts broken records replaced so far (over all processes).
     """
 
-    def __init__(self, config, tokenizer, sharding):
+    def __init__(self, config, tokenizer, sharding, opened=None):
         self.config, self.tokenizer, self.sharding = config, tokenizer, sharding
         self.global_batch_size = config.batch_size
         self.rows = process_rows(sharding, config.batch_size)
-        self.opened = sources.make_source(config, "train")   # fails early, before any worker starts
+        # Opened here (or by the caller), before any worker starts: a bad source fails early.
+        self.opened = opened or sources.make_source(config, "train")
         self.num_records = len(self.opened[0])
         self._replicated = NamedSharding(sharding.mesh, PartitionSpec())
         self._normalize = jax.jit(normalize_images, out_shardings=sharding)
@@ -268,6 +269,7 @@ class GlobalBatchIterator:
             close()
 
 
-def make_train_iterator(config, tokenizer, sharding):
-    """Endless iterator of global training batches laid out with `sharding` (batch dimension)."""
-    return GlobalBatchIterator(config, tokenizer, sharding)
+def make_train_iterator(config, tokenizer, sharding, opened=None):
+    """Endless iterator of global training batches laid out with `sharding` (batch dimension).
+    `opened`: the training source as `sources.make_source` opened it, if it is open already."""
+    return GlobalBatchIterator(config, tokenizer, sharding, opened)

@@ -24,6 +24,7 @@ write tfds:cifar10:test"): a default of its own would silently evaluate on other
 training or ingest read for the same spec.
 """
 import dataclasses
+import functools
 import re
 
 from clip_jax import paths
@@ -96,12 +97,19 @@ def parse(text, use, origin=""):
 
 
 def parse_sources(text, origin="config.data.source"):
-    """The DataSpecs of a training source list, 'a,b' (a mixture); raises SpecError."""
-    entries = [entry.strip() for entry in str(text).split(",")]
+    """The DataSpecs of a training source list, 'a,b' (a mixture), as a tuple; raises
+    SpecError. Parsed once per text (a path's existence is looked at then): validation
+    checks `config.data.source` and `sources.make_source` opens the same frozen specs."""
+    return _parse_sources(str(text), origin)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_sources(text, origin):
+    entries = [entry.strip() for entry in text.split(",")]
     if not all(entries):
         raise SpecError(f"{origin}={text!r} has an empty entry; {_WHAT['train']} is one of: "
                         f"{'; '.join(FORMS['train'])}")
-    return [parse(entry, "train", f"{origin} entry") for entry in entries]
+    return tuple(parse(entry, "train", f"{origin} entry") for entry in entries)
 
 
 def for_ingest(format, source, split=None, origin="SOURCE"):

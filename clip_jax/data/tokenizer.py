@@ -100,7 +100,7 @@ class SentencePieceTokenizer(Tokenizer):
 CORPUS_SIZE = 10_000
 
 
-def _sentencepiece(config, workdir):
+def _sentencepiece(config, workdir, open_source):
     """A .model file (`data.tokenizer_path`), or one trained on the training source's
     captions and cached at WORKDIR/tokenizer/spm.model (with what it was trained on in
     spm.json, so that a workdir reused for other data is caught instead of silently
@@ -117,14 +117,14 @@ def _sentencepiece(config, workdir):
             # One process trains and writes the model (the workdir is shared); the rest
             # wait for it and read it.
             if jax.process_index() == 0 and not paths.exists(path):
-                _train_workdir_model(config, path, limit, trained_on)
+                _train_workdir_model(open_source, path, limit, trained_on)
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("clip_jax.tokenizer")
         if path and paths.exists(path):
             tok = SentencePieceTokenizer.load(path, ctx)
             _check_trained_on(path, trained_on)
         else:
-            tok = SentencePieceTokenizer(_train_workdir_model(config, path, limit, trained_on), ctx)
+            tok = SentencePieceTokenizer(_train_workdir_model(open_source, path, limit, trained_on), ctx)
             tok.source = path
     if tok.vocab_size > limit:
         raise ValueError(f"tokenizer {path or '(in memory)'} has {tok.vocab_size} ids, more than "
@@ -132,8 +132,8 @@ def _sentencepiece(config, workdir):
     return tok
 
 
-def _train_workdir_model(config, path, limit, trained_on):
-    source, _ = sources.make_source(config, "train")
+def _train_workdir_model(open_source, path, limit, trained_on):
+    source, _ = open_source()
     corpus = sources.tokenizer_corpus(source, CORPUS_SIZE)
     model = SentencePieceTokenizer.train(corpus, path, limit)
     if path:
@@ -156,10 +156,10 @@ def _check_trained_on(path, trained_on):
                          "to retrain it")
 
 
-def _clip_bpe(config, workdir):
+def _clip_bpe(config, workdir, open_source):
     """The reference CLIP BPE from its merges file: `data.tokenizer_path`, or with '' the
     copy of OpenAI CLIP's bpe_simple_vocab_16e6.txt.gz shipped with clip_jax."""
-    del workdir
+    del workdir, open_source
     path = config.data.tokenizer_path or bpe.find_reference_vocab()
     if not path:
         raise ValueError("config.data.tokenizer=clip_bpe with config.data.tokenizer_path='' uses "
@@ -174,14 +174,19 @@ def _clip_bpe(config, workdir):
     return tok
 
 
-# config.data.tokenizer -> builder(config, workdir).
+# config.data.tokenizer -> builder(config, workdir, open_source).
 TOKENIZERS = {"sentencepiece": _sentencepiece, "clip_bpe": _clip_bpe}
 
 
-def get_tokenizer(config, workdir) -> Tokenizer:
-    """The tokenizer named by `config.data.tokenizer` (see `_sentencepiece`, `_clip_bpe`)."""
+def get_tokenizer(config, workdir, open_source=None) -> Tokenizer:
+    """The tokenizer named by `config.data.tokenizer` (see `_sentencepiece`, `_clip_bpe`).
+    `open_source()`: the opened training source, (source, weights) as `sources.make_source`
+    gives it, called only if a workdir tokenizer must be trained on its captions (training
+    passes the one it opens once for the pipeline too; default: open it here)."""
+    if open_source is None:
+        open_source = lambda: sources.make_source(config, "train")   # noqa: E731
     name = config.data.tokenizer
     if name not in TOKENIZERS:
         raise ValueError(f"config.data.tokenizer={name!r} is not supported "
                          f"(available: {', '.join(sorted(TOKENIZERS))})")
-    return TOKENIZERS[name](config, workdir)
+    return TOKENIZERS[name](config, workdir, open_source)
