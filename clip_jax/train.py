@@ -176,7 +176,7 @@ def make_gradient_fn(config, model, mesh, rules):
 
     def gradient_cache(params, batch_stats, batch):
         images, tokens = (jax.lax.with_sharding_constraint(_micro_split(batch[key], k, shards), micro_spec)
-                          for key in ("images", "tokens"))
+                          for key in pipeline.BATCH_KEYS)
 
         def embed(params, stats, x):
             out, new_stats = forward(params, stats, *x)
@@ -249,7 +249,7 @@ def make_train_step(config, model, tx, schedule, mesh, rules, state_shardings):
 
     data_sharding = sharding.batch_sharding(mesh, rules)
     return jax.jit(step_fn,
-                   in_shardings=(state_shardings, {"images": data_sharding, "tokens": data_sharding}),
+                   in_shardings=(state_shardings, pipeline.training_batch(data_sharding, data_sharding)),
                    out_shardings=(state_shardings, sharding.replicated(mesh)),
                    donate_argnums=0)
 
@@ -281,8 +281,8 @@ class TrainSetup:
         the step's input sharding, e.g. to compile the step ahead of time."""
         data = sharding.batch_sharding(self.mesh, self.rules)
         images, tokens = input_specs(self.config.model, batch_size or self.config.batch_size)
-        return {"images": jax.ShapeDtypeStruct(images.shape, images.dtype, sharding=data),
-                "tokens": jax.ShapeDtypeStruct(tokens.shape, tokens.dtype, sharding=data)}
+        return pipeline.training_batch(*(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=data)
+                                         for x in (images, tokens)))
 
 
 def build(config, devices=None):

@@ -52,8 +52,8 @@ def synthetic_batch(run):
     tokens = rng.integers(1, config.model.text.vocab_size,
                           (config.batch_size, config.model.text.context_length), dtype=np.int32)
     data_sharding = sharding.batch_sharding(run.mesh, run.rules)
-    return {"images": jax.device_put(pipeline.normalize_images(images), data_sharding),
-            "tokens": jax.device_put(tokens, data_sharding)}
+    return pipeline.training_batch(jax.device_put(pipeline.normalize_images(images), data_sharding),
+                                   jax.device_put(tokens, data_sharding))
 
 
 def benchmark_train(config, steps, warmup, repeats, peak_tflops=None):

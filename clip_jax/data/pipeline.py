@@ -42,6 +42,16 @@ from clip_jax.data import sources
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# A training batch, as the pipeline yields it and the train step takes it: images float32
+# [B, S, S, 3] (CLIP-normalised on the device), tokens int32 [B, context_length].
+BATCH_KEYS = ("images", "tokens")
+
+
+def training_batch(images, tokens):
+    """{'images': images, 'tokens': tokens}: the one place the batch layout is written."""
+    return dict(zip(BATCH_KEYS, (images, tokens)))
+
+
 # A run of this many consecutive broken records is not bad luck but a broken dataset.
 MAX_CONSECUTIVE_BAD_RECORDS = 100
 # Tag mixed into the crop seeds, so they never coincide with other seeded streams.
@@ -154,8 +164,7 @@ class HostBatchLoader:
         indices = np.asarray(index_batch)[self.rows]
         loaded = [self.load_or_replace(i, [self.seed, _CROP_TAG, int(k), int(row)])
                   for row, i in zip(self.rows, indices)]
-        return {"images": np.stack([x[0] for x in loaded]),
-                "tokens": self.tokenizer([x[1] for x in loaded]),
+        return {**training_batch(np.stack([x[0] for x in loaded]), self.tokenizer([x[1] for x in loaded])),
                 "indices": np.array([x[2] for x in loaded], np.int64),
                 "replaced": np.array([x[3] for x in loaded], np.int32)}
 
@@ -233,8 +242,7 @@ class GlobalBatchIterator:
         host = next(self.grain_iterator)
         self.position += 1
         self._replaced = self._count(self._replaced, self._global(host["replaced"]))
-        return {"images": self._normalize(self._global(host["images"])),
-                "tokens": self._global(host["tokens"])}
+        return training_batch(self._normalize(self._global(host["images"])), self._global(host["tokens"]))
 
     @property
     def replaced_records(self):
