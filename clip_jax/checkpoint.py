@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from clip_jax import paths
+from clip_jax.models import layout
 from clip_jax.distributed import log
 from clip_jax.workdir import os_error_message
 
@@ -201,8 +202,11 @@ class Checkpointer:
         meta = item("meta", ocp.args.JsonRestore())
         if not isinstance(meta, dict) or "checksums" not in meta:
             raise _Corrupt("meta has no checksums")
-        _check_fits(meta.get("shapes", {}), shapes(abstract_state),
-                    f"{self.directory}/{step}")
+        # Saved before the towers stacked their blocks (`models.layout`): read block by
+        # block, verified as saved, then stacked.
+        per_block = layout.is_per_block(meta.get("shapes", {}))
+        target = layout.to_per_block(abstract_state) if per_block else abstract_state
+        _check_fits(meta.get("shapes", {}), shapes(target), f"{self.directory}/{step}")
         self._check_tokenizer(meta.get("tokenizer"), step)
         data_state = item("data_iter", ocp.args.JsonRestore())
         if check_data_state is not None:
@@ -210,13 +214,27 @@ class Checkpointer:
                 check_data_state(data_state)
             except ValueError as e:
                 raise CheckpointError(f"checkpoint {self.directory}/{step}: {e}") from None
-        state = item("state", ocp.args.StandardRestore(abstract_state))
+        state = item("state", ocp.args.StandardRestore(target))
         bad = [k for k, v in self._checksum(state).items() if meta["checksums"].get(k) != v]
         if bad:
             raise _Corrupt(f"{len(bad)} array(s) differ from their saved checksums, e.g. {bad[0]}")
+        if per_block:
+            state = self._stacked(state, abstract_state, step)
         if int(jax.device_get(state["step"])) != step:
             raise _Corrupt(f"holds step {int(jax.device_get(state['step']))}")
         return state, data_state, meta
+
+    def _stacked(self, state, abstract_state, step):
+        """A per-block training state in the stacked layout, laid out as `abstract_state`."""
+        shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+        try:
+            return jax.jit(layout.to_stacked, out_shardings=shardings)(state)
+        except layout.LayoutError as e:
+            raise CheckpointError(
+                f"checkpoint {self.directory}/{step} stores its blocks one by one, as before they "
+                f"were stacked, and cannot be converted ({e}); resume it with the version that "
+                "wrote it, or start a new workdir with --config.init_from (which converts "
+                "the parameters).") from None
 
     def _check_tokenizer(self, saved, step):
         """A checkpoint trained with other token ids must not be resumed silently (a changed
@@ -520,17 +538,33 @@ def load_model_variables(path, target, what="config.init_from"):
     model lacks are ignored ('unexpected'); a ViT positional embedding of another image size
     is resized ('resized'). Any other shape difference raises CheckpointError listing every
     one of them. `report['source']` is the state directory read.
+
+    Blocks are matched one by one, as the reference models name them (`models.layout`): a
+    checkpoint that stores them one by one (written before the towers stacked them), or one
+    of another depth, is read whole, its blocks matched to this model's in the per-block
+    view and stacked again, and its report names blocks (`resblocks_{i}`, `layer{s}_{i}`).
+    A checkpoint of this layout and depth is read straight into the target's shardings.
     """
     target = {m: target.get(m, {}) for m in MODEL_KEYS}
-    wanted = _flat(target)
+    def abstract(tree, sharded=True):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            tuple(x.shape), x.dtype, sharding=getattr(x, "sharding", None) if sharded else None), tree)
 
     def read(state_dir):
         with _read_failure_is_damage():
             tree_meta = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
-        tree_meta = {m: getattr(tree_meta, "tree", tree_meta).get(m, {}) for m in MODEL_KEYS}
+        tree_meta = abstract({m: getattr(tree_meta, "tree", tree_meta).get(m, {}) for m in MODEL_KEYS},
+                             sharded=False)
+        # Block by block unless the stacked arrays are saved with this model's shapes.
+        stacked = lambda tree: {k: tuple(v.shape) for k, v in _flat(tree).items()
+                                if layout.STACKED_KEYSTR.search(k)}
+        per_block = layout.is_per_block(tree_meta) or stacked(tree_meta) != stacked(target)
         saved = _flat(tree_meta)
-        plan = {"source": state_dir, "loaded": [], "resized": [], "mismatched": [],
-                "missing": [k for k in wanted if k not in saved],
+        wanted = _flat(layout.to_per_block(abstract(target)) if per_block else target)
+        if per_block:
+            saved = _flat(layout.to_per_block(tree_meta))
+        plan = {"source": state_dir, "per_block": per_block, "loaded": [], "resized": [],
+                "mismatched": [], "missing": [k for k in wanted if k not in saved],
                 "unexpected": [k for k in saved if k not in wanted], "exact": [], "resize": []}
         for k in wanted:
             if k not in saved:
@@ -545,14 +579,15 @@ def load_model_variables(path, target, what="config.init_from"):
         if plan["mismatched"]:
             raise CheckpointError(f"{what}={path}: parameter shapes differ from this "
                                   "model's: " + "; ".join(plan["mismatched"]))
-        # Exactly the leaves we use, as saved (the checksums are of those): matched ones
-        # straight into their target sharding, resized ones as host arrays first.
+        # The leaves we use, as saved (the checksums are of those): matched ones straight
+        # into their target sharding, resized ones (and all, block by block) as host arrays.
+        keys = list(_flat(tree_meta)) if per_block else plan["exact"] + plan["resize"]
         exact = set(plan["exact"])
-        sharding = lambda k: wanted[k].sharding if k in exact else None
+        as_saved = _flat(tree_meta)
+        sharding = lambda k: wanted[k].sharding if k in exact and not per_block else None
         keypaths = {jax.tree_util.keystr(p): p for p, _ in jax.tree_util.tree_flatten_with_path(tree_meta)[0]}
-        item = _unflatten({keypaths[k]: jax.ShapeDtypeStruct(tuple(saved[k].shape), saved[k].dtype,
-                                                             sharding=sharding(k))
-                           for k in plan["exact"] + plan["resize"]})
+        item = _unflatten({keypaths[k]: jax.ShapeDtypeStruct(tuple(as_saved[k].shape), as_saved[k].dtype,
+                                                             sharding=sharding(k)) for k in keys})
         restore_args = jax.tree.map(
             lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding) if s.sharding is not None
             else ocp.RestoreArgs(restore_type=np.ndarray), item)
@@ -562,8 +597,9 @@ def load_model_variables(path, target, what="config.init_from"):
         return restored, (restored, plan, saved)
 
     (restored, report, saved), _ = _read_verified(path, what, read)
-    got = _flat(restored)
     exact, resize = report.pop("exact"), report.pop("resize")
+    per_block = report.pop("per_block")
+    got = _flat(layout.to_per_block(restored) if per_block else restored)
 
     def fill(keypath, fresh):
         k = jax.tree_util.keystr(keypath)
@@ -579,8 +615,19 @@ def load_model_variables(path, target, what="config.init_from"):
             return jax.device_put(new.astype(fresh.dtype), fresh.sharding)
         return fresh
 
-    variables = jax.tree_util.tree_map_with_path(fill, target)
-    return variables, report
+    if not per_block:
+        return jax.tree_util.tree_map_with_path(fill, target), report
+    variables = jax.tree_util.tree_map_with_path(fill, layout.to_per_block(target))
+    return jax.tree.map(_placed_like, layout.to_stacked(variables), target), report
+
+
+def _placed_like(x, like):
+    """`x` with the sharding of `like` (an array or a ShapeDtypeStruct); a host array if
+    `like` has none."""
+    sharding = getattr(like, "sharding", None)
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    return np.asarray(x) if sharding is None else jax.device_put(x, sharding)
 
 
 def _unflatten(by_path):

@@ -32,8 +32,8 @@ PAPER_LR = {
 # Logical axis name -> mesh axes (MaxText style). The only place sharding is decided.
 # Parameters: 'embed' (model width), 'mlp' (MLP hidden), 'heads', 'kv' (head dim),
 # 'vocab', 'joint' (shared embedding space), 'conv_in'/'conv_out' (conv channels),
-# 'norm' (norm scales/biases), 'pos' (positions). Activations: 'batch', 'length',
-# 'act_embed'. A mesh axis that does not divide a dimension is dropped for that array.
+# 'norm' (norm scales/biases), 'pos' (positions), 'layers' (a tower's stacked blocks).
+# Activations: 'batch', 'length', 'act_embed'. A mesh axis that does not divide a dimension is dropped for that array.
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
@@ -46,6 +46,7 @@ DEFAULT_RULES = (
     ("conv_out", "model"),
     ("norm", None),
     ("pos", None),
+    ("layers", None),
     ("length", None),
     ("act_embed", None),
 )

@@ -41,7 +41,7 @@ import numpy as np
 
 from clip_jax import checkpoint, cli, config_lib, inference, losses, models, paths, pytorch_io
 from clip_jax.data.pipeline import CLIP_MEAN, CLIP_STD
-from clip_jax.models import abstract_variables, count_params
+from clip_jax.models import abstract_variables, count_params, layout
 
 # Tensors a reference checkpoint may hold that are not model weights.
 IGNORED = re.compile(r"(^|\.)attn_mask$|\.num_batches_tracked$|^(input_resolution|context_length|vocab_size)$")
@@ -223,7 +223,8 @@ def name_table(config):
 @functools.lru_cache(maxsize=16)
 def _name_table(model_json, loss_json):
     config = config_lib.from_json({"model": json.loads(model_json), "loss": json.loads(loss_json)})
-    variables = abstract_variables(models.from_config(config), config.model)
+    # Named in the per-block view (`models.layout`): one entry per block, as the reference's.
+    variables = layout.to_per_block(abstract_variables(models.from_config(config), config.model))
     table = []
     for collection in ("params", "batch_stats"):
         leaves = jax.tree_util.tree_flatten_with_path(variables.get(collection, {}))[0]
@@ -262,8 +263,8 @@ def _set(tree, path, value):
 
 
 def from_torch(tensors, config, source="checkpoint"):
-    """{'params': ..., 'batch_stats': ...} (float32 numpy) from reference-named `tensors`, for
-    the model of the run config `config`.
+    """{'params': ..., 'batch_stats': ...} (float32 numpy, the blocks stacked as the model
+    stores them) from reference-named `tensors`, for the model of the run config `config`.
 
     Raises ConvertError listing every missing, unexpected or misshapen tensor."""
     out = {"params": {}, "batch_stats": {}}
@@ -294,13 +295,13 @@ def from_torch(tensors, config, source="checkpoint"):
         more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
         raise ConvertError(f"{source} does not fit the model {_describe(config.model)}: "
                            + "; ".join(problems[:8]) + more)
-    return out
+    return layout.to_stacked(out)
 
 
 def to_torch(variables, config):
     """The reference state_dict {name: float32 array} of our `variables` (of the model of the
-    run config `config`)."""
-    import jax
+    run config `config`; either block layout, `models.layout`)."""
+    variables = layout.to_per_block(variables)
     out, fused = {}, {}
     for entry, _ in name_table(config):
         tree = variables.get(entry.collection, {})

@@ -118,11 +118,11 @@ def _cheap_compile_options(mesh):
     return {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def _frozen_mask(config, params):
-    """True for parameters locked by `config.lock_image` (None when nothing is locked)."""
+def _trainable(config, params):
+    """`optim.trainable_rows` of `config.lock_image` (None when nothing is locked)."""
     if not config.lock_image.enabled:
         return None
-    return jax.tree.map(lambda label: label == "frozen", optim.frozen_labels(params, config.lock_image))
+    return optim.trainable_rows(params, config.lock_image)
 
 
 def _micro_split(x, k, shards):
@@ -202,9 +202,9 @@ def make_gradient_fn(config, model, mesh, rules):
         return (loss, (new_stats, scale)), grads
 
     def loss_and_grads(params, batch_stats, batch):
-        frozen = _frozen_mask(config, params)
-        if frozen is not None:       # no gradient is computed for locked parameters
-            params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+        trainable = _trainable(config, params)
+        if trainable is not None:    # no gradient is computed for locked parameters
+            params = optim.stop_frozen_gradients(params, trainable)
         return (gradient_cache if k > 1 else full_batch)(params, batch_stats, batch)
     return loss_and_grads
 
@@ -293,11 +293,10 @@ def build(config, devices=None):
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = tuple(tuple(r) for r in config.sharding_rules)
     model = models.from_config(config, mesh)
-    labels = None
+    trainable = None
     if config.lock_image.enabled:
-        labels = optim.frozen_labels(abstract_variables(model, config.model, mesh, rules)["params"],
-                                     config.lock_image)
-    tx, schedule = optim.make_optimizer(config.optim, config.total_steps, labels)
+        trainable = _trainable(config, abstract_variables(model, config.model, mesh, rules)["params"])
+    tx, schedule = optim.make_optimizer(config.optim, config.total_steps, trainable)
     abstract_state, state_shardings = train_state_shardings(config, model, tx, mesh, rules)
     with sharding.mesh_context(mesh, rules):
         train_step = make_train_step(config, model, tx, schedule, mesh, rules, state_shardings)

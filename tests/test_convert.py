@@ -12,18 +12,20 @@ import numpy as np
 import pytest
 
 from clip_jax import checkpoint, config_lib, convert, pytorch_io, validation
+from clip_jax.models import layout
 from tests.helpers import tiny_config, write_model_dir
 
 PAPER = list(config_lib.PAPER_MODELS)
 
 
 def _random_variables(config, seed=0):
-    """Every array of the run config's model filled with distinct random values (numpy trees)."""
+    """Every array of the run config's model filled with distinct random values (numpy trees,
+    the blocks stacked as the model stores them)."""
     rng = np.random.default_rng(seed)
     out = {"params": {}, "batch_stats": {}}
-    for entry, shape in convert.name_table(config):
+    for entry, shape in convert.name_table(config):     # the per-block view
         convert._set(out[entry.collection], entry.path, rng.standard_normal(shape).astype(np.float32))
-    return out
+    return layout.to_stacked(out)
 
 
 def _flat(tree, prefix=()):
@@ -64,7 +66,7 @@ def test_reference_names_and_layouts():
     cfg = convert.converted_config(_model("vit"))
     v = _random_variables(cfg)
     t = convert.to_torch(v, cfg)
-    p = v["params"]
+    p = layout.to_per_block(v)["params"]         # the reference's blocks, one by one
     attn = p["text"]["transformer"]["resblocks_0"]["attn"]
     w = attn["query"]["kernel"].shape[0]
     # fused in_proj: rows [q; k; v], each torch Linear [out, in] = our kernel transposed

@@ -286,17 +286,22 @@ def test_remat_matches(kind):
 def test_partition_specs():
     P = jax.sharding.PartitionSpec
     for kind in ("vit", "resnet"):
-        model = build(small_cfg(kind))
-        size = small_cfg(kind).vision.image_size
-        specs = nn.get_partition_spec(abstract_init(model, size, CTX))["params"]
+        cfg = small_cfg(kind)
+        cfg.text.layers = 3
+        if kind == "resnet":
+            cfg.vision.layers = (1, 2, 1, 1)
+        model = build(cfg)
+        specs = nn.get_partition_spec(abstract_init(model, cfg.vision.image_size, CTX))["params"]
         text = specs["text"]
-        block = text["transformer"]["resblocks_0"]
-        assert block["attn"]["query"]["kernel"] == P("embed", "heads", "kv")
-        assert block["attn"]["query"]["bias"] == P("heads", "kv")
-        assert block["attn"]["out"]["kernel"] == P("heads", "kv", "embed")
-        assert block["mlp"]["c_fc"]["kernel"] == P("embed", "mlp")
-        assert block["mlp"]["c_proj"]["kernel"] == P("mlp", "embed")
-        assert block["ln_1"]["scale"] == P("norm")
+        # The blocks before the last are stacked on a leading 'layers' axis; the last is not.
+        for name, lead in (("resblocks", ("layers",)), ("resblocks_last", ())):
+            block = text["transformer"][name]
+            assert block["attn"]["query"]["kernel"] == P(*lead, "embed", "heads", "kv")
+            assert block["attn"]["query"]["bias"] == P(*lead, "heads", "kv")
+            assert block["attn"]["out"]["kernel"] == P(*lead, "heads", "kv", "embed")
+            assert block["mlp"]["c_fc"]["kernel"] == P(*lead, "embed", "mlp")
+            assert block["mlp"]["c_proj"]["kernel"] == P(*lead, "mlp", "embed")
+            assert block["ln_1"]["scale"] == P(*lead, "norm")
         assert text["token_embedding"]["embedding"] == P("vocab", "embed")
         assert text["positional_embedding"] == P("pos", "embed")
         assert text["text_projection"] == P("embed", "joint")
@@ -309,6 +314,7 @@ def test_partition_specs():
         else:
             assert visual["layer1_0"]["conv2"]["kernel"] == P(None, None, "conv_in", "conv_out")
             assert visual["layer1_0"]["bn1"]["scale"] == P("norm")
+            assert visual["layer2_rest"]["conv2"]["kernel"] == P("layers", None, None, "conv_in", "conv_out")
             assert visual["attnpool"]["attn"]["out"]["kernel"] == P("heads", "kv", "joint")
         # Every logical name used is one the sharding rules know.
         known = {name for name, _ in config_lib.DEFAULT_RULES}
@@ -344,7 +350,7 @@ def test_init_statistics():
     text = params["text"]
     assert abs(np.std(text["token_embedding"]["embedding"]) - 0.02) < 0.002
     assert abs(np.std(text["positional_embedding"]) - 0.01) < 0.002
-    blk = text["transformer"]["resblocks_0"]
+    blk = text["transformer"]["resblocks_last"]
     w = cfg.text.width
     assert abs(np.std(blk["attn"]["query"]["kernel"]) - w ** -0.5) < 0.02
     assert abs(np.std(blk["mlp"]["c_fc"]["kernel"]) - (2 * w) ** -0.5) < 0.02
@@ -353,8 +359,9 @@ def test_init_statistics():
 
 @pytest.mark.parametrize("remat", [False, True])
 def test_scanned_transformer_equals_the_unrolled_one(remat):
-    """`scan=True` runs the blocks before the last as one lax.scan over the same parameters
-    (same tree): the same outputs and gradients, with and without the read-out row."""
+    """`scan=True` runs the blocks before the last as one loop, False unrolls it, over the
+    same stacked parameters (same tree): the same outputs and gradients, with and without
+    the read-out row; only the scanned program has a loop."""
     from clip_jax.models.layers import Transformer
     kwargs = dict(width=32, layers=4, heads=4, causal=True, remat=remat)
     plain, scanned = Transformer(**kwargs), Transformer(**kwargs, scan=True)
@@ -367,8 +374,9 @@ def test_scanned_transformer_equals_the_unrolled_one(remat):
         got = jax.value_and_grad(objective(scanned), argnums=(0, 1))(params, x)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    jaxpr = str(jax.make_jaxpr(lambda p, x: scanned.apply(p, x))(params, x))
-    assert jaxpr.count("scan[") == 1 and "scan[" not in str(jax.make_jaxpr(plain.apply)(params, x))
+    assert jax.tree.leaves(params["params"]["resblocks"])[0].shape[0] == 3
+    hlo = lambda m: jax.jit(m.apply).lower(params, x).compile().as_text()
+    assert " while(" in hlo(scanned) and " while(" not in hlo(plain)
 
 
 @pytest.mark.parametrize("remat", [False, True])
@@ -395,8 +403,8 @@ def test_scanned_resnet_equals_the_unrolled_one(remat):
     assert jax.tree.structure(stats1) == jax.tree.structure(stats0)
     for a, b in zip(jax.tree.leaves(stats1), jax.tree.leaves(stats0)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert not np.allclose(stats1["batch_stats"]["layer3_3"]["bn1"]["mean"],
-                           variables["batch_stats"]["layer3_3"]["bn1"]["mean"])
+    assert not np.allclose(stats1["batch_stats"]["layer3_rest"]["bn1"]["mean"][2],
+                           variables["batch_stats"]["layer3_rest"]["bn1"]["mean"][2])
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(scanned.apply(variables, x), plain.apply(variables, x), rtol=1e-5, atol=1e-6)

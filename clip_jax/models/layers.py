@@ -8,15 +8,13 @@ Every parameter initialiser carries logical axis names (MaxText style) via
 The dense products run on `ops` (`clip_jax.ops.plain.Ops`: the plain code, `PLAIN`, unless
 a platform's kernels are given).
 """
-import functools
 import math
 from typing import Any, Callable, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-from flax.core import meta
-
+from clip_jax.models.layout import LAYERS
 from clip_jax.ops.plain import PLAIN, Ops
 
 Dtype = Any
@@ -188,7 +186,7 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of `layers` residual blocks (`resblocks_{i}`), optionally rematerialised.
+    """A stack of `layers` residual blocks, optionally rematerialised.
 
     Initialisation follows OpenAI's `initialize_parameters`: attention q/k/v std
     width^-0.5, attention output and MLP c_proj std width^-0.5 * (2 layers)^-0.5,
@@ -200,7 +198,10 @@ class Transformer(nn.Module):
     projection and MLP over the other rows are dead work, ~80% of that block (~6% of a
     ViT-B/32 or text tower step). Same parameters, same result up to rounding.
 
-    With `scan`, the blocks before the last run as one `lax.scan` (`scan_blocks`).
+    The blocks before the last are one module, `resblocks`, whose parameters are stacked
+    on a leading 'layers' axis (`stacked`, `nn.scan`); the last is `resblocks_last`
+    (`models.layout`). `scan`: they run as one loop, compiled once; otherwise the loop is
+    unrolled in the program. The parameters are the same either way.
     """
     width: int
     layers: int
@@ -214,51 +215,42 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, x, readout=None):
-        block = functools.partial(
-            ResidualAttentionBlock, heads=self.heads, attn_std=self.width ** -0.5,
-            proj_std=self.width ** -0.5 * (2 * self.layers) ** -0.5,
-            fc_std=(2 * self.width) ** -0.5, causal=self.causal, activation=self.activation,
-            dtype=self.dtype, ops=self.ops)
-        names = [f"resblocks_{i}" for i in range(self.layers)]
-        if self.scan and self.layers > 2 and not self.is_initializing():
-            x = scan_blocks(self, block(parent=None), names[:-1], x, remat=self.remat)
-        else:
-            block_cls = nn.remat(block.func) if self.remat else block.func
-            for name in names[:-1]:
-                x = block_cls(**block.keywords, name=name)(x)
-        last = (nn.remat(block.func) if self.remat else block.func)(**block.keywords, name=names[-1])
+        kwargs = dict(heads=self.heads, attn_std=self.width ** -0.5,
+                      proj_std=self.width ** -0.5 * (2 * self.layers) ** -0.5,
+                      fc_std=(2 * self.width) ** -0.5, causal=self.causal,
+                      activation=self.activation, dtype=self.dtype, ops=self.ops)
+        if self.layers > 1:
+            block = remat_if(ResidualAttentionBlock, self.remat, scanned=self.scan)
+            x = stacked(block(**kwargs, name="resblocks"), x, self.layers - 1, scan=self.scan)
+        last = remat_if(ResidualAttentionBlock, self.remat)(**kwargs, name="resblocks_last")
         x = last(x, readout)
         return x if readout is None else x[:, 0]
 
 
-def scan_blocks(parent, block, names, x, *args, remat=False):
-    """`x` through `parent`'s child blocks `names` in order, all of them the module `block`
-    (unbound, same shapes; called as block(x, *args)), as one `lax.scan` over their
-    variables stacked.
+def remat_if(cls, remat, scanned=False, static_argnums=()):
+    """`cls`, rematerialised (`nn.remat`) if `remat`: its activations are recomputed in the
+    backward pass. Inside a rolled loop (`scanned`) common subexpressions need no guarding
+    (`prevent_cse=False`, as jax recommends under `lax.scan`)."""
+    if not remat:
+        return cls
+    return nn.remat(cls, prevent_cse=not scanned, static_argnums=static_argnums)
 
-    XLA then compiles the block once instead of len(names) times: unrolled, a ViT-L/14
-    train step took more than the 24 GB of this project's host to compile for a TPU pod
-    (BUILD_NOTES "Plain models and platform ops"). Each block keeps its own variables in
-    the tree (`resblocks_{i}`, `layer3_{i}`), so checkpoints, converted weights and the
-    locked-tower labels see one layout whether or not a tower is scanned; the price is a
-    stacked copy of those parameters (and of their gradients) in every step. Collections
-    `parent` may change (BatchNorm statistics in training) are updated for every block.
-    `remat`: each block's activations are recomputed in the backward pass, as `nn.remat`
-    does."""
-    variables = meta.unbox(parent.variables)
-    cols = [c for c in variables if all(n in variables[c] for n in names)]
-    stacked = {c: jax.tree.map(lambda *v: jnp.stack(v), *(variables[c][n] for n in names))
-               for c in cols}
-    mutable = [c for c in cols if c != "params" and parent.is_mutable_collection(c)]
 
-    def body(x, v):
-        if mutable:
-            return block.apply(v, x, *args, mutable=mutable)
-        return block.apply(v, x, *args), None
-    if remat:
-        body = jax.checkpoint(body, prevent_cse=False)
-    x, updates = jax.lax.scan(body, x, stacked)
-    for col, tree in (updates or {}).items():
-        for i, name in enumerate(names):
-            parent.put_variable(col, name, jax.tree.map(lambda v: v[i], tree))
-    return x
+def stacked(block, x, length, *args, scan=True, collections=("params",)):
+    """`x` through `length` copies of the module `block` in sequence (each called as
+    `block(x, *args)`, `args` the same for all), their variables stacked on a leading axis
+    of logical name 'layers' (`nn.scan`, as big_vision and MaxText do).
+
+    `scan`: the copies run as one loop, which XLA compiles once (unrolled, a ViT-L/14 train
+    step took more than the 24 GB of this project's host to compile for a TPU pod); False
+    unrolls the loop in the program (`unroll=length`), for a platform that runs some
+    operations slower in a loop (`clip_jax.ops.cpu`). Variables and results are the same.
+    `collections` are stacked: 'params' and, for BatchNorm, 'batch_stats' (updated for
+    every copy when mutable)."""
+    def body(module, carry):
+        return module(carry, *args), None
+    scanned = nn.scan(body, variable_axes={c: 0 for c in collections},
+                      split_rngs={"params": True}, length=length,
+                      unroll=1 if scan else length,
+                      metadata_params={nn.PARTITION_NAME: LAYERS})
+    return scanned(block, x)[0]

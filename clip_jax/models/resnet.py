@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from clip_jax.models.layers import MultiHeadAttention, logical, normal, ones, scan_blocks, zeros
+from clip_jax.models.layers import MultiHeadAttention, logical, normal, ones, remat_if, stacked, zeros
 from clip_jax.ops.plain import PLAIN, Ops, normalise
 
 STAGE_SPEC = ("batch", None, None, None)
@@ -130,7 +130,7 @@ class ModifiedResNet(nn.Module):
     image_size: int = 224
     width: int = 64
     remat: bool = False
-    scan: bool = False      # each stage's repeated blocks as one lax.scan (layers.scan_blocks)
+    scan: bool = False      # each stage's repeated blocks run as one loop (layers.stacked)
     dtype: Any = jnp.float32
     ops: Ops = PLAIN
 
@@ -142,21 +142,20 @@ class ModifiedResNet(nn.Module):
             x = Conv(features, 3, stride, dtype=d, ops=ops, name=f"conv{i}")(x)
             x = BatchNorm(train, dtype=d, ops=ops, name=f"bn{i}")(x)
         x = ops.avg_pool(x, 2)
-        block_cls = nn.remat(Bottleneck, static_argnums=(2,)) if self.remat else Bottleneck
-        # A platform may refuse scanned convolutions (clip_jax.ops.cpu: XLA:CPU).
+        # A platform may run convolutions in a loop slower (clip_jax.ops.cpu): then the
+        # stages' loops are unrolled; the parameters are the same.
         scan = self.scan and ops.scan_convolutions
-        for stage, n in enumerate(self.layers):
-            planes, names = w * 2 ** stage, [f"layer{stage + 1}_{i}" for i in range(n)]
+        first = remat_if(Bottleneck, self.remat, static_argnums=(2,))
+        rest = remat_if(Bottleneck, self.remat, scanned=scan, static_argnums=(2,))
+        for stage, n in enumerate(self.layers, start=1):
             # The first block of a stage changes the width (and from the second stage on
-            # the resolution); the rest are one block's shape, scanned with `scan`.
-            x = block_cls(planes=planes, stride=2 if stage > 0 else 1, dtype=d, ops=ops,
-                          name=names[0])(x, train)
-            if scan and n > 2 and not self.is_initializing():
-                x = scan_blocks(self, Bottleneck(planes=planes, dtype=d, ops=ops, parent=None),
-                                names[1:], x, train, remat=self.remat)
-            else:
-                for name in names[1:]:
-                    x = block_cls(planes=planes, dtype=d, ops=ops, name=name)(x, train)
+            # the resolution); the rest have one shape, their variables stacked (`stacked`).
+            planes = w * 2 ** (stage - 1)
+            x = first(planes=planes, stride=2 if stage > 1 else 1, dtype=d, ops=ops,
+                      name=f"layer{stage}_0")(x, train)
+            if n > 1:
+                x = stacked(rest(planes=planes, dtype=d, ops=ops, name=f"layer{stage}_rest"),
+                            x, n - 1, train, scan=scan, collections=("params", "batch_stats"))
             x = nn.with_logical_constraint(x, STAGE_SPEC)
         return AttentionPool2d(spacial_dim=self.image_size // 32, num_heads=self.heads,
                                output_dim=self.output_dim, dtype=d, ops=ops,

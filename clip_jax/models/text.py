@@ -16,7 +16,7 @@ class TextTransformer(nn.Module):
     layers: int
     output_dim: int
     remat: bool = False
-    scan: bool = False   # the transformer's blocks as one lax.scan (layers.scan_blocks)
+    scan: bool = False   # the transformer's blocks run as one loop (layers.stacked)
     activation: str = "quick_gelu"
     dtype: Any = jnp.float32
     ops: Ops = PLAIN     # the kernels (clip_jax.ops): the plain code unless a platform's

@@ -26,7 +26,7 @@ class VisionTransformer(nn.Module):
     heads: int
     output_dim: int
     remat: bool = False
-    scan: bool = False   # the transformer's blocks as one lax.scan (layers.scan_blocks)
+    scan: bool = False   # the transformer's blocks run as one loop (layers.stacked)
     activation: str = "quick_gelu"
     dtype: Any = jnp.float32
     ops: Ops = PLAIN     # the kernels (clip_jax.ops): the plain code unless a platform's
