@@ -3,8 +3,9 @@
 Compiles the config's train step, runs it twice, then traces one step with
 `jax.profiler.trace` (XLA:CPU thunks are traced because this script sets
 `--xla_cpu_enable_xprof_traceme=true` before JAX starts). Prints the op time summed by
-HLO op kind and by model layer (the compiled HLO's `op_name` metadata, block indices folded:
-`resblocks_*`, `layer3_*`), with XLA's FLOPs per step. Op times are per thread: on CPU
+HLO op kind and by model layer (the compiled HLO's `op_name` metadata; a tower's stacked
+blocks share one name, `resblocks`, `layer3_rest`; per-block indices are folded, `resblocks_*`),
+with XLA's FLOPs per step. Op times are per thread: on CPU
 several run at once, so their sum exceeds the step's wall time. XLA:CPU's `convolution`
 thunks show as sub-millisecond events (their work is booked to what runs beside them), so
 the tables understate convolutions. The raw trace stays in
