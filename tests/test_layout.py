@@ -166,3 +166,12 @@ def test_a_training_checkpoint_of_the_per_block_layout_resumes_exactly(tmp_path)
     final = _leaves(checkpoint.read_arrays(wd)["params"])
     for k, v in _leaves(checkpoint.read_arrays(ref)["params"]).items():
         np.testing.assert_array_equal(final[k], v, err_msg=k)
+
+
+def test_blocks_that_differ_in_structure_are_refused_by_name():
+    """An old locked-image optimiser state (moments for some blocks, none for others) cannot be
+    stacked: a LayoutError naming the blocks, which the resume turns into its refusal."""
+    tree = {"resblocks_0": {"w": optax.MaskedNode()}, "resblocks_1": {"w": np.zeros(2)},
+            "resblocks_2": {"w": np.zeros(2)}}
+    with pytest.raises(layout.LayoutError, match=r"resblocks_0\.\.1"):
+        layout.to_stacked(tree)
