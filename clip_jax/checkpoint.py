@@ -546,23 +546,20 @@ def load_model_variables(path, target, what="config.init_from"):
     A checkpoint of this layout and depth is read straight into the target's shardings.
     """
     target = {m: target.get(m, {}) for m in MODEL_KEYS}
-    def abstract(tree, sharded=True):
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-            tuple(x.shape), x.dtype, sharding=getattr(x, "sharding", None) if sharded else None), tree)
+    # Shapes only: the per-block views below slice nothing.
+    abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype), tree)
 
     def read(state_dir):
         with _read_failure_is_damage():
             tree_meta = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
-        tree_meta = abstract({m: getattr(tree_meta, "tree", tree_meta).get(m, {}) for m in MODEL_KEYS},
-                             sharded=False)
+        tree_meta = abstract({m: getattr(tree_meta, "tree", tree_meta).get(m, {}) for m in MODEL_KEYS})
         # Block by block unless the stacked arrays are saved with this model's shapes.
         stacked = lambda tree: {k: tuple(v.shape) for k, v in _flat(tree).items()
                                 if layout.STACKED_KEYSTR.search(k)}
         per_block = layout.is_per_block(tree_meta) or stacked(tree_meta) != stacked(target)
-        saved = _flat(tree_meta)
-        wanted = _flat(layout.to_per_block(abstract(target)) if per_block else target)
-        if per_block:
-            saved = _flat(layout.to_per_block(tree_meta))
+        as_saved = _flat(tree_meta)
+        saved = _flat(layout.to_per_block(tree_meta)) if per_block else as_saved
+        wanted = _flat(layout.to_per_block(abstract(target))) if per_block else _flat(target)
         plan = {"source": state_dir, "per_block": per_block, "loaded": [], "resized": [],
                 "mismatched": [], "missing": [k for k in wanted if k not in saved],
                 "unexpected": [k for k in saved if k not in wanted], "exact": [], "resize": []}
@@ -583,7 +580,6 @@ def load_model_variables(path, target, what="config.init_from"):
         # into their target sharding, resized ones (and all, block by block) as host arrays.
         keys = list(_flat(tree_meta)) if per_block else plan["exact"] + plan["resize"]
         exact = set(plan["exact"])
-        as_saved = _flat(tree_meta)
         sharding = lambda k: wanted[k].sharding if k in exact and not per_block else None
         keypaths = {jax.tree_util.keystr(p): p for p, _ in jax.tree_util.tree_flatten_with_path(tree_meta)[0]}
         item = _unflatten({keypaths[k]: jax.ShapeDtypeStruct(tuple(as_saved[k].shape), as_saved[k].dtype,

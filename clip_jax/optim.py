@@ -63,6 +63,11 @@ def frozen_labels(trainable):
     return jax.tree.map(lambda t: "frozen" if t is False else "trained", trainable)
 
 
+def _rows(t, x):
+    """A `trainable_rows` vector broadcastable against the stacked array `x`."""
+    return jnp.asarray(t).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
 def stop_frozen_gradients(params, trainable):
     """`params` whose frozen parameters (and frozen rows, `trainable_rows`) pass no gradient."""
     def stop(p, t):
@@ -70,8 +75,7 @@ def stop_frozen_gradients(params, trainable):
             return p
         if t is False:
             return jax.lax.stop_gradient(p)
-        rows = jnp.asarray(t).reshape((-1,) + (1,) * (p.ndim - 1))
-        return jnp.where(rows, p, jax.lax.stop_gradient(p))
+        return jnp.where(_rows(t, p), p, jax.lax.stop_gradient(p))
     return jax.tree.map(stop, params, trainable)
 
 
@@ -79,9 +83,7 @@ def _zero_frozen_rows(trainable):
     """Zero updates on the frozen rows of partly trained stacked parameters (AdamW's weight
     decay would move them otherwise)."""
     def keep(u, t):
-        if isinstance(t, bool):
-            return u
-        return u * jnp.asarray(t, u.dtype).reshape((-1,) + (1,) * (u.ndim - 1))
+        return u if isinstance(t, bool) else u * _rows(t, u).astype(u.dtype)
     return optax.stateless(lambda updates, params=None: jax.tree.map(keep, updates, trainable))
 
 

@@ -25,9 +25,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 # The logical axis name of the stacked blocks (config_lib.DEFAULT_RULES maps it to no mesh axis).
 LAYERS = "layers"
 _PER_BLOCK = re.compile(r"(resblocks|layer\d+)_(\d+)$")
-_OLD_KEY = re.compile(r"(resblocks_\d+|layer\d+_[1-9]\d*)$")
+_REST = re.compile(r"layer\d+_rest$")
+# A path of the per-block layout, and of a stacked array, as `jax.tree_util.keystr` writes them.
 _OLD_KEYSTR = re.compile(r"\['(resblocks_\d+|layer\d+_[1-9]\d*)'\]")
-# A stacked array's path, as `jax.tree_util.keystr` writes it.
 STACKED_KEYSTR = re.compile(r"\['(resblocks|layer\d+_rest)'\]")
 
 
@@ -36,15 +36,12 @@ class LayoutError(ValueError):
 
 
 def is_per_block(tree) -> bool:
-    """True if `tree` (nested dicts, or a {keystr: ...} table of one) has the per-block layout."""
-    if isinstance(tree, dict) and any(isinstance(k, str) and k.startswith("[") for k in tree):
-        return any(_OLD_KEYSTR.search(k) for k in tree)
-    found = []
-
-    def visit(d):
-        found.extend(k for k in d if isinstance(k, str) and _OLD_KEY.fullmatch(k))
-    _walk(tree, lambda d: visit(d) or d)
-    return bool(found)
+    """True if `tree` (nested containers, or a {keystr: ...} table of one) has the per-block layout."""
+    if tree and isinstance(tree, dict) and all(isinstance(k, str) and k.startswith("[") for k in tree):
+        paths = tree
+    else:
+        paths = (jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0])
+    return any(_OLD_KEYSTR.search(k) for k in paths)
 
 
 def to_stacked(tree):
@@ -103,22 +100,17 @@ def _stack_dict(d):
 
 
 def _unstack_dict(d):
-    if not any(k == "resblocks" or k == "resblocks_last" or str(k).endswith("_rest") for k in d):
-        return d
     out = {}
     for k, v in d.items():
-        if k == "resblocks_last":
-            continue
         if k == "resblocks":
             out.update({f"resblocks_{i}": b for i, b in enumerate(_unstack(v))})
-        elif isinstance(k, str) and k.endswith("_rest") and re.fullmatch(r"layer\d+_rest", k):
+        elif isinstance(k, str) and _REST.fullmatch(k):
             prefix = k[:-len("_rest")]
             out.update({f"{prefix}_{i + 1}": b for i, b in enumerate(_unstack(v))})
-        else:
+        elif k != "resblocks_last":
             out[k] = v
     if "resblocks_last" in d:
-        n = sum(1 for k in out if _PER_BLOCK.fullmatch(str(k)) and k.startswith("resblocks_"))
-        out[f"resblocks_{n}"] = d["resblocks_last"]
+        out[f"resblocks_{_length(d.get('resblocks', {}))}"] = d["resblocks_last"]
     return out
 
 
@@ -141,12 +133,14 @@ def _stack_leaves(xs):
     return np.stack([np.asarray(v) for v in xs])
 
 
-def _unstack(tree):
+def _length(tree):
+    """The number of blocks stacked in `tree` (0 for an empty one)."""
     leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return []
-    n = leaves[0].shape[0]
-    return [jax.tree.map(lambda x: _take(x, i), tree) for i in range(n)]
+    return leaves[0].shape[0] if leaves else 0
+
+
+def _unstack(tree):
+    return [jax.tree.map(lambda x: _take(x, i), tree) for i in range(_length(tree))]
 
 
 def _take(x, i):
