@@ -295,7 +295,8 @@ def build(config, devices=None):
     model = models.from_config(config, mesh)
     trainable = None
     if config.lock_image.enabled:
-        trainable = _trainable(config, abstract_variables(model, config.model, mesh, rules)["params"])
+        trainable = optim.trainable_rows(abstract_variables(model, config.model, mesh, rules)["params"],
+                                         config.lock_image)
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps, trainable)
     abstract_state, state_shardings = train_state_shardings(config, model, tx, mesh, rules)
     with sharding.mesh_context(mesh, rules):
