@@ -1,15 +1,21 @@
-"""Ahead-of-time compilation of the real train step for a TPU pod, on any host.
+"""Ahead-of-time compilation of the real train step for a TPU pod or a GPU cluster, on any host.
 
     python -m clip_jax.aot --config=configs/rn50.py --topology=v4:4x4x8 \\
         [--config.key=value ...] [--json] [--find-max-batch] [--hlo_dir=DIR]
+    python -m clip_jax.aot --config=configs/vit_l14.py --topology=h100:32x8 ...
 
-The step is the trainer's own, compiled by libtpu for `--topology` (what
+The step is the trainer's own, compiled for `--topology`: a TPU slice by libtpu (what
 `jax.experimental.topologies.get_topology_desc` takes: `v4:4x4x8` is a v4-256 slice, 128
-chips; `v5e:16x16` a v5e-256; `v5p:4x4x8`, `v6e:16x16`, ...). It needs libtpu
-(`pip install -e '.[tpu]'`), not a TPU. Nothing is allocated or run. Reported per chip:
-memory against the chip's HBM and whether it fits, FLOPs, the bytes each kind of collective
-carries against the minimum the sharding implies, and the time and MFU they imply
-(clip_jax/pod.py describes each figure).
+chips; `v5e:16x16` a v5e-256; `v5p:4x4x8`, `v6e:16x16`, ...; `pip install -e '.[tpu]'`),
+or NVIDIA GPU hosts by XLA's GPU compiler (`h100:32x8`: 32 hosts of 8 H100s; `h200`,
+`a100`, `b200`; `pip install -e '.[gpu]'`), with no TPU or GPU present. Nothing is
+allocated or run. Reported per chip: memory against what XLA may use of the chip's HBM and
+whether it fits, FLOPs, the bytes each kind of collective carries against the minimum the
+sharding implies, and the time and MFU they imply (clip_jax/pod.py describes each figure).
+
+For GPU topologies, run it the way the job will run, with the XLA flags of
+launch/gpu_env.sh (`launch/gpu_env.sh python -m clip_jax.aot ...`): they change the
+compiled step (BUILD_NOTES "GPU clusters").
 
 `--find-max-batch` searches the largest global batch that fits (a multiple of the batch
 shards x micro-batches, to within 1/16), each compile's memory pointing to the next size
@@ -19,7 +25,8 @@ is one JSON object.
 
 The libtpu warnings about worker hostnames on a host without TPUs are quieted by setting
 TPU_ACCELERATOR_TYPE and TPU_WORKER_HOSTNAMES, in this command's process only, unless they
-are set.
+are set. Likewise JAX_PLATFORMS=cpu, unless set: nothing runs, and on a host with the CUDA
+plugin but no GPU, starting JAX's CUDA backend fails and leaves no CUDA compiler.
 """
 import dataclasses
 import json
@@ -35,8 +42,10 @@ from clip_jax.pod import GIB
 def _memory_line(r):
     if r["memory_per_chip_bytes"] is None:
         return f"does not fit ({r.get('error', '')[:160]})"
-    return (f"{r['memory_per_chip_bytes'] / GIB:.2f} GiB of {r['hbm_bytes'] / GIB:.0f} GiB per "
-            f"chip: {'fits' if r['fits'] else 'does NOT fit'}")
+    usable = "" if r["budget_bytes"] == r["hbm_bytes"] else \
+        f" ({r['budget_bytes'] / r['hbm_bytes']:.0%} usable: {r['budget_bytes'] / GIB:.1f})"
+    return (f"{r['memory_per_chip_bytes'] / GIB:.2f} GiB of {r['hbm_bytes'] / GIB:.1f} GiB{usable} "
+            f"per chip: {'fits' if r['fits'] else 'does NOT fit'}")
 
 
 def format_report(name, topology, r):
@@ -76,17 +85,20 @@ def main():
 
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")   # see the docstring
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    if "JAX_PLATFORMS" not in os.environ:                               # see the docstring
+        jax.config.update("jax_platforms", "cpu")
     # Compile-only TPU programs cannot be stored in (or read back from) JAX's persistent
     # compilation cache.
     jax.config.update("jax_enable_compilation_cache", False)
     sys.argv = [a.replace("--find-max-batch", "--find_max_batch", 1) for a in sys.argv]
     config_flag = cli.config_flag()
     flags.DEFINE_string("topology", None, "TPU topology, e.g. v4:4x4x8 (v4-256), v5e:16x16 "
-                        "(v5e-256), v5p:4x4x8, v6e:16x16")
+                        "(v5e-256), v5p:4x4x8, v6e:16x16; or GPU hosts, GPU:HOSTSxGPUS, e.g. "
+                        "h100:32x8 (256 H100s), h100:1x8, h200:.., a100:.., b200:..")
     flags.DEFINE_bool("find_max_batch", False, "search the largest global batch that fits "
                       "(also spelled --find-max-batch)")
-    flags.DEFINE_float("hbm_gib", None, "HBM per chip to fit in, in GiB (default: the chip's; "
-                       "less leaves headroom)")
+    flags.DEFINE_float("hbm_gib", None, "HBM per chip, in GiB (default: the chip's; less "
+                       "leaves headroom; on GPUs XLA may use 90 percent of it, launch/gpu_env.sh)")
     flags.DEFINE_string("hlo_dir", None, "write the compiled HLO text here")
     flags.DEFINE_bool("json", False, "print the figures as one JSON object on the last line")
     flags.mark_flags_as_required(["config", "topology"])

@@ -96,9 +96,10 @@ def base_config():
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))  # -1: the rest
     # The kernels the models run on (clip_jax/ops, which owns the names and checks them): a
     # runtime choice of the host, not architecture. `ops`: 'auto' (the XLA:CPU variants on a
-    # CPU mesh, the plain code elsewhere), 'xla' (plain) or 'cpu'; `cpu_ops_off`: CPU kernel
-    # pieces left to the plain code, comma-separated, to measure them.
-    c.kernels = ml_collections.ConfigDict(dict(ops="auto", cpu_ops_off=""))
+    # CPU mesh, cuDNN attention on a GPU mesh, the plain code on TPUs), 'xla' (plain), 'cpu'
+    # or 'gpu'; `cpu_ops_off` / `gpu_ops_off`: kernel pieces left to the plain code,
+    # comma-separated, to measure them.
+    c.kernels = ml_collections.ConfigDict(dict(ops="auto", cpu_ops_off="", gpu_ops_off=""))
     c.sharding_rules = DEFAULT_RULES
     # The contrastive loss (clip_jax/losses.py): 'clip' (the paper's, sharded), 'clip_blockwise'
     # (the same value, logits streamed over column blocks of `block_size`: O(B_local x block)

@@ -267,11 +267,11 @@ def inference_mesh(config):
 def load(path, batch_size=DEFAULT_BATCH_SIZE, kernels="auto"):
     """A `CLIPModel` for the checkpoint at `path` (a workdir, a checkpoint, converted weights).
 
-    `kernels` (`config.kernels.ops`: 'auto', 'xla' or 'cpu') are chosen for this host's
-    devices, never taken from the saved run: a run trained with the CPU kernels loads on a
-    GPU or TPU host with the plain ones."""
+    `kernels` (`config.kernels.ops`: 'auto', 'xla', 'cpu' or 'gpu') are chosen for this
+    host's devices, never taken from the saved run: a run trained with the CPU kernels loads
+    on a GPU host with the GPU ones, on a TPU host with the plain ones."""
     config, _, home = locate(path)
-    config.kernels = ml_collections.ConfigDict(dict(ops=kernels, cpu_ops_off=""))
+    config.kernels = ml_collections.ConfigDict(dict(ops=kernels, cpu_ops_off="", gpu_ops_off=""))
     ops.check(config.kernels)
     tokenizer = load_tokenizer(config, home)
     mesh = inference_mesh(config)

@@ -1,16 +1,30 @@
-"""The real train step compiled ahead of time for a TPU pod slice, on any host, and what
-`python -m clip_jax.aot` reports of it.
+"""The real train step compiled ahead of time for a TPU pod slice or a GPU cluster, on any
+host, and what `python -m clip_jax.aot` reports of it.
 
 The step is the trainer's own (`train.build` with the topology's compile-only devices, then
-`run.train_step.lower(...).compile()`), compiled by libtpu for a topology (what
-`jax.experimental.topologies.get_topology_desc` takes: `v4:4x4x8` is a v4-256 slice, 128
-chips; `v5e:16x16` a v5e-256; `v5p:4x4x8`, `v6e:16x16`, ...). It needs libtpu
-(`pip install -e '.[tpu]'`), not a TPU. Nothing is allocated or run.
+`run.train_step.lower(...).compile()`). Nothing is allocated or run.
+- TPUs: compiled by libtpu for a topology (what `jax.experimental.topologies.get_topology_desc`
+  takes: `v4:4x4x8` is a v4-256 slice, 128 chips; `v5e:16x16` a v5e-256; `v5p:4x4x8`,
+  `v6e:16x16`, ...). It needs libtpu (`pip install -e '.[tpu]'`), not a TPU.
+- NVIDIA GPUs: `h100:32x8` is 32 hosts of 8 H100s (also `h200`, `a100`, `b200`), compiled
+  by XLA's GPU compiler from jax's CUDA plugin (`pip install -e '.[gpu]'`), not a GPU
+  ("deviceless" compilation: `get_topology_desc(platform="cuda", topology="1x32x8",
+  target_config=TEXT)`, the devices carrying process indices 0..31 as on a cluster). TEXT
+  is XLA's description of the GPU (`GpuTargetConfigProto`), shipped in
+  clip_jax/data/gpu_targets (copies of XLA's own, README there). With no GPU to autotune
+  on, XLA's Triton GEMM tiling can fail outright ("Couldn't find output tile sizes"), so
+  these compiles send the products to cuBLAS (`GPU_COMPILER_OPTIONS`): memory and
+  collectives are those of the program a GPU runs, kernel choices and speeds are not.
+  JAX must not start the CUDA backend in the compiling process (on a host without a
+  driver it fails, and the plugin is then not registered): `python -m clip_jax.aot` sets
+  JAX_PLATFORMS=cpu for itself unless it is set.
 
 Reported per chip (v4 and v5p chips are one JAX device each, both TensorCores, as JAX runs
-them):
+them; a GPU is one device):
 - memory: XLA's memory analysis, arguments + outputs - aliased (donated) + temporaries +
-  generated code, against the chip's HBM, and whether it `fits`;
+  generated code, against the memory XLA may use (`budget_bytes`: the chip's HBM; on a GPU
+  the share `GPU_MEMORY_FRACTION` of it that launch/gpu_env.sh gives XLA's allocator), and
+  whether it `fits`;
 - FLOPs: what one chip executes per step (rematerialised forward passes included) and the
   model's FLOPs per step (no recomputation: what MFU counts), both XLA's counts of the step
   with the towers unrolled (`cost.step_flops`);
@@ -23,7 +37,8 @@ them):
   and the gradients' all-reduce over the data axis (FSDP: the parameters' all-gathers and
   the gradients' reduce-scatter, per micro-batch with `micro_batches`);
 - time: XLA's estimate when its cost analysis gives a usable one (libtpu 0.0.42's is
-  negative for these steps, so none), and the compute bound (the chip's FLOPs at its
+  negative for these steps, and the GPU compiler gives none without a device, so none),
+  and the compute bound (the chip's FLOPs at its
   peak), with the MFU each implies.
 
 `find_max_batch` searches the largest global batch that fits (a multiple of the batch
@@ -32,6 +47,8 @@ to try (`cost.search_largest`, `cost.memory_guess`). A batch that does not fit i
 refuses to compile (out of HBM) or whose memory exceeds the HBM.
 """
 import dataclasses
+import importlib.resources
+import importlib.util
 import os
 import re
 import time
@@ -47,21 +64,100 @@ GIB = 2 ** 30
 class Chip:
     hbm_gib: float          # HBM per chip
     peak_tflops: float      # dense bfloat16 peak per chip
-    megacore: bool          # two TensorCores compiled as one device
+    megacore: bool = False  # two TensorCores compiled as one device
+    target: str = ""        # a GPU's target description (clip_jax/data/gpu_targets)
+    memory_fraction: float = 1.0   # the share of the HBM XLA may use
+
+    @property
+    def compiler_options(self):
+        return GPU_COMPILER_OPTIONS if self.target else None
 
 
 # Per-chip figures from Cloud TPU's system-architecture pages.
-CHIPS = {"v4": Chip(32, 275, True), "v5e": Chip(16, 197, False), "v5p": Chip(95, 459, True),
-         "v6e": Chip(32, 918, False)}
+CHIPS = {"v4": Chip(32, 275, True), "v5e": Chip(16, 197), "v5p": Chip(95, 459, True),
+         "v6e": Chip(32, 918)}
+
+# The share of a GPU's memory that launch/gpu_env.sh lets XLA's allocator take
+# (XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's default is 0.75): the rest is the CUDA context,
+# cuDNN/cuBLAS handles and NCCL's buffers, which live outside XLA's pool (BUILD_NOTES
+# "GPU clusters").
+GPU_MEMORY_FRACTION = 0.90
+# Each GPU: its target description (XLA's, clip_jax/data/gpu_targets: the HBM is its
+# device_memory_size), its dense bfloat16 peak in TFLOP/s (NVIDIA's data sheets: H100 and
+# H200 SXM 989, A100 SXM 312, B200 2,250) and how its `device_kind` starts on a real GPU
+# (the PCIe cards have other peaks).
+GPUS = {"h100": ("h100_sxm.txtpb", 989, "NVIDIA H100 80GB HBM3"),
+        "h200": ("h200.txtpb", 989, "NVIDIA H200"),
+        "a100": ("a100_sxm_80.txtpb", 312, "NVIDIA A100-SXM4"),
+        "b200": ("b200.txtpb", 2250, "NVIDIA B200")}
+# What a compile with no GPU attached is given (the module docstring).
+GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+# Fields of XLA's newer target descriptions that jaxlib 0.10.2's parser refuses ("GpuDeviceInfoProto
+# has no field named ..."), left out when the descriptions are read (a hint for collective
+# buffers' allocation, which the compiled program does not depend on in this jaxlib).
+_NEWER_TARGET_FIELDS = ("collective_memory_granularity",)
+_GPU_EXTRA = "pip install -e '.[gpu]'"
+
+
+def target_description(name):
+    """The text of a shipped GPU target description (clip_jax/data/gpu_targets/NAME)."""
+    return importlib.resources.files("clip_jax").joinpath("data", "gpu_targets", name).read_text()
+
+
+def gpu_peak_tflops(device_kind):
+    """The dense bfloat16 peak of a GPU of `GPUS` from its `device_kind`; None for others."""
+    for _, peak, kind in GPUS.values():
+        if device_kind.startswith(kind):
+            return peak
+    return None
+
+
+def gpu_chip(generation):
+    """The `Chip` of a GPU of `GPUS`, its HBM read from its target description."""
+    target, peak, _ = GPUS[generation]
+    size = re.search(r"device_memory_size:\s*(\d+)", target_description(target))
+    return Chip(int(size.group(1)) / GIB, peak, target=target, memory_fraction=GPU_MEMORY_FRACTION)
+
+
+def _gpu_topology(topology, chip):
+    """The compile-only devices of `topology` ('h100:32x8') for `chip` (`gpu_chip`)."""
+    from jax.experimental import topologies
+    shape = re.fullmatch(r"(\d+)x(\d+)", topology.split(":", 1)[1])
+    if not shape or min(int(n) for n in shape.groups()) < 1:
+        raise ValueError(f"--topology={topology}: a GPU topology is GPU:HOSTSxGPUS_PER_HOST, "
+                         "e.g. h100:32x8 (32 hosts of 8 GPUs) or h100:1x8")
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+        raise ValueError(f"--topology={topology}: compiling for NVIDIA GPUs needs jax's CUDA "
+                         f"plugin, which is not installed: {_GPU_EXTRA}")
+    text = "\n".join(line for line in target_description(chip.target).splitlines()
+                     if line.split(":")[0].strip() not in _NEWER_TARGET_FIELDS)
+    hosts, gpus = shape.groups()
+    try:
+        return list(topologies.get_topology_desc(
+            platform="cuda", topology=f"1x{hosts}x{gpus}", target_config=text).devices)
+    except NotImplementedError as e:
+        raise ValueError(
+            f"--topology={topology}: JAX has no CUDA topology ({e}); in a process with no GPU, "
+            "JAX must not start its CUDA backend: set JAX_PLATFORMS=cpu (python -m clip_jax.aot "
+            f"does), and check that the CUDA plugin imports ({_GPU_EXTRA})") from None
+    except Exception as e:   # noqa: BLE001   (jax raises JaxRuntimeError)
+        raise ValueError(f"--topology={topology}: the target description {chip.target} was "
+                         f"refused: {type(e).__name__}: {e}") from None
 
 
 def topology_devices(topology):
-    """The compile-only devices of a TPU topology such as 'v4:4x4x8', and its chip."""
+    """The compile-only devices of a TPU topology such as 'v4:4x4x8' or a GPU one such as
+    'h100:32x8', and its chip."""
     from jax.experimental import topologies
     generation = topology.split(":")[0]
-    if generation not in CHIPS or ":" not in topology:
+    if ":" not in topology or generation not in {**CHIPS, **GPUS}:
         raise ValueError(f"--topology: expected GENERATION:SHAPE with GENERATION one of "
-                         f"{sorted(CHIPS)}, e.g. v4:4x4x8 or v5e:16x16; got {topology!r}")
+                         f"{sorted(CHIPS)} (TPUs) or {sorted(GPUS)} (NVIDIA GPUs, SHAPE "
+                         f"HOSTSxGPUS_PER_HOST), e.g. v4:4x4x8, v5e:16x16 or h100:32x8; got "
+                         f"{topology!r}")
+    if generation in GPUS:
+        chip = gpu_chip(generation)
+        return _gpu_topology(topology, chip), chip
     chip = CHIPS[generation]
     options = {"chip_config_name": "megacore"} if chip.megacore else {}
     try:
@@ -79,13 +175,14 @@ def _out_of_memory(error):
     return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text or "out of memory" in text
 
 
-def compile_step(config, devices):
-    """(run, compiled step) for `config` on `devices`, or (run, the out-of-memory error)."""
+def compile_step(config, devices, compiler_options=None):
+    """(run, compiled step) for `config` on `devices`, or (run, the out-of-memory error).
+    `compiler_options`: XLA options for this compile (`Chip.compiler_options`)."""
     run = train.build(config, devices)
     with run.context():
         lowered = run.train_step.lower(run.abstract_state, run.abstract_batch())
         try:
-            return run, lowered.compile()
+            return run, lowered.compile(compiler_options)
         except Exception as e:   # noqa: BLE001   (jax raises XlaRuntimeError)
             if _out_of_memory(e):
                 return run, e
@@ -112,14 +209,16 @@ def analyse(config, devices, chip, hlo_dir=None, count_flops=True):
     """The report for one compile of `config`'s train step on `devices` (the module docstring);
     `count_flops=False` leaves out the FLOPs (`add_flops`: two more lowerings)."""
     t0 = time.perf_counter()
-    run, compiled = compile_step(config, devices)
+    run, compiled = compile_step(config, devices, chip.compiler_options)
     report = {"topology_chips": len(devices), "device_kind": devices[0].device_kind,
               "batch_size": config.batch_size,
               "mesh": {a: int(run.mesh.shape[a]) for a in sharding.MESH_AXES},
               "local_batch": config.batch_size // sharding.num_batch_shards(run.mesh, run.rules),
               "loss": config.loss.name, "micro_batches": int(config.micro_batches),
               "remat": bool(config.model.remat), "dtype": str(config.model.dtype),
-              "hbm_bytes": int(chip.hbm_gib * GIB), "compile_seconds": time.perf_counter() - t0}
+              "hbm_bytes": int(chip.hbm_gib * GIB),
+              "budget_bytes": int(chip.hbm_gib * chip.memory_fraction * GIB),
+              "compile_seconds": time.perf_counter() - t0}
     if isinstance(compiled, Exception):
         report.update(fits=False, memory_per_chip_bytes=None,
                       error=str(compiled).strip().splitlines()[0][:500])
@@ -127,7 +226,7 @@ def analyse(config, devices, chip, hlo_dir=None, count_flops=True):
     mem = compiled.memory_analysis()
     used = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
             + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
-    report.update(memory_per_chip_bytes=int(used), fits=used <= report["hbm_bytes"],
+    report.update(memory_per_chip_bytes=int(used), fits=used <= report["budget_bytes"],
                   memory_bytes={k: int(getattr(mem, k + "_size_in_bytes"))
                                 for k in ("argument", "output", "alias", "temp", "generated_code")})
     xla = cost.xla_cost(compiled)
@@ -160,7 +259,7 @@ def find_max_batch(config, devices, chip, on_report=None):
     `on_report(report)` is called after each compile."""
     shards = sharding.num_batch_shards(
         sharding.make_mesh(config.mesh, devices), tuple(tuple(r) for r in config.sharding_rules))
-    reports, budget = [], chip.hbm_gib * GIB
+    reports, budget = [], chip.hbm_gib * chip.memory_fraction * GIB
 
     def fits(batch):
         trial = config.copy_and_resolve_references()

@@ -71,6 +71,7 @@ def test_paper_recipe(name):
     ("model.vision.patch_size", 7, "config.model.vision.patch_size"),
     ("model.dtype", "float16", "config.model.dtype"),
     ("kernels.cpu_ops_off", "im2col,fast_pools", r"config.kernels.cpu_ops_off: unknown CPU kernel piece\(s\) \['fast_pools'\]"),
+    ("kernels.gpu_ops_off", "flash", r"config.kernels.gpu_ops_off: unknown GPU kernel piece\(s\) \['flash'\]"),
     ("kernels.ops", "fast", "config.kernels.ops: must be one of"),
     ("optim.lr", 0.0, "config.optim.lr"),
     ("loss.name", "nope", "config.loss.name"),
@@ -118,7 +119,7 @@ def test_the_kernel_keys_that_left_the_model_block_say_where_they_went():
     del old["kernels"]
     read = config_lib.from_json(old)
     assert "ops" not in read.model and "cpu_ops_off" not in read.model
-    assert read.kernels.to_dict() == {"ops": "auto", "cpu_ops_off": ""}
+    assert read.kernels.to_dict() == {"ops": "auto", "cpu_ops_off": "", "gpu_ops_off": ""}
     validation.validate(read, num_devices=1)
     assert config_lib.describe_changes(old, c) == []
     c.model.ops = "xla"                              # a config file written for the old layout

@@ -12,12 +12,13 @@ import pytest
 
 from tests.helpers import REPO
 
-SCRIPTS = sorted(glob.glob(os.path.join(REPO, "launch", "*.sh")) + [os.path.join(REPO, "launch", "slurm.sbatch")])
+SCRIPTS = sorted(glob.glob(os.path.join(REPO, "launch", "*.sh")) + [os.path.join(REPO, "launch", "slurm.sbatch"),
+                                                                  os.path.join(REPO, "benchmarks", "gpu_step.sh")])
 
 
 def test_every_launch_script_is_there_and_executable():
     names = {os.path.basename(p) for p in SCRIPTS}
-    assert {"local.sh", "tpu_vm.sh", "slurm.sbatch", "cpu_env.sh"} <= names
+    assert {"local.sh", "tpu_vm.sh", "slurm.sbatch", "cpu_env.sh", "gpu_env.sh"} <= names
     assert all(os.access(p, os.X_OK) for p in SCRIPTS)
 
 
@@ -65,3 +66,22 @@ def test_cpu_env_sh_adds_the_cpu_settings_and_keeps_the_users():
     assert own["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
     proc = subprocess.run(["bash", "launch/cpu_env.sh"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def test_gpu_env_sh_gives_xla_the_memory_share_aot_fits_against_and_keeps_the_users():
+    """launch/gpu_env.sh (slurm.sbatch runs every training process through it) gives XLA's
+    allocator the share of GPU memory that clip_jax.aot reports `fits` against."""
+    from clip_jax import pod
+    base = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_MEM_FRACTION"}
+
+    def gpu_env(env):
+        proc = subprocess.run(["bash", "launch/gpu_env.sh", "env"], cwd=REPO, env=env,
+                              capture_output=True, text=True, check=True)
+        return dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+
+    assert float(gpu_env(base)["XLA_PYTHON_CLIENT_MEM_FRACTION"]) == pod.GPU_MEMORY_FRACTION
+    assert gpu_env({**base, "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.8"})["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.8"
+    proc = subprocess.run(["bash", "launch/gpu_env.sh"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage" in proc.stderr
+    with open(os.path.join(REPO, "launch", "slurm.sbatch")) as f:
+        assert "srun --kill-on-bad-exit=1 launch/gpu_env.sh " in f.read()

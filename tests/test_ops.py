@@ -15,7 +15,7 @@ from flax.core import meta
 
 from clip_jax import models, ops
 from clip_jax.models import resnet
-from clip_jax.ops import PLAIN, cpu, plain
+from clip_jax.ops import PLAIN, cpu, gpu, plain
 from tests.helpers import REPO, run_python
 from tests.test_models import build, make_images, make_tokens, small_cfg
 
@@ -31,13 +31,19 @@ def test_select_follows_the_mesh_devices_not_the_process():
     assert ops.select("auto", _fake_mesh("cpu")) == cpu.CpuOps(per_image_im2col=False)
     assert ops.select("auto", _fake_mesh("cpu", 4)) == cpu.CpuOps(per_image_im2col=True)
     assert ops.select("cpu", _fake_mesh("cpu")) == cpu.CpuOps()
-    # On this CPU process, a TPU or GPU mesh still gets the plain code.
+    # On this CPU process, a TPU mesh still gets the plain code, a GPU mesh the GPU kernels.
+    assert ops.select("auto", _fake_mesh("tpu")) == PLAIN
+    assert ops.select("auto", _fake_mesh("gpu", 8)) == ops.select("gpu", _fake_mesh("gpu")) == gpu.GpuOps()
+    assert ops.select("auto", _fake_mesh("gpu"), off={"cudnn_attention"}) == gpu.GpuOps(off={"cudnn_attention"})
     for platform in ("tpu", "gpu"):
-        assert ops.select("auto", _fake_mesh(platform)) == PLAIN
         with pytest.raises(ValueError, match="'cpu' kernels need CPU devices"):
             ops.select("cpu", _fake_mesh(platform))
-    assert ops.select("xla", _fake_mesh("cpu")) == PLAIN
-    with pytest.raises(ValueError, match=r"config.kernels.ops: must be one of \('auto', 'xla', 'cpu'\) \(got 'fast'\)"):
+    for platform in ("tpu", "cpu"):
+        with pytest.raises(ValueError, match=f"'gpu' kernels need GPU devices, but the mesh's devices are '{platform}'"):
+            ops.select("gpu", _fake_mesh(platform))
+        assert ops.select("xla", _fake_mesh(platform)) == PLAIN
+    assert ops.select("xla", _fake_mesh("gpu")) == PLAIN
+    with pytest.raises(ValueError, match=r"config.kernels.ops: must be one of \('auto', 'xla', 'cpu', 'gpu'\) \(got 'fast'\)"):
         ops.select("fast", _fake_mesh("cpu"))
 
 
@@ -522,3 +528,61 @@ def test_a_checkpoint_made_with_the_cpu_kernels_loads_and_evaluates_with_the_pla
     data = data_lib.open_eval_data("synthetic:shape", plain_model.config)
     got, want = (zeroshot.evaluate(m, data, progress=False) for m in (plain_model, cpu_model))
     assert got["top1"] == want["top1"] and got["top5"] == want["top5"]
+
+
+# ------------------------------------------------------------------ GPU kernels (cuDNN attention)
+
+def _qkv(key, batch, t, s, heads, head_dim, dtype):
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(key), 3)
+    return (jax.random.normal(kq, (batch, t, heads, head_dim), dtype),
+            jax.random.normal(kk, (batch, s, heads, head_dim), dtype),
+            jax.random.normal(kv, (batch, s, heads, head_dim), dtype))
+
+
+def test_gpu_kernels_take_cudnn_attention_only_where_cudnn_allows_the_shape():
+    """bfloat16/float16 with a head dimension that is a multiple of 8, at most 128: the
+    paper configs' (64); float32 runs and other head dimensions keep XLA's attention."""
+    g = gpu.GpuOps()
+    assert g.uses_cudnn(*_qkv(0, 2, 197, 197, 12, 64, jnp.bfloat16))
+    assert g.uses_cudnn(*_qkv(0, 2, 1, 50, 32, 64, jnp.float16))
+    assert not g.uses_cudnn(*_qkv(0, 2, 197, 197, 12, 64, jnp.float32))
+    assert not g.uses_cudnn(*_qkv(0, 2, 16, 16, 2, 12, jnp.bfloat16))      # not a multiple of 8
+    assert not g.uses_cudnn(*_qkv(0, 2, 16, 16, 2, 256, jnp.bfloat16))     # over 128
+    assert not gpu.GpuOps(off={"cudnn_attention"}).uses_cudnn(*_qkv(0, 2, 8, 8, 2, 64, jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"unknown GPU kernel piece\(s\) \['flash'\]"):
+        gpu.GpuOps(off={"flash"})
+
+
+@pytest.mark.parametrize("t, s, causal, lengths", [
+    (17, 17, False, False),       # a ViT block (197 tokens for ViT-B/16): odd, padded
+    (7, 7, True, False),          # the text tower's causal blocks (77 tokens): odd, padded
+    (1, 9, False, True),          # the text read-out row: its keys up to the end-of-text token
+    (1, 5, False, False),         # the ViT read-out row, the ResNet's attention pool
+    (6, 6, True, False),          # even lengths: no padding
+])
+def test_gpu_attention_equals_the_plain_attention_forward_and_backward(t, s, causal, lengths):
+    """`GpuOps.attention`'s own code (odd lengths padded to even ones, the padding masked by
+    query and key lengths, the padded rows dropped), run with XLA's attention on this CPU,
+    equals the plain attention: values and the gradients of query, key and value."""
+    q, k, v = _qkv(1, 3, t, s, 2, 8, jnp.float32)
+    kv_lengths = jnp.array([s, 1, s // 2 + 1], jnp.int32) if lengths else None
+    w = jax.random.normal(jax.random.PRNGKey(2), q.shape)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v, causal, kv_lengths) * w)
+
+    padded = functools.partial(gpu.padded_attention, implementation="xla")
+    np.testing.assert_allclose(padded(q, k, v, causal, kv_lengths),
+                               plain.attention(q, k, v, causal, kv_lengths), rtol=1e-5, atol=1e-5)
+    ours = jax.grad(loss(padded), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(plain.attention), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(ours, want):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # Through the kernels object, in bfloat16 (what runs on a GPU, there with cuDNN).
+    qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    xla_gpu = gpu.GpuOps(implementation="xla")
+    assert xla_gpu.uses_cudnn(qb, kb, vb)
+    np.testing.assert_allclose(np.asarray(xla_gpu.attention(qb, kb, vb, causal, kv_lengths), np.float32),
+                               np.asarray(plain.attention(qb, kb, vb, causal, kv_lengths), np.float32),
+                               rtol=2e-2, atol=2e-2)

@@ -14,8 +14,9 @@ is the command line.
                    passes included), the model's FLOP/s (the step without rematerialisation,
                    plain model code; both `cost.step_flops`, towers unrolled) and
                    MFU = model FLOP/s / (peak x devices), the peak
-                   per device given by --peak_tflops or measured here: the best rate of
-                   square matmuls of several sizes in the compute dtype
+                   per device given by --peak_tflops, else the data sheet's dense bfloat16
+                   peak on an H100/H200/A100/B200 (SXM), else measured here: the best rate
+                   of square matmuls of several sizes in the compute dtype
                    (`measure_peak_tflops`); HFU uses executed FLOPs.
   data             times the input pipeline alone: this process's host batches (read,
                    decode, crop, tokenise) for `--source` (default: the config's

@@ -3,7 +3,8 @@
 The step runs on one fixed device-resident batch (`synthetic_batch`), so the figure is the
 step's alone, not the input pipeline's (the `data` mode times that). MFU counts the model's
 FLOPs (the step without rematerialisation, towers unrolled; `cost.step_flops`) against
-a peak per device given by the user or measured here (`measure_peak_tflops`); HFU counts
+a peak per device given by the user, the data sheet's dense bfloat16 peak on an NVIDIA GPU
+of `pod.GPUS` (H100 and H200 SXM: 989 TFLOP/s), or measured here (`measure_peak_tflops`); HFU counts
 the FLOPs XLA executes, recomputed forward passes included.
 """
 import os
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax import cost, sharding, train
+from clip_jax import cost, pod, sharding, train
 from clip_jax.benchmark.timing import timed, timings
 from clip_jax.data import pipeline
 
@@ -59,7 +60,8 @@ def synthetic_batch(run):
 def benchmark_train(config, steps, warmup, repeats, peak_tflops=None):
     """Samples/s of the compiled train step on a fixed device-resident batch, its FLOP/s
     (XLA's cost analysis of the compiled step) and MFU against `peak_tflops` per device
-    (None: measured with `measure_peak_tflops`)."""
+    (None: the data sheet's dense bfloat16 peak on a GPU of `pod.GPUS`, else measured with
+    `measure_peak_tflops`)."""
     run = train.build(config)
     batch = synthetic_batch(run)
     state = run.init_state()
@@ -79,7 +81,10 @@ def benchmark_train(config, steps, warmup, repeats, peak_tflops=None):
     state = None      # freed before the peak's matmuls
     per_step = statistics.median(windows) / steps
     devices = run.mesh.size
+    device_kind = run.mesh.devices.flat[0].device_kind
     peak_source = "given" if peak_tflops else "measured"
+    if not peak_tflops and pod.gpu_peak_tflops(device_kind):
+        peak_tflops, peak_source = pod.gpu_peak_tflops(device_kind), "data sheet"
     if not peak_tflops:
         peak_tflops = measure_peak_tflops(config.model.dtype)
     achieved = flops / per_step / 1e12
@@ -93,9 +98,12 @@ def benchmark_train(config, steps, warmup, repeats, peak_tflops=None):
             "mfu": model_flops / per_step / 1e12 / (peak_tflops * devices),
             "hfu": achieved / (peak_tflops * devices),
             "dtype": config.model.dtype, "remat": bool(config.model.remat),
-            "devices": devices, "backend": jax.default_backend(),
-            # The host allocator's settings the figure was measured under (launch/cpu_env.sh).
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+            "devices": devices, "backend": jax.default_backend(), "device_kind": device_kind,
+            # The process settings the figure was measured under (launch/cpu_env.sh,
+            # launch/gpu_env.sh).
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "xla_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "")}
 
 
 def print_train(r):

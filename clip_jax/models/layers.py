@@ -120,8 +120,7 @@ class MultiHeadAttention(nn.Module):
         q = proj("query")(inputs_q)      # [B, T, N, H]
         k = proj("key")(inputs_kv)       # [B, S, N, H]
         v = proj("value")(inputs_kv)
-        x = jax.nn.dot_product_attention(q, k, v, is_causal=causal,
-                                         key_value_seq_lengths=kv_lengths)
+        x = self.ops.attention(q, k, v, causal=causal, kv_lengths=kv_lengths)
         return DenseGeneral(
             features=out_features, axis=(-2, -1), use_bias=True,
             dtype=self.dtype, param_dtype=jnp.float32, ops=self.ops,

@@ -3,11 +3,12 @@
 Every module of `clip_jax/models` that runs a platform-dependent piece takes an `ops`
 field, an `Ops`, and calls the piece on it: `matmul` (every dense layer), `conv` (the
 ResNet's convolutions), `batch_norm` (training-mode BatchNorm + residual + ReLU),
-`avg_pool` (the ResNet's pools), and reads `scan_convolutions` (whether a ResNet stage may
-run as a loop). `Ops` itself is the plain code, which is what runs on TPUs and GPUs, whose
-compilers fuse and lay out those pieces themselves; `PLAIN` is every module's default, so
+`avg_pool` (the ResNet's pools), `attention` (every multi-head attention), and reads `scan_convolutions` (whether a ResNet stage may
+run as a loop). `Ops` itself is the plain code, which is what runs on TPUs (and on GPUs,
+but for the attention), whose compilers fuse and lay out those pieces themselves; `PLAIN` is every module's default, so
 whatever needs only shapes builds the plain model. A platform's kernels subclass it and
-replace pieces (`clip_jax/ops/cpu.py`: `CpuOps`); `clip_jax.ops` chooses them.
+replace pieces (`clip_jax/ops/cpu.py`: `CpuOps`, `clip_jax/ops/gpu.py`: `GpuOps`);
+`clip_jax.ops` chooses them.
 
 Parameters are always float32; `dtype` is the compute dtype. The products (`matmul`,
 `conv`, which the ViT's patch embedding uses too) keep the parameters' gradients in
@@ -123,6 +124,17 @@ def conv_kernel_gradient(x, g, size, stride, padding):
         dimension_numbers=("CHWN", "IHWO", "HWNC"), preferred_element_type=jnp.float32)
 
 
+def attention(query, key, value, causal=False, kv_lengths=None, implementation=None):
+    """Scaled dot-product attention of query [B, T, N, H] over key and value [B, S, N, H]
+    (`jax.nn.dot_product_attention`): `causal`, query t attends to keys up to t; `kv_lengths`
+    (int [B] or None), query row b attends to keys [0, kv_lengths[b]). `implementation`:
+    None is XLA's attention (the plain code), 'cudnn' cuDNN's fused kernel (GPUs only:
+    `clip_jax.ops.gpu`)."""
+    return jax.nn.dot_product_attention(query, key, value, is_causal=causal,
+                                        key_value_seq_lengths=kv_lengths,
+                                        implementation=implementation)
+
+
 def normalise(x, mean, var, scale, bias, residual, epsilon, relu, dtype):
     """BatchNorm with the statistics `mean`, `var`, then `+ residual` (None: none), then
     ReLU if `relu`; in float32, the result in `dtype`."""
@@ -157,6 +169,11 @@ class Ops:
         mean = xf.mean(_STAT_AXES)
         var = jnp.maximum(0.0, (xf * xf).mean(_STAT_AXES) - mean * mean)
         return normalise(x, mean, var, scale, bias, residual, epsilon, relu, dtype), mean, var
+
+    def attention(self, query, key, value, causal=False, kv_lengths=None):
+        """Multi-head attention of query [B, T, N, H] over key, value [B, S, N, H]
+        (`attention`): XLA's."""
+        return attention(query, key, value, causal, kv_lengths)
 
     def avg_pool(self, x, k):
         """The k x k, stride-k average pool."""
