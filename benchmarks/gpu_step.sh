@@ -6,15 +6,17 @@
 #   pip install -e '.[gpu]' && benchmarks/gpu_step.sh            # all GPUs of this host
 #   CUDA_VISIBLE_DEVICES=0 benchmarks/gpu_step.sh                 # one GPU
 #
-# The global batch is PER_GPU x the GPUs JAX sees (B16_PER_GPU, RN50_PER_GPU; defaults
-# chosen from clip_jax.aot's memory figures for one H100, benchmarks/RESULTS.md "GPU hosts");
-# EXTRA adds flags to both runs (e.g. EXTRA=--config.model.remat=true). Each run prints its
-# figures and, last, one JSON line (`python -m clip_jax.benchmark --json`).
+# No rematerialisation (MFU counts no recomputed forward pass). The global batch is
+# PER_GPU x the GPUs JAX sees: B16_PER_GPU (default 384) and RN50_PER_GPU (512), the sizes
+# clip_jax.aot fits in one H100's 71.2 GiB without remat (57.5 and 61.2 GiB;
+# benchmarks/RESULTS.md "GPU hosts"). EXTRA adds flags to both runs (e.g.
+# EXTRA=--config.model.remat=true). Each run prints its figures and, last, one JSON line
+# (`python -m clip_jax.benchmark --json`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python}"
 gpus="$("$python" -c 'import jax; print(jax.device_count())')"
-b16="${B16_PER_GPU:-512}"
+b16="${B16_PER_GPU:-384}"
 rn50="${RN50_PER_GPU:-512}"
 read -r -a extra <<< "${EXTRA:-}"
 echo "GPUs: $gpus ($("$python" -c 'import jax; print(jax.devices()[0].device_kind)'))"

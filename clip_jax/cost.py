@@ -41,14 +41,22 @@ def unrolled(model_cfg):
 
 def step_flops(config, model_flops=False, ops=None):
     """XLA's FLOP count of one whole train step of `config` (all devices together): the step
-    lowered, not compiled, for one local device with the towers unrolled. `ops` overrides
-    `config.kernels.ops` (e.g. 'xla' to count what a TPU runs). With `model_flops`, the
-    model's FLOPs as MFU counts them: no recomputed forward passes (no remat) and the plain
-    model code (no CPU kernel's products over zero padding)."""
+    lowered, not compiled, for one local device with the towers unrolled and in one batch.
+    `ops` overrides `config.kernels.ops` (e.g. 'xla' to count what a TPU runs). With
+    `model_flops`, the model's FLOPs as MFU counts them: no recomputed forward passes (no
+    remat, no micro-batches) and the plain model code (no CPU kernel's products over zero
+    padding).
+
+    XLA counts a loop's body once, so the micro-batches' loops (`micro_batches = K > 1`)
+    are not lowered: the step is counted as one batch, and the gradient cache's extra pass
+    (the K micro-batches' embeddings, no gradients) is added as one forward pass of the
+    model, taken as a third of the model's step (a backward pass costs two forwards)."""
     config = config.copy_and_resolve_references()
+    micro_batches = int(config.micro_batches)
     with config.unlocked():
         config.model = unrolled(config.model)
         config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, model=1))
+        config.micro_batches = 1
         if ops is not None:
             config.kernels.ops = ops
         if model_flops:
@@ -56,7 +64,10 @@ def step_flops(config, model_flops=False, ops=None):
     run = train.build(config, jax.local_devices()[:1])
     with run.context():
         lowered = run.train_step.lower(run.abstract_state, run.abstract_batch())
-    return float(xla_cost(lowered).get("flops", 0.0))
+    flops = float(xla_cost(lowered).get("flops", 0.0))
+    if micro_batches > 1 and not model_flops:
+        flops += step_flops(config, model_flops=True) / 3
+    return flops
 
 
 def xla_cost(lowered):

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from clip_jax import cost, pod
-from tests.helpers import run_cli, run_python, tiny_flags
+from tests.helpers import run_cli, run_python, tiny_config, tiny_flags
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed (pip install -e '.[tpu]')")
@@ -19,6 +19,16 @@ libtpu_worker = pytest.mark.xdist_group("libtpu")
 def test_bad_topology_is_refused_with_its_name(topology, message):
     with pytest.raises(ValueError, match=message):
         pod.topology_devices(topology)
+
+
+def test_step_flops_count_every_micro_batch():
+    """XLA counts a loop's body once: the step's FLOPs are counted in one batch, so the model's
+    FLOPs (MFU's numerator) do not depend on the micro-batches, and the executed ones add the
+    gradient cache's pass without gradients (a forward, a third of the model's step)."""
+    one, four = tiny_config(batch_size=32), tiny_config(batch_size=32, micro_batches=4)
+    model = cost.step_flops(one, model_flops=True)
+    assert model > 0 and cost.step_flops(four, model_flops=True) == model
+    assert cost.step_flops(four) == pytest.approx(cost.step_flops(one) + model / 3, rel=1e-9)
 
 
 @needs_libtpu
