@@ -147,6 +147,9 @@ def paper_config(name):
     c = base_config()
     c.model = model_config(name)
     c.optim.lr = PAPER_LR[name]
+    # The paper's text encoder reads CLIP's lower-cased byte-level BPE (49,152 merges, 49,408
+    # ids: the embedding table's size), the copy shipped with clip_jax.
+    c.data.tokenizer = "clip_bpe"
     if name in POD_FIT:
         c.micro_batches = POD_FIT[name]["micro_batches"]
         c.mesh.update(data=1, fsdp=-1)

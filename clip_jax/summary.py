@@ -4,6 +4,8 @@ Reports, without allocating any parameter (everything is traced abstractly):
 - parameters per tower and in total (image = the whole image tower incl. its projection,
   text = the rest, total adds the temperature), as the paper's table counts them;
 - GFLOPs per image and per text (forward, one example) from XLA's cost analysis;
+- the tokenizer (`data.tokenizer`) and its number of ids (the paper configs: CLIP's BPE,
+  49,408; a SentencePiece model still to be trained on the run's captions: its limit);
 - a per-device memory estimate for the configured mesh and batch: training state
   (float32 params + grads + two AdamW moments = 16 bytes/param, split over the
   fsdp x model shards) plus activations per example from XLA's memory analysis of the
@@ -19,6 +21,7 @@ import math
 import jax
 
 from clip_jax import cli, config_lib, cost, losses, models, sharding, validation
+from clip_jax.data import tokenizer
 from clip_jax.models import abstract_variables, count_params, encoder_fns, input_specs
 
 
@@ -72,7 +75,8 @@ def summarize(config, memory=True, num_devices=None):
     model = models.from_config(config)
     variables = abstract_variables(model, model_cfg)
     counts = count_params(variables["params"])
-    out = {"params": counts, "gflops": gflops(model, model_cfg, variables)}
+    out = {"params": counts, "gflops": gflops(model, model_cfg, variables),
+           "tokenizer": tokenizer.describe(config)}
     if memory:
         out["memory"] = memory_estimate(config, model, variables, counts["total"],
                                         num_devices or jax.device_count())
@@ -84,6 +88,9 @@ def format_summary(name, s):
     lines = [f"{name}",
              f"  parameters  image {p['image']:>13,}  text {p['text']:>13,}  total {p['total']:>13,}",
              f"  GFLOPs      per image {g['image']:.2f}  per text {g['text']:.3f}"]
+    t = s["tokenizer"]
+    ids = f"{t['vocab_size']:,} ids" if t["vocab_size"] else "ids set when trained"
+    lines.append(f"  tokenizer   {t['name']}, {ids}: {t['note']}")
     if "memory" in s:
         m = s["memory"]
         mesh = " x ".join(f"{k}={v}" for k, v in m["mesh"].items())

@@ -354,6 +354,7 @@ def train(config, workdir):
 
 
 def _train_owned(config, workdir, ckpt_dir, owner):
+    validation.check_workdir_tokenizer(config, workdir)    # before config.json is rewritten
     if jax.process_index() == 0:
         try:
             paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
@@ -425,8 +426,9 @@ def _train_from(config, workdir, run, state, start, data, ckpt, preemption, eval
 
     writer = metrics.MetricWriter(workdir, start_step=start)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    log(f"mesh {sharding.describe(run.mesh)}; {n_params:,} parameters; "
-        f"global batch {config.batch_size}; workdir {workdir}")
+    log(f"mesh {sharding.describe(run.mesh)}; {n_params:,} parameters; tokenizer "
+        f"{config.data.tokenizer} ({tokenizer.vocab_size:,} ids); global batch "
+        f"{config.batch_size}; workdir {workdir}")
     if start >= config.total_steps:
         log(f"already trained to step {start} (total_steps={config.total_steps}); nothing to do")
         writer.close()

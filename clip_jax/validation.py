@@ -54,6 +54,23 @@ def _check_init_from_tokenizer(config):
             "(or use configs/finetune.py:DIR, which does)")
 
 
+def check_workdir_tokenizer(config, workdir):
+    """A workdir with checkpoints resumes only with the tokenizer it was trained with: its
+    text tower reads those ids (the paper configs' default changed from SentencePiece to
+    CLIP's BPE; a run started before keeps its own, named in its config.json)."""
+    saved_path, ckpt_dir = paths.join(workdir, "config.json"), paths.join(workdir, "checkpoints")
+    if not paths.isfile(saved_path) or not paths.isdir(ckpt_dir):
+        return
+    if not any(name.isdigit() for name in paths.listdir(ckpt_dir)):
+        return
+    saved = json.loads(paths.read_text(saved_path)).get("data", {}).get("tokenizer")
+    if saved and saved != config.data.tokenizer:
+        raise ConfigError(
+            f"config.data.tokenizer: {config.data.tokenizer!r}, but the checkpoints in {workdir} "
+            f"were trained with {saved!r}: resume with --config.data.tokenizer={saved} (or "
+            "train the new tokenizer in another --workdir)")
+
+
 def _validate_evals(config):
     """Each config.evals entry: a known task, data, options that apply, files that exist."""
     for name, entry in config.get("evals", {}).items():

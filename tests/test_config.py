@@ -150,3 +150,20 @@ def test_describe_changes_lists_only_keys_that_change_the_computation():
     changes = config_lib.describe_changes(json.loads(saved.to_json_best_effort()), now)
     assert changes == ["optim.lr: 0.001 -> 0.5", "total_steps: 1000 -> 5"]
     assert config_lib.describe_changes(None, now) == []
+
+
+def test_a_workdir_with_checkpoints_resumes_only_with_its_own_tokenizer(tmp_path):
+    """The paper configs read CLIP's BPE now; a run started with SentencePiece keeps it: its
+    checkpoints refuse another tokenizer, naming the flag that resumes them."""
+    import json
+    c = load(os.path.join(REPO, "configs", "vit_b32.py"))
+    assert c.data.tokenizer == "clip_bpe"
+    (tmp_path / "config.json").write_text(json.dumps({"data": {"tokenizer": "sentencepiece"}}))
+    validation.check_workdir_tokenizer(c, str(tmp_path))          # no checkpoints: a new run
+    (tmp_path / "checkpoints" / "1000").mkdir(parents=True)
+    with pytest.raises(config_lib.ConfigError, match=r"config.data.tokenizer: 'clip_bpe', but the checkpoints "
+                                                     r".* were trained with 'sentencepiece': resume with "
+                                                     r"--config.data.tokenizer=sentencepiece"):
+        validation.check_workdir_tokenizer(c, str(tmp_path))
+    c.data.tokenizer = "sentencepiece"
+    validation.check_workdir_tokenizer(c, str(tmp_path))

@@ -15,6 +15,14 @@ def test_summary_counts_match_reference(name):
     image, text, total = PAPER_COUNTS[name]
     assert s["params"] == {"image": image, "text": text, "total": total}
     assert s["gflops"]["image"] > 0 and s["gflops"]["text"] > 0
+    # The paper's text encoder reads CLIP's BPE: every id of the 49,408-row embedding table.
+    assert s["tokenizer"]["name"] == "clip_bpe" and s["tokenizer"]["vocab_size"] == 49408
+
+
+def test_the_smoke_config_keeps_its_sentencepiece_tokenizer():
+    s = summary.summarize(load(os.path.join(REPO, "configs", "smoke.py")), memory=False)
+    assert s["tokenizer"]["name"] == "sentencepiece" and s["tokenizer"]["vocab_size"] is None
+    assert "256 pieces" in summary.format_summary("smoke", s)
 
 
 def test_gflops_scale_with_resolution():

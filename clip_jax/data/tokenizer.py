@@ -178,6 +178,23 @@ def _clip_bpe(config, workdir, open_source):
 TOKENIZERS = {"sentencepiece": _sentencepiece, "clip_bpe": _clip_bpe}
 
 
+def describe(config):
+    """What `config.data` tokenizes with, without training anything: {'name', 'vocab_size'
+    (ids, None for a SentencePiece model still to be trained), 'path', 'note'}."""
+    d = config.data
+    if d.tokenizer == "clip_bpe":
+        tok = _clip_bpe(config, None, None)
+        return {"name": "clip_bpe", "vocab_size": tok.vocab_size, "path": tok.source,
+                "note": "CLIP's byte-level BPE (lower-cased, 49,152 merges)"}
+    if d.tokenizer == "sentencepiece" and d.tokenizer_path:
+        tok = SentencePieceTokenizer.load(d.tokenizer_path, config.model.text.context_length)
+        return {"name": "sentencepiece", "vocab_size": tok.vocab_size, "path": d.tokenizer_path,
+                "note": "SentencePiece model"}
+    return {"name": d.tokenizer, "vocab_size": None, "path": "",
+            "note": f"SentencePiece of up to {d.tokenizer_vocab_size} pieces, trained on the "
+                    f"run's captions (WORKDIR/tokenizer)"}
+
+
 def get_tokenizer(config, workdir, open_source=None) -> Tokenizer:
     """The tokenizer named by `config.data.tokenizer` (see `_sentencepiece`, `_clip_bpe`).
     `open_source()`: the opened training source, (source, weights) as `sources.make_source`
