@@ -371,6 +371,7 @@ def _train_owned(config, workdir, ckpt_dir, owner):
     except (ValueError, OSError) as e:
         preemption.close()
         raise config_lib.ConfigError(str(e)) from None
+    log(f"tokenizer {config.data.tokenizer}: {tokenizer.vocab_size:,} ids ({tokenizer.source or 'in memory'})")
 
     run = build(config)
     try:   # opens every evaluation dataset: a bad config.evals entry stops the run here
@@ -426,9 +427,8 @@ def _train_from(config, workdir, run, state, start, data, ckpt, preemption, eval
 
     writer = metrics.MetricWriter(workdir, start_step=start)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    log(f"mesh {sharding.describe(run.mesh)}; {n_params:,} parameters; tokenizer "
-        f"{config.data.tokenizer} ({tokenizer.vocab_size:,} ids); global batch "
-        f"{config.batch_size}; workdir {workdir}")
+    log(f"mesh {sharding.describe(run.mesh)}; {n_params:,} parameters; "
+        f"global batch {config.batch_size}; workdir {workdir}")
     if start >= config.total_steps:
         log(f"already trained to step {start} (total_steps={config.total_steps}); nothing to do")
         writer.close()

@@ -92,8 +92,9 @@ def _validate_evals(config):
             raise ConfigError(str(e)) from None
         declared = registry.get(entry.task).options
         for key, value in options.items():
-            if declared[key].is_file and value and not paths.isfile(value):
-                raise ConfigError(f"{where}.{key}: no such file {value!r}")
+            if not declared[key].check_file(value):
+                raise ConfigError(f"{where}.{key}: no such file {value!r}"
+                                  + (" (nor a shipped name)" if declared[key].or_name else ""))
 
 
 def validate(config, num_devices=None):

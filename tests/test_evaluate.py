@@ -5,6 +5,7 @@ known embeddings for the pure logic, a real (randomly initialised) tiny CLIP for
 whole path from image files to figures.
 """
 import csv
+import dataclasses
 import json
 import os
 
@@ -752,3 +753,74 @@ def test_two_processes_each_decode_their_share_and_equal_one_process(model_dir, 
     assert first["features"] == second["features"]
     for key in ("top1", "top5", "mean_per_class", "per_class"):
         assert first["zeroshot"][key] == second["zeroshot"][key] == one["zeroshot"][key]
+
+
+# ----------------------------------------------------------------------------- shipped metadata
+
+def test_shipped_zero_shot_metadata():
+    """The paper's 80 ImageNet templates and its 7-template subset, OpenAI's 1,000 curated
+    ImageNet names in wnid order, and CLIP_benchmark's templates and names of other datasets,
+    each by name; an unknown name is refused with the list."""
+    from clip_jax.data import prompts, zeroshot_metadata as zm
+    eighty, seven = zm.templates("imagenet1k"), zm.templates("imagenet1k_7")
+    assert len(eighty) == 80 and len(seven) == 7 and set(seven) <= set(eighty)
+    for name in zm.template_names():
+        for t in zm.templates(name):
+            prompts.check_template(t)                  # '{}' for the class name, nothing else
+    names, wnids = zm.classnames("imagenet1k"), zm.imagenet_wnids()
+    assert len(names) == len(wnids) == 1000 and wnids == sorted(wnids)
+    assert (names[0], wnids[0]) == ("tench", "n01440764") and names[-1] == "toilet paper"
+    assert {"cifar10", "food101", "sun397", "cars", "dtd", "pets"} <= set(zm.template_names())
+    assert len(zm.templates("cifar10")) == 18 and len(zm.classnames("pets")) == 37
+    # Wnid class folders (any subset, in sorted order) get their own names; others by count.
+    assert zm.classnames_for("imagenet1k", ["n01443537", "n15075141"]) == ["goldfish", "toilet paper"]
+    with pytest.raises(ValueError, match="1000 names for the 2 classes"):
+        zm.classnames_for("imagenet1k", ["cat", "dog"])
+    with pytest.raises(ValueError, match=r"not ImageNet-1k wnids"):
+        zm.classnames_for("imagenet1k", ["n01443537", "n99999999"])
+    with pytest.raises(ValueError, match="no templates named 'imagenet'; the shipped ones: caltech101"):
+        zm.templates("imagenet")
+    assert (zm.for_tfds("imagenet2012"), zm.for_tfds("oxford_iiit_pet"), zm.for_tfds("coco")) == \
+        ("imagenet1k", "pets", None)
+
+
+def test_zeroshot_with_the_papers_templates_and_imagenet_names_from_the_command_line(tmp_path, model_dir):
+    """`--templates=imagenet1k --classnames=imagenet1k` on a folder whose class folders are
+    ImageNet wnids: 80 templates, OpenAI's curated names; the report says where they came
+    from; a config.evals entry takes the same names, and an unknown one is refused."""
+    root = write_imagefolder(tmp_path / "imagenet", classes=("n01443537", "n02123045", "n15075141"),
+                             per_class=2, groups=("a",))
+    out = evaluate.main(["zeroshot", "--checkpoint", model_dir, f"--data={root}", "--templates=imagenet1k",
+                         "--classnames=imagenet1k", "--no-progress", "--json"])
+    assert out["templates"] == 80 and out["templates_from"] == "imagenet1k, shipped"
+    assert [r["class"] for r in out["per_class"]] == ["goldfish", "tabby cat", "toilet paper"]
+    assert out["n"] == 6
+    config = tiny_config()
+    config.evals = ml_collections.ConfigDict({"inet": dict(
+        task="zeroshot", data=root, templates="imagenet1k_7", classnames="imagenet1k")})
+    validation.validate(config, 1)
+    config.evals.inet.templates = "imagenet2"
+    with pytest.raises(config_lib.ConfigError, match=r"config.evals.inet.templates: no such file 'imagenet2' "
+                                                     r"\(nor a shipped name\)"):
+        validation.validate(config, 1)
+
+
+def test_a_known_tfds_dataset_takes_its_shipped_templates_and_names(tmp_path, monkeypatch):
+    """A TFDS dataset the metadata knows gets its templates (and its curated class names where
+    shipped, wnid labels mapped) without being asked, and the report says so."""
+    from clip_jax.data import zeroshot_metadata as zm
+    from tests.helpers import build_tfds_dataset, encode_image
+    examples = [(encode_image(drawn_image(i, 24, 20), "PNG"), f"picture {i}", i % 2) for i in range(4)]
+    build_tfds_dataset(tmp_path, "eval_wnids", ["n01443537", "n15075141"], examples)
+    monkeypatch.setitem(zm.TFDS_NAMES, "eval_wnids", "imagenet1k")
+    data = data_lib.open_eval_data("tfds:eval_wnids:train", data_dir=str(tmp_path))
+    assert data.metadata == "imagenet1k" and data.templates == zm.templates("imagenet1k")
+    assert data.classnames == ["goldfish", "toilet paper"]
+    fake = dataclasses.replace(fake_data(2, [0, 1], ["cat", "dog"]), templates=("a {}.", "the {}."),
+                               metadata="pets")
+    texts = {t.format(c): np.eye(4)[i] for i, c in enumerate(["cat", "dog"]) for t in fake.templates}
+    out = zeroshot.evaluate(FakeModel(np.eye(4)[:2], texts), fake, progress=False)
+    assert out["templates"] == 2 and out["templates_from"] == "pets, shipped, for fake"
+    monkeypatch.setitem(zm.TFDS_NAMES, "eval_wnids", "cifar10")      # templates only, not names
+    data = data_lib.open_eval_data("tfds:eval_wnids:train", data_dir=str(tmp_path))
+    assert data.templates == zm.templates("cifar10") and data.classnames == ["n01443537", "n15075141"]

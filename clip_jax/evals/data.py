@@ -40,7 +40,7 @@ from typing import Optional
 import numpy as np
 
 from clip_jax import paths
-from clip_jax.data import images, prompts, records, synthetic
+from clip_jax.data import images, prompts, records, synthetic, zeroshot_metadata
 from clip_jax.data import spec as spec_lib
 from clip_jax.data.sources import TfdsSource
 
@@ -57,6 +57,9 @@ class EvalData:
     captions: Optional[list] = None      # per image: list of captions (retrieval)
     attributes: dict = dataclasses.field(default_factory=dict)   # name -> list[str] per image
     templates: Optional[tuple] = None    # the dataset's own zero-shot prompts, if any
+    # The shipped zero-shot metadata (`zeroshot_metadata`) a known TFDS dataset took its
+    # templates (and class names, where shipped) from, for the report; "" if none.
+    metadata: str = ""
     presized: bool = False               # images are at the model's size already (synthetic)
     fingerprint: str = ""                # identifies the data for the feature cache
 
@@ -267,10 +270,20 @@ def open_tfds(tfds_spec, data_dir="", image_key="image", label_key="label", capt
                 c = raw[caption_key]
                 captions.append([c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c)])
     classnames = [prompts.readable_classname(c) for c in features[label_key].names] if use_label else None
+    # A dataset the shipped metadata knows takes its templates, and its curated class names
+    # where they are shipped and fit (e.g. imagenet2012's wnids -> OpenAI's names).
+    known = zeroshot_metadata.for_tfds(name) if use_label else None
+    templates = zeroshot_metadata.templates(known) if known and zeroshot_metadata.is_templates_name(known) else None
+    if known and zeroshot_metadata.is_classnames_name(known):
+        try:
+            classnames = zeroshot_metadata.classnames_for(known, classnames, f"tfds:{name}")
+        except ValueError:
+            pass            # another number of classes than shipped: the dataset's own names
     n = len(source)
     return EvalData(spec, TfdsReader(source, range(n)), [f"{split}/{i}" for i in range(n)],
                     np.array(labels, np.int64) if use_label else None, classnames,
-                    captions if use_caption else None,
+                    captions if use_caption else None, templates=templates,
+                    metadata=known if templates is not None else "",
                     fingerprint=_digest(spec, data_dir, n, label_key, caption_key))
 
 
@@ -317,6 +330,10 @@ def open_eval_data(spec, config=None, data_dir="", image_key="image", label_key=
 
 
 def read_classnames(path, data):
+    """The class names of `--classnames` (a file, else a shipped name) for `data`."""
+    if not paths.isfile(path) and zeroshot_metadata.is_classnames_name(path):
+        data.need_labels("--classnames")
+        return zeroshot_metadata.classnames_for(path, data.classnames)
     try:
         names = [line.strip() for line in paths.read_text(path).splitlines() if line.strip()]
     except OSError as e:

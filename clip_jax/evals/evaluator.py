@@ -8,7 +8,10 @@ linear_probe.py), registered by task name in registry.py. This base is a module 
 own because the registry imports the evaluators, which import it.
 """
 import dataclasses
+from typing import Callable, Optional
 
+from clip_jax import paths
+from clip_jax.data import zeroshot_metadata
 from clip_jax.evals import data as data_lib
 from clip_jax.evals import report
 
@@ -20,6 +23,14 @@ class Option:
     default: object
     help: str
     is_file: bool = False     # names a file that must exist (checked with the config)
+    # A file, or else a name this accepts (`zeroshot_metadata`: shipped templates, class names).
+    or_name: Optional[Callable[[str], bool]] = None
+
+    def check_file(self, value):
+        """Whether `value` is acceptable for an `is_file` option: an existing file, or a
+        name `or_name` accepts."""
+        return (not self.is_file or not value or paths.isfile(value)
+                or (self.or_name is not None and self.or_name(value)))
 
 
 # How --data (and --train-data) are read (clip_jax/evals/data.py): every task takes them.
@@ -89,7 +100,10 @@ class Classification(Evaluator):
 
     options = {
         "classnames": Option("", "a file of class names, one per line in the data's class order, "
-                             "replacing the folder/label names", is_file=True),
+                             "replacing the folder/label names; or the name of shipped ones, e.g. "
+                             "imagenet1k (OpenAI's curated ImageNet names; class folders named by "
+                             "wnid are mapped)", is_file=True,
+                             or_name=zeroshot_metadata.is_classnames_name),
         "group_by": Option("", "report accuracy per value of this attribute (a CSV/meta column, "
                            "level:N of the image path, or a synthetic attribute: size, position, "
                            "background)"),
