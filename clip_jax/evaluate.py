@@ -8,6 +8,10 @@ Tasks (evaluators chosen by name: clip_jax/evals/registry.py):
   linear_probe  L-BFGS logistic regression on frozen image features of --train-data, L2
                 strength chosen on a held-out split of it, scored on --data
                 (clip_jax/evals/linear_probe.py)
+  suite         several datasets in one command, each with the tasks its data supports,
+                written as CLIP_benchmark's JSON files and one table (clip_jax/evals/suite.py):
+                python -m clip_jax.evaluate suite --checkpoint=PATH --datasets=imagenet1k,cifar10
+                    --data-root=DIR [--out=DIR]
 --group-by ATTRIBUTE (zeroshot, linear_probe) adds accuracy per value of the attribute and
 the gap between the best and worst group: the paper's bias probe for any labelled data.
 What --data accepts is in clip_jax/evals/data.py. With --json the last line printed is a
@@ -24,8 +28,8 @@ command line stops with that error.
 import argparse
 import json
 
-from clip_jax import checkpoint, cli, distributed, inference
-from clip_jax.evals import registry
+from clip_jax import checkpoint, cli, distributed, inference, paths
+from clip_jax.evals import registry, suite
 
 COMMAND_LINE = "python -m clip_jax.evaluate"
 
@@ -70,7 +74,49 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def parse_suite_args(argv):
+    p = argparse.ArgumentParser(prog=f"{COMMAND_LINE} suite", description=suite.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="a training run's directory: its newest checkpoint")
+    src.add_argument("--checkpoint", help="a checkpoint step directory, or converted weights")
+    p.add_argument("--datasets", required=True, help="comma-separated: names of datasets under "
+                   "--data-root (imagenet1k, cifar10, ...) or data specs (folder, CSV, tfds:NAME:SPLIT)")
+    p.add_argument("--data-root", default="", help="where named datasets are: DIR/NAME")
+    p.add_argument("--out", default="suite_results", help="folder for the JSON files and the table")
+    p.add_argument("--model-name", default="clip_jax", help="the `model` of the JSON files")
+    p.add_argument("--pretrained", default="", help="the `pretrained` of the JSON files "
+                   "(default: the checkpoint's folder name)")
+    p.add_argument("--batch-size", type=int, default=256, help="images or texts per device batch")
+    p.add_argument("--cache-dir", default="", help="store image features here and reuse them")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the table's rows as JSON, last")
+    return p.parse_args(argv)
+
+
+def suite_main(argv):
+    """`python -m clip_jax.evaluate suite ...`: the rows of the table (clip_jax/evals/suite.py)."""
+    args = parse_suite_args(argv)
+    import absl.logging
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    with cli.stop_on(ValueError, OSError, checkpoint.CheckpointError):
+        entries = [suite.resolve(e, args.data_root) for e in args.datasets.split(",") if e.strip()]
+        source = args.workdir or args.checkpoint
+        model = inference.load(source, batch_size=args.batch_size)
+        pretrained = args.pretrained or source.rstrip("/").rsplit("/", 1)[-1]
+        rows = suite.run(model, entries, args.out, args.model_name, pretrained, args.cache_dir,
+                         not args.no_progress, on_result=lambda e, r: print_report(r))
+    print(paths.read_text(paths.join(args.out, "suite.md")).rstrip())
+    if args.json:
+        print(json.dumps(rows))
+    return rows
+
+
 def main(argv=None):
+    import sys
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["suite"]:
+        return suite_main(argv[1:])
     args = parse_args(argv)
     import absl.logging
     absl.logging.set_verbosity(absl.logging.ERROR)   # orbax's notes on reading a checkpoint

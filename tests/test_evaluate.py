@@ -824,3 +824,42 @@ def test_a_known_tfds_dataset_takes_its_shipped_templates_and_names(tmp_path, mo
     monkeypatch.setitem(zm.TFDS_NAMES, "eval_wnids", "cifar10")      # templates only, not names
     data = data_lib.open_eval_data("tfds:eval_wnids:train", data_dir=str(tmp_path))
     assert data.templates == zm.templates("cifar10") and data.classnames == ["n01443537", "n15075141"]
+
+
+def test_the_suite_writes_clip_benchmark_json_and_one_table(tmp_path, model_dir):
+    """Two local datasets in one command: a named one under --data-root (ImageNet wnid folders
+    in its val/ split: the paper's templates and names) scored zero-shot, and a CSV of
+    captions scored by retrieval; one CLIP_benchmark-schema JSON per dataset and task, whose
+    metrics are the single-task commands' figures, and one table."""
+    root = tmp_path / "root"
+    write_imagefolder(root / "imagenet1k" / "val", classes=("n01443537", "n02123045"), per_class=2,
+                      groups=("a",))
+    pairs = tmp_path / "pairs.csv"
+    with open(pairs, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filepath", "caption"])
+        for i, cls in enumerate(["n01443537", "n02123045"]):
+            w.writerow([f"root/imagenet1k/val/{cls}/a/0.png", f"picture {i}"])
+            w.writerow([f"root/imagenet1k/val/{cls}/a/1.png", f"image {i}"])
+    out = tmp_path / "results"
+    rows = evaluate.main(["suite", "--checkpoint", model_dir, f"--datasets=imagenet1k,{pairs}",
+                          f"--data-root={root}", f"--out={out}", "--no-progress", "--json"])
+    assert [(r["dataset"], r["task"]) for r in rows] == [("imagenet1k", "zeroshot_classification"),
+                                                         ("pairs", "zeroshot_retrieval")]
+    pretrained = os.path.basename(model_dir)
+    zs = json.loads((out / f"imagenet1k_{pretrained}_clip_jax_en_zeroshot_classification.json").read_text())
+    assert set(zs) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
+    assert set(zs["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"} and zs["language"] == "en"
+    single = evaluate.main(["zeroshot", "--checkpoint", model_dir, f"--data={root}/imagenet1k/val",
+                            "--templates=imagenet1k", "--classnames=imagenet1k", "--no-progress"])
+    assert zs["metrics"] == {"acc1": single["top1"], "acc5": single["top5"],
+                             "mean_per_class_recall": single["mean_per_class"]}
+    ret = json.loads((out / f"pairs_{pretrained}_clip_jax_en_zeroshot_retrieval.json").read_text())
+    single = evaluate.main(["retrieval", "--checkpoint", model_dir, f"--data={pairs}", "--no-progress"])
+    assert ret["metrics"] == {"image_retrieval_recall@5": single["text_to_image_R@5"],
+                              "text_retrieval_recall@5": single["image_to_text_R@5"]}
+    table = list(csv.DictReader(open(out / "suite.csv")))
+    assert [t["dataset"] for t in table] == ["imagenet1k", "pairs"] and "acc1" in table[0]
+    assert (out / "suite.md").read_text().startswith("| dataset | task | n |")
+    with pytest.raises(SystemExit, match="--datasets cifar10: no folder .*cifar10 under --data-root"):
+        evaluate.main(["suite", "--checkpoint", model_dir, "--datasets=cifar10", f"--data-root={root}"])
