@@ -264,3 +264,46 @@ def test_evaluation_view_equals_the_reference_preprocessing(size):
     print(f"preprocess {size}: max {levels.max():.2f} levels, mean {levels.mean():.4f}, "
           f">=1.5 levels: {(levels >= 1.5).mean():.2e}")
     assert levels.mean() < 0.05 and (levels >= 1.5).mean() < 1e-3 and levels.max() <= 8
+
+
+# ----------------------------------------------------------------------------- CLIP_benchmark
+
+def _clip_benchmark_accuracy(output, target, topk=(1,)):
+    """CLIP_benchmark 1.6.2's `accuracy`, whose float() of a 1-element array numpy 2.4 refuses."""
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [float(correct[:k].reshape(-1).float().sum()) / len(target) for k in topk]
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_zero_shot_equals_clip_benchmarks_on_the_same_model_and_data(kind, tmp_path, monkeypatch):
+    """The suite's zero-shot classification of a converted OpenCLIP model on an ImageFolder
+    equals CLIP_benchmark's own evaluation of the reference model (its preprocessing, its
+    tokenizer, its prompt ensembling) on the same folder with the same templates: acc1, acc5
+    and mean per-class recall."""
+    zc = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
+    import torchvision
+    from clip_jax import evaluate
+    from clip_jax.data import zeroshot_metadata
+    from tests.helpers import drawn_image
+    monkeypatch.setattr(zc, "accuracy", _clip_benchmark_accuracy)
+    root = tmp_path / "data" / "cifar10"
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog"]
+    for c, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True)
+        for i in range(5):
+            drawn_image(10 * c + i, 40 + 3 * i, 30 + 2 * i).save(root / cls / f"{i}.png")
+    reference = tiny_reference(kind)
+    torch.save(reference.state_dict(), tmp_path / "model.pt")
+    convert.main([str(tmp_path / "model.pt"), "--out", str(tmp_path / "converted")])
+    rows = evaluate.main(["suite", "--checkpoint", str(tmp_path / "converted"), "--datasets=cifar10",
+                          f"--data-root={tmp_path / 'data'}", f"--out={tmp_path / 'out'}", "--no-progress"])
+    ours = {k: rows[0][k] for k in ("acc1", "acc5", "mean_per_class_recall")}
+    size = reference.visual.image_size
+    folder = torchvision.datasets.ImageFolder(str(root), transform=open_clip.image_transform(
+        size[0] if isinstance(size, tuple) else size, is_train=False))
+    templates = [t.replace("{}", "{c}") for t in zeroshot_metadata.templates("cifar10")]
+    theirs = zc.evaluate(reference, torch.utils.data.DataLoader(folder, batch_size=8),
+                         open_clip.get_tokenizer("ViT-B-32"), folder.classes, templates, "cpu", amp=False)
+    assert 0 < theirs["acc1"] < 1 and theirs["acc5"] < 1          # not a degenerate case
+    assert ours == pytest.approx(theirs, abs=1e-12)

@@ -34,8 +34,8 @@ LANGUAGE = "en"
 
 def cb_metrics(result):
     """CLIP_benchmark's metrics of one of our results."""
-    if result["task"] == "zeroshot":
-        return {"acc1": result["top1"], "acc5": result["top5"],
+    if result["task"] == "zeroshot":       # as CLIP_benchmark: no top-5 below 5 classes
+        return {"acc1": result["top1"], "acc5": result["top5"] if result["classes"] >= 5 else float("nan"),
                 "mean_per_class_recall": result["mean_per_class"]}
     return {"image_retrieval_recall@5": result["text_to_image_R@5"],
             "text_retrieval_recall@5": result["image_to_text_R@5"]}
