@@ -77,6 +77,9 @@ class Preemption:
         self.signalled = False
         self._previous = None
         self._multi = jax.process_count() > 1
+        # Asked now, not in the handler: a signal handler calls nothing that may wait on a lock
+        # (JAX's backend lock) that another thread holds.
+        self._main = jax.process_index() == 0
         if not self._multi:
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -88,7 +91,7 @@ class Preemption:
                         b"complete checkpoint is intact\n")
             os._exit(128 + signal.SIGTERM)
         self.signalled = True
-        if jax.process_index() == 0:
+        if self._main:
             os.write(1, b"clip_jax: SIGTERM: saving a checkpoint after this step, then stopping "
                         b"(a second SIGTERM stops at once)\n")
 
