@@ -25,7 +25,7 @@ import json
 
 from clip_jax import paths
 from clip_jax.data import prompts, zeroshot_metadata
-from clip_jax.evals import registry
+from clip_jax.evals import data as data_lib, registry
 
 # Our task -> CLIP_benchmark's, and its metrics from ours.
 TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
@@ -101,20 +101,13 @@ def _templates(entry):
 
 def _classnames(entry, data):
     if entry.classnames_file:
-        return data_names_from_file(entry.classnames_file, data)
+        return data_lib.read_classnames(entry.classnames_file, data)
     if entry.known and zeroshot_metadata.is_classnames_name(entry.known):
         try:
             return zeroshot_metadata.classnames_for(entry.known, data.classnames)
         except ValueError:
             return data.classnames      # another class set than shipped: the data's own names
     return data.classnames
-
-
-def data_names_from_file(path, data):
-    names = [line.strip() for line in paths.read_text(path).splitlines() if line.strip()]
-    if len(names) != len(data.classnames):
-        raise ValueError(f"{path}: {len(names)} names for the {len(data.classnames)} classes of {data.name}")
-    return names
 
 
 def run(model, entries, out_dir, model_name="clip_jax", pretrained="", cache_dir="", progress=True,
