@@ -53,7 +53,8 @@ def parse_args(argv):
     src.add_argument("--checkpoint", help="a checkpoint step directory, or converted weights "
                      "(anything clip_jax.load opens)")
     p.add_argument("--data", required=True, help="the evaluation data: an ImageFolder, an ingested "
-                   "directory, a CSV file, tfds:NAME[:VERSION]:SPLIT or synthetic[:ATTR] (see "
+                   "directory, CLIP_benchmark's WebDataset folder (nshards.txt, or test/nshards.txt), "
+                   "a CSV file, tfds:NAME[:VERSION]:SPLIT or synthetic[:ATTR] (see "
                    "clip_jax/evals/data.py)")
     for key, option in registry.all_options().items():
         p.add_argument(registry.flag(key), type=type(option.default), default=option.default,

@@ -167,6 +167,54 @@ def drawn_image(i, width, height):
     return img
 
 
+WDS_FORMATS = {"webp": ("WEBP", {"lossless": True}), "png": ("PNG", {}), "jpg": ("JPEG", {}),
+               "jpeg": ("JPEG", {})}
+
+
+def tar_add(tar, name, data):
+    """Adds a regular member `name` holding `data` (bytes or str) to the open TarFile `tar`."""
+    import io
+    import tarfile
+    data = data.encode() if isinstance(data, str) else data
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_wds(root, split, samples, classnames=None, templates=None, dataset_type=None,
+              image_format="webp", per_shard=3):
+    """CLIP_benchmark's WebDataset layout, as its webdataset_builder writes it: samples =
+    [(PIL image, integer label or list of captions)] into ROOT/SPLIT/{0..N-1}.tar (`per_shard`
+    each; keys s0000000, ...; the captions of a sample joined by newlines in KEY.txt) and
+    nshards.txt; classnames.txt, zeroshot_classification_templates.txt (lists) and
+    dataset_type.txt (str) in ROOT when given. `image_format`: webp (lossless), png, jpg,
+    jpeg, or a sequence of them cycled over the samples. Returns the split folder."""
+    import tarfile
+    split_dir = os.path.join(str(root), split)
+    os.makedirs(split_dir, exist_ok=True)
+    formats = [image_format] if isinstance(image_format, str) else list(image_format)
+    shards = [samples[i:i + per_shard] for i in range(0, len(samples), per_shard)]
+    for s, shard in enumerate(shards):
+        with tarfile.open(os.path.join(split_dir, f"{s}.tar"), "w") as tar:
+            for j, (image, target) in enumerate(shard):
+                index = s * per_shard + j
+                ext = formats[index % len(formats)]
+                key, (fmt, options) = "s%07d" % index, WDS_FORMATS[ext]
+                tar_add(tar, f"{key}.{ext}", encode_image(image, fmt, **options))
+                if isinstance(target, (list, tuple)):
+                    tar_add(tar, f"{key}.txt", "\n".join(target))
+                else:
+                    tar_add(tar, f"{key}.cls", str(int(target)))
+    with open(os.path.join(split_dir, "nshards.txt"), "w") as f:
+        f.write(f"{len(shards)}\n")
+    for name, value in (("classnames.txt", classnames), ("dataset_type.txt", dataset_type),
+                        ("zeroshot_classification_templates.txt", templates)):
+        if value is not None:
+            with open(os.path.join(root, name), "w") as f:
+                f.write((value if isinstance(value, str) else "\n".join(value)) + "\n")
+    return split_dir
+
+
 def write_ingested(directory, n, records_per_shard=7, broken=(), size=(52, 48)):
     """An ingested dataset written directly in the record format (no ingest run): record i is
     `drawn_image(i)` as JPEG with caption 'picture number i'. Records in `broken` get bytes

@@ -61,6 +61,24 @@ def test_synthetic_and_path_forms(local):
     assert [s.kind for s in mixture] == ["synthetic", "ingested", "tfds"]
 
 
+def test_clip_benchmark_webdataset_folders_are_wds_evaluation_data(tmp_path):
+    """CLIP_benchmark's layout: a split folder (it holds nshards.txt) or a dataset folder
+    whose test/ holds it is kind wds, the split folder its path; without nshards.txt the same
+    folders are ImageFolders, and training reads none of them as anything but ingested."""
+    dataset = tmp_path / "cifar10"
+    for split in ("test", "train"):
+        (dataset / split).mkdir(parents=True)
+        (dataset / split / "nshards.txt").write_text("1\n")
+    test, train = str(dataset / "test"), str(dataset / "train")
+    assert parse(str(dataset), "eval", "--data") == DataSpec("wds", str(dataset), path=test)
+    assert parse(test, "eval") == DataSpec("wds", test, path=test)
+    assert parse(train, "eval") == DataSpec("wds", train, path=train)
+    assert parse(str(dataset), "train").kind == "ingested"
+    (dataset / "test" / "nshards.txt").unlink()
+    assert parse(str(dataset), "eval").kind == parse(test, "eval").kind == "imagefolder"
+    assert any("nshards.txt" in form for form in spec_lib.FORMS["eval"])
+
+
 def test_ingest_forms():
     assert for_ingest("csv", "a.csv") == DataSpec("csv", "a.csv", path="a.csv")
     assert for_ingest("captions", "d").kind == "captions" and for_ingest("imagefolder", "d").path == "d"

@@ -47,15 +47,17 @@ def check_template(template):
                          ) from None
 
 
-def load_templates(path):
-    """The templates in `path`, one per line, as a tuple; ValueError names the file and line."""
+def load_templates(path, placeholder="{}"):
+    """The templates in `path`, one per line, as a tuple; ValueError names the file and line.
+    `placeholder`: what marks the class name in the file, read as '{}' (CLIP_benchmark's
+    zeroshot_classification_templates.txt writes `{c}`)."""
     try:
         lines = paths.read_text(path).splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read templates: {e}") from None
     templates = []
     for number, line in enumerate(lines, start=1):
-        template = line.strip()
+        template = line.strip().replace(placeholder, "{}")
         if not template:
             continue
         try:

@@ -10,7 +10,10 @@ name, parsed into a `DataSpec` that each user dispatches on by `kind`.
                                (train[:90%])
   DIR                          a directory made by `python -m clip_jax.ingest` (it holds
                                manifest.json); in evaluation a directory without one is an
-                               ImageFolder, DIR/<class>/**/<image>
+                               ImageFolder, DIR/<class>/**/<image>, unless it holds
+                               CLIP_benchmark's WebDataset shards: a split folder with
+                               nshards.txt, or a dataset folder whose test/ has one (the
+                               test split is read; name DIR/train for another)
   FILE                         evaluation only: a CSV file (.tsv: tab-separated)
 
 Training takes a comma-separated list of these (a mixture, `parse_sources`). Ingest names
@@ -34,6 +37,7 @@ TRAIN_SPLIT = "train"            # the TFDS split of a training or ingest spec w
 SYNTHETIC_ATTRIBUTE = "shape"    # the label of `synthetic` as evaluation data
 KINDS = ("synthetic", "tfds", "ingested", "imagefolder", "csv", "captions", "wds")
 INGEST_FORMATS = ("csv", "captions", "imagefolder", "wds", "tfds")
+WDS_SHARD_COUNT = "nshards.txt"  # marks a CLIP_benchmark WebDataset split folder (evaluation)
 # TFDS's version syntax: a part of a tfds: spec that matches it is the version, not a split
 # (split names are identifiers, so the two never collide).
 _VERSION = re.compile(r"\d+\.(\d+|\*)\.(\d+|\*)")
@@ -45,6 +49,8 @@ FORMS = {
              f"default {SYNTHETIC_ATTRIBUTE})",
              "tfds:NAME[:VERSION]:SPLIT (the split is required)",
              "DIR, an ImageFolder or a directory made by `python -m clip_jax.ingest`",
+             "DIR, CLIP_benchmark's WebDataset shards: a split folder holding nshards.txt, "
+             "or a dataset folder whose test/ holds it",
              "FILE, a CSV (or .tsv) file"),
     "ingest": ("csv FILE", "captions DIR", "imagefolder DIR", "wds PATTERN...",
                f"tfds NAME[:VERSION] (--split, default {TRAIN_SPLIT})"),
@@ -61,11 +67,12 @@ class SpecError(ValueError):
 class DataSpec:
     kind: str               # one of KINDS
     text: str               # the spec as written
-    path: str = ""          # ingested, imagefolder, csv, captions: the directory or file
+    path: str = ""          # ingested, imagefolder, csv, captions: the directory or file;
+                            # wds in evaluation: CLIP_benchmark's split folder (nshards.txt)
     name: str = ""          # tfds: the dataset, NAME or NAME:VERSION (TFDS's own syntax)
     split: str = ""         # tfds: the split
     attribute: str = ""     # synthetic, as evaluation data: the label
-    patterns: tuple = ()    # wds: shard paths, globs or brace ranges
+    patterns: tuple = ()    # wds in ingest: shard paths, globs or brace ranges
 
 
 def error(text, use, origin, problem):
@@ -176,6 +183,10 @@ def _path(text, use, origin):
     if paths.isfile(text):
         return DataSpec("csv", text, path=text)
     if paths.isdir(text):
-        ingested = paths.exists(paths.join(text, records.MANIFEST))
-        return DataSpec("ingested" if ingested else "imagefolder", text, path=text)
+        if paths.exists(paths.join(text, records.MANIFEST)):
+            return DataSpec("ingested", text, path=text)
+        for split in (text, paths.join(text, "test")):      # CLIP_benchmark's WebDataset layout
+            if paths.isfile(paths.join(split, WDS_SHARD_COUNT)):
+                return DataSpec("wds", text, path=split)
+        return DataSpec("imagefolder", text, path=text)
     raise error(text, use, origin, "no such file or directory")

@@ -10,6 +10,18 @@ The spec strings are parsed by `clip_jax/data/spec.py`, the grammar training and
                       labels and class names from an imagefolder or labelled-TFDS ingest;
                       records with the same key (one image, several caption rows) are one
                       image with several captions; CSV columns kept as `meta` are attributes
+  DIR                 CLIP_benchmark's WebDataset shards (`clip_benchmark_export_wds`): a
+                      split folder holding nshards.txt and the shards 0.tar ... N-1.tar, or
+                      a dataset folder whose test/ holds them (name DIR/train for another
+                      split). A sample is the tar members KEY.EXT (EXT: from the first dot
+                      of the name, as webdataset splits it): its image, the first of
+                      webp, png, jpg, jpeg it has, and KEY.cls, its label (an integer), or
+                      for a retrieval set KEY.txt, its captions one per line; key =
+                      SHARD/KEY (0.tar/s0000000). In the split folder, else the dataset
+                      folder (where CLIP_benchmark writes them): classnames.txt (one name
+                      per line, by label), zeroshot_classification_templates.txt (its `{c}`
+                      read as `{}`) and dataset_type.txt: classification (the default) or
+                      retrieval; multilabel is refused
   FILE.csv / .tsv     a header row; --image-column (default filepath, relative to the file's
                       folder) and --caption-column (default caption); rows naming the same
                       image give it several captions; --label-column makes it labelled
@@ -35,6 +47,8 @@ import csv
 import dataclasses
 import hashlib
 import io
+import posixpath
+import tarfile
 from typing import Optional
 
 import numpy as np
@@ -45,6 +59,11 @@ from clip_jax.data import spec as spec_lib
 from clip_jax.data.sources import TfdsSource
 
 IMAGE_EXTENSIONS = images.IMAGE_EXTENSIONS
+# CLIP_benchmark's WebDataset layout: a sample's image is the first of these members it has.
+WDS_IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
+WDS_CLASSNAMES = "classnames.txt"
+WDS_TEMPLATES = "zeroshot_classification_templates.txt"
+WDS_TYPE = "dataset_type.txt"
 
 
 @dataclasses.dataclass
@@ -57,8 +76,9 @@ class EvalData:
     captions: Optional[list] = None      # per image: list of captions (retrieval)
     attributes: dict = dataclasses.field(default_factory=dict)   # name -> list[str] per image
     templates: Optional[tuple] = None    # the dataset's own zero-shot prompts, if any
-    # The shipped zero-shot metadata (`zeroshot_metadata`) a known TFDS dataset took its
-    # templates (and class names, where shipped) from, for the report; "" if none.
+    # Where `templates` came from, for the report: the shipped zero-shot metadata
+    # (`zeroshot_metadata`) a known TFDS dataset took them (and class names, where shipped)
+    # from, or the file they were read from (CLIP_benchmark's shards); "" if none.
     metadata: str = ""
     presized: bool = False               # images are at the model's size already (synthetic)
     fingerprint: str = ""                # identifies the data for the feature cache
@@ -141,6 +161,33 @@ class RecordReader:
         return self.source[self.indices[i]]["image"]
 
 
+class TarMemberReader:
+    """reader[i] -> the bytes of tar member i, given as (shard, data offset, size): read when
+    asked, from local or remote shards (`clip_jax.paths`); `images.BadImage` for a member
+    over `images.DEFAULT_MAX_BYTES`."""
+
+    def __init__(self, members):
+        self.members = list(members)
+
+    def __len__(self):
+        return len(self.members)
+
+    def __getitem__(self, i):
+        shard, offset, size = self.members[i]
+        if size > images.DEFAULT_MAX_BYTES:
+            raise images.BadImage("file_too_large", f"{size} bytes > max_bytes={images.DEFAULT_MAX_BYTES}")
+        with _open(shard) as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"{shard}: {len(data)} bytes at offset {offset}, the tar header says {size}")
+        return data
+
+
+def _open(path):
+    return paths.path(path).open("rb") if paths.is_remote(path) else open(path, "rb")
+
+
 class TfdsReader(RecordReader):
     def __getitem__(self, i):
         return self.source.read([self.indices[i]])[0][self.source.image_key]
@@ -203,6 +250,95 @@ def open_ingested(directory):
                     list(manifest["classnames"]) if labelled else None, captions, attributes,
                     fingerprint=_digest(manifest.get("num_records"), manifest.get("shards"),
                                         paths.mtime(paths.join(directory, records.MANIFEST))))
+
+
+def index_wds_shard(path, retrieval=False, origin="--data"):
+    """The samples of one CLIP_benchmark shard (an uncompressed tar), in its order, as
+    (key, image data offset, image size, label or None, captions or None): labels from the
+    cls members, or captions from the txt members where `retrieval`. Only the tar headers
+    and those small members are read, not the images."""
+    samples = {}                                  # key -> {extension: TarInfo}
+    try:
+        with _open(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:
+                folder, base = posixpath.split(member.name)
+                stem, dot, extension = base.partition(".")
+                if member.isfile() and stem and dot:
+                    samples.setdefault(posixpath.join(folder, stem), {})[extension.lower()] = member
+            return [_wds_sample(tar, key, members, retrieval, f"{origin} {path}, sample {key!r}")
+                    for key, members in samples.items()]
+    except tarfile.TarError as e:
+        raise ValueError(f"{origin} {path}: not a readable (uncompressed) tar file: {e}") from None
+
+
+def _wds_sample(tar, key, members, retrieval, where):
+    image = next((ext for ext in WDS_IMAGE_EXTENSIONS if ext in members), None)
+    text = "txt" if retrieval else "cls"
+    for absent, what in ((image is None, f"image ({', '.join(WDS_IMAGE_EXTENSIONS)})"),
+                         (text not in members, text)):
+        if absent:
+            raise ValueError(f"{where}: no {what} member; it has: {', '.join(sorted(members))}")
+    raw = tar.extractfile(members[text]).read()
+    try:             # as webdataset: the text as UTF-8, cls as int() reads it
+        value = raw.decode("utf-8").splitlines() if retrieval else int(raw.decode("utf-8"))
+        if not retrieval and value < 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{where}: its {text} member {raw[:40]!r} is not "
+                         f"{'UTF-8 text' if retrieval else 'a label (an integer >= 0)'}") from None
+    return (key, members[image].offset_data, members[image].size,
+            None if retrieval else value, value if retrieval else None)
+
+
+def open_wds(split_dir, origin="--data"):
+    """CLIP_benchmark's WebDataset shards (the module docstring): `split_dir` holds
+    nshards.txt; its metadata files are read from it, else from its parent (the dataset
+    folder, where CLIP_benchmark writes them)."""
+    def find(name):
+        found = [paths.join(d, name) for d in (split_dir, paths.dirname(split_dir))]
+        return next((p for p in found if paths.isfile(p)), "")
+
+    count_file = paths.join(split_dir, spec_lib.WDS_SHARD_COUNT)
+    count = paths.read_text(count_file).strip()
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"{origin} {count_file}: {count!r} is not a number of shards (>= 1)")
+    type_file = find(WDS_TYPE)
+    dataset_type = paths.read_text(type_file).strip().lower() if type_file else "classification"
+    if dataset_type not in ("classification", "retrieval"):
+        raise ValueError(f"{origin} {type_file}: dataset type {dataset_type!r} is not supported "
+                         "(classification or retrieval; multilabel is not)")
+    retrieval = dataset_type == "retrieval"
+    names = [f"{i}.tar" for i in range(int(count))]
+    shards = [paths.join(split_dir, n) for n in names]
+    for p in paths.missing_files(shards):
+        raise ValueError(f"{origin} {split_dir}: shard {p} does not exist ({count_file} says {count})")
+    keys, members, labels, captions = [], [], [], []
+    for name, shard in zip(names, shards):
+        for key, offset, size, label, texts in index_wds_shard(shard, retrieval, origin):
+            keys.append(f"{name}/{key}")
+            members.append((shard, offset, size))
+            labels.append(label)
+            captions.append(texts)
+    if not keys:
+        raise ValueError(f"{origin} {split_dir}: its {count} shard(s) hold no samples")
+    fingerprint = _digest([(n, paths.size(p), int(paths.mtime(p))) for n, p in zip(names, shards)])
+    if retrieval:
+        return EvalData(split_dir, TarMemberReader(members), keys, captions=captions,
+                        fingerprint=fingerprint)
+    names_file = find(WDS_CLASSNAMES)
+    if not names_file:
+        raise ValueError(f"{origin} {split_dir}: no {WDS_CLASSNAMES} in it or in "
+                         f"{paths.dirname(split_dir)} (the class names, one per line, by label)")
+    classnames = [line.strip() for line in paths.read_text(names_file).rstrip().splitlines()]
+    top = int(np.argmax(labels))
+    if labels[top] >= len(classnames):
+        raise ValueError(f"{origin} {names_file}: {len(classnames)} class names, but sample "
+                         f"{keys[top]} has label {labels[top]} (one name per line, by label)")
+    templates_file = find(WDS_TEMPLATES)
+    templates = prompts.load_templates(templates_file, "{c}") if templates_file else None
+    return EvalData(split_dir, TarMemberReader(members), keys, np.array(labels, np.int64), classnames,
+                    templates=templates, metadata=templates_file,
+                    fingerprint=fingerprint)
 
 
 def open_csv(path, image_column="filepath", caption_column="caption", label_column="",
@@ -321,6 +457,8 @@ def open_eval_data(spec, config=None, data_dir="", image_key="image", label_key=
         data = open_csv(data_spec.path, image_column, caption_column, label_column, origin)
     elif data_spec.kind == "ingested":
         data = open_ingested(data_spec.path)
+    elif data_spec.kind == "wds":
+        data = open_wds(data_spec.path, origin)
     else:
         assert data_spec.kind == "imagefolder", data_spec   # what spec.parse gives for eval
         data = open_imagefolder(data_spec.path, origin)

@@ -89,11 +89,7 @@ def resolve(entry, data_root=""):
 def _templates(entry):
     """(templates or None, where from)."""
     if entry.templates_file:
-        lines = [t.strip().replace("{c}", "{}") for t in paths.read_text(entry.templates_file).splitlines()]
-        templates = tuple(t for t in lines if t)
-        for t in templates:
-            prompts.check_template(t)
-        return templates, entry.templates_file
+        return prompts.load_templates(entry.templates_file, "{c}"), entry.templates_file
     if entry.known and zeroshot_metadata.is_templates_name(entry.known):
         return zeroshot_metadata.templates(entry.known), f"{entry.known}, shipped"
     return None, ""

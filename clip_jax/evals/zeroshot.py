@@ -5,8 +5,8 @@ renormalised (prompt ensembling, section 3.1.4); an image's logits are its cosin
 similarities with the class weights. Templates come from `--templates` (a file, or the name
 of shipped ones: 'imagenet1k' is the paper's 80, 'imagenet1k_7' its 7-template subset,
 'cifar10', ... CLIP_benchmark's; `zeroshot_metadata`), else the dataset's own (the synthetic
-data's; a known TFDS dataset's shipped ones), else `prompts.DEFAULT_TEMPLATES`. The report
-names where they came from.
+data's; a known TFDS dataset's shipped ones; the templates file of CLIP_benchmark's
+shards), else `prompts.DEFAULT_TEMPLATES`. The report names where they came from.
 """
 from clip_jax import paths
 from clip_jax.data import prompts, zeroshot_metadata
@@ -31,7 +31,8 @@ def evaluate(model, data, templates=None, group_by="", cache_dir="", progress=Tr
     if templates:
         source = templates_from or "given"
     elif data.templates:
-        source = f"{data.metadata}, shipped, for {data.name}" if data.metadata else "the data's own"
+        shipped = zeroshot_metadata.is_templates_name(data.metadata)  # else a file, or ""
+        source = f"{data.metadata}, shipped, for {data.name}" if shipped else data.metadata or "the data's own"
     else:
         source = "generic"
     templates = tuple(templates or data.templates or prompts.DEFAULT_TEMPLATES)
