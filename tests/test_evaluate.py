@@ -438,11 +438,11 @@ def test_reports_as_printed():
     assert zeroshot.ZeroShot.format_result({**zs, "classes": 3}).splitlines()[0] == (
         "zeroshot on d: 3 images, 3 classes (2 with images), 2 prompt templates")
     lp = {**zs, "task": "linear_probe", "train_data": "t", "train_n": 10, "C": 0.1, "val_top1": 0.9,
-          "C_tried": 15}
+          "C_tried": 15, "solver": "jax"}
     del lp["groups"]
     assert linear_probe.LinearProbe.format_result(lp).splitlines()[0] == (
         "linear_probe on d: 3 images, 2 classes; trained on t (10 images), C=0.1 "
-        "(held-out top-1 90.00%, 15 values tried)")
+        "(held-out top-1 90.00%, 15 values tried, jax solver)")
     assert len(linear_probe.LinearProbe.format_result(lp).splitlines()) == 5
     ret = {"task": "retrieval", "data": "d", "images": 4, "texts": 8,
            **{f"{w}_R@{k}": k / 10 for w in ("image_to_text", "text_to_image") for k in (1, 5, 10)}}
