@@ -52,10 +52,12 @@ def parse_args(argv):
     src.add_argument("--workdir", help="a training run's directory: its newest checkpoint")
     src.add_argument("--checkpoint", help="a checkpoint step directory, or converted weights "
                      "(anything clip_jax.load opens)")
-    p.add_argument("--data", required=True, help="the evaluation data: an ImageFolder, an ingested "
+    p.add_argument("--data", help="the evaluation data: an ImageFolder, an ingested "
                    "directory, CLIP_benchmark's WebDataset folder (nshards.txt, or test/nshards.txt), "
                    "a CSV file, tfds:NAME[:VERSION]:SPLIT or synthetic[:ATTR] (see "
                    "clip_jax/evals/data.py)")
+    p.add_argument("--datasets", help="suite: its comma-separated datasets, names under --data-root "
+                   "(imagenet1k, cifar10, ...) or data specs as --data takes")
     for key, option in registry.all_options().items():
         p.add_argument(registry.flag(key), type=type(option.default), default=option.default,
                        help=_help(key, option))
@@ -72,53 +74,19 @@ def parse_args(argv):
     p.add_argument("--process-id", type=int, default=None, help="this process's index")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print every figure as a JSON object on the last line")
-    return p.parse_args(argv)
-
-
-def parse_suite_args(argv):
-    p = argparse.ArgumentParser(prog=f"{COMMAND_LINE} suite", description=suite.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="a training run's directory: its newest checkpoint")
-    src.add_argument("--checkpoint", help="a checkpoint step directory, or converted weights")
-    p.add_argument("--datasets", required=True, help="comma-separated: names of datasets under "
-                   "--data-root (imagenet1k, cifar10, ...) or data specs (folder, CSV, tfds:NAME:SPLIT)")
-    p.add_argument("--data-root", default="", help="where named datasets are: DIR/NAME")
-    p.add_argument("--out", default="suite_results", help="folder for the JSON files and the table")
-    p.add_argument("--model-name", default="clip_jax", help="the `model` of the JSON files")
-    p.add_argument("--pretrained", default="", help="the `pretrained` of the JSON files "
-                   "(default: the checkpoint's folder name)")
-    p.add_argument("--batch-size", type=int, default=256, help="images or texts per device batch")
-    p.add_argument("--cache-dir", default="", help="store image features here and reuse them")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--json", action="store_true", help="print the table's rows as JSON, last")
-    return p.parse_args(argv)
-
-
-def suite_main(argv):
-    """`python -m clip_jax.evaluate suite ...`: the rows of the table (clip_jax/evals/suite.py)."""
-    args = parse_suite_args(argv)
-    import absl.logging
-    absl.logging.set_verbosity(absl.logging.ERROR)
-    with cli.stop_on(ValueError, OSError, checkpoint.CheckpointError):
-        entries = [suite.resolve(e, args.data_root) for e in args.datasets.split(",") if e.strip()]
-        source = args.workdir or args.checkpoint
-        model = inference.load(source, batch_size=args.batch_size)
-        pretrained = args.pretrained or source.rstrip("/").rsplit("/", 1)[-1]
-        rows = suite.run(model, entries, args.out, args.model_name, pretrained, args.cache_dir,
-                         not args.no_progress, on_result=lambda e, r: print_report(r))
-    print(paths.read_text(paths.join(args.out, "suite.md")).rstrip())
-    if args.json:
-        print(json.dumps(rows))
-    return rows
+    args = p.parse_args(argv)
+    if args.task == suite.Suite.task:
+        args.data, args.out = args.datasets or args.data, args.out or suite.DEFAULT_OUT
+    elif args.datasets:
+        p.error(f"--datasets is the suite's list of datasets; {args.task} reads --data")
+    if not args.data:
+        p.error("the following arguments are required: " + ("--datasets" if args.task == "suite" else "--data"))
+    return args
 
 
 def main(argv=None):
     import sys
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["suite"]:
-        return suite_main(argv[1:])
-    args = parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
     import absl.logging
     absl.logging.set_verbosity(absl.logging.ERROR)   # orbax's notes on reading a checkpoint
     options = {key: getattr(args, key) for key in registry.all_options()}

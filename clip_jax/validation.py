@@ -85,9 +85,8 @@ def _validate_evals(config):
         if not entry.get("data"):
             raise ConfigError(f"{where}.data: the evaluation data must be given")
         try:   # caught here, before training, rather than at the first evaluation
-            spec_lib.parse(entry.data, "eval", f"{where}.data")
-            if options.get("train_data"):
-                spec_lib.parse(options["train_data"], "eval", f"{where}.train_data")
+            for spec, key in registry.get(entry.task).data_specs(entry.data, options):
+                spec_lib.parse(spec, "eval", f"{where}.{key}")
         except ValueError as e:
             raise ConfigError(str(e)) from None
         declared = registry.get(entry.task).options

@@ -327,6 +327,8 @@ def _set_value(option, tmp_path, key=""):
         return str(path)
     if key == "train_data":          # data specs are parsed at validation
         return "synthetic"
+    if key == "tasks":               # the suite's, checked when it is built
+        return "zeroshot"
     return {int: 3, float: 0.5, str: "x"}[type(option.default)]
 
 
@@ -340,7 +342,7 @@ def test_every_registered_option_is_a_flag_and_an_entry_key_of_its_tasks_only(tm
     """The evaluators' declared options are what the command line and config validation
     take: each, set, is accepted for the tasks that declare it and refused, naming it, for
     the others."""
-    assert list(registry.REGISTRY) == ["zeroshot", "retrieval", "linear_probe"]
+    assert list(registry.REGISTRY) == ["zeroshot", "retrieval", "linear_probe", "suite"]
     assert {k for k, o in registry.all_options().items() if o.is_file} == {"templates", "classnames"}
     for task, cls in registry.REGISTRY.items():
         assert cls.task == task and cls.logged
@@ -375,7 +377,7 @@ def test_unknown_tasks_and_options_are_named():
                                                      "\\(options: templates, "):
         _validate_entry(task="zeroshot", data="synthetic", temperature=0.5)
     with pytest.raises(config_lib.ConfigError, match="config.evals.entry: unknown task 'captioning' "
-                                                     "\\(available: zeroshot, retrieval, linear_probe\\)"):
+                                                     "\\(available: zeroshot, retrieval, linear_probe, suite\\)"):
         _validate_entry(task="captioning", data="synthetic")
     with pytest.raises(TypeError, match="no option"):
         zeroshot.ZeroShot("synthetic", tiny_config(), temperature=0.5)
@@ -793,8 +795,22 @@ def test_training_evals_equal_the_command_line_on_the_saved_checkpoint(tmp_path,
     wd = str(tmp_path / "run")
     config = tiny_config(total_steps=6, batch_size=16)
     config.evals.caps = ml_collections.ConfigDict(dict(task="retrieval", data="synthetic"))
+    config.evals.bench = ml_collections.ConfigDict(dict(task="suite", data="synthetic,synthetic:color",
+                                                        out=str(tmp_path / "suite")))
     train.train(config, wd)
     logged = metrics.read_metrics(wd)[-1]
+    # The suite's figures are those of the single tasks, logged under its entry, its files written.
+    assert logged["suite/bench/synthetic/acc1"] == logged["zeroshot/shape/top1"]
+    assert logged["suite/bench/synthetic_color/mean_per_class_recall"] == logged["zeroshot/color/mean_per_class"]
+    assert logged["suite/bench/synthetic/image_retrieval_recall@5"] == logged["retrieval/caps/text_to_image_R@5"]
+    assert sorted(os.listdir(tmp_path / "suite")) == sorted(
+        ["suite.csv", "suite.md"] + [f"synthetic{c}__clip_jax_en_zeroshot_{t}.json" for c, t in
+                                     (("", "classification"), ("", "retrieval"), ("_color", "classification"),
+                                      ("_color", "retrieval"))])
+    out = evaluate.main(["suite", "--workdir", wd, "--datasets=synthetic:color", "--tasks=zeroshot",
+                         f"--out={tmp_path / 'cli'}", "--no-progress"])
+    assert [r["task"] for r in out["rows"]] == ["zeroshot_classification"]
+    assert out["synthetic_color/acc1"] == logged["suite/bench/synthetic_color/acc1"]
     assert logged["zeroshot/top1"] == pytest.approx(
         (logged["zeroshot/shape/top1"] + logged["zeroshot/color/top1"]) / 2)
     for attr in ("shape", "color"):
@@ -1087,7 +1103,7 @@ def test_the_suite_writes_clip_benchmark_json_and_one_table(tmp_path, model_dir)
             w.writerow([f"root/imagenet1k/val/{cls}/a/1.png", f"image {i}"])
     out = tmp_path / "results"
     rows = evaluate.main(["suite", "--checkpoint", model_dir, f"--datasets=imagenet1k,{pairs}",
-                          f"--data-root={root}", f"--out={out}", "--no-progress", "--json"])
+                          f"--data-root={root}", f"--out={out}", "--no-progress", "--json"])["rows"]
     assert [(r["dataset"], r["task"]) for r in rows] == [("imagenet1k", "zeroshot_classification"),
                                                          ("pairs", "zeroshot_retrieval")]
     pretrained = os.path.basename(model_dir)
@@ -1107,3 +1123,36 @@ def test_the_suite_writes_clip_benchmark_json_and_one_table(tmp_path, model_dir)
     assert (out / "suite.md").read_text().startswith("| dataset | task | n |")
     with pytest.raises(SystemExit, match="--datasets cifar10: no folder .*cifar10 under --data-root"):
         evaluate.main(["suite", "--checkpoint", model_dir, "--datasets=cifar10", f"--data-root={root}"])
+
+
+def test_the_suite_adds_a_linear_probe_where_a_train_split_sits_beside_the_data(tmp_path, model_dir):
+    """CLIP_benchmark's shards with train/ and test/ splits, and an ImageFolder with train/ and
+    val/: zero-shot and a linear probe each (CLIP_benchmark's lp_* metrics, equal to the
+    linear_probe command's on the same splits); --tasks leaves tasks out."""
+    root = tmp_path / "root"
+    for split, n in (("train", 24), ("test", 8)):
+        samples = [(drawn_image(i + (100 if split == "test" else 0), 24 + i % 5, 20), i % 3)
+                   for i in range(n)]
+        write_wds(root / "shapes", split, samples, classnames=["red", "green", "blue"], per_shard=10)
+        write_imagefolder(root / "pets" / ("val" if split == "test" else split),
+                          classes=("cat", "dog"), per_class=n // 4, groups=("a",))
+    out = tmp_path / "results"
+    run = lambda *flags: evaluate.main(["suite", "--checkpoint", model_dir, "--datasets=shapes,pets",  # noqa: E731
+                                        f"--data-root={root}", f"--out={out}", "--no-progress", *flags])
+    rows = run()["rows"]
+    assert [(r["dataset"], r["task"]) for r in rows] == [
+        ("shapes", "zeroshot_classification"), ("shapes", "linear_probe"),
+        ("pets", "zeroshot_classification"), ("pets", "linear_probe")]
+    pretrained = os.path.basename(model_dir)
+    for name, train, test in (("shapes", root / "shapes" / "train", root / "shapes"),
+                              ("pets", root / "pets" / "train", root / "pets" / "val")):
+        lp = json.loads((out / f"{name}_{pretrained}_clip_jax_en_linear_probe.json").read_text())
+        single = evaluate.main(["linear_probe", "--checkpoint", model_dir, f"--train-data={train}",
+                                f"--data={test}", "--no-progress"])
+        assert lp["task"] == "linear_probe" and np.isnan(lp["metrics"].pop("lp_acc5"))
+        assert lp["metrics"] == {"lp_acc1": single["top1"], "lp_mean_per_class_recall": single["mean_per_class"]}
+    assert [r["task"] for r in run("--tasks=zeroshot")["rows"]] == ["zeroshot_classification"] * 2
+    with pytest.raises(SystemExit, match="--tasks 'captions': not a task of the suite"):
+        run("--tasks=zeroshot,captions")
+    with pytest.raises(SystemExit, match="--datasets shapes: .* has nothing for the tasks retrieval"):
+        run("--tasks=retrieval")

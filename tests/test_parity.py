@@ -297,7 +297,7 @@ def test_zero_shot_equals_clip_benchmarks_on_the_same_model_and_data(kind, tmp_p
     torch.save(reference.state_dict(), tmp_path / "model.pt")
     convert.main([str(tmp_path / "model.pt"), "--out", str(tmp_path / "converted")])
     rows = evaluate.main(["suite", "--checkpoint", str(tmp_path / "converted"), "--datasets=cifar10",
-                          f"--data-root={tmp_path / 'data'}", f"--out={tmp_path / 'out'}", "--no-progress"])
+                          f"--data-root={tmp_path / 'data'}", f"--out={tmp_path / 'out'}", "--no-progress"])["rows"]
     ours = {k: rows[0][k] for k in ("acc1", "acc5", "mean_per_class_recall")}
     size = reference.visual.image_size
     folder = torchvision.datasets.ImageFolder(str(root), transform=open_clip.image_transform(

@@ -70,7 +70,10 @@ class Evaluator:
 
     def open_data(self, spec, origin="--data"):
         """The evaluation data `spec` names, read with this evaluator's data options;
-        `origin` (the flag it came from) names it in messages."""
+        `origin` (the flag it came from) names it in messages. An `EvalData` (opened by
+        another evaluator: the suite's tasks share their data) is taken as it is."""
+        if isinstance(spec, data_lib.EvalData):
+            return spec
         s = self.settings
         data = data_lib.open_eval_data(
             spec, self.config, data_dir=s["data_dir"], image_key=s["image_key"],
@@ -78,6 +81,13 @@ class Evaluator:
             caption_column=s["caption_column"], label_column=s["label_column"],
             classnames=s.get("classnames", ""), origin=origin)
         return data.head(int(s["max_examples"]))
+
+    @classmethod
+    def data_specs(cls, data, options):
+        """[(data spec, the entry key it came from)] an entry with `data` and `options` reads:
+        what config validation parses before training starts."""
+        return [(data, "data")] + ([(options["train_data"], "train_data")]
+                                   if options.get("train_data") else [])
 
     def run(self, model, cache_dir="", progress=True):
         """{figure: value, ...}, with "task" and "data" (what the command line prints as JSON).

@@ -5,12 +5,13 @@ A new task: a module with an `evaluator.Evaluator` subclass, and one line below.
 command line's flags and the keys a `config.evals` entry may have are the options the
 evaluators declare, checked here for both (`check`).
 """
-from clip_jax.evals import linear_probe, retrieval, zeroshot
+from clip_jax.evals import linear_probe, retrieval, suite, zeroshot
 
 REGISTRY = {cls.task: cls for cls in (
     zeroshot.ZeroShot,
     retrieval.Retrieval,
     linear_probe.LinearProbe,
+    suite.Suite,
 )}
 
 
