@@ -307,3 +307,48 @@ def test_zero_shot_equals_clip_benchmarks_on_the_same_model_and_data(kind, tmp_p
                          open_clip.get_tokenizer("ViT-B-32"), folder.classes, templates, "cpu", amp=False)
     assert 0 < theirs["acc1"] < 1 and theirs["acc5"] < 1          # not a degenerate case
     assert ours == pytest.approx(theirs, abs=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_webdataset_zero_shot_and_retrieval_equal_clip_benchmarks(kind, tmp_path, monkeypatch):
+    """CLIP_benchmark's WebDataset form, read by CLIP_benchmark's own `build_wds_dataset`: the
+    suite's zero-shot classification (the shards' class names and templates) and image-text
+    retrieval (several captions per image) of a converted OpenCLIP model equal
+    CLIP_benchmark's evaluation of the reference model on the same shards."""
+    zc = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
+    from clip_benchmark.datasets.builder import build_wds_dataset, image_captions_collate_fn
+    from clip_benchmark.metrics import zeroshot_retrieval
+    from clip_jax import evaluate
+    from tests.helpers import drawn_image, write_wds
+    monkeypatch.setattr(zc, "accuracy", _clip_benchmark_accuracy)
+    classes = ["circle", "square", "triangle", "star", "cross", "ring"]
+    write_wds(tmp_path / "wds_shapes", "test",
+              [(drawn_image(7 * i, 36 + 3 * (i % 4), 30 + 2 * (i % 3)), i % 6) for i in range(30)],
+              classnames=classes, templates=["a photo of a {c}.", "a drawing of the {c}."],
+              image_format=("webp", "png", "jpg"), per_shard=8)
+    words = ["red", "green", "blue", "small", "large", "round", "sharp", "dark"]
+    write_wds(tmp_path / "wds_captions", "test",
+              [(drawn_image(5 * i + 1, 32 + i % 5, 28), [f"a {words[i % 8]} shape {i}", f"picture {words[(3 * i) % 8]}"])
+               for i in range(20)], dataset_type="retrieval", per_shard=6)
+    reference = tiny_reference(kind)
+    torch.save(reference.state_dict(), tmp_path / "model.pt")
+    convert.main([str(tmp_path / "model.pt"), "--out", str(tmp_path / "converted")])
+    result = evaluate.main(["suite", "--checkpoint", str(tmp_path / "converted"), "--no-progress",
+                            f"--datasets={tmp_path / 'wds_shapes'},{tmp_path / 'wds_captions'}",
+                            f"--out={tmp_path / 'out'}"])
+    assert [(r["dataset"], r["task"]) for r in result["rows"]] == [
+        ("wds_shapes", "zeroshot_classification"), ("wds_captions", "zeroshot_retrieval")]
+    size = reference.visual.image_size
+    transform = open_clip.image_transform(size[0] if isinstance(size, tuple) else size, is_train=False)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    shapes = build_wds_dataset("shapes", transform, data_dir=str(tmp_path / "wds_shapes"))
+    theirs = zc.evaluate(reference, torch.utils.data.DataLoader(shapes.batched(8), batch_size=None),
+                         tokenizer, shapes.classes, shapes.templates, "cpu", amp=False)
+    assert 0 < theirs["acc1"] < 1                                    # not a degenerate case
+    assert {k: result[f"wds_shapes/{k}"] for k in theirs} == pytest.approx(theirs, abs=1e-12)
+    captions = build_wds_dataset("captions", transform, data_dir=str(tmp_path / "wds_captions"))
+    loader = torch.utils.data.DataLoader(captions, batch_size=8, collate_fn=image_captions_collate_fn)
+    theirs = zeroshot_retrieval.evaluate(reference, loader, tokenizer, "cpu", amp=False, recall_k_list=[5])
+    assert 0 < theirs["image_retrieval_recall@5"] < 1 and 0 < theirs["text_retrieval_recall@5"] < 1
+    # CLIP_benchmark averages in float32: equal to its rounding (one query is 1/40 or 1/20)
+    assert {k: result[f"wds_captions/{k}"] for k in theirs} == pytest.approx(theirs, abs=1e-6)
