@@ -41,6 +41,51 @@ def all_processes(flag):
     return bool(np.all(multihost_utils.process_allgather(np.array(bool(flag)))))
 
 
+def allgather_objects(obj):
+    """[every process's `obj`] in process order (picklable objects; a collective: every
+    process must call it)."""
+    if jax.process_count() == 1:
+        return [obj]
+    import pickle
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+    data = np.frombuffer(pickle.dumps(obj), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array(len(data), np.int64))
+    padded = np.zeros(int(np.max(sizes)), np.uint8)
+    padded[:len(data)] = data
+    gathered = multihost_utils.process_allgather(padded)
+    return [pickle.loads(gathered[i, :int(sizes[i])].tobytes()) for i in range(len(sizes))]
+
+
+def read_shared(n, read):
+    """An index of `n` parts read once over all processes: `read(range)` -> list, called by each
+    process on its contiguous share of range(n) only; every process returns the whole list
+    (the shares concatenated in order). A collective when there are several processes: an
+    error on one process (a bad file in its share) is raised on every process, the first
+    process's first, rather than leaving the others waiting."""
+    count, index = jax.process_count(), jax.process_index()
+    if count == 1:
+        return list(read(range(n)))
+    share = range(n * index // count, n * (index + 1) // count)
+    try:
+        part = list(read(share))
+    except (ValueError, OSError) as e:
+        part = _Failed(e)
+    parts = allgather_objects(part)
+    for part in parts:
+        if isinstance(part, _Failed):
+            raise part.error
+    return [item for part in parts for item in part]
+
+
+class _Failed:
+    """A process's share that raised (`read_shared`)."""
+
+    def __init__(self, error):
+        self.error = error
+
+
 def cluster_detected():
     """True if JAX would find a multi-process cluster environment to initialise from."""
     try:   # JAX's own detection (private module; guarded so a JAX upgrade cannot break us)

@@ -22,8 +22,8 @@ from clip_jax.evals import data as data_lib, training as training_evals
 from clip_jax.evals import features, linear_probe, registry, report, retrieval, suite, zeroshot
 from clip_jax.evals.evaluator import Evaluator, Option
 from tests.helpers import (REPO, deadline, device_env, drawn_image, encode_image, free_port,
-                           run_python, run_scripts_together, tar_add, tiny_config, write_model_dir,
-                           write_wds)
+                           run_python, run_scripts_together, tar_add, tiny_config, write_ingested,
+                           write_model_dir, write_wds)
 
 
 # ----------------------------------------------------------------------------- fake model
@@ -982,6 +982,70 @@ def test_two_processes_each_decode_their_share_and_equal_one_process(model_dir, 
     assert first["features"] == second["features"]
     for key in ("top1", "top5", "mean_per_class", "per_class"):
         assert first["zeroshot"][key] == second["zeroshot"][key] == one["zeroshot"][key]
+
+
+_OPEN_ON_PROCESSES = r'''
+import json, sys
+
+def main():
+    import jax
+    nproc, pid, port, specs = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    if int(nproc) > 1:
+        jax.distributed.initialize(coordinator_address=f"localhost:{port}",
+                                   num_processes=int(nproc), process_id=int(pid))
+    from clip_jax import paths
+    from clip_jax.data import records
+    from clip_jax.evals import data as data_lib
+    read = {"classes": [], "records": [], "shards": []}     # what this process looked into
+    walk, get, index = paths.walk_files, records.IngestedSource.__getitem__, data_lib.index_wds_shard
+    paths.walk_files = lambda d: read["classes"].append(d.rsplit("/", 1)[-1]) or walk(d)
+    records.IngestedSource.__getitem__ = lambda self, i: read["records"].append(int(i)) or get(self, i)
+    data_lib.index_wds_shard = lambda p, *a: read["shards"].append(p.rsplit("/", 1)[-1]) or index(p, *a)
+    out = {}
+    for name, spec in specs.items():
+        try:
+            d = data_lib.open_eval_data(spec)
+            out[name] = [d.keys, None if d.labels is None else d.labels.tolist(), d.captions,
+                         d.classnames, d.fingerprint]
+        except ValueError as e:
+            out[name] = str(e)
+    print(json.dumps({"data": out, "read": read}))
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def test_two_processes_each_read_their_share_of_the_index(tmp_path):
+    """An ImageFolder's class folders, an ingested directory's records and CLIP_benchmark's
+    shards: with 2 processes each reads only its share (disjoint, together all) and both get
+    the data one process opens; a bad shard in the second process's share is the same error
+    on both (no process left waiting)."""
+    folder = write_imagefolder(tmp_path / "folder", classes=("circle", "square", "star", "ring"))
+    ingested = write_ingested(tmp_path / "ingested", 9, records_per_shard=4)
+    samples = [(drawn_image(i, 20, 18), i % 3) for i in range(10)]
+    shards = write_wds(tmp_path / "wds", "test", samples, classnames=["a", "b", "c"], per_shard=3)
+    bad = write_wds(tmp_path / "bad", "test", samples, classnames=["a", "b", "c"], per_shard=3)
+    with open(os.path.join(bad, "3.tar"), "wb") as f:
+        f.write(b"not a tar " * 100)
+    specs = json.dumps({"folder": folder, "ingested": ingested, "wds": str(tmp_path / "wds"),
+                        "bad": str(tmp_path / "bad")})
+    script = tmp_path / "open_processes.py"
+    script.write_text(_OPEN_ON_PROCESSES)
+    port = free_port()
+    one, first, second = run_scripts_together(script, [(1, (1, 0, 0, specs)), (1, (2, 0, port, specs)),
+                                                       (1, (2, 1, port, specs))])
+    assert first["data"] == second["data"] == one["data"]
+    assert "bad/test/3.tar: not a readable (uncompressed) tar file" in one["data"]["bad"]
+    assert one["read"]["classes"] == ["circle", "ring", "square", "star"]
+    assert (first["read"]["classes"], second["read"]["classes"]) == (["circle", "ring"], ["square", "star"])
+    assert one["read"]["records"] == list(range(9))
+    assert (first["read"]["records"], second["read"]["records"]) == ([0, 1, 2, 3], [4, 5, 6, 7, 8])
+    wds_shards = ["0.tar", "1.tar", "2.tar", "3.tar"]
+    assert one["read"]["shards"] == wds_shards * 2          # wds, then bad (it reads all four)
+    assert first["read"]["shards"] == ["0.tar", "1.tar"] * 2
+    assert second["read"]["shards"] == ["2.tar", "3.tar"] * 2
+    assert len(shards) and one["data"]["wds"][1] == [i % 3 for i in range(10)]
 
 
 # ----------------------------------------------------------------------------- shipped metadata

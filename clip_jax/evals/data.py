@@ -53,7 +53,7 @@ from typing import Optional
 
 import numpy as np
 
-from clip_jax import paths
+from clip_jax import distributed, paths
 from clip_jax.data import images, prompts, records, synthetic, zeroshot_metadata
 from clip_jax.data import spec as spec_lib
 from clip_jax.data.sources import TfdsSource
@@ -204,43 +204,54 @@ class SyntheticReader:
 # ----------------------------------------------------------------------------- openers
 
 def open_imagefolder(directory, origin="--data"):
+    """With several processes each walks only its share of the class folders (`read_shared`)."""
     classes = [c for c in paths.listdir(directory) if paths.isdir(paths.join(directory, c))]
     if not classes:
         raise ValueError(f"{origin} {directory}: no class folders (expected DIR/<class>/<images>)")
-    files, keys, labels, empty = [], [], [], []
-    for label, cls in enumerate(classes):
-        found = [rel for rel in paths.walk_files(paths.join(directory, cls))
-                 if rel.lower().endswith(IMAGE_EXTENSIONS)]
-        empty += [] if found else [cls]
-        for rel in found:
-            files.append(paths.join(directory, cls, rel))
-            keys.append(f"{cls}/{rel}")
-            labels.append(label)
-    if not files:
+
+    def walk(labels):       # per class: [(key, size, mtime)] of its images
+        return [[(f"{classes[label]}/{rel}",) + _stat(paths.join(directory, classes[label], rel))
+                 for rel in paths.walk_files(paths.join(directory, classes[label]))
+                 if rel.lower().endswith(IMAGE_EXTENSIONS)] for label in labels]
+
+    found = distributed.read_shared(len(classes), walk)
+    empty = [cls for cls, images in zip(classes, found) if not images]
+    stats = [image for images in found for image in images]
+    if not stats:
         raise ValueError(f"{origin} {directory}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
     if empty:
         shown = ", ".join(empty[:10]) + (f" (+{len(empty) - 10} more)" if len(empty) > 10 else "")
         raise ValueError(f"{origin} {directory}: {len(empty)} class folder(s) hold no images "
                          f"({', '.join(IMAGE_EXTENSIONS)}): {shown}; each would be a class no image "
                          "belongs to: remove the folder or add its images")
-    stats = [(k, paths.size(p), int(paths.mtime(p))) for k, p in zip(keys, files)]
-    return EvalData(directory, FileReader(files), keys, np.array(labels, np.int64),
-                    [prompts.readable_classname(c) for c in classes], fingerprint=_digest(stats))
+    keys = [key for key, _, _ in stats]
+    labels = [label for label, images in enumerate(found) for _ in images]
+    return EvalData(directory, FileReader([paths.join(directory, k) for k in keys]), keys,
+                    np.array(labels, np.int64), [prompts.readable_classname(c) for c in classes],
+                    fingerprint=_digest(stats))
+
+
+def _stat(path):
+    return paths.size(path), int(paths.mtime(path))
 
 
 def open_ingested(directory):
+    """With several processes each reads only its share of the records (`read_shared`)."""
     source = records.IngestedSource(directory)
+
+    def read(indices):
+        return [(r["key"], r["caption"], r.get("label", -1), r.get("meta", {}))
+                for r in (source[i] for i in indices)]
+
     first, captions, labels, meta = {}, [], [], {}    # first: key -> (record, image position)
-    for i in range(len(source)):
-        record = source[i]
-        key = record["key"]
+    for i, (key, caption, label, record_meta) in enumerate(distributed.read_shared(len(source), read)):
         if key not in first:
             first[key] = (i, len(captions))
             captions.append([])
-            labels.append(record.get("label", -1))
-            for column, value in record.get("meta", {}).items():
+            labels.append(label)
+            for column, value in record_meta.items():
                 meta.setdefault(column, {})[len(captions) - 1] = value
-        captions[first[key][1]].append(record["caption"])
+        captions[first[key][1]].append(caption)
     keys = list(first)
     manifest = source.manifest
     labelled = "classnames" in manifest and all(label >= 0 for label in labels)
@@ -313,8 +324,10 @@ def open_wds(split_dir, origin="--data"):
     for p in paths.missing_files(shards):
         raise ValueError(f"{origin} {split_dir}: shard {p} does not exist ({count_file} says {count})")
     keys, members, labels, captions = [], [], [], []
-    for name, shard in zip(names, shards):
-        for key, offset, size, label, texts in index_wds_shard(shard, retrieval, origin):
+    indexed = distributed.read_shared(      # each process indexes only its share of the shards
+        len(shards), lambda share: [index_wds_shard(shards[i], retrieval, origin) for i in share])
+    for name, shard, samples in zip(names, shards, indexed):
+        for key, offset, size, label, texts in samples:
             keys.append(f"{name}/{key}")
             members.append((shard, offset, size))
             labels.append(label)
@@ -397,14 +410,20 @@ def open_tfds(tfds_spec, data_dir="", image_key="image", label_key="label", capt
     has = lambda key, kind: key in features and isinstance(features[key], kind)
     use_label = bool(source.label_key)
     use_caption = has(caption_key, tfds.features.Text)
-    labels, captions = [], []
-    for start in range(0, len(source), 256):
-        for raw in source.read(range(start, min(start + 256, len(source)))):
-            if use_label:
-                labels.append(int(raw[label_key]))
-            if use_caption:
-                c = raw[caption_key]
-                captions.append([c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c)])
+
+    def read(indices):      # (label, [caption]) of records `indices`, read 256 at a time
+        out, indices = [], list(indices)
+        for start in range(0, len(indices), 256):
+            for raw in source.read(indices[start:start + 256]):
+                c = raw[caption_key] if use_caption else b""
+                out.append((int(raw[label_key]) if use_label else None,
+                            [c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c)]))
+        return out
+
+    # each process reads only its share of the records
+    rows = distributed.read_shared(len(source), read)
+    labels = [label for label, _ in rows] if use_label else []
+    captions = [caption for _, caption in rows] if use_caption else []
     classnames = [prompts.readable_classname(c) for c in features[label_key].names] if use_label else None
     # A dataset the shipped metadata knows takes its templates, and its curated class names
     # where they are shipped and fit (e.g. imagenet2012's wnids -> OpenAI's names).
