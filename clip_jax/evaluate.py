@@ -28,7 +28,7 @@ command line stops with that error.
 import argparse
 import json
 
-from clip_jax import checkpoint, cli, distributed, inference, paths
+from clip_jax import checkpoint, cli, distributed, inference
 from clip_jax.evals import registry, suite
 
 COMMAND_LINE = "python -m clip_jax.evaluate"

@@ -1208,10 +1208,10 @@ def test_the_suite_adds_a_linear_probe_where_a_train_split_sits_beside_the_data(
         ("shapes", "zeroshot_classification"), ("shapes", "linear_probe"),
         ("pets", "zeroshot_classification"), ("pets", "linear_probe")]
     pretrained = os.path.basename(model_dir)
-    for name, train, test in (("shapes", root / "shapes" / "train", root / "shapes"),
-                              ("pets", root / "pets" / "train", root / "pets" / "val")):
+    for name, train_split, test in (("shapes", root / "shapes" / "train", root / "shapes"),
+                                    ("pets", root / "pets" / "train", root / "pets" / "val")):
         lp = json.loads((out / f"{name}_{pretrained}_clip_jax_en_linear_probe.json").read_text())
-        single = evaluate.main(["linear_probe", "--checkpoint", model_dir, f"--train-data={train}",
+        single = evaluate.main(["linear_probe", "--checkpoint", model_dir, f"--train-data={train_split}",
                                 f"--data={test}", "--no-progress"])
         assert lp["task"] == "linear_probe" and np.isnan(lp["metrics"].pop("lp_acc5"))
         assert lp["metrics"] == {"lp_acc1": single["top1"], "lp_mean_per_class_recall": single["mean_per_class"]}
