@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from clip_jax.data import tokenizer as tokenizer_lib
 from tests.helpers import REPO, device_env, write_ingested
@@ -86,11 +87,18 @@ def test_benchmark_data_and_train_report_json(tmp_path):
 def test_benchmark_evaluate_times_the_generated_photos(tmp_path):
     """The evaluate mode's default images are the photo corpus; every rate is measured."""
     proc = cli("clip_jax.benchmark", "evaluate", "--images=6", "--repeats=1", "--eval_batch_size=4",
+               "--probe_rows=300", "--probe_dim=16", "--probe_classes=20", "--probe_iterations=3",
                "--json")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["mode"] == "evaluate" and result["images"] == 6 and "generated photos" in result["data"]
     assert min(result[k] for k in ("images_per_sec", "decode_images_per_sec",
                                    "encode_images_per_sec", "texts_per_sec")) > 0
+    probe = result["probe"]     # the probe's solver timed for exactly 3 iterations, both solvers
+    assert (probe["rows"], probe["iterations"]) == (300, 3)
+    assert probe["seconds_per_iteration"] > 0 and probe["sklearn_seconds_per_iteration"] > 0
+    assert probe["imagenet_seconds_per_iteration"] == pytest.approx(
+        probe["seconds_per_iteration"] * 1_281_167 / 300)
+    assert "linear probe (JAX L-BFGS" in proc.stdout
 
 
 def test_photo_corpus_is_real_jpegs_listed_in_a_csv(tmp_path):

@@ -27,7 +27,10 @@ is the command line.
                    --source (an ImageFolder, ingested directory or CSV; default:
                    --images generated 500x375 JPEGs): image features from the files end to
                    end, decoding + centre crop alone, the image tower alone, and prompt
-                   texts through the text tower. Reports images/s and texts/s.
+                   texts through the text tower. Reports images/s and texts/s. Then the
+                   linear probe's JAX solver: seconds per L-BFGS iteration on --probe_rows x
+                   --probe_dim random features of --probe_classes classes (scikit-learn's
+                   beside it), and the estimate for ImageNet-1k's 1.28M training images.
   checkpoint       saves the config's freshly initialised train state --repeats times into
                    --checkpoint_dir (default: a temporary directory) and restores it
                    (optimiser moments filled with random values, like a trained state's).

@@ -23,6 +23,12 @@ def _define_flags():
     flags.DEFINE_integer("images", 512, "evaluate: how many images to time (generated or "
                          "the first of --source)")
     flags.DEFINE_integer("eval_batch_size", 256, "evaluate: images or texts per batch")
+    flags.DEFINE_integer("probe_rows", 20000, "evaluate: the linear probe's timed problem, rows "
+                         "(0: no probe timing)")
+    flags.DEFINE_integer("probe_dim", 768, "evaluate: the probe's feature dimension")
+    flags.DEFINE_integer("probe_classes", 1000, "evaluate: the probe's classes")
+    flags.DEFINE_integer("probe_iterations", 10, "evaluate: L-BFGS iterations per timed fit")
+    flags.DEFINE_bool("probe_sklearn", True, "evaluate: time scikit-learn's solver beside it")
     flags.DEFINE_string("checkpoint_dir", None, "checkpoint: where to write (default: a temporary "
                         "directory); point it at the filesystem your runs use")
     flags.DEFINE_list("losses", list(losses.LOSSES), "loss: the losses to measure (default: all)")
@@ -54,6 +60,10 @@ def run_mode(mode, config, f):
     if mode == "evaluate":
         result = evaluate.benchmark_evaluate(config, f.source, f.images, f.repeats, f.eval_batch_size)
         evaluate.print_evaluate(result)
+        if f.probe_rows:
+            result["probe"] = evaluate.benchmark_probe(f.probe_rows, f.probe_dim, f.probe_classes,
+                                                       f.probe_iterations, f.repeats, f.probe_sklearn)
+            evaluate.print_probe(result["probe"])
     elif mode == "data":
         workers = [int(w) for w in (f.workers or [config.data.workers])]
         by_workers, per_core = data.benchmark_data(config, workers, f.batches, f.repeats)

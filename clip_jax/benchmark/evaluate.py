@@ -54,3 +54,52 @@ def print_evaluate(result):
           f"{result['encode_images_per_sec']:.0f}/s), text tower "
           f"{result['texts_per_sec']:.0f} texts/s ({result['image_size']}px, "
           f"{result['devices']} {result['backend']} devices)")
+
+
+IMAGENET_TRAIN = 1_281_167      # ImageNet-1k's training images: the probe the estimate is for
+
+
+def benchmark_probe(rows, dim, classes, iterations, repeats, sklearn=True):
+    """The linear probe's solver (`linear_probe.JaxSolver`) timed for `iterations` L-BFGS
+    iterations (never stopping early) on random features [rows, dim] of `classes` classes,
+    on all devices; scikit-learn's solver for the same iterations beside it (`sklearn`).
+    Each iteration costs ~ 6 x rows x dim x classes FLOPs (the loss and its gradient, the
+    blocks' logits recomputed), so time per iteration grows linearly with the rows: the
+    estimate for ImageNet-1k's 1.28M training images is the measured time scaled by rows,
+    and a probe's worst case is 16 fits (15 of the C search, the refit) x 1,000 iterations."""
+    from clip_jax.evals import linear_probe
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, classes, rows)
+    x = (rng.standard_normal((classes, dim)) * 0.5)[y] + rng.standard_normal((rows, dim))
+    x = x.astype(np.float32)
+    solver = linear_probe.JaxSolver(x, y, max_iter=iterations, tol=0.0)
+
+    def fit():
+        params, done = solver.fit(1.0)
+        jax.block_until_ready(params)
+        assert done == iterations, done
+    per_iteration = median_time(fit, repeats) / iterations
+    flops = 6.0 * rows * dim * len(solver.classes_)
+    out = {"rows": rows, "dim": dim, "classes": classes, "iterations": iterations,
+           "seconds_per_iteration": per_iteration, "tflops_per_sec": flops / per_iteration / 1e12,
+           "imagenet_seconds_per_iteration": per_iteration * IMAGENET_TRAIN / rows,
+           "imagenet_worst_case_hours": per_iteration * IMAGENET_TRAIN / rows * 16 * 1000 / 3600,
+           "devices": jax.device_count(), "backend": jax.default_backend()}
+    if sklearn:
+        out["sklearn_seconds_per_iteration"] = median_time(
+            lambda: linear_probe.fit(x, y, 1.0, max_iter=iterations, tol=0.0), 1, warmup=0) / iterations
+    return out
+
+
+def print_probe(result):
+    r = result
+    line = (f"linear probe (JAX L-BFGS, {r['devices']} {r['backend']} devices): "
+            f"{r['seconds_per_iteration']:.3f} s per iteration on {r['rows']:,} x {r['dim']} features, "
+            f"{r['classes']} classes ({r['tflops_per_sec']:.2f} TFLOP/s)")
+    if "sklearn_seconds_per_iteration" in r:
+        line += (f"; scikit-learn {r['sklearn_seconds_per_iteration']:.3f} s "
+                 f"({r['sklearn_seconds_per_iteration'] / r['seconds_per_iteration']:.1f}x)")
+    print(line)
+    print(f"  ImageNet-1k ({IMAGENET_TRAIN:,} rows) on these devices: "
+          f"{r['imagenet_seconds_per_iteration']:.2f} s per iteration; worst case (16 fits x 1,000 "
+          f"iterations) {r['imagenet_worst_case_hours']:.1f} h")
