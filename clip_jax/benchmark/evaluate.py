@@ -63,8 +63,8 @@ def benchmark_probe(rows, dim, classes, iterations, repeats, sklearn=True):
     """The linear probe's solver (`linear_probe.JaxSolver`) timed for `iterations` L-BFGS
     iterations (never stopping early) on random features [rows, dim] of `classes` classes,
     on all devices; scikit-learn's solver for the same iterations beside it (`sklearn`).
-    Each iteration costs ~ 6 x rows x dim x classes FLOPs (the loss and its gradient, the
-    blocks' logits recomputed), so time per iteration grows linearly with the rows: the
+    Each iteration costs ~ 4 x rows x dim x classes FLOPs (the loss and its gradient in one
+    pass; more when the line search tries several steps), so time per iteration grows linearly with the rows: the
     estimate for ImageNet-1k's 1.28M training images is the measured time scaled by rows,
     and a probe's worst case is 16 fits (15 of the C search, the refit) x 1,000 iterations."""
     from clip_jax.evals import linear_probe
@@ -79,7 +79,7 @@ def benchmark_probe(rows, dim, classes, iterations, repeats, sklearn=True):
         jax.block_until_ready(params)
         assert done == iterations, done
     per_iteration = median_time(fit, repeats) / iterations
-    flops = 6.0 * rows * dim * len(solver.classes_)
+    flops = 4.0 * rows * dim * len(solver.classes_)
     out = {"rows": rows, "dim": dim, "classes": classes, "iterations": iterations,
            "seconds_per_iteration": per_iteration, "tflops_per_sec": flops / per_iteration / 1e12,
            "imagenet_seconds_per_iteration": per_iteration * IMAGENET_TRAIN / rows,

@@ -14,8 +14,8 @@ model, which is the multinomial one at C / 2) and stopping rule (largest gradien
 <= 1e-4, or 1,000 iterations):
   jax      (default) optax's L-BFGS (memory 10, zoom line search) on the devices: the
            features laid over every device by rows, each device's rows in blocks of
-           `BLOCK` (rematerialised: memory O(rows x dim) + one block of logits), the loss
-           summed with one psum; float32 products at full precision. The search's fits
+           `BLOCK` (memory O(rows x dim) + one block of logits), the loss and its gradient
+           (written out, one pass) summed with one psum; float32 products at full precision. The search's fits
            share one compiled solver (the held-out rows are masked, not copied) and each
            starts from the solution of the nearest C already fitted (the problem is convex:
            the start changes the iterations, not the answer).
@@ -90,23 +90,50 @@ class JaxSolver:
         """This device's rows as [blocks, BLOCK, ...] (inside shard_map)."""
         return a.reshape((-1, self.block) + a.shape[1:])
 
-    def _loss_sum(self, params, x, y, mask):
-        """sum over rows of mask * cross-entropy, per device in rematerialised blocks, psummed."""
+    def _sums(self, params, x, y, mask, with_grad):
+        """sum over rows of mask * cross-entropy (and, `with_grad`, its gradient in (W, b)), per
+        device over its rows block by block, psummed: the gradient is written out,
+        X^T (softmax - onehot), so no block's logits outlive it and nothing is recomputed."""
         w, b = params
 
         def local(x, y, mask, w, b):
-            def body(total, blk):
+            def body(carry, blk):
                 xb, yb, mb = blk
                 z = jnp.dot(xb, w, precision="highest") + b
-                ce = jax.nn.logsumexp(z, axis=1) - jnp.take_along_axis(z, yb[:, None], 1)[:, 0]
-                return total + jnp.sum(mb * ce), None
-            zero = jnp.zeros_like(mask[0])      # *_like: varying over the rows, as the body's
-            total, _ = jax.lax.scan(jax.checkpoint(body), zero,
-                                    (self._blocks(x), self._blocks(y), self._blocks(mask)))
-            return jax.lax.psum(total, "rows")
+                lse = jax.nn.logsumexp(z, axis=1)
+                total = carry[0] + jnp.sum(mb * (lse - jnp.take_along_axis(z, yb[:, None], 1)[:, 0]))
+                if not with_grad:
+                    return (total,), None
+                dz = mb[:, None] * (jnp.exp(z - lse[:, None]) - jax.nn.one_hot(yb, self.k, dtype=z.dtype))
+                return (total, carry[1] + jnp.dot(xb.T, dz, precision="highest"),
+                        carry[2] + jnp.sum(dz, axis=0)), None
+            varying = lambda a: jax.lax.pcast(a, ("rows",), to="varying")  # noqa: E731  (as the body's)
+            init = (varying(jnp.zeros((), jnp.float32)),) + (
+                (varying(jnp.zeros_like(w)), varying(jnp.zeros_like(b))) if with_grad else ())
+            sums, _ = jax.lax.scan(body, init, (self._blocks(x), self._blocks(y), self._blocks(mask)))
+            return jax.lax.psum(sums, "rows")
 
         return jax.shard_map(local, mesh=self.mesh, in_specs=(P("rows"),) * 3 + (P(), P()),
                              out_specs=P())(x, y, mask, w, b)
+
+    def _loss_sum(self, params, x, y, mask):
+        """sum over rows of mask * cross-entropy; differentiable in `params` only (its
+        gradient from `_sums`, computed with the value: ~4 x rows x dim x classes FLOPs)."""
+        @jax.custom_vjp
+        def loss_sum(params, x, y, mask):
+            return self._sums(params, x, y, mask, False)[0]
+
+        def forward(params, x, y, mask):
+            total, gw, gb = self._sums(params, x, y, mask, True)
+            return total, ((gw, gb), x, y, mask)
+
+        def backward(residual, g):
+            (gw, gb), x, y, mask = residual
+            return ((g * gw, g * gb), jnp.zeros_like(x), np.zeros(y.shape, jax.dtypes.float0),
+                    jnp.zeros_like(mask))
+
+        loss_sum.defvjp(forward, backward)
+        return loss_sum(params, x, y, mask)
 
     def _solve(self, x, y, mask, c, init):
         import optax
