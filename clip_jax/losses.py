@@ -262,6 +262,155 @@ def siglip_loss(image_embeds, text_embeds, logit_scale, logit_bias, mesh, batch_
                                                      logit_bias)
 
 
+# ---------------------------------------------------- ring InfoNCE (nothing gathered)
+
+def _online_lse(stats, logits, axis):
+    """(max, sum of exp(x - max)) along `axis`, updated with `logits`."""
+    running_max, running_sum = stats
+    new_max = jnp.maximum(running_max, logits.max(axis=axis))
+    shape = (-1, 1) if axis == 1 else (1, -1)
+    return new_max, (running_sum * jnp.exp(running_max - new_max)
+                     + jnp.exp(logits - new_max.reshape(shape)).sum(axis=axis))
+
+
+def _chunked(x, chunk, fill=0.0):
+    """x [n, ...] -> [n_chunks, chunk, ...], the last chunk padded with `fill`."""
+    n = x.shape[0]
+    chunk = min(chunk, n)
+    n_chunks = -(-n // chunk)
+    pad = [(0, n_chunks * chunk - n)] + [(0, 0)] * (x.ndim - 1)
+    return jnp.pad(x, pad, constant_values=fill).reshape((n_chunks, chunk) + x.shape[1:])
+
+
+def _unchunked(x, n):
+    return x.reshape((-1,) + x.shape[2:])[:n]
+
+
+def _dot(a, b):
+    """a @ b.T in float32 whatever the inputs' dtype (the logits and their statistics)."""
+    return jnp.dot(a, b.T, preferred_element_type=jnp.float32)
+
+
+def _ring_visit(image, block, scale, row_stats, col_stats, chunk):
+    """One ring step of the forward: this shard's image rows against a text block (B_local x
+    chunk logits at a time): the rows' online LSE over the block's columns, and the block's
+    columns' online LSE over these rows (text -> image), which travels with the block."""
+    n = block.shape[0]
+    valid = _chunked(jnp.ones((n,), bool), chunk, False)
+
+    def step(rows, xs):
+        cols, ok, col_max, col_sum = xs
+        logits = scale * _dot(image, cols)                          # [B_local, chunk]
+        rows = _online_lse(rows, jnp.where(ok[None, :], logits, -jnp.inf), axis=1)
+        return rows, _online_lse((col_max, col_sum), logits, axis=0)   # padding: dropped below
+
+    row_stats, cols = jax.lax.scan(step, row_stats, (_chunked(block, chunk), valid,
+                                                     *(_chunked(c, chunk) for c in col_stats)))
+    return row_stats, tuple(_unchunked(c, n) for c in cols)
+
+
+def _ring_send(axis_name, n_shards):
+    return (lambda x: x) if n_shards == 1 else _ring(axis_name, n_shards)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def clip_ring_sum(image, text, scale, axis_name, n_shards, chunk):
+    """This shard's part of the symmetric InfoNCE sum: sum over its images of LSE_j(s <i, t_j>)
+    over ALL texts, plus sum over its texts of LSE_i(s <i, t>) over ALL images, minus twice its
+    positives. The text blocks travel the ring (ppermute) with their column statistics; no
+    psum, nothing gathered."""
+    return _clip_ring_fwd(image, text, scale, axis_name, n_shards, chunk)[0]
+
+
+def _clip_ring_fwd(image, text, scale, axis_name, n_shards, chunk):
+    send = _ring_send(axis_name, n_shards)
+    empty = lambda x: (jnp.full(x.shape[:1], -jnp.inf, jnp.float32) + 0 * x[:, 0],  # noqa: E731
+                       jnp.zeros(x.shape[:1], jnp.float32) + 0 * x[:, 0])          # (varying as x)
+    rows, cols = empty(image), empty(text)
+
+    def step(carry, _):
+        block, cols, rows = carry
+        rows, cols = _ring_visit(image, block, scale, rows, cols, chunk)
+        # The block is sent on while (XLA permitting) the next one is scored; its column
+        # statistics follow it once updated.
+        return (send(block), send(cols), rows), None
+
+    (block, cols, rows), _ = jax.lax.scan(step, (text, cols, rows), None, length=n_shards - 1)
+    rows, cols = _ring_visit(image, block, scale, rows, cols, chunk)
+    cols = send(cols)                                   # home: over all the images
+    lse_rows, lse_cols = (m + jnp.log(s) for m, s in (rows, cols))
+    positives = scale * jnp.sum(image.astype(jnp.float32) * text.astype(jnp.float32), axis=1)
+    total = jnp.sum(lse_rows) + jnp.sum(lse_cols) - 2 * jnp.sum(positives)
+    return total, (image, text, scale, lse_rows, lse_cols)
+
+
+def _clip_ring_bwd(axis_name, n_shards, chunk, residuals, g):
+    image, text, scale, lse_rows, lse_cols = residuals
+    send = _ring_send(axis_name, n_shards)
+    n = text.shape[0]
+
+    def visit(block, block_lse, d_block, d_image, d_scale):
+        """d/d logits = g (softmax over the row + softmax over the column), per chunk."""
+        def step(carry, xs):
+            d_image, d_scale = carry
+            cols, col_lse = xs
+            dots = _dot(image, cols)                                 # [B_local, chunk]
+            logits = scale * dots
+            d_logits = g * (jnp.exp(logits - lse_rows[:, None]) + jnp.exp(logits - col_lse[None, :]))
+            d_cols = scale * jnp.dot(d_logits.T, image, preferred_element_type=jnp.float32)
+            return (d_image + scale * jnp.dot(d_logits, cols, preferred_element_type=jnp.float32),
+                    d_scale + jnp.sum(d_logits * dots)), d_cols
+        # padded columns: their LSE is +inf, so their softmax and gradient are 0
+        (d_image, d_scale), d_cols = jax.lax.scan(
+            step, (d_image, d_scale), (_chunked(block, chunk), _chunked(block_lse, chunk, jnp.inf)))
+        return d_block + _unchunked(d_cols, n), d_image, d_scale
+
+    zeros = lambda x: jnp.zeros(x.shape, jnp.float32) + 0 * x  # noqa: E731  (varying as x)
+    d_image, d_text, d_scale = zeros(image), zeros(text), jnp.zeros((), jnp.float32) + 0 * scale
+
+    def step(carry, _):
+        block, block_lse, d_block, d_image, d_scale = carry
+        d_block, d_image, d_scale = visit(block, block_lse, d_block, d_image, d_scale)
+        # The text gradient travels with its block and is back at its owner after n_shards sends.
+        return (send(block), send(block_lse), send(d_block), d_image, d_scale), None
+
+    (block, block_lse, d_block, d_image, d_scale), _ = jax.lax.scan(
+        step, (text, lse_cols, d_text, d_image, d_scale), None, length=n_shards - 1)
+    d_block, d_image, d_scale = visit(block, block_lse, d_block, d_image, d_scale)
+    d_text = send(d_block)
+    image32, text32 = image.astype(jnp.float32), text.astype(jnp.float32)
+    d_image = d_image - 2 * g * scale * text32                 # the positives
+    d_text = d_text - 2 * g * scale * image32
+    d_scale = d_scale - 2 * g * jnp.sum(image32 * text32)
+    return d_image.astype(image.dtype), d_text.astype(text.dtype), d_scale.astype(jnp.result_type(scale))
+
+
+clip_ring_sum.defvjp(_clip_ring_fwd, _clip_ring_bwd)
+
+
+def clip_loss_ring(image_embeds, text_embeds, logit_scale, mesh, batch_axes, block_size):
+    """The paper's symmetric InfoNCE (equals `clip_loss_naive`) with nothing gathered: each
+    batch shard keeps its rows; the text blocks go round a ring of the shards (`ppermute`),
+    each step adding one B_local x B_local block, `block_size` columns at a time, to an
+    online max/sum per image row (image -> text) and per text column (text -> image, the
+    statistics travelling with their block); the `custom_vjp` backward runs the ring again,
+    the text gradients travelling back with their blocks. Memory per device: O(B_local x d)
+    and B_local x block_size logits."""
+    if not batch_axes:
+        total = clip_ring_sum(image_embeds, text_embeds, logit_scale, None, 1, block_size)
+        return total / (2 * image_embeds.shape[0])
+    axes = tuple(batch_axes)
+    n_shards = math.prod(mesh.shape[a] for a in axes)
+
+    def local(image, text, scale):
+        # a varying copy of the replicated scale: pcast's transpose sums its per-shard gradients
+        scale = jax.lax.pcast(scale, axes, to="varying")
+        total = clip_ring_sum(image, text, scale, axes, n_shards, block_size)
+        return jax.lax.psum(total, axes) / (2 * image.shape[0] * n_shards)
+
+    return _on_batch_shards(local, mesh, axes, 2, 1)(image_embeds, text_embeds, logit_scale)
+
+
 # ------------------------------------------------------------------------ the registry
 
 def _positive_int(x):
@@ -300,6 +449,8 @@ LOSSES = {
     "clip": Loss(clip_loss),
     "clip_blockwise": Loss(clip_loss_blockwise,
                            options=(Option("block_size", _positive_int, "must be a positive integer"),)),
+    "clip_ring": Loss(clip_loss_ring,
+                      options=(Option("block_size", _positive_int, "must be a positive integer"),)),
     # The paper's initial t' = log 10 and bias -10.
     "siglip": Loss(siglip_loss, model_options={"logit_scale_init": math.log(10.0), "logit_bias_init": -10.0}),
 }

@@ -103,6 +103,27 @@ for name, shape in {"data8": (-1, 1, 1), "data4_fsdp2": (4, 2, 1), "data2_fsdp2_
         "permutes": "collective-permute" in hlo,
         "has_block_logits": "f32[%d,%d]" % (n_local, n_local) in hlo,
     }
+    # clip_ring: a block of 3 (not dividing B_local: padded chunks) and one of 64 (whole blocks),
+    # float32 and bfloat16 inputs; bfloat16 against the naive loss of the same (rounded) values.
+    for dtype in ("float32", "bfloat16"):
+        for block in (3, 64):
+            ii, tt = (x.astype(dtype) for x in (i, t))
+            v_ref, g_ref = (v0, g0) if dtype == "float32" else jax.value_and_grad(
+                losses.clip_loss_naive, argnums=(0, 1, 2))(ii.astype("float32"), tt.astype("float32"), 9.0)
+            compiled = jax.jit(jax.value_and_grad(
+                lambda i, t, s: losses.clip_loss_ring(i, t, s, mesh, axes, block),
+                argnums=(0, 1, 2))).lower(ii, tt, 9.0).compile()
+            v, g = compiled(ii, tt, 9.0)
+            hlo = compiled.as_text()
+            out[name][f"ring_{dtype}_{block}"] = {
+                "loss_err": abs(float(v) - float(v_ref)) / abs(float(v_ref)),
+                "grad_err": max(rel(a, b) for a, b in zip(g, g_ref)),
+                "grad_dtypes": [str(x.dtype) for x in g[:2]],
+                "all_gather": "all-gather" in hlo, "permutes": "collective-permute" in hlo,
+                "has_gathered": any(f"{d}[32,16]" in hlo for d in ("f32", "bf16")),
+                "has_local_logits": "f32[%d,32]" % n_local in hlo,
+                "has_chunk_logits": "f32[%d,%d]" % (n_local, min(block, n_local)) in hlo,
+            }
 print(json.dumps(out))
 """
 
@@ -145,8 +166,66 @@ def test_siglip_loss_on_8_devices_equals_naive(mesh_name, shards):
     assert r["has_block_logits"]
 
 
+@pytest.mark.parametrize("mesh_name,shards", MESHES)
+def test_ring_loss_on_8_devices_equals_naive(mesh_name, shards):
+    for dtype in ("float32", "bfloat16"):
+        for block in (3, 64):
+            r = _multi()[mesh_name][f"ring_{dtype}_{block}"]
+            # bfloat16: the gradients are rounded to bfloat16 (2^-8), the loss is float32
+            tol = (1e-5, 1e-5) if dtype == "float32" else (1e-5, 8e-3)
+            assert r["loss_err"] < tol[0] and r["grad_err"] < tol[1], (dtype, block, r)
+            assert r["grad_dtypes"] == [dtype, dtype]
+            # Nothing gathered: the text blocks travel a ring; B_local x block logits at a time.
+            assert r["permutes"] and not r["all_gather"] and not r["has_gathered"], r
+            assert r["has_chunk_logits"], (dtype, block)
+            if block < 32 // shards:
+                assert not r["has_local_logits"]
+
+
+RING_FEW = """
+import json, jax, jax.numpy as jnp, numpy as np, ml_collections
+from clip_jax import losses, sharding
+from clip_jax.config_lib import DEFAULT_RULES
+k1, k2 = jax.random.split(jax.random.key(2))
+norm = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+img, txt = norm(jax.random.normal(k1, (12, 8))), norm(jax.random.normal(k2, (12, 8)))
+v0, g0 = jax.value_and_grad(losses.clip_loss_naive, argnums=(0, 1, 2))(img, txt, 4.0)
+mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1)))
+axes = sharding.batch_axes(DEFAULT_RULES)
+i, t = (jax.device_put(x, sharding.batch_sharding(mesh, DEFAULT_RULES)) for x in (img, txt))
+out = {"devices": jax.device_count()}
+for block in (1, 2, 5, 12):
+    v, g = jax.jit(jax.value_and_grad(lambda i, t, s: losses.clip_loss_ring(i, t, s, mesh, axes, block),
+                                      argnums=(0, 1, 2)))(i, t, 4.0)
+    out[block] = [abs(float(v) - float(v0)) / float(v0)] + [
+        float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b)))) for a, b in zip(g, g0)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("devices", [1, 2, 4])
+def test_ring_loss_on_1_2_and_4_devices_equals_naive(devices):
+    """A ring of 1 (no permute), 2 and 4 shards, blocks of 1 to the whole B_local (3 to 12
+    rows per shard): value and gradients (image, text, scale) equal the naive loss."""
+    out = run_python(RING_FEW, n_devices=devices)
+    assert out["devices"] == devices
+    for block in ("1", "2", "5", "12"):
+        assert max(out[block]) < 1e-5, (block, out[block])
+
+
+def test_ring_loss_without_batch_axes_equals_naive():
+    img, txt = _embeds()
+    for block in (3, 100):
+        f = lambda i, t, s: losses.clip_loss_ring(i, t, s, None, (), block)  # noqa: E731
+        v, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(img, txt, 7.0)
+        v0, grads0 = jax.value_and_grad(losses.clip_loss_naive, argnums=(0, 1, 2))(img, txt, 7.0)
+        np.testing.assert_allclose(v, v0, rtol=1e-6)
+        for a, b in zip(grads, grads0):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_unknown_loss_name_is_one_error_listing_the_registry():
-    want = r"config.loss.name: must be one of \['clip', 'clip_blockwise', 'siglip'\] \(got 'nope'\)"
+    want = r"config.loss.name: must be one of \['clip', 'clip_blockwise', 'clip_ring', 'siglip'\] \(got 'nope'\)"
     with pytest.raises(ValueError, match=want):
         losses.get("nope")
     with pytest.raises(ValueError, match=want):
@@ -260,12 +339,13 @@ def test_make_loss_dispatches_and_checks_the_bias():
         img, txt, 5.0, bias)
     np.testing.assert_allclose(run("clip", None), clip, rtol=1e-6)
     np.testing.assert_allclose(run("clip_blockwise", None, 3), clip, rtol=1e-5)
+    np.testing.assert_allclose(run("clip_ring", None, 3), clip, rtol=1e-5)
     np.testing.assert_allclose(run("siglip", -1.0), losses.siglip_loss_naive(img, txt, 5.0, -1.0), rtol=1e-5)
     with pytest.raises(ValueError, match="siglip.*logit_bias"):
         losses.make_loss(_loss_cfg("siglip"), mesh, axes)(img, txt, 5.0, None)
     with pytest.raises(ValueError, match="takes no logit_bias"):
         losses.make_loss(_loss_cfg("clip"), mesh, axes)(img, txt, 5.0, 0.0)
-    assert set(losses.LOSSES) == {"clip", "clip_blockwise", "siglip"}
+    assert set(losses.LOSSES) == {"clip", "clip_blockwise", "clip_ring", "siglip"}
 
 
 def test_model_options():
@@ -281,7 +361,7 @@ def test_loss_memory_benchmark_mode():
     proc = run_cli(["clip_jax.benchmark", "loss", "--global_batches=64,128", "--embed_dim=8",
                     "--block_size=8", "--budget_gib=0.00005", "--search_max=512", "--json"], n_devices=8)
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert r["mode"] == "loss" and r["devices"] == 8 and set(r["results"]) == {"clip", "clip_blockwise", "siglip"}
+    assert r["mode"] == "loss" and r["devices"] == 8 and set(r["results"]) == {"clip", "clip_blockwise", "clip_ring", "siglip"}
     for name, by_batch in r["results"].items():
         assert set(by_batch) == {"64", "128"}
         for m in by_batch.values():
@@ -289,7 +369,8 @@ def test_loss_memory_benchmark_mode():
         fit = r["largest_fitting"][name]
         assert fit["global_batch"] % 64 == 0 and fit["local_batch"] == fit["global_batch"] // 8
         assert fit["global_batch"] == 0 or fit["peak_bytes"] <= 0.00005 * 2 ** 30
-    clip, blockwise = r["results"]["clip"], r["results"]["clip_blockwise"]
+    clip, blockwise, ring = (r["results"][n] for n in ("clip", "clip_blockwise", "clip_ring"))
     assert clip["128"]["peak_bytes"] > clip["64"]["peak_bytes"]
     assert blockwise["128"]["peak_bytes"] < clip["128"]["peak_bytes"]
+    assert ring["128"]["peak_bytes"] < blockwise["128"]["peak_bytes"]     # nothing gathered
     assert "| 128 | 16 |" in proc.stdout                              # the table
