@@ -104,6 +104,16 @@ def logical_to_sharding(abstract_boxed, mesh, rules):
         mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
+def without_axes(rules, axes):
+    """`rules` with the mesh axes `axes` removed (inside a shard_map manual over them)."""
+    def drop(target):
+        if target is None or isinstance(target, str):
+            return None if target in axes else target
+        kept = tuple(a for a in target if a not in axes)
+        return kept or None
+    return tuple((name, drop(target)) for name, target in rules)
+
+
 def mesh_context(mesh, rules):
     """`with` this: the mesh and the logical-axis rules that tracing the model needs."""
     stack = contextlib.ExitStack()

@@ -145,7 +145,10 @@ def make_gradient_fn(config, model, mesh, rules):
     gradient cache does: (1) the embeddings of the K micro-batches, keeping no activations;
     (2) the loss of the whole batch and its gradient with respect to the embeddings (and the
     temperature / bias); (3) each micro-batch again, its embedding gradient pulled back to
-    the parameters and accumulated. The logged loss is the full-batch loss. BatchNorm
+    the parameters and accumulated. With a data axis, each data shard accumulates its own
+    micro-batches' parameter gradients (a `shard_map` manual over that axis only; the fsdp
+    and model axes stay GSPMD's) and the step reduces them once, not once per micro-batch:
+    data-parallel traffic no longer grows with K. The logged loss is the full-batch loss. BatchNorm
     (ResNets) normalises each micro-batch by its own statistics, so for ResNets the update
     is that of K BatchNorm groups, not of one batch.
     """
@@ -158,6 +161,23 @@ def make_gradient_fn(config, model, mesh, rules):
     bn_train = has_bn and not (lock.enabled and lock.unlocked_blocks == 0)
     k, shards = int(config.micro_batches), sharding.num_batch_shards(mesh, rules)
     micro_spec = NamedSharding(mesh, P(None, batch_axes or None))
+    # The data axis, when parameters are replicated over it (always) and BatchNorm does not
+    # normalise over the micro-batch (it would see one shard's rows): each data shard
+    # accumulates its own micro-batches' parameter gradients, summed once after the last.
+    local_axes = ("data",) if (k > 1 and mesh.shape["data"] > 1 and not bn_train
+                               and "data" in batch_axes) else ()
+    n_local = mesh.shape["data"] if local_axes else 1
+
+    def local_grads(grads_fn, params, x):
+        """grads_fn(params, x) per data shard, manual over the data axis only: [n_data, ...]."""
+        def per_shard(params, x):
+            # varying copies: the gradient of a replicated (invariant) input would be psummed
+            params = jax.tree.map(lambda p: jax.lax.pcast(p, local_axes, to="varying"), params)
+            with nn.logical_axis_rules(sharding.without_axes(rules, local_axes)):
+                return jax.tree.map(lambda g: g[None], grads_fn(params, x))
+        rows = P(local_axes)
+        return jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), (rows, rows, rows, rows)),
+                             out_specs=P(local_axes), axis_names=set(local_axes))(params, x)
 
     def forward(params, batch_stats, images, tokens):
         out, updates = model.apply(_variables(params, batch_stats), images, tokens,
@@ -194,11 +214,22 @@ def make_gradient_fn(config, model, mesh, rules):
         (loss, scale), (g_image, g_text, grads) = jax.value_and_grad(
             batch_loss, argnums=(0, 1, 2), has_aux=True)(image_mb, text_mb, params)
 
-        def pull_back(grads, x):          # (3): one micro-batch's parameter gradient
+        def micro_grads(params, x):       # one micro-batch's parameter gradient
             *inputs, g_i, g_t = x
             _, vjp = jax.vjp(lambda p: embed(p, batch_stats, inputs)[0], params)
-            return jax.tree.map(jnp.add, grads, vjp((g_i, g_t))[0]), None
-        grads, _ = jax.lax.scan(pull_back, grads, (images, tokens, g_image, g_text))
+            return vjp((g_i, g_t))[0]
+
+        if local_axes:                    # (3), each data shard's sum kept apart, reduced once
+            def own(tree):                # [n_data, ...]: row i on data shard i, the rest as GSPMD likes
+                return jax.tree.map(lambda g: jax.lax.with_sharding_constraint(g, NamedSharding(
+                    mesh, P(local_axes, *[P.UNCONSTRAINED] * (g.ndim - 1)))), tree)
+            partial = jax.lax.scan(lambda acc, x: (own(jax.tree.map(jnp.add, acc, local_grads(micro_grads, params, x))), None),
+                                   own(jax.tree.map(lambda g: jnp.zeros((n_local,) + g.shape, g.dtype), grads)),
+                                   (images, tokens, g_image, g_text))[0]
+            grads = jax.tree.map(lambda g, p: g + p.sum(axis=0), grads, partial)
+        else:                             # (3): each micro-batch's gradient reduced as it comes
+            grads, _ = jax.lax.scan(lambda acc, x: (jax.tree.map(jnp.add, acc, micro_grads(params, x)), None),
+                                    grads, (images, tokens, g_image, g_text))
         return (loss, (new_stats, scale)), grads
 
     def loss_and_grads(params, batch_stats, batch):

@@ -153,6 +153,35 @@ def test_ring_loss_with_micro_batches_trains_as_the_plain_loss_on_8_devices():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+REDUCED_ONCE = """
+import json, jax
+from clip_jax import cost, train
+from tests.helpers import tiny_config
+out = {}
+for k in (1, 4):
+    config = tiny_config(batch_size=32, **{"loss.name": "clip_ring", "micro_batches": k})
+    config.mesh.update({"data": 8, "fsdp": 1})
+    run = train.build(config)
+    with run.context():
+        hlo = run.train_step.lower(run.abstract_state, run.abstract_batch()).compile().as_text()
+    params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract_state.params))
+    out[k] = {"collectives": cost.collective_bytes(hlo), "param_bytes": params}
+print(json.dumps(out))
+"""
+
+
+def test_micro_batches_reduce_the_parameter_gradient_once_per_step():
+    """Data parallel with 4 micro-batches: each device sums its micro-batches' parameter
+    gradients and the step all-reduces them once, as without micro-batches (the compiled
+    step's all-reduce bytes: one gradient, not four); `clip_ring` gathers nothing."""
+    out = run_python(REDUCED_ONCE, n_devices=8)
+    one, four = (out[k]["collectives"] for k in ("1", "4"))
+    params = out["1"]["param_bytes"]
+    assert params <= one["all-reduce"]["bytes"] < 1.2 * params
+    assert four["all-reduce"]["bytes"] <= 1.05 * one["all-reduce"]["bytes"]
+    assert four["all-gather"]["bytes"] < 0.05 * params and four["collective-permute"]["count"] > 0
+
+
 def _leaves(tree):
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
