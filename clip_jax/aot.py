@@ -96,7 +96,9 @@ def main():
                         "(v5e-256), v5p:4x4x8, v6e:16x16; or GPU hosts, GPU:HOSTSxGPUS, e.g. "
                         "h100:32x8 (256 H100s), h100:1x8, h200:.., a100:.., b200:..")
     flags.DEFINE_bool("find_max_batch", False, "search the largest global batch that fits "
-                      "(also spelled --find-max-batch)")
+                      "(also spelled --find-max-batch); with --plan, micro-batches too")
+    flags.DEFINE_bool("plan", False, "find the exact loss, remat and micro-batches that fit "
+                      "--config.batch_size with the least recomputation, and print the overrides")
     flags.DEFINE_float("hbm_gib", None, "HBM per chip, in GiB (default: the chip's; less "
                        "leaves headroom; on GPUs XLA may use 90 percent of it, launch/gpu_env.sh)")
     flags.DEFINE_string("hlo_dir", None, "write the compiled HLO text here")
@@ -112,10 +114,15 @@ def main():
             if F.hbm_gib:
                 chip = dataclasses.replace(chip, hbm_gib=F.hbm_gib)
             validation.validate(config, len(devices))
+        progress = lambda r: print(  # noqa: E731
+            f"  batch {r['batch_size']:>9,}, loss {r['loss']}, remat {r['remat']}, micro-batches "
+            f"{r['micro_batches']}: " + _memory_line(r), flush=True)
         if F.find_max_batch:
-            largest, reports = pod.find_max_batch(
-                config, devices, chip,
-                on_report=lambda r: print(f"  batch {r['batch_size']:>9,}: " + _memory_line(r), flush=True))
+            largest, reports = pod.find_max_batch(config, devices, chip, on_report=progress,
+                                                  micro_rows=1 if F.plan else None)
+            if F.plan and largest:
+                with config.unlocked():
+                    config.batch_size = largest
             result = {"config": name, "topology": F.topology, "largest_global_batch": largest,
                       "tried": reports}
             best = [r for r in reports if r["batch_size"] == largest]
@@ -123,7 +130,19 @@ def main():
             if best:
                 print(format_report(name, F.topology, best[0]))
                 result.update(best[0])
-        else:
+        if F.plan and (largest if F.find_max_batch else True):
+            chosen, tried = pod.plan(config, devices, chip, on_report=progress)
+            result = {"config": name, "topology": F.topology, "plan": chosen, "tried": tried,
+                      **({"largest_global_batch": largest} if F.find_max_batch else {})}
+            if chosen is None:
+                print(f"no plan fits global batch {config.batch_size:,} on {F.topology} (the "
+                      "leanest exact loss, remat, micro-batches down to one row per shard)")
+            else:
+                print(format_report(name, F.topology, chosen))
+                print(f"plan: {pod.plan_overrides(chosen)}  (recomputation: "
+                      f"{chosen['recomputation']} extra forward pass(es) per step)")
+                result.update(chosen, overrides=pod.plan_overrides(chosen))
+        elif not F.find_max_batch:
             result = pod.analyse(config, devices, chip, F.hlo_dir)
             print(format_report(name, F.topology, result))
             result.update(config=name, topology=F.topology)

@@ -179,12 +179,41 @@ def siglip_loss_naive(image_embeds, text_embeds, logit_scale, logit_bias):
     return -jnp.sum(jax.nn.log_sigmoid(z * logits)) / logits.shape[0]
 
 
-def _siglip_block(image, text_block, scale, bias, positives):
-    """Sum of log sigmoid(z * logits) over one [B_local, B_local] block, and d/d logits."""
-    logits = scale * image @ text_block.T + bias
-    n = logits.shape[0]
-    z = 2 * jnp.eye(n, dtype=logits.dtype) - 1 if positives else -jnp.ones((n, n), logits.dtype)
-    return jnp.sum(jax.nn.log_sigmoid(z * logits)), z * jax.nn.sigmoid(-z * logits)
+def _siglip_block(image, text_block, scale, bias, positives, chunk=None):
+    """Sum of log sigmoid(z * logits) over one [B_local, B_local] block, and a function of
+    d/d logits giving (d image, d text block, d scale, d bias) for a cotangent g; computed
+    `chunk` columns of the block at a time (None: all at once)."""
+    n = text_block.shape[0]
+    chunk = min(chunk or n, n)
+    cols, index = _chunked(text_block, chunk), _chunked(jnp.arange(n), chunk, -1)
+
+    def logits_of(c, idx):
+        dots = _dot(image, c)                                      # [B_local, chunk]
+        rows = jnp.arange(image.shape[0])[:, None]
+        z = jnp.where(positives & (rows == idx[None, :]), 1.0, -1.0)
+        return dots, scale * dots + bias, z, idx[None, :] >= 0     # padding: index -1
+
+    def total(acc, xs):
+        _, logits, z, ok = logits_of(*xs)
+        return acc + jnp.sum(jnp.where(ok, jax.nn.log_sigmoid(z * logits), 0.0)), None
+
+    value = jax.lax.scan(total, jnp.zeros((), jnp.float32) + 0 * scale, (cols, index))[0]
+
+    def grads(g):
+        def step(carry, xs):
+            d_image, d_scale, d_bias = carry
+            c, idx = xs
+            dots, logits, z, ok = logits_of(c, idx)
+            d_logits = jnp.where(ok, g * z * jax.nn.sigmoid(-z * logits), 0.0)
+            return ((d_image + scale * jnp.dot(d_logits, c, preferred_element_type=jnp.float32),
+                     d_scale + jnp.sum(d_logits * dots), d_bias + jnp.sum(d_logits)),
+                    scale * jnp.dot(d_logits.T, image, preferred_element_type=jnp.float32))
+        zero = jnp.zeros((), jnp.float32) + 0 * scale
+        (d_image, d_scale, d_bias), d_cols = jax.lax.scan(
+            step, (jnp.zeros(image.shape, jnp.float32) + 0 * image, zero, zero), (cols, index))
+        return d_image, _unchunked(d_cols, n), d_scale, d_bias
+
+    return value, grads
 
 
 def _ring(axis_name, n_shards):
@@ -193,35 +222,33 @@ def _ring(axis_name, n_shards):
     return lambda x: jax.lax.ppermute(x, axis_name, perm)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def siglip_ring_sum(image, text, scale, bias, axis_name, n_shards):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def siglip_ring_sum(image, text, scale, bias, axis_name, n_shards, chunk=None):
     """This shard's sum of log sigmoid(z_ij logit_ij) over its images and ALL texts, the
-    text blocks coming round the ring (n_shards - 1 ppermutes); no psum."""
-    return _siglip_ring_fwd(image, text, scale, bias, axis_name, n_shards)[0]
+    text blocks coming round the ring (n_shards - 1 ppermutes), `chunk` columns of a block
+    at a time; no psum."""
+    return _siglip_ring_fwd(image, text, scale, bias, axis_name, n_shards, chunk)[0]
 
 
-def _siglip_ring_fwd(image, text, scale, bias, axis_name, n_shards):
-    send = _ring(axis_name, n_shards)
-    own, _ = _siglip_block(image, text, scale, bias, True)    # positives: own block only
+def _siglip_ring_fwd(image, text, scale, bias, axis_name, n_shards, chunk):
+    send = _ring_send(axis_name, n_shards)
+    own, _ = _siglip_block(image, text, scale, bias, True, chunk)    # positives: own block only
 
     def step(carry, _):
         block, total = carry
         block = send(block)
-        return (block, total + _siglip_block(image, block, scale, bias, False)[0]), None
+        return (block, total + _siglip_block(image, block, scale, bias, False, chunk)[0]), None
 
     (_, total), _ = jax.lax.scan(step, (text, own), None, length=n_shards - 1)
     return total, (image, text, scale, bias)
 
 
-def _siglip_ring_bwd(axis_name, n_shards, residuals, g):
+def _siglip_ring_bwd(axis_name, n_shards, chunk, residuals, g):
     image, text, scale, bias = residuals
-    send = _ring(axis_name, n_shards)
+    send = _ring_send(axis_name, n_shards)
 
     def grads(block, positives):
-        _, d_logits = _siglip_block(image, block, scale, bias, positives)
-        d_logits = g * d_logits
-        return (d_logits @ block * scale, d_logits.T @ image * scale,
-                jnp.sum(d_logits * (image @ block.T)), jnp.sum(d_logits))
+        return _siglip_block(image, block, scale, bias, positives, chunk)[1](g)
 
     d_image, d_text, d_scale, d_bias = grads(text, True)
 
@@ -234,16 +261,17 @@ def _siglip_ring_bwd(axis_name, n_shards, residuals, g):
 
     (_, d_text, d_image, d_scale, d_bias), _ = jax.lax.scan(
         step, (text, d_text, d_image, d_scale, d_bias), None, length=n_shards - 1)
-    return d_image, send(d_text), d_scale, d_bias
+    return (d_image.astype(image.dtype), send(d_text).astype(text.dtype),
+            d_scale.astype(jnp.result_type(scale)), d_bias.astype(jnp.result_type(bias)))
 
 
 siglip_ring_sum.defvjp(_siglip_ring_fwd, _siglip_ring_bwd)
 
 
-def siglip_loss(image_embeds, text_embeds, logit_scale, logit_bias, mesh, batch_axes):
+def siglip_loss(image_embeds, text_embeds, logit_scale, logit_bias, mesh, batch_axes, block_size=None):
     """Sharded SigLIP loss (equals `siglip_loss_naive`): as in the paper, each shard keeps its
     images and the text blocks go round a ring of the batch shards, so no device holds all
-    text embeddings and logits are B_local x B_local per step."""
+    text embeddings; logits are B_local x `block_size` at a time (None: B_local x B_local)."""
     if not batch_axes:
         return siglip_loss_naive(image_embeds, text_embeds, logit_scale, logit_bias)
     axes = tuple(batch_axes)
@@ -255,7 +283,7 @@ def siglip_loss(image_embeds, text_embeds, logit_scale, logit_bias, mesh, batch_
         scale, bias = (jax.lax.pcast(x, axes, to="varying") for x in (scale, bias))
         # ppermute takes the tuple of batch axes; its indices are the linearised (row-major)
         # shard index, the same order as axis_index(axes) and P(axes) sharding.
-        total = siglip_ring_sum(image, text, scale, bias, axes, n_shards)
+        total = siglip_ring_sum(image, text, scale, bias, axes, n_shards, block_size)
         return -jax.lax.psum(total, axes) / (image.shape[0] * n_shards)
 
     return _on_batch_shards(local, mesh, axes, 2, 2)(image_embeds, text_embeds, logit_scale,
@@ -452,7 +480,8 @@ LOSSES = {
     "clip_ring": Loss(clip_loss_ring,
                       options=(Option("block_size", _positive_int, "must be a positive integer"),)),
     # The paper's initial t' = log 10 and bias -10.
-    "siglip": Loss(siglip_loss, model_options={"logit_scale_init": math.log(10.0), "logit_bias_init": -10.0}),
+    "siglip": Loss(siglip_loss, model_options={"logit_scale_init": math.log(10.0), "logit_bias_init": -10.0},
+                   options=(Option("block_size", _positive_int, "must be a positive integer"),)),
 }
 
 

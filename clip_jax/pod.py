@@ -49,13 +49,14 @@ refuses to compile (out of HBM) or whose memory exceeds the HBM.
 import dataclasses
 import importlib.resources
 import importlib.util
+import math
 import os
 import re
 import time
 
 import jax
 
-from clip_jax import cost, sharding, train
+from clip_jax import cost, sharding, train, validation
 
 GIB = 2 ** 30
 
@@ -253,10 +254,13 @@ def analyse(config, devices, chip, hlo_dir=None, count_flops=True):
     return report
 
 
-def find_max_batch(config, devices, chip, on_report=None):
+def find_max_batch(config, devices, chip, on_report=None, micro_rows=None):
     """(largest fitting global batch, [report of each compile tried]). Each compile's memory
     guides the next size (`memory_guess`): a compile of a 256-chip step takes minutes.
-    `on_report(report)` is called after each compile."""
+    `on_report(report)` is called after each compile. With `micro_rows`, micro-batches are
+    searched too: each size is tried with the leanest exact loss and micro-batches of
+    `micro_rows` rows per batch shard (as many as that takes: the least activation memory),
+    the frontier `plan` then chooses the cheapest settings below."""
     shards = sharding.num_batch_shards(
         sharding.make_mesh(config.mesh, devices), tuple(tuple(r) for r in config.sharding_rules))
     reports, budget = [], chip.hbm_gib * chip.memory_fraction * GIB
@@ -265,6 +269,9 @@ def find_max_batch(config, devices, chip, on_report=None):
         trial = config.copy_and_resolve_references()
         with trial.unlocked():
             trial.batch_size = batch
+            if micro_rows:
+                trial.loss.name = exact_losses(config.loss.name)[0]
+                trial.micro_batches = batch // shards // micro_rows
         report = analyse(trial, devices, chip, count_flops=False)
         reports.append((trial, report))
         if on_report is not None:
@@ -275,9 +282,125 @@ def find_max_batch(config, devices, chip, on_report=None):
         return cost.memory_guess([(r["batch_size"], r["memory_per_chip_bytes"]) for _, r in reports
                                   if r["memory_per_chip_bytes"] is not None], budget)
 
-    largest, _ = cost.search_largest(fits, shards * int(config.micro_batches), config.batch_size,
-                                     resolution=16, guess=guess)
+    unit = shards * (micro_rows or int(config.micro_batches))
+    largest, _ = cost.search_largest(fits, unit, config.batch_size, resolution=16, guess=guess)
     for trial, report in reports:
         if report["batch_size"] == largest:
             add_flops(report, trial, chip)
     return largest, [report for _, report in reports]
+
+
+# ------------------------------------------------------------------ the planner
+
+# Softmax (InfoNCE) losses are one objective computed three ways (tests: equal values and
+# gradients), so the planner may swap one for another; SigLIP is another objective.
+EXACT_FAMILIES = (("clip_ring", "clip_blockwise", "clip"), ("siglip",))
+
+
+def exact_losses(name):
+    """The losses equal to `name`'s, leanest (least memory) first."""
+    return next((f for f in EXACT_FAMILIES if name in f), (name,))
+
+
+def state_bytes_per_chip(run):
+    """Bytes of one chip's shard of the train state (what stays resident between steps)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+               for x in jax.tree.leaves(run.abstract_state))
+
+
+def _used_bytes(report):
+    """The report's memory per chip, or what XLA said it needed when it refused (TPU: "Used
+    25.3G of 15.5G hbm"); None when unknown."""
+    if report["memory_per_chip_bytes"] is not None:
+        return report["memory_per_chip_bytes"]
+    found = re.search(r"Used ([\d.]+)([KMGT])i?B? of", report.get("error", ""))
+    return float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024 if found else None
+
+
+def recomputation(remat, micro_batches):
+    """Extra forward passes per step: remat recomputes the forward in the backward pass; the
+    gradient cache (micro_batches > 1) runs a forward without gradients first."""
+    return int(bool(remat)) + int(micro_batches > 1)
+
+
+def plan(config, devices, chip, on_report=None):
+    """The loss (among `exact_losses` of the config's), remat and micro-batches that fit
+    `config.batch_size` on `devices` with the least recomputation (`recomputation`), the
+    config's own loss preferred at equal recomputation, then fewer micro-batches.
+    Returns (the chosen report or None, [every report]).
+
+    Search: the leanest loss of the family (it gathers nothing) finds the least
+    recomputation that fits -- K=1 without remat, K=1 with remat, the smallest K without
+    remat, the smallest K with remat -- then the config's own loss is tried at that point.
+    The smallest K is guessed from the K=1 compile (memory = the rest + temporaries / K)
+    and corrected by doubling or halving: a handful of compiles, each minutes at pod scale.
+    Only the config's mesh is considered."""
+    mesh = sharding.make_mesh(config.mesh, devices)
+    shards = sharding.num_batch_shards(mesh, tuple(tuple(r) for r in config.sharding_rules))
+    local = config.batch_size // shards
+    budget = chip.hbm_gib * chip.memory_fraction * GIB
+    own, lean = config.loss.name, exact_losses(config.loss.name)[0]
+    reports, fixed = [], {}
+
+    def trial(loss, remat, k):
+        for r in reports:
+            if (r["loss"], r["remat"], r["micro_batches"]) == (loss, remat, k):
+                return r
+        t = config.copy_and_resolve_references()
+        with t.unlocked():
+            t.loss.name, t.model.remat, t.micro_batches = loss, remat, k
+        validation.validate(t, len(devices))
+        report = analyse(t, devices, chip, count_flops=False)
+        report["recomputation"] = recomputation(remat, k)
+        if "state" not in fixed:
+            fixed["state"] = state_bytes_per_chip(train.build(t, devices))
+        reports.append(report)
+        if on_report is not None:
+            on_report(report)
+        return report
+
+    def smallest_k(loss, remat):
+        """The fitting report with the fewest micro-batches K > 1 (powers of 2 dividing the
+        local batch), or None: from the guess up until one fits, then down while one does."""
+        ks = [2 ** i for i in range(1, local.bit_length()) if local % 2 ** i == 0]
+        if not ks:
+            return None
+        one = trial(loss, remat, 1)
+        if one["memory_per_chip_bytes"] is not None:     # the temporaries shrink with K
+            temp = one["memory_bytes"]["temp"]
+            rest = one["memory_per_chip_bytes"] - temp
+        else:                                            # only XLA's total: less the state
+            used = _used_bytes(one)
+            temp, rest = (used - fixed["state"], fixed["state"]) if used else (None, None)
+        want = temp / (budget - rest) if temp is not None and budget > rest else 2
+        i = next((j for j, k in enumerate(ks) if k >= want), len(ks) - 1)
+        while i < len(ks) and not trial(loss, remat, ks[i])["fits"]:
+            i += 1
+        if i == len(ks):
+            return None
+        while i > 0 and trial(loss, remat, ks[i - 1])["fits"]:
+            i -= 1
+        return trial(loss, remat, ks[i])
+
+    chosen = None
+    for remat, search in ((False, False), (True, False), (False, True), (True, True)):
+        found = smallest_k(lean, remat) if search else trial(lean, remat, 1)
+        if found is not None and found["fits"]:
+            chosen = found
+            break
+    if chosen is not None and own != lean:          # the config's own loss, if it fits there too
+        mine = trial(own, chosen["remat"], chosen["micro_batches"])
+        chosen = mine if mine["fits"] else chosen
+    if chosen is not None:
+        t = config.copy_and_resolve_references()
+        with t.unlocked():
+            t.loss.name, t.model.remat, t.micro_batches = (chosen["loss"], chosen["remat"],
+                                                           chosen["micro_batches"])
+        add_flops(chosen, t, chip)
+    return chosen, reports
+
+
+def plan_overrides(report):
+    """The command-line overrides that train with the planned settings."""
+    return (f"--config.loss.name={report['loss']} --config.model.remat={report['remat']} "
+            f"--config.micro_batches={report['micro_batches']}")

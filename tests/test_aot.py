@@ -76,6 +76,31 @@ def test_aot_finds_the_largest_batch_that_fits_a_given_hbm():
 
 @needs_libtpu
 @libtpu_worker
+def test_aot_plans_a_batch_that_does_not_fit_as_configured():
+    """--plan on a batch too large for 0.02 GiB as configured (clip, no remat, one batch): the
+    plan fits with the least recomputation among those tried (nothing with less fits, nor
+    the same settings with half the micro-batches), and the printed overrides compile to
+    `fits` without --plan."""
+    flags = [f for f in tiny_flags(batch_size=4096) if not f.startswith("--config.batch_size")]
+    args = ["clip_jax.aot", "--config=configs/smoke.py", "--topology=v5e:2x2", "--hbm_gib=0.02",
+            "--config.batch_size=4096", "--json", *flags]
+    proc = run_cli([*args, "--plan"], timeout=900)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["fits"] and r["loss"] in ("clip", "clip_blockwise", "clip_ring")
+    tried = r["tried"]
+    assert not any(t["fits"] for t in tried if t["recomputation"] < r["recomputation"])
+    as_configured = json.loads(run_cli(args, timeout=600).stdout.strip().splitlines()[-1])
+    assert not as_configured["fits"]
+    half = [t for t in tried if (t["loss"], t["remat"], t["micro_batches"]) ==
+            (r["loss"], r["remat"], r["micro_batches"] // 2)]
+    assert all(not t["fits"] for t in half)
+    assert "plan: " + r["overrides"] in proc.stdout
+    again = run_cli([*args, *r["overrides"].split()], timeout=600)
+    assert json.loads(again.stdout.strip().splitlines()[-1])["fits"]
+
+
+@needs_libtpu
+@libtpu_worker
 @pytest.mark.parametrize("variant", ["vit", "resnet"])
 def test_on_a_tpu_mesh_the_model_is_the_plain_code_and_sums_gradients_in_float32(variant):
     """Built for a TPU topology from this CPU process, the model takes no CPU kernel, and

@@ -91,18 +91,20 @@ for name, shape in {"data8": (-1, 1, 1), "data4_fsdp2": (4, 2, 1), "data2_fsdp2_
             "has_local_logits": "f32[%d,32]" % n_local in hlo,
             "has_block_logits": "f32[%d,%d]" % (n_local, min(block, 32)) in hlo,
         }
-    compiled = jax.jit(jax.value_and_grad(
-        lambda i, t, s, b: losses.siglip_loss(i, t, s, b, mesh, axes),
-        argnums=(0, 1, 2, 3))).lower(i, t, 9.0, -3.0).compile()
-    v, g = compiled(i, t, 9.0, -3.0)
-    hlo = compiled.as_text()
-    out[name]["siglip"] = {
-        "loss_err": abs(float(v) - float(sv0)) / abs(float(sv0)),
-        "grad_err": max(rel(a, b) for a, b in zip(g, sg0)),
-        "has_all_text": "f32[32,16]" in hlo, "all_gather": "all-gather" in hlo,
-        "permutes": "collective-permute" in hlo,
-        "has_block_logits": "f32[%d,%d]" % (n_local, n_local) in hlo,
-    }
+    for block in (None, 3):      # SigLIP's ring blocks whole, and 3 columns at a time
+        compiled = jax.jit(jax.value_and_grad(
+            lambda i, t, s, b: losses.siglip_loss(i, t, s, b, mesh, axes, block),
+            argnums=(0, 1, 2, 3))).lower(i, t, 9.0, -3.0).compile()
+        v, g = compiled(i, t, 9.0, -3.0)
+        hlo = compiled.as_text()
+        out[name]["siglip" if block is None else "siglip3"] = {
+            "loss_err": abs(float(v) - float(sv0)) / abs(float(sv0)),
+            "grad_err": max(rel(a, b) for a, b in zip(g, sg0)),
+            "has_all_text": "f32[32,16]" in hlo, "all_gather": "all-gather" in hlo,
+            "permutes": "collective-permute" in hlo,
+            "has_block_logits": "f32[%d,%d]" % (n_local, n_local) in hlo,
+            "has_chunk_logits": "f32[%d,%d]" % (n_local, min(3, n_local)) in hlo,
+        }
     # clip_ring: a block of 3 (not dividing B_local: padded chunks) and one of 64 (whole blocks),
     # float32 and bfloat16 inputs; bfloat16 against the naive loss of the same (rounded) values.
     for dtype in ("float32", "bfloat16"):
@@ -164,6 +166,10 @@ def test_siglip_loss_on_8_devices_equals_naive(mesh_name, shards):
     # Text blocks go round the ring: no all-gather, no [B, d] text array, B_local^2 logits.
     assert r["permutes"] and not r["all_gather"] and not r["has_all_text"]
     assert r["has_block_logits"]
+    # ... and with block_size 3, B_local x 3 logits at a time, never B_local^2.
+    r = _multi()[mesh_name]["siglip3"]
+    assert r["loss_err"] < 1e-5 and r["grad_err"] < 1e-5, r
+    assert r["permutes"] and not r["all_gather"] and r["has_chunk_logits"] and not r["has_block_logits"]
 
 
 @pytest.mark.parametrize("mesh_name,shards", MESHES)
