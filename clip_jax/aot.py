@@ -74,6 +74,8 @@ def format_report(name, topology, r):
         c = r["collectives"][kind]
         lines.append(f"              {kind:<19} {c['count']:>5} ops {c['bytes'] / 2**20:>10,.1f} "
                      f"({r['minimum_collective_bytes'][kind] / 2**20:,.1f})")
+    if r.get("global_embedding_arrays"):
+        lines.append(f"  gathered B x d embeddings per chip: {r['global_embedding_arrays']}")
     if r["global_square_blocks"]:
         lines.append(f"  WARNING: global B x B blocks in the program: {r['global_square_blocks']}")
     return "\n".join(lines)

@@ -247,6 +247,10 @@ def analyse(config, devices, chip, hlo_dir=None, count_flops=True):
     param_shapes = {tuple(x.shape) for x in jax.tree.leaves(run.abstract_state.params)}
     report["global_square_blocks"] = [] if (batch, batch) in param_shapes else sorted(set(
         re.findall(rf"\b(?:f32|bf16)\[{batch},{batch}\]", hlo)))[:3]
+    # Gathered B x d embeddings (what `clip` and `clip_blockwise` hold; never `clip_ring`/`siglip`).
+    embed = int(config.model.embed_dim)
+    report["global_embedding_arrays"] = sorted(set(
+        re.findall(rf"\b(?:f32|bf16)\[{batch},{embed}\]", hlo)))[:3] if batch != embed else []
     if hlo_dir:
         os.makedirs(hlo_dir, exist_ok=True)
         with open(os.path.join(hlo_dir, f"train_step_b{batch}.hlo.txt"), "w") as f:

@@ -14,7 +14,7 @@ from clip_jax.benchmark import photos
 from clip_jax.benchmark.timing import median_time
 from clip_jax.data import tokenizer as tokenizer_lib
 from clip_jax.data.pipeline import normalize_images
-from clip_jax.evals import data as data_lib, features
+from clip_jax.evals import data as data_lib, features, linear_probe
 from clip_jax.inference import CLIPModel
 from clip_jax.models import init_variables
 
@@ -67,7 +67,6 @@ def benchmark_probe(rows, dim, classes, iterations, repeats, sklearn=True):
     pass; more when the line search tries several steps), so time per iteration grows linearly with the rows: the
     estimate for ImageNet-1k's 1.28M training images is the measured time scaled by rows,
     and a probe's worst case is 16 fits (15 of the C search, the refit) x 1,000 iterations."""
-    from clip_jax.evals import linear_probe
     rng = np.random.default_rng(0)
     y = rng.integers(0, classes, rows)
     x = (rng.standard_normal((classes, dim)) * 0.5)[y] + rng.standard_normal((rows, dim))

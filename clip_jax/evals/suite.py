@@ -54,6 +54,7 @@ LANGUAGE = "en"
 TRAIN_SPLIT = "train"
 EVAL_SPLITS = ("test", "val")
 DEFAULT_OUT = "suite_results"     # the command line's --out
+EVALUATORS = {"zeroshot": ZeroShot, "retrieval": Retrieval, "linear_probe": LinearProbe}
 
 
 def cb_metrics(result):
@@ -239,8 +240,7 @@ class Suite(Evaluator):
 
     @classmethod
     def format_result(cls, result):
-        from clip_jax.evals import registry
-        reports = [registry.get(r["task"]).format_result(r) for r in result["results"]]
+        reports = [EVALUATORS[r["task"]].format_result(r) for r in result["results"]]
         return "\n".join(reports + [markdown_table(result["rows"]).rstrip()])
 
 
