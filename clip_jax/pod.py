@@ -312,13 +312,11 @@ def state_bytes_per_chip(run):
                for x in jax.tree.leaves(run.abstract_state))
 
 
-def _used_bytes(report):
-    """The report's memory per chip, or what XLA said it needed when it refused (TPU: "Used
-    25.3G of 15.5G hbm"); None when unknown."""
-    if report["memory_per_chip_bytes"] is not None:
-        return report["memory_per_chip_bytes"]
-    found = re.search(r"Used ([\d.]+)([KMGT])i?B? of", report.get("error", ""))
-    return float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024 if found else None
+def _refused_temporaries(report):
+    """The temporaries XLA said it needed when it refused to compile (TPU: "the total memory
+    required for HLO temporaries (98.83G) exceeds available HBM"), in bytes; else None."""
+    found = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", report.get("error", ""))
+    return float(found.group(1)) * 1024 ** ("KMGT".index(found.group(2)) + 1) if found else None
 
 
 def recomputation(remat, micro_batches):
@@ -373,9 +371,8 @@ def plan(config, devices, chip, on_report=None):
         if one["memory_per_chip_bytes"] is not None:     # the temporaries shrink with K
             temp = one["memory_bytes"]["temp"]
             rest = one["memory_per_chip_bytes"] - temp
-        else:                                            # only XLA's total: less the state
-            used = _used_bytes(one)
-            temp, rest = (used - fixed["state"], fixed["state"]) if used else (None, None)
+        else:                                            # what XLA said it needed
+            temp, rest = _refused_temporaries(one), fixed["state"]
         want = temp / (budget - rest) if temp is not None and budget > rest else 2
         i = next((j for j, k in enumerate(ks) if k >= want), len(ks) - 1)
         while i < len(ks) and not trial(loss, remat, ks[i])["fits"]:

@@ -125,15 +125,16 @@ def _trainable(config, params):
     return optim.trainable_rows(params, config.lock_image)
 
 
-def _micro_split(x, k, shards):
-    """[B, ...] -> [k, B/k, ...]: micro-batch m holds rows m*b/k..(m+1)*b/k of every batch
-    shard's b local rows, so each micro-batch stays spread over all devices (no exchange)."""
+def _micro_batch(x, m, k, shards):
+    """Micro-batch m of x [B, ...], [B/k, ...]: rows m*b/k..(m+1)*b/k of every batch shard's b
+    local rows, so each micro-batch stays spread over all devices (no exchange), read by a
+    dynamic slice of each shard's own rows (no reordered copy of the whole batch)."""
     x = x.reshape((shards, k, -1) + x.shape[1:])
-    return jnp.swapaxes(x, 0, 1).reshape((k, -1) + x.shape[3:])
+    return jax.lax.dynamic_index_in_dim(x, m, axis=1, keepdims=False).reshape((-1,) + x.shape[3:])
 
 
 def _micro_merge(x, k, shards):
-    """The inverse of `_micro_split`: [k, B/k, ...] -> [B, ...] in the original row order."""
+    """[k, B/k, ...] of the k micro-batches (`_micro_batch`) -> [B, ...] in the original row order."""
     x = x.reshape((k, shards, -1) + x.shape[2:])
     return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[3:])
 
@@ -160,12 +161,13 @@ def make_gradient_fn(config, model, mesh, rules):
     lock = config.lock_image
     bn_train = has_bn and not (lock.enabled and lock.unlocked_blocks == 0)
     k, shards = int(config.micro_batches), sharding.num_batch_shards(mesh, rules)
-    micro_spec = NamedSharding(mesh, P(None, batch_axes or None))
+    batch_spec = NamedSharding(mesh, P(batch_axes or None))
     # The data axis, when parameters are replicated over it (always) and BatchNorm does not
     # normalise over the micro-batch (it would see one shard's rows): each data shard
     # accumulates its own micro-batches' parameter gradients, summed once after the last.
+    # Nor with kernels a shard_map cannot hold (`Ops.in_shard_map`: cuDNN attention).
     local_axes = ("data",) if (k > 1 and mesh.shape["data"] > 1 and not bn_train
-                               and "data" in batch_axes) else ()
+                               and model.ops.in_shard_map and "data" in batch_axes) else ()
     n_local = mesh.shape["data"] if local_axes else 1
 
     def local_grads(grads_fn, params, x):
@@ -195,17 +197,18 @@ def make_gradient_fn(config, model, mesh, rules):
         return jax.value_and_grad(objective, has_aux=True)(params)
 
     def gradient_cache(params, batch_stats, batch):
-        images, tokens = (jax.lax.with_sharding_constraint(_micro_split(batch[key], k, shards), micro_spec)
-                          for key in pipeline.BATCH_KEYS)
+        def micro(m):      # micro-batch m of the batch, read in place (no split copy of the batch)
+            return tuple(jax.lax.with_sharding_constraint(_micro_batch(batch[key], m, k, shards), batch_spec)
+                         for key in pipeline.BATCH_KEYS)
 
         def embed(params, stats, x):
             out, new_stats = forward(params, stats, *x)
             return (out["image_embeds"], out["text_embeds"]), new_stats
 
-        def no_grad_pass(stats, x):        # (1): embeddings only, no activations kept
-            embeds, new_stats = embed(jax.lax.stop_gradient(params), stats, x)
+        def no_grad_pass(stats, m):        # (1): embeddings only, no activations kept
+            embeds, new_stats = embed(jax.lax.stop_gradient(params), stats, micro(m))
             return new_stats, embeds
-        new_stats, (image_mb, text_mb) = jax.lax.scan(no_grad_pass, batch_stats, (images, tokens))
+        new_stats, (image_mb, text_mb) = jax.lax.scan(no_grad_pass, batch_stats, jnp.arange(k))
 
         def batch_loss(image_embeds, text_embeds, params):   # (2): the full-batch loss
             scale, bias = logit_params(params)
@@ -219,17 +222,25 @@ def make_gradient_fn(config, model, mesh, rules):
             _, vjp = jax.vjp(lambda p: embed(p, batch_stats, inputs)[0], params)
             return vjp((g_i, g_t))[0]
 
+        def inputs_and_cotangents(x):
+            m, g_i, g_t = x
+            return (*micro(m), g_i, g_t)
+
+        cached = (jnp.arange(k), g_image, g_text)
         if local_axes:                    # (3), each data shard's sum kept apart, reduced once
             def own(tree):                # [n_data, ...]: row i on data shard i, the rest as GSPMD likes
                 return jax.tree.map(lambda g: jax.lax.with_sharding_constraint(g, NamedSharding(
                     mesh, P(local_axes, *[P.UNCONSTRAINED] * (g.ndim - 1)))), tree)
-            partial = jax.lax.scan(lambda acc, x: (own(jax.tree.map(jnp.add, acc, local_grads(micro_grads, params, x))), None),
-                                   own(jax.tree.map(lambda g: jnp.zeros((n_local,) + g.shape, g.dtype), grads)),
-                                   (images, tokens, g_image, g_text))[0]
+
+            def accumulate(acc, x):
+                return own(jax.tree.map(jnp.add, acc, local_grads(micro_grads, params,
+                                                                  inputs_and_cotangents(x)))), None
+            partial = jax.lax.scan(accumulate, own(jax.tree.map(
+                lambda g: jnp.zeros((n_local,) + g.shape, g.dtype), grads)), cached)[0]
             grads = jax.tree.map(lambda g, p: g + p.sum(axis=0), grads, partial)
         else:                             # (3): each micro-batch's gradient reduced as it comes
-            grads, _ = jax.lax.scan(lambda acc, x: (jax.tree.map(jnp.add, acc, micro_grads(params, x)), None),
-                                    grads, (images, tokens, g_image, g_text))
+            grads, _ = jax.lax.scan(lambda acc, x: (jax.tree.map(
+                jnp.add, acc, micro_grads(params, inputs_and_cotangents(x))), None), grads, cached)
         return (loss, (new_stats, scale)), grads
 
     def loss_and_grads(params, batch_stats, batch):

@@ -94,6 +94,12 @@ class GpuOps(plain.Ops):
             raise ValueError(f"unknown GPU kernel piece(s) {unknown}; the pieces are {PIECES}")
         object.__setattr__(self, "off", frozenset(self.off))
 
+    @property
+    def in_shard_map(self):
+        """JAX partitions the cuDNN attention call with `custom_partitioning`, which a
+        shard_map's manual axes refuse."""
+        return "cudnn_attention" in self.off
+
     def uses_cudnn(self, query, key, value):
         """Whether `attention` runs these operands on cuDNN."""
         return "cudnn_attention" not in self.off and cudnn_allows(query, key, value)

@@ -44,7 +44,8 @@ def matmul(x, kernel, bias, dtype, out_dtype=None, transpose=jnp.transpose):
     if jnp.dtype(dtype) == jnp.float32:
         y = jnp.dot(x, kernel)
         return (y if bias is None else y + bias).astype(out_dtype or dtype)
-    zero = jnp.zeros(kernel.shape[1:], jnp.float32)
+    # *_like: the kernel's shard_map type (varying copies in the gradient cache's pass 3)
+    zero = jnp.zeros_like(kernel[0], jnp.float32)
     return _low_precision_matmul(x, kernel, zero if bias is None else bias,
                                  jnp.dtype(out_dtype or dtype), transpose)
 
@@ -150,6 +151,9 @@ class Ops:
     by value: a module field, and part of the traced program."""
     # Whether a ResNet stage's repeated blocks may run as a loop (`model.scan_layers`).
     scan_convolutions = True
+    # Whether the model may run inside a shard_map manual over some mesh axes (the gradient
+    # cache's one-reduction pass, `train.make_gradient_fn`).
+    in_shard_map = True
 
     def matmul(self, x, kernel, bias, dtype, out_dtype=None):
         """x [M, K] @ kernel [K, N] (+ bias [N]): the one dense product (`matmul`)."""
