@@ -248,6 +248,7 @@ def analyse(config, devices, chip, hlo_dir=None, count_flops=True):
     report["global_square_blocks"] = [] if (batch, batch) in param_shapes else sorted(set(
         re.findall(rf"\b(?:f32|bf16)\[{batch},{batch}\]", hlo)))[:3]
     # Gathered B x d embeddings (what `clip` and `clip_blockwise` hold; never `clip_ring`/`siglip`).
+    # By shape only: in a tiny test model another array may have that shape.
     embed = int(config.model.embed_dim)
     report["global_embedding_arrays"] = sorted(set(
         re.findall(rf"\b(?:f32|bf16)\[{batch},{embed}\]", hlo)))[:3] if batch != embed else []
@@ -335,8 +336,9 @@ def plan(config, devices, chip, on_report=None):
     recomputation that fits -- K=1 without remat, K=1 with remat, the smallest K without
     remat, the smallest K with remat -- then the config's own loss is tried at that point.
     The smallest K is guessed from the K=1 compile (memory = the rest + temporaries / K)
-    and corrected by doubling or halving: a handful of compiles, each minutes at pod scale.
-    Only the config's mesh is considered."""
+    and corrected by doubling (given up when the memory stops shrinking: the rest does not
+    depend on K) or halving: a handful of compiles, each minutes at pod scale. Only the
+    config's mesh is considered."""
     mesh = sharding.make_mesh(config.mesh, devices)
     shards = sharding.num_batch_shards(mesh, tuple(tuple(r) for r in config.sharding_rules))
     local = config.batch_size // shards
@@ -375,7 +377,12 @@ def plan(config, devices, chip, on_report=None):
             temp, rest = _refused_temporaries(one), fixed["state"]
         want = temp / (budget - rest) if temp is not None and budget > rest else 2
         i = next((j for j, k in enumerate(ks) if k >= want), len(ks) - 1)
+        floor = []                 # memory that stops shrinking with K will not fit at any K
         while i < len(ks) and not trial(loss, remat, ks[i])["fits"]:
+            last = trial(loss, remat, ks[i])
+            floor.append(_refused_temporaries(last) or last["memory_per_chip_bytes"])
+            if len(floor) >= 2 and None not in floor[-2:] and floor[-1] > 0.95 * floor[-2]:
+                return None
             i += 1
         if i == len(ks):
             return None

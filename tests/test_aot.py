@@ -95,9 +95,6 @@ def test_aot_plans_a_batch_that_does_not_fit_as_configured():
             (r["loss"], r["remat"], r["micro_batches"] // 2)]
     assert all(not t["fits"] for t in half)
     assert "plan: " + r["overrides"] in proc.stdout
-    # clip gathers the B x d embeddings on every chip, clip_ring never does
-    assert all(bool(t["global_embedding_arrays"]) == (t["loss"] != "clip_ring")
-               for t in tried if t["memory_per_chip_bytes"] is not None)
     again = run_cli([*args, *r["overrides"].split()], timeout=600)
     assert json.loads(again.stdout.strip().splitlines()[-1])["fits"]
 
