@@ -26,7 +26,12 @@ is one JSON object.
 The libtpu warnings about worker hostnames on a host without TPUs are quieted by setting
 TPU_ACCELERATOR_TYPE and TPU_WORKER_HOSTNAMES, in this command's process only, unless they
 are set. Likewise JAX_PLATFORMS=cpu, unless set: nothing runs, and on a host with the CUDA
-plugin but no GPU, starting JAX's CUDA backend fails and leaves no CUDA compiler.
+plugin but no GPU, starting JAX's CUDA backend fails and leaves no CUDA compiler. And
+ALLOW_MULTIPLE_LIBTPU_LOAD=1, unless set: libtpu takes a host-wide lock (/tmp/libtpu_lockfile)
+meant for processes that drive TPU chips, and refuses a second process ("Internal error when
+accessing libtpu multi-process lockfile") even when both only compile; this command opens no
+chip, so two compiles on one host (a sweep, two CI workers, an aot beside a training on a
+TPU VM) run side by side.
 """
 import dataclasses
 import json
@@ -87,6 +92,7 @@ def main():
 
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")   # see the docstring
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if "JAX_PLATFORMS" not in os.environ:                               # see the docstring
         jax.config.update("jax_platforms", "cpu")
     # Compile-only TPU programs cannot be stored in (or read back from) JAX's persistent

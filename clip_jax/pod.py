@@ -164,8 +164,11 @@ def topology_devices(topology):
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **options)
     except Exception as e:   # noqa: BLE001  (libtpu missing, or a shape it does not know)
-        raise ValueError(f"--topology={topology}: {type(e).__name__}: {e} (the TPU compiler "
-                         "comes with pip install -e '.[tpu]')") from None
+        hint = ("another process on this host holds libtpu's lock: for compiling only, set "
+                "ALLOW_MULTIPLE_LIBTPU_LOAD=1 (python -m clip_jax.aot does)"
+                if "libtpu_lockfile" in str(e) or "already in use" in str(e) else
+                "the TPU compiler comes with pip install -e '.[tpu]'")
+        raise ValueError(f"--topology={topology}: {type(e).__name__}: {e} ({hint})") from None
     return list(desc.devices), chip
 
 

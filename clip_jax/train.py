@@ -182,6 +182,8 @@ def make_gradient_fn(config, model, mesh, rules):
                              out_specs=P(local_axes), axis_names=set(local_axes))(params, x)
 
     def forward(params, batch_stats, images, tokens):
+        if images.dtype == jnp.uint8:     # the pipeline's pixels, normalised here: per micro-batch
+            images = pipeline.normalize_images(images)
         out, updates = model.apply(_variables(params, batch_stats), images, tokens,
                                    train=bn_train, mutable=["batch_stats"] if bn_train else [])
         return out, updates.get("batch_stats", batch_stats)
@@ -323,6 +325,7 @@ class TrainSetup:
         the step's input sharding, e.g. to compile the step ahead of time."""
         data = sharding.batch_sharding(self.mesh, self.rules)
         images, tokens = input_specs(self.config.model, batch_size or self.config.batch_size)
+        images = jax.ShapeDtypeStruct(images.shape, jnp.uint8)     # the pipeline's pixels
         return pipeline.training_batch(*(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=data)
                                          for x in (images, tokens)))
 

@@ -1,15 +1,19 @@
 """clip_jax.aot and clip_jax.pod: the real train step compiled for a TPU topology on this CPU host.
 
 The compile tests need libtpu (`pip install -e '.[tpu]'`, which CI installs) and are skipped
-without it. They run on one xdist worker: libtpu takes a lock per process.
+without it. They run on one xdist worker (long compiles; and libtpu's host-wide lock, which
+clip_jax.aot steps around, is tested once, held by another process on purpose).
 """
+import contextlib
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 
 from clip_jax import cost, pod
-from tests.helpers import run_cli, run_python, tiny_config, tiny_flags
+from tests.helpers import REPO, device_env, run_cli, run_python, tiny_config, tiny_flags
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed (pip install -e '.[tpu]')")
@@ -31,19 +35,39 @@ def test_step_flops_count_every_micro_batch():
     assert cost.step_flops(four) == pytest.approx(cost.step_flops(one) + model / 3, rel=1e-9)
 
 
+@contextlib.contextmanager
+def libtpu_lock_held():
+    """Another process holding libtpu's host-wide lock (/tmp/libtpu_lockfile) while the block
+    runs, as a second compile, a CI worker or a training on a TPU VM would."""
+    code = ("import os, sys; os.environ.update(TPU_ACCELERATOR_TYPE='v5litepod-16', "
+            "TPU_WORKER_HOSTNAMES='localhost'); from clip_jax import pod; "
+            "pod.topology_devices('v5e:2x2'); print('held', flush=True); sys.stdin.read()")
+    env = {k: v for k, v in device_env(1).items() if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"}
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
 @needs_libtpu
 @libtpu_worker
 @pytest.mark.parametrize("variant", ["vit", "resnet"])
 def test_aot_compiles_the_train_step_for_a_tpu_topology(variant):
     """The CLI compiles the trainer's own step for 4 v5e chips from this CPU host: it fits,
     the loss gathers the B x D embeddings (never a B x B block), and the gradients are
-    summed across the data axis."""
+    summed across the data axis. It does so while another process holds libtpu's lock (a
+    CI run once failed on "Internal error when accessing libtpu multi-process lockfile")."""
     config = "configs/smoke.py" + (":resnet" if variant == "resnet" else "")
     flags = tiny_flags(batch_size=64)
     if variant == "resnet":         # the smoke ResNet itself (tiny already), the tiny text tower
         flags = [f for f in flags if not f.startswith("--config.model.vision.")]
-    proc = run_cli(["clip_jax.aot", f"--config={config}", "--topology=v5e:2x2", "--json", *flags],
-                   timeout=600)
+    with libtpu_lock_held():
+        proc = run_cli(["clip_jax.aot", f"--config={config}", "--topology=v5e:2x2", "--json",
+                        *flags], timeout=600)
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["topology_chips"] == 4 and r["device_kind"] == "TPU v5 lite"
     assert r["mesh"] == {"data": 4, "fsdp": 1, "model": 1} and r["local_batch"] == 16
@@ -113,6 +137,7 @@ def test_on_a_tpu_mesh_the_model_is_the_plain_code_and_sums_gradients_in_float32
         import json, os, re
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # as clip_jax.aot does
         import jax, jax.numpy as jnp
         from jax.sharding import NamedSharding, PartitionSpec as P
         from clip_jax import cost, pod

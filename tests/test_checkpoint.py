@@ -244,7 +244,9 @@ def test_too_many_nonfinite_steps_stop_the_run_with_the_last_good_checkpoint(tmp
             poison = self.inner.position >= 5
             batch = next(self.inner)
             if poison:
-                batch = {**batch, "images": batch["images"].at[0, 0, 0, 0].set(jnp.nan)}
+                # the step takes normalised float pixels too: a NaN one poisons the batch
+                images = pipeline.normalize_images(batch["images"])
+                batch = {**batch, "images": images.at[0, 0, 0, 0].set(jnp.nan)}
             return batch
 
     monkeypatch.setattr(pipeline, "make_train_iterator", PoisonedFrom5)

@@ -44,8 +44,8 @@ def measure_peak_tflops(dtype, sizes=None, repeats=5):
 
 
 def synthetic_batch(run):
-    """A random global batch of the run's config (uint8 pixels normalised, token ids), laid out
-    on the run's mesh as the input pipeline lays out real ones."""
+    """A random global batch of the run's config (uint8 pixels, token ids), laid out on the
+    run's mesh as the input pipeline lays out real ones."""
     config = run.config
     size = config.model.vision.image_size
     rng = np.random.default_rng(0)
@@ -53,7 +53,7 @@ def synthetic_batch(run):
     tokens = rng.integers(1, config.model.text.vocab_size,
                           (config.batch_size, config.model.text.context_length), dtype=np.int32)
     data_sharding = sharding.batch_sharding(run.mesh, run.rules)
-    return pipeline.training_batch(jax.device_put(pipeline.normalize_images(images), data_sharding),
+    return pipeline.training_batch(jax.device_put(images, data_sharding),
                                    jax.device_put(tokens, data_sharding))
 
 
