@@ -127,7 +127,8 @@ def main():
             f"{r['micro_batches']}: " + _memory_line(r), flush=True)
         if F.find_max_batch:
             largest, reports = pod.find_max_batch(config, devices, chip, on_report=progress,
-                                                  micro_rows=1 if F.plan else None)
+                                                  micro_rows=pod.FRONTIER_MICRO_ROWS if F.plan
+                                                  else None)
             if F.plan and largest:
                 with config.unlocked():
                     config.batch_size = largest
