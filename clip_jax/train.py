@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import sys
 import time
 
@@ -182,6 +183,9 @@ def make_gradient_fn(config, model, mesh, rules):
                              out_specs=P(local_axes), axis_names=set(local_axes))(params, x)
 
     def forward(params, batch_stats, images, tokens):
+        if images.ndim == 2:              # the pipeline's pixel rows (`pipeline.pixel_rows`)
+            size = int(config.model.vision.image_size)
+            images = images.reshape((images.shape[0], size, size, 3))
         if images.dtype == jnp.uint8:     # the pipeline's pixels, normalised here: per micro-batch
             images = pipeline.normalize_images(images)
         out, updates = model.apply(_variables(params, batch_stats), images, tokens,
@@ -325,7 +329,8 @@ class TrainSetup:
         the step's input sharding, e.g. to compile the step ahead of time."""
         data = sharding.batch_sharding(self.mesh, self.rules)
         images, tokens = input_specs(self.config.model, batch_size or self.config.batch_size)
-        images = jax.ShapeDtypeStruct(images.shape, jnp.uint8)     # the pipeline's pixels
+        images = jax.ShapeDtypeStruct((images.shape[0], math.prod(images.shape[1:])),
+                                      jnp.uint8)     # the pipeline's pixel rows
         return pipeline.training_batch(*(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=data)
                                          for x in (images, tokens)))
 

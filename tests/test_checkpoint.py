@@ -245,7 +245,8 @@ def test_too_many_nonfinite_steps_stop_the_run_with_the_last_good_checkpoint(tmp
             batch = next(self.inner)
             if poison:
                 # the step takes normalised float pixels too: a NaN one poisons the batch
-                images = pipeline.normalize_images(batch["images"])
+                size = config.model.vision.image_size      # pixel rows -> [B, S, S, 3]
+                images = pipeline.normalize_images(batch["images"].reshape(-1, size, size, 3))
                 batch = {**batch, "images": images.at[0, 0, 0, 0].set(jnp.nan)}
             return batch
 

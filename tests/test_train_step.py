@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from clip_jax import checkpoint, optim, train
+from clip_jax.data import pipeline
 from tests.helpers import run_python, tiny_config
 
 
@@ -55,6 +56,22 @@ def test_micro_batched_gradient_equals_the_full_batch_gradient(loss):
     mean_of_small = np.mean([loss_and_grads(small, {k: v[i::4] for k, v in batch.items()})[0]
                              for i in range(4)])
     assert abs(mean_of_small - loss1) > 1e-3 * abs(loss1)
+
+
+def test_pixel_rows_enter_the_micro_batched_step_as_normalised_images_do():
+    """uint8 pixel rows (`pipeline.pixel_rows`: what the pipeline yields), normalised inside
+    the step one micro-batch at a time: the loss and gradient of the same images as float32
+    [B, S, S, 3] normalised beforehand, in one batch. A row read from the wrong place of the
+    batch would pair an image with another caption."""
+    config = tiny_config(batch_size=32, micro_batches=4)
+    s = config.model.vision.image_size
+    pixels = np.random.default_rng(1).integers(0, 256, (32, s, s, 3), dtype=np.uint8)
+    batch = _batch(config)
+    loss_rows, grads_rows = loss_and_grads(config, {**batch, "images": pipeline.pixel_rows(pixels)})
+    config.micro_batches = 1
+    loss_float, grads_float = loss_and_grads(config, {**batch, "images": pipeline.normalize_images(pixels)})
+    np.testing.assert_allclose(loss_rows, loss_float, rtol=1e-6)
+    assert_same_gradient(grads_rows, grads_float)
 
 
 @pytest.mark.parametrize("kind", ["vit", "resnet"])

@@ -44,12 +44,13 @@ def measure_peak_tflops(dtype, sizes=None, repeats=5):
 
 
 def synthetic_batch(run):
-    """A random global batch of the run's config (uint8 pixels, token ids), laid out on the
+    """A random global batch of the run's config (uint8 pixel rows, token ids), laid out on the
     run's mesh as the input pipeline lays out real ones."""
     config = run.config
     size = config.model.vision.image_size
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8)
+    images = pipeline.pixel_rows(rng.integers(0, 256, (config.batch_size, size, size, 3),
+                                              dtype=np.uint8))
     tokens = rng.integers(1, config.model.text.vocab_size,
                           (config.batch_size, config.model.text.context_length), dtype=np.int32)
     data_sharding = sharding.batch_sharding(run.mesh, run.rules)
