@@ -22,7 +22,7 @@ import re
 import jax
 import ml_collections
 
-from clip_jax import sharding, train
+from clip_jax import losses, sharding, train
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
 
@@ -207,7 +207,11 @@ def minimum_collective_bytes(config, run):
     shards = sharding.num_batch_shards(run.mesh, run.rules)
     embeds = 2 * config.batch_size * int(config.model.embed_dim) * 4   # two towers, float32
     out = {kind: 0 for kind in COLLECTIVES}
-    if shards > 1:
+    if shards > 1 and losses.get(config.loss.name).exchange == "ring":
+        # one tower's B x d round the ring and its gradient back: as many bytes as the two
+        # towers' float32 embeddings (bfloat16 blocks there and back, float32 gradients)
+        out["collective-permute"] += embeds
+    elif shards > 1:
         out["all-gather"] += embeds
         out["reduce-scatter"] += embeds
     if run.mesh.shape["data"] > 1:

@@ -463,10 +463,14 @@ class Loss:
     model_options: the `CLIP` fields its model needs (`models.from_config` passes them):
       SigLIP's initial temperature and learned bias. A loss whose options hold a
       `logit_bias_init` takes the model's `logit_bias`; the others take none.
-    options: the `config.loss` keys it reads, each with its check (`check`)."""
+    options: the `config.loss` keys it reads, each with its check (`check`).
+    exchange: how the batch shards see each other's embeddings: "gather" (all-gathered, the
+      gradients reduce-scattered back) or "ring" (one tower's blocks passed round the shards
+      with collective-permutes, nothing gathered); `cost.minimum_collective_bytes` reads it."""
     fn: Callable
     model_options: Mapping[str, float] = dataclasses.field(default_factory=dict)
     options: Tuple[Option, ...] = ()
+    exchange: str = "gather"
 
     @property
     def learns_bias(self):
@@ -477,10 +481,11 @@ LOSSES = {
     "clip": Loss(clip_loss),
     "clip_blockwise": Loss(clip_loss_blockwise,
                            options=(Option("block_size", _positive_int, "must be a positive integer"),)),
-    "clip_ring": Loss(clip_loss_ring,
+    "clip_ring": Loss(clip_loss_ring, exchange="ring",
                       options=(Option("block_size", _positive_int, "must be a positive integer"),)),
     # The paper's initial t' = log 10 and bias -10.
-    "siglip": Loss(siglip_loss, model_options={"logit_scale_init": math.log(10.0), "logit_bias_init": -10.0},
+    "siglip": Loss(siglip_loss, exchange="ring",
+                   model_options={"logit_scale_init": math.log(10.0), "logit_bias_init": -10.0},
                    options=(Option("block_size", _positive_int, "must be a positive integer"),)),
 }
 

@@ -34,7 +34,8 @@ them; a GPU is one device):
   an all-gather's gathered result, the input of a reduce-scatter, all-reduce, all-to-all or
   collective-permute. `minimum_collective_bytes` is what the mesh and sharding rules imply:
   the loss's gathered embeddings (2 x B x D, forward) and their reduce-scatter (backward),
-  and the gradients' all-reduce over the data axis (FSDP: the parameters' all-gathers and
+  or for a ring loss (`clip_ring`, `siglip`) as many bytes of collective-permutes (one
+  tower's blocks round the ring and their gradients back), and the gradients' all-reduce over the data axis (FSDP: the parameters' all-gathers and
   the gradients' reduce-scatter, per micro-batch with `micro_batches`);
 - time: XLA's estimate when its cost analysis gives a usable one (libtpu 0.0.42's is
   negative for these steps, and the GPU compiler gives none without a device, so none),
