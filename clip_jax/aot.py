@@ -144,8 +144,13 @@ def main():
             result = {"config": name, "topology": F.topology, "plan": chosen, "tried": tried,
                       **({"largest_global_batch": largest} if F.find_max_batch else {})}
             if chosen is None:
+                resident = pod.resident_bytes_per_chip(config, devices)
                 print(f"no plan fits global batch {config.batch_size:,} on {F.topology} (the "
-                      "leanest exact loss, remat, micro-batches down to one row per shard)")
+                      "leanest exact loss, remat, micro-batches down to one row per shard); "
+                      f"the state and the batch each chip holds for the whole step are "
+                      f"{resident / pod.GIB:,.2f} GiB of a {chip.hbm_gib * chip.memory_fraction:,.1f} "
+                      "GiB budget")
+                result["resident_bytes_per_chip"] = resident
             else:
                 print(format_report(name, F.topology, chosen))
                 print(f"plan: {pod.plan_overrides(chosen)}  (recomputation: "

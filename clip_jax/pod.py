@@ -324,6 +324,15 @@ def state_bytes_per_chip(run):
                for x in jax.tree.leaves(run.abstract_state))
 
 
+def resident_bytes_per_chip(config, devices):
+    """Bytes one chip holds for the whole step whatever the micro-batches: its shard of the
+    train state and of the batch (uint8 pixel rows and token ids)."""
+    run = train.build(config, devices)
+    batch = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                for x in jax.tree.leaves(run.abstract_batch()))
+    return state_bytes_per_chip(run) + batch
+
+
 def _refused_temporaries(report):
     """The temporaries XLA said it needed when it refused to compile (TPU: "the total memory
     required for HLO temporaries (98.83G) exceeds available HBM"), in bytes; else None."""
@@ -348,14 +357,18 @@ def plan(config, devices, chip, on_report=None):
     remat, the smallest K with remat -- then the config's own loss is tried at that point.
     The smallest K is guessed from the K=1 compile (memory = the rest + temporaries / K)
     and corrected by doubling (given up when the memory stops shrinking: the rest does not
-    depend on K) or halving: a handful of compiles, each minutes at pod scale. Only the
-    config's mesh is considered."""
+    depend on K) or halving: a handful of compiles, each minutes at pod scale. No compile
+    when what each chip holds for the whole step (`resident_bytes_per_chip`: its state and
+    its share of the batch) is over the budget, and no K search when the K=1 compile's
+    memory besides its temporaries is. Only the config's mesh is considered."""
     mesh = sharding.make_mesh(config.mesh, devices)
     shards = sharding.num_batch_shards(mesh, tuple(tuple(r) for r in config.sharding_rules))
     local = config.batch_size // shards
     budget = chip.hbm_gib * chip.memory_fraction * GIB
     own, lean = config.loss.name, exact_losses(config.loss.name)[0]
     reports, fixed = [], {}
+    if resident_bytes_per_chip(config, devices) > budget:      # no K fits: nothing to compile
+        return None, reports
 
     def trial(loss, remat, k):
         for r in reports:
@@ -386,7 +399,9 @@ def plan(config, devices, chip, on_report=None):
             rest = one["memory_per_chip_bytes"] - temp
         else:                                            # what XLA said it needed
             temp, rest = _refused_temporaries(one), fixed["state"]
-        want = temp / (budget - rest) if temp is not None and budget > rest else 2
+        if rest >= budget:                               # what does not shrink with K
+            return None
+        want = temp / (budget - rest) if temp is not None else 2
         i = next((j for j, k in enumerate(ks) if k >= want), len(ks) - 1)
         floor = []                 # memory that stops shrinking with K will not fit at any K
         while i < len(ks) and not trial(loss, remat, ks[i])["fits"]:

@@ -125,6 +125,19 @@ def test_aot_plans_a_batch_that_does_not_fit_as_configured():
 
 @needs_libtpu
 @libtpu_worker
+def test_aot_plan_compiles_nothing_when_the_resident_batch_and_state_exceed_the_chip():
+    """What a chip holds for the whole step (its state and its share of the batch) does not
+    shrink with micro-batches: over the budget, --plan says so without compiling."""
+    proc = run_cli(["clip_jax.aot", "--config=configs/smoke.py", "--topology=v5e:2x2",
+                    "--hbm_gib=0.001", "--plan", "--json", *tiny_flags(batch_size=4096)], timeout=600)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["plan"] is None and r["tried"] == []
+    assert r["resident_bytes_per_chip"] > 0.001 * 2 ** 30
+    assert "no plan fits global batch 4,096" in proc.stdout and "GiB budget" in proc.stdout
+
+
+@needs_libtpu
+@libtpu_worker
 @pytest.mark.parametrize("variant", ["vit", "resnet"])
 def test_on_a_tpu_mesh_the_model_is_the_plain_code_and_sums_gradients_in_float32(variant):
     """Built for a TPU topology from this CPU process, the model takes no CPU kernel, and
