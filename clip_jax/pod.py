@@ -340,6 +340,16 @@ def _refused_temporaries(report):
     return float(found.group(1)) * 1024 ** ("KMGT".index(found.group(2)) + 1) if found else None
 
 
+def micro_batch_candidates(local):
+    """The micro-batch counts K > 1 the planner tries for `local` rows per batch shard, in
+    order: the divisors of `local` that are a power of 2 or leave a power of 2 of rows per
+    micro-batch (`find_max_batch --plan` sizes are multiples of FRONTIER_MICRO_ROWS rows per
+    shard, e.g. 386,880 = 12,090 x 32, whose own K is not a power of 2)."""
+    powers = [2 ** i for i in range(local.bit_length())]
+    return sorted({k for k in powers[1:] if local % k == 0}
+                  | {local // rows for rows in powers if local % rows == 0 and local > rows})
+
+
 def recomputation(remat, micro_batches):
     """Extra forward passes per step: remat recomputes the forward in the backward pass; the
     gradient cache (micro_batches > 1) runs a forward without gradients first."""
@@ -388,9 +398,9 @@ def plan(config, devices, chip, on_report=None):
         return report
 
     def smallest_k(loss, remat):
-        """The fitting report with the fewest micro-batches K > 1 (powers of 2 dividing the
-        local batch), or None: from the guess up until one fits, then down while one does."""
-        ks = [2 ** i for i in range(1, local.bit_length()) if local % 2 ** i == 0]
+        """The fitting report with the fewest micro-batches K > 1 (`micro_batch_candidates`),
+        or None: from the guess up until one fits, then down while one does."""
+        ks = micro_batch_candidates(local)
         if not ks:
             return None
         one = trial(loss, remat, 1)

@@ -123,6 +123,17 @@ def test_aot_plans_a_batch_that_does_not_fit_as_configured():
     assert json.loads(again.stdout.strip().splitlines()[-1])["fits"]
 
 
+def test_the_planner_may_choose_the_micro_batches_the_frontier_search_compiled():
+    """`--find-max-batch --plan` finds sizes in steps of 32 rows per shard and then plans
+    there: the K it compiled at (local / 32) must be one the planner may choose, even when it
+    is no power of 2 (it had only powers of 2, and found no plan at ViT-L/14's frontier)."""
+    for local in (480, 386_880, 1024):
+        ks = pod.micro_batch_candidates(local)
+        assert local // pod.FRONTIER_MICRO_ROWS in ks and ks == sorted(ks)
+        assert all(local % k == 0 and 1 < k <= local for k in ks)
+    assert pod.micro_batch_candidates(1024) == [2 ** i for i in range(1, 11)]
+
+
 @needs_libtpu
 @libtpu_worker
 def test_aot_plan_compiles_nothing_when_the_resident_batch_and_state_exceed_the_chip():
