@@ -40,7 +40,7 @@ import sys
 
 import jax
 
-from clip_jax import cli, cost, pod, validation
+from clip_jax import cli, cost, pod, train, validation
 from clip_jax.pod import GIB
 
 
@@ -144,7 +144,7 @@ def main():
             result = {"config": name, "topology": F.topology, "plan": chosen, "tried": tried,
                       **({"largest_global_batch": largest} if F.find_max_batch else {})}
             if chosen is None:
-                resident = pod.resident_bytes_per_chip(config, devices)
+                resident = pod.resident_bytes_per_chip(train.build(config, devices))
                 print(f"no plan fits global batch {config.batch_size:,} on {F.topology} (the "
                       "leanest exact loss, remat, micro-batches down to one row per shard); "
                       f"the state and the batch each chip holds for the whole step are "

@@ -35,8 +35,9 @@ them; a GPU is one device):
   collective-permute. `minimum_collective_bytes` is what the mesh and sharding rules imply:
   the loss's gathered embeddings (2 x B x D, forward) and their reduce-scatter (backward),
   or for a ring loss (`clip_ring`, `siglip`) as many bytes of collective-permutes (one
-  tower's blocks round the ring and their gradients back), and the gradients' all-reduce over the data axis (FSDP: the parameters' all-gathers and
-  the gradients' reduce-scatter, per micro-batch with `micro_batches`);
+  tower's blocks round the ring and their gradients back), and the gradients' all-reduce
+  over the data axis (FSDP: the parameters' all-gathers and the gradients' reduce-scatter,
+  per micro-batch with `micro_batches`);
 - time: XLA's estimate when its cost analysis gives a usable one (libtpu 0.0.42's is
   negative for these steps, and the GPU compiler gives none without a device, so none),
   and the compute bound (the chip's FLOPs at its
@@ -318,19 +319,21 @@ def exact_losses(name):
     return next((f for f in EXACT_FAMILIES if name in f), (name,))
 
 
+def _bytes_per_chip(tree):
+    """Bytes of one chip's shards of a tree of sharded ShapeDtypeStructs."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+               for x in jax.tree.leaves(tree))
+
+
 def state_bytes_per_chip(run):
     """Bytes of one chip's shard of the train state (what stays resident between steps)."""
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-               for x in jax.tree.leaves(run.abstract_state))
+    return _bytes_per_chip(run.abstract_state)
 
 
-def resident_bytes_per_chip(config, devices):
+def resident_bytes_per_chip(run):
     """Bytes one chip holds for the whole step whatever the micro-batches: its shard of the
     train state and of the batch (uint8 pixel rows and token ids)."""
-    run = train.build(config, devices)
-    batch = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-                for x in jax.tree.leaves(run.abstract_batch()))
-    return state_bytes_per_chip(run) + batch
+    return state_bytes_per_chip(run) + _bytes_per_chip(run.abstract_batch())
 
 
 def _refused_temporaries(report):
@@ -376,9 +379,10 @@ def plan(config, devices, chip, on_report=None):
     local = config.batch_size // shards
     budget = chip.hbm_gib * chip.memory_fraction * GIB
     own, lean = config.loss.name, exact_losses(config.loss.name)[0]
-    reports, fixed = [], {}
-    if resident_bytes_per_chip(config, devices) > budget:      # no K fits: nothing to compile
+    reports, run = [], train.build(config, devices)   # the losses of a family share the state
+    if resident_bytes_per_chip(run) > budget:         # no K fits: nothing to compile
         return None, reports
+    state = state_bytes_per_chip(run)
 
     def trial(loss, remat, k):
         for r in reports:
@@ -390,8 +394,6 @@ def plan(config, devices, chip, on_report=None):
         validation.validate(t, len(devices))
         report = analyse(t, devices, chip, count_flops=False)
         report["recomputation"] = recomputation(remat, k)
-        if "state" not in fixed:
-            fixed["state"] = state_bytes_per_chip(train.build(t, devices))
         reports.append(report)
         if on_report is not None:
             on_report(report)
@@ -408,7 +410,7 @@ def plan(config, devices, chip, on_report=None):
             temp = one["memory_bytes"]["temp"]
             rest = one["memory_per_chip_bytes"] - temp
         else:                                            # what XLA said it needed
-            temp, rest = _refused_temporaries(one), fixed["state"]
+            temp, rest = _refused_temporaries(one), state
         if rest >= budget:                               # what does not shrink with K
             return None
         want = temp / (budget - rest) if temp is not None else 2

@@ -216,9 +216,10 @@ def _ensure_absl_flags_parsed():
 
 
 class GlobalBatchIterator:
-    """Yields {'images': uint8 [B,S,S,3], 'tokens': int32 [B,ctx]} global jax.Arrays: the
-    pixels are normalised by the train step (`normalize_images`, per micro-batch), so the
-    batch crosses to the devices and stays there at a quarter of float32's size.
+    """Yields {'images': uint8 [B,S*S*3], 'tokens': int32 [B,ctx]} global jax.Arrays: the
+    pixel rows (`pixel_rows`) are reshaped and normalised by the train step, per
+    micro-batch, so the batch crosses to the devices and stays there at a quarter of
+    float32's size.
 
     `get_state()` -> {'next_batch', 'replaced_records', ...}: the data position, valid for any
     number of processes, devices or workers; `set_state` restarts the pipeline there.
