@@ -122,6 +122,16 @@ def gpu_chip(generation):
     return Chip(int(size.group(1)) / GIB, peak, target=target, memory_fraction=GPU_MEMORY_FRACTION)
 
 
+def cuda_plugin_installed():
+    """Whether jax's CUDA plugin (the `gpu` extra) is installed. `find_spec` of a submodule
+    imports its parent package and raises when that is missing: a venv with no JAX plugin
+    at all has no `jax_plugins`."""
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def _gpu_topology(topology, chip):
     """The compile-only devices of `topology` ('h100:32x8') for `chip` (`gpu_chip`)."""
     from jax.experimental import topologies
@@ -129,7 +139,7 @@ def _gpu_topology(topology, chip):
     if not shape or min(int(n) for n in shape.groups()) < 1:
         raise ValueError(f"--topology={topology}: a GPU topology is GPU:HOSTSxGPUS_PER_HOST, "
                          "e.g. h100:32x8 (32 hosts of 8 GPUs) or h100:1x8")
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    if not cuda_plugin_installed():
         raise ValueError(f"--topology={topology}: compiling for NVIDIA GPUs needs jax's CUDA "
                          f"plugin, which is not installed: {_GPU_EXTRA}")
     text = "\n".join(line for line in target_description(chip.target).splitlines()

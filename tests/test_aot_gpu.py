@@ -15,7 +15,7 @@ import pytest
 from clip_jax import cost, pod
 from tests.helpers import run_cli, tiny_flags
 
-needs_cuda = pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+needs_cuda = pytest.mark.skipif(not pod.cuda_plugin_installed(),
                                 reason="jax's CUDA plugin not installed (pip install -e '.[gpu]')")
 gpu_worker = pytest.mark.xdist_group("gpu_aot")
 CUDNN_FORWARD, CUDNN_BACKWARD = "__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"
@@ -30,10 +30,19 @@ def test_bad_gpu_topology_is_refused_with_its_name(topology, message):
         pod.topology_devices(topology)
 
 
-def test_without_the_cuda_plugin_the_error_names_the_extra(monkeypatch):
+@pytest.mark.parametrize("absent", ["plugin", "jax_plugins"])
+def test_without_the_cuda_plugin_the_error_names_the_extra(monkeypatch, absent):
+    """Without the plugin, or (a venv with no JAX plugin at all, README's `.[test]` install)
+    without its parent package, whose absence makes `find_spec` raise."""
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name.startswith("jax_plugins.xla_cuda") else real(name, *a))
+
+    def find_spec(name, *a):
+        if not name.startswith("jax_plugins.xla_cuda"):
+            return real(name, *a)
+        if absent == "plugin":
+            return None
+        raise ModuleNotFoundError("No module named 'jax_plugins'", name="jax_plugins")
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(ValueError, match=r"h100:1x8: compiling for NVIDIA GPUs needs jax's CUDA "
                                          r"plugin, which is not installed: pip install -e '\.\[gpu\]'"):
         pod.topology_devices("h100:1x8")
