@@ -14,9 +14,19 @@ the signal itself. A second SIGTERM to a single process ends it at once, without
 (exit status 143, as an unhandled SIGTERM): whatever the first one was waiting for (a
 hung write, a slow evaluation), the operator's second signal is always honoured, and the
 newest complete checkpoint is intact (a save cut short is never committed).
+
+A single process acts on SIGTERM from a thread of its own, not from a Python signal
+handler: Python runs a handler on the main thread between bytecodes, so a main thread
+blocked in a call that never returns, or a signal the kernel hands to another thread (the
+main thread had SIGTERM blocked: the mask is inherited from whatever started the process),
+left both signals unanswered. The C-level handler writes the signal's number to
+`signal.set_wakeup_fd`'s pipe whichever thread takes it; a daemon thread reads the pipe.
+For the run's length the process has SIGTERM unblocked and that pipe as its wakeup fd (an
+asyncio loop's own wakeup fd, if the caller had one, is restored by `close`).
 """
 import os
 import signal
+import threading
 
 import jax
 
@@ -122,16 +132,29 @@ class Preemption:
         self.signalled = False
         self._previous = None
         self._multi = jax.process_count() > 1
-        # Asked now, not in the handler: a signal handler calls nothing that may wait on a lock
-        # (JAX's backend lock) that another thread holds.
+        # Asked now, not when the signal comes: the watcher calls nothing that may wait on a
+        # lock (JAX's backend lock) that a hung thread holds.
         self._main = jax.process_index() == 0
         if not self._multi:
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            read_fd, self._write_fd = os.pipe()
+            os.set_blocking(self._write_fd, False)   # set_wakeup_fd's requirement
+            self._previous = signal.signal(signal.SIGTERM, _noted_by_the_watcher)
+            self._previous_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+            self._previous_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+            threading.Thread(target=self._watch, args=(read_fd,), daemon=True,
+                             name="clip_jax SIGTERM").start()
 
-    def _on_sigterm(self, signum, frame):
-        del signum, frame
+    def _watch(self, read_fd):
+        """Acts on each SIGTERM byte in the wakeup pipe; ends when `close` closes its other end."""
+        with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+            while chunk := pipe.read(64):
+                for signum in chunk:
+                    if signum == signal.SIGTERM:
+                        self._on_sigterm()
+
+    def _on_sigterm(self):
         if self.signalled:
-            # os.write, not print: the signal may have interrupted a print to stdout.
+            # os.write, not print: print's buffer lock may be held by a hung print.
             os.write(2, b"clip_jax: second SIGTERM: stopping now, without saving; the newest "
                         b"complete checkpoint is intact\n")
             os._exit(128 + signal.SIGTERM)
@@ -152,4 +175,12 @@ class Preemption:
     def close(self):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+            signal.set_wakeup_fd(self._previous_fd)
+            if signal.SIGTERM in self._previous_mask:
+                signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+            os.close(self._write_fd)          # the watcher reads end-of-file and ends
             self._previous = None
+
+
+def _noted_by_the_watcher(signum, frame):
+    """SIGTERM's Python-level handler: nothing to do (Preemption's thread acts on the signal)."""

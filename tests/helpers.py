@@ -118,15 +118,21 @@ def start_cli(args, n_devices=1, log=None, env=None):
                             stderr=subprocess.STDOUT)
 
 
-def wait_for(condition, timeout, what, proc=None):
-    """Polls `condition()` every 20 ms; fails the test after `timeout` s or if `proc` exits first."""
+def wait_for(condition, timeout, what, proc=None, log=None):
+    """Polls `condition()` every 20 ms; fails the test after `timeout` s or if `proc` exits
+    first, with the end of the file `log` (the process's output) in the message."""
     import time
     deadline = time.monotonic() + timeout
     while not condition():
+        failure = None
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the process exited (status {proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            failure = f"the process exited (status {proc.returncode}) before {what}"
+        elif time.monotonic() > deadline:
+            failure = f"timed out waiting for {what}"
+        if failure:
+            if log is not None:
+                failure += "; its output ends:\n" + open(log).read()[-3000:]
+            raise AssertionError(failure)
         time.sleep(0.02)
 
 

@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -190,8 +191,10 @@ def test_two_processes_equal_one_and_their_checkpoint_resumes_on_another_mesh(re
     with open(tmp_path / "log_mp", "w") as log:
         launcher = subprocess.Popen(
             ["bash", "launch/local.sh", "2", *FLAGS, f"--workdir={wd}"], cwd=REPO,
-            env={**device_env(1), "DEVICES_PER_PROCESS": "4"}, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: len(logged_steps(wd)) >= 25, 600, "step 25 of the 2-process run", launcher)
+            env={**device_env(1), "DEVICES_PER_PROCESS": "4", "PYTHON": sys.executable},
+            stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: len(logged_steps(wd)) >= 25, 600, "step 25 of the 2-process run", launcher,
+                 tmp_path / "log_mp")
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(180) == 0, (tmp_path / "log_mp").read_text()[-3000:]
     log = (tmp_path / "log_mp").read_text()
