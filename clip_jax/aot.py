@@ -105,8 +105,9 @@ def main():
                         "h100:32x8 (256 H100s), h100:1x8, h200:.., a100:.., b200:..")
     flags.DEFINE_bool("find_max_batch", False, "search the largest global batch that fits "
                       "(also spelled --find-max-batch); with --plan, micro-batches too")
-    flags.DEFINE_bool("plan", False, "find the exact loss, remat and micro-batches that fit "
-                      "--config.batch_size with the least recomputation, and print the overrides")
+    flags.DEFINE_bool("plan", False, "find the mesh, exact loss, remat and micro-batches that "
+                      "fit --config.batch_size with the least recomputation, and print the "
+                      "overrides")
     flags.DEFINE_float("hbm_gib", None, "HBM per chip, in GiB (default: the chip's; less "
                        "leaves headroom; on GPUs XLA may use 90 percent of it, launch/gpu_env.sh)")
     flags.DEFINE_string("hlo_dir", None, "write the compiled HLO text here")
@@ -146,16 +147,17 @@ def main():
             if chosen is None:
                 resident = pod.resident_bytes_per_chip(train.build(config, devices))
                 print(f"no plan fits global batch {config.batch_size:,} on {F.topology} (the "
-                      "leanest exact loss, remat, micro-batches down to one row per shard); "
-                      f"the state and the batch each chip holds for the whole step are "
+                      "leanest exact loss, remat, micro-batches down to one row per shard, "
+                      "the FSDP meshes); on the config's mesh the state and the batch each "
+                      "chip holds for the whole step are "
                       f"{resident / pod.GIB:,.2f} GiB of a {chip.hbm_gib * chip.memory_fraction:,.1f} "
                       "GiB budget")
                 result["resident_bytes_per_chip"] = resident
             else:
                 print(format_report(name, F.topology, chosen))
-                print(f"plan: {pod.plan_overrides(chosen)}  (recomputation: "
+                print(f"plan: {pod.plan_overrides(chosen, config)}  (recomputation: "
                       f"{chosen['recomputation']} extra forward pass(es) per step)")
-                result.update(chosen, overrides=pod.plan_overrides(chosen))
+                result.update(chosen, overrides=pod.plan_overrides(chosen, config))
         elif not F.find_max_batch:
             result = pod.analyse(config, devices, chip, F.hlo_dir)
             print(format_report(name, F.topology, result))

@@ -369,11 +369,84 @@ def recomputation(remat, micro_batches):
     return int(bool(remat)) + int(micro_batches > 1)
 
 
+# The planner's ladder: (remat, micro-batched), least recomputation first (`recomputation`).
+RUNGS = ((False, False), (True, False), (False, True), (True, True))
+
+
+def fsdp_meshes(mesh_cfg, num_devices):
+    """The config's mesh (resolved), then the same with the data axis's factors of 2 moved to
+    the fsdp axis one at a time: the batch shards stay, the state is sharded twice as far."""
+    data, fsdp, model = sharding.mesh_shape(mesh_cfg, num_devices)
+    meshes = [dict(data=data, fsdp=fsdp, model=model)]
+    while data % 2 == 0:
+        data, fsdp = data // 2, fsdp * 2
+        meshes.append(dict(data=data, fsdp=fsdp, model=model))
+    return meshes
+
+
 def plan(config, devices, chip, on_report=None):
-    """The loss (among `exact_losses` of the config's), remat and micro-batches that fit
-    `config.batch_size` on `devices` with the least recomputation (`recomputation`), the
-    config's own loss preferred at equal recomputation, then fewer micro-batches.
+    """The mesh, loss (among `exact_losses` of the config's), remat and micro-batches that
+    fit `config.batch_size` on `devices` with the least recomputation (`recomputation`).
     Returns (the chosen report or None, [every report]).
+
+    Meshes (`fsdp_meshes`): the config's first; then, while the best plan so far recomputes
+    anything (or none fits), the mesh with twice the FSDP, where only plans that recompute
+    less than the best are tried: sharding the state frees memory, but with micro-batches an
+    FSDP mesh gathers the parameters once per micro-batch (the report's collectives), so at
+    equal recomputation the config's mesh, then the least FSDP, is kept. The walk stops after
+    a mesh whose state per chip is at most 1/16 of the budget (sharding it further frees
+    less than 1/32), or at the last mesh. One batch is not compiled on a mesh where the
+    config's mesh's compile says it cannot fit (`hopeless`), and a mesh on which the batch
+    shards change (rules that split the batch over `data` only) is skipped. On one mesh see
+    `_plan_on_mesh`."""
+    budget = chip.hbm_gib * chip.memory_fraction * GIB
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    own_shards = sharding.num_batch_shards(sharding.make_mesh(config.mesh, devices), rules)
+    lean = exact_losses(config.loss.name)[0]
+    chosen, reports, first = None, [], None
+    for mesh in fsdp_meshes(config.mesh, len(devices)):
+        t = config.copy_and_resolve_references()
+        with t.unlocked():
+            t.mesh.update(mesh)
+        if sharding.num_batch_shards(sharding.make_mesh(t.mesh, devices), rules) != own_shards:
+            continue
+        run = train.build(t, devices)
+        state = state_bytes_per_chip(run)
+        first = first or (mesh, state)
+
+        def hopeless(remat, state=state):
+            """The config's mesh's one-batch compile with `remat`, less what this mesh frees
+            (its state, and as much again of temporaries: gradients shard with the state), is
+            still over the budget: a lower bound, so no compile is lost."""
+            known = [r for r in reports if r["mesh"] == first[0] and r["loss"] == lean
+                     and (r["remat"], r["micro_batches"]) == (remat, 1)]
+            if not known or state >= first[1]:
+                return False
+            memory = known[0]["memory_per_chip_bytes"] or (
+                (_refused_temporaries(known[0]) or 0) + first[1])
+            return memory - 2 * (first[1] - state) > budget
+
+        below = chosen["recomputation"] if chosen is not None else math.inf
+        found = _plan_on_mesh(t, devices, chip, run, reports, on_report, below, hopeless)
+        if found is not None:
+            chosen = found
+        if (chosen is not None and chosen["recomputation"] == 0) or state <= budget / 16:
+            break
+    if chosen is not None:
+        t = config.copy_and_resolve_references()
+        with t.unlocked():
+            t.mesh.update(chosen["mesh"])
+            t.loss.name, t.model.remat, t.micro_batches = (chosen["loss"], chosen["remat"],
+                                                           chosen["micro_batches"])
+        add_flops(chosen, t, chip)
+    return chosen, reports
+
+
+def _plan_on_mesh(config, devices, chip, run, reports, on_report, below, hopeless):
+    """On the config's mesh (`run` built for it): the least recomputation below `below` that
+    fits, the config's own loss preferred at equal recomputation, then fewer micro-batches;
+    one batch with `remat` is not compiled where `hopeless(remat)`. Returns the chosen
+    report or None; appends each compile's report to `reports`.
 
     Search: the leanest loss of the family (it gathers nothing) finds the least
     recomputation that fits -- K=1 without remat, K=1 with remat, the smallest K without
@@ -383,19 +456,20 @@ def plan(config, devices, chip, on_report=None):
     depend on K) or halving: a handful of compiles, each minutes at pod scale. No compile
     when what each chip holds for the whole step (`resident_bytes_per_chip`: its state and
     its share of the batch) is over the budget, and no K search when the K=1 compile's
-    memory besides its temporaries is. Only the config's mesh is considered."""
+    memory besides its temporaries is."""
     mesh = sharding.make_mesh(config.mesh, devices)
     shards = sharding.num_batch_shards(mesh, tuple(tuple(r) for r in config.sharding_rules))
     local = config.batch_size // shards
     budget = chip.hbm_gib * chip.memory_fraction * GIB
     own, lean = config.loss.name, exact_losses(config.loss.name)[0]
-    reports, run = [], train.build(config, devices)   # the losses of a family share the state
-    if resident_bytes_per_chip(run) > budget:         # no K fits: nothing to compile
-        return None, reports
+    if resident_bytes_per_chip(run) > budget:          # no K fits: nothing to compile
+        return None
     state = state_bytes_per_chip(run)
+    mesh_shape = dict(mesh.shape)
+    mine = [r for r in reports if r["mesh"] == mesh_shape]
 
     def trial(loss, remat, k):
-        for r in reports:
+        for r in mine:
             if (r["loss"], r["remat"], r["micro_batches"]) == (loss, remat, k):
                 return r
         t = config.copy_and_resolve_references()
@@ -405,6 +479,7 @@ def plan(config, devices, chip, on_report=None):
         report = analyse(t, devices, chip, count_flops=False)
         report["recomputation"] = recomputation(remat, k)
         reports.append(report)
+        mine.append(report)
         if on_report is not None:
             on_report(report)
         return report
@@ -439,24 +514,27 @@ def plan(config, devices, chip, on_report=None):
         return trial(loss, remat, ks[i])
 
     chosen = None
-    for remat, search in ((False, False), (True, False), (False, True), (True, True)):
+    for remat, search in RUNGS:
+        if recomputation(remat, 2 if search else 1) >= below:
+            break
+        if not search and hopeless(remat):
+            continue
         found = smallest_k(lean, remat) if search else trial(lean, remat, 1)
         if found is not None and found["fits"]:
             chosen = found
             break
     if chosen is not None and own != lean:          # the config's own loss, if it fits there too
-        mine = trial(own, chosen["remat"], chosen["micro_batches"])
-        chosen = mine if mine["fits"] else chosen
-    if chosen is not None:
-        t = config.copy_and_resolve_references()
-        with t.unlocked():
-            t.loss.name, t.model.remat, t.micro_batches = (chosen["loss"], chosen["remat"],
-                                                           chosen["micro_batches"])
-        add_flops(chosen, t, chip)
-    return chosen, reports
+        mine_loss = trial(own, chosen["remat"], chosen["micro_batches"])
+        chosen = mine_loss if mine_loss["fits"] else chosen
+    return chosen
 
 
-def plan_overrides(report):
-    """The command-line overrides that train with the planned settings."""
-    return (f"--config.loss.name={report['loss']} --config.model.remat={report['remat']} "
-            f"--config.micro_batches={report['micro_batches']}")
+def plan_overrides(report, config):
+    """The command-line overrides that train with the planned settings (the mesh's when it
+    is not the config's)."""
+    overrides = (f"--config.loss.name={report['loss']} --config.model.remat={report['remat']} "
+                 f"--config.micro_batches={report['micro_batches']}")
+    own = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, report["topology_chips"])))
+    if report["mesh"] != own:
+        overrides += "".join(f" --config.mesh.{a}={n}" for a, n in report["mesh"].items())
+    return overrides

@@ -134,17 +134,107 @@ def test_the_planner_may_choose_the_micro_batches_the_frontier_search_compiled()
     assert pod.micro_batch_candidates(1024) == [2 ** i for i in range(1, 11)]
 
 
+def test_fsdp_meshes_move_the_data_axis_to_fsdp_keeping_the_batch_shards():
+    assert pod.fsdp_meshes({"data": -1, "fsdp": 1, "model": 2}, 16) == [
+        {"data": 8, "fsdp": 1, "model": 2}, {"data": 4, "fsdp": 2, "model": 2},
+        {"data": 2, "fsdp": 4, "model": 2}, {"data": 1, "fsdp": 8, "model": 2}]
+    assert pod.fsdp_meshes({"data": 3, "fsdp": -1, "model": 1}, 12) == [
+        {"data": 3, "fsdp": 4, "model": 1}]
+
+
+PLANNER_SEARCH = """
+import json, math, jax
+from clip_jax import pod, train
+from tests.helpers import tiny_config
+
+# Each chip's memory, in MB: its share of a state of STATE MB, and temporaries of TEMP MB
+# (half with remat) that shrink with the micro-batches K. Budget 120 MB. With 100 and 100: on
+# the data-parallel mesh nothing fits without recomputation (K=1: 200; remat: 150) and 8
+# micro-batches fit (112.5); with all 8 devices on fsdp, one batch without remat fits
+# (12.5 + 100).
+MB, STATE, TEMP = 2 ** 20, {STATE}, {TEMP}
+fsdp = lambda config: config.mesh.fsdp if config.mesh.fsdp > 0 else 8
+train.build = lambda config, devices: config
+pod.state_bytes_per_chip = lambda config: STATE * MB / fsdp(config)
+pod.resident_bytes_per_chip = pod.state_bytes_per_chip
+pod.add_flops = lambda report, config, chip: None
+
+def analyse(config, devices, chip, count_flops=True):
+    k = config.micro_batches
+    temp = (TEMP / 2 if config.model.remat else TEMP) / k * MB
+    memory = STATE * MB / fsdp(config) + temp
+    return dict(mesh=dict(data=8 // fsdp(config), fsdp=fsdp(config), model=1), loss=config.loss.name,
+                remat=config.model.remat, micro_batches=k, memory_per_chip_bytes=memory,
+                memory_bytes=dict(temp=temp), fits=memory <= 120 * MB, topology_chips=8)
+pod.analyse = analyse
+chosen, tried = pod.plan(tiny_config(batch_size=256, loss__name="clip"), jax.devices(),
+                         pod.Chip(hbm_gib=120 / 1024, peak_tflops=1))
+print(json.dumps(dict(chosen=chosen, tried=tried,
+                      overrides=pod.plan_overrides(chosen, tiny_config()) if chosen else None)))
+"""
+
+
+def test_the_planner_walks_to_fsdp_meshes_only_for_less_recomputation():
+    """The search on a model of memory (state / fsdp + temporaries / K; no compiles): the
+    data-parallel mesh needs 8 micro-batches; each FSDP mesh is tried only without
+    recomputation, and all-FSDP is chosen, its mesh among the overrides. With a state of
+    10 MB (temporaries 118 MB: remat fits), 2-way FSDP holds 5 MB, under 1/16 of the budget:
+    the walk stops there, the data-parallel plan with remat kept. With temporaries no FSDP
+    mesh can hold, no FSDP mesh is compiled."""
+    r = run_python(PLANNER_SEARCH.replace("{STATE}", "100").replace("{TEMP}", "100"), n_devices=8)
+    chosen, tried = r["chosen"], r["tried"]
+    assert chosen["mesh"] == {"data": 1, "fsdp": 8, "model": 1}
+    assert (chosen["remat"], chosen["micro_batches"], chosen["recomputation"]) == (False, 1, 0)
+    first = [t for t in tried if t["mesh"]["fsdp"] == 1]
+    assert any(t["fits"] and t["micro_batches"] == 8 and not t["remat"] for t in first)
+    assert all(t["recomputation"] == 0 for t in tried if t["mesh"]["fsdp"] > 1)
+    assert list(dict.fromkeys(t["mesh"]["fsdp"] for t in tried)) == [1, 2, 4, 8]
+    assert chosen["loss"] == "clip"             # the config's own, fitting where the leanest does
+    assert r["overrides"].endswith(" --config.mesh.data=1 --config.mesh.fsdp=8 --config.mesh.model=1")
+    small = run_python(PLANNER_SEARCH.replace("{STATE}", "10").replace("{TEMP}", "118"), n_devices=8)
+    assert small["chosen"]["mesh"]["fsdp"] == 1 and small["chosen"]["remat"]
+    assert {t["mesh"]["fsdp"] for t in small["tried"]} == {1, 2}
+    assert "--config.mesh" not in small["overrides"]
+    # Temporaries of 300 MB: 16 micro-batches on the data-parallel mesh; one batch there is
+    # 400 MB, and 400 less twice the state any FSDP mesh frees is over 120.
+    big = run_python(PLANNER_SEARCH.replace("{STATE}", "100").replace("{TEMP}", "300"), n_devices=8)
+    assert big["chosen"]["micro_batches"] == 16 and not big["chosen"]["remat"]
+    assert {t["mesh"]["fsdp"] for t in big["tried"]} == {1}
+
+
+@needs_libtpu
+@libtpu_worker
+def test_aot_plan_shards_a_state_too_large_to_replicate():
+    """On 4 v5e chips with 0.125 GiB each, a model whose state (~147 MB) does not fit
+    replicated: the data-parallel mesh is refused without a compile and the plan trains on
+    2-way FSDP (~116 MB), with no recomputation; its overrides compile to
+    `fits` without --plan."""
+    wide = {"model.vision.width": 512, "model.text.width": 512, "model.vision.heads": 8,
+            "model.text.heads": 8, "model.vision.layers": 2, "model.text.layers": 2}
+    args = ["clip_jax.aot", "--config=configs/smoke.py", "--topology=v5e:2x2", "--hbm_gib=0.125",
+            "--json", *tiny_flags(batch_size=16, **wide)]
+    proc = run_cli([*args, "--plan"], timeout=600)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["fits"] and r["mesh"] == {"data": 2, "fsdp": 2, "model": 1}
+    assert r["recomputation"] == 0 and all(t["mesh"] == r["mesh"] for t in r["tried"])
+    assert "--config.mesh.data=2 --config.mesh.fsdp=2" in r["overrides"]
+    again = json.loads(run_cli([*args, *r["overrides"].split()], timeout=600).stdout.strip()
+                       .splitlines()[-1])
+    assert again["fits"] and again["mesh"] == r["mesh"]
+
+
 @needs_libtpu
 @libtpu_worker
 def test_aot_plan_compiles_nothing_when_the_resident_batch_and_state_exceed_the_chip():
     """What a chip holds for the whole step (its state and its share of the batch) does not
-    shrink with micro-batches: over the budget, --plan says so without compiling."""
+    shrink with micro-batches: over the budget on every mesh (a chip's 2,048 pixel rows alone
+    are 1.5 MiB of the 1 MiB), --plan says so without compiling."""
     proc = run_cli(["clip_jax.aot", "--config=configs/smoke.py", "--topology=v5e:2x2",
-                    "--hbm_gib=0.001", "--plan", "--json", *tiny_flags(batch_size=4096)], timeout=600)
+                    "--hbm_gib=0.001", "--plan", "--json", *tiny_flags(batch_size=8192)], timeout=600)
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["plan"] is None and r["tried"] == []
     assert r["resident_bytes_per_chip"] > 0.001 * 2 ** 30
-    assert "no plan fits global batch 4,096" in proc.stdout and "GiB budget" in proc.stdout
+    assert "no plan fits global batch 8,192" in proc.stdout and "GiB budget" in proc.stdout
 
 
 @needs_libtpu
