@@ -65,8 +65,10 @@ def format_report(name, topology, r):
     lines.append(f"              arguments {m['argument'] / GIB:.2f}, outputs {m['output'] / GIB:.2f} "
                  f"(donated {m['alias'] / GIB:.2f}), temporaries {m['temp'] / GIB:.2f}, code "
                  f"{m['generated_code'] / GIB:.2f} GiB")
+    executed = r["flops"] * r["topology_chips"] / r["model_flops"] if r["model_flops"] else 0
     lines.append(f"  FLOPs       {r['flops'] / 1e12:.1f} TFLOP executed per chip; model "
-                 f"{r['model_flops'] / 1e15:.2f} PFLOP per step")
+                 f"{r['model_flops'] / 1e15:.2f} PFLOP per step (executed / model = HFU / MFU: "
+                 f"{executed:.2f}, remat and the gradient cache's recomputation)")
     if r["xla_seconds_estimate"]:
         lines.append(f"  time        XLA's estimate {r['xla_seconds_estimate']:.3f} s/step, "
                      f"MFU {r['mfu_at_xla_estimate']:.0%}")

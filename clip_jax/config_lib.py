@@ -69,10 +69,31 @@ def model_config(name):
         ),
         text=dict(vocab_size=49408, context_length=77, width=twidth, heads=theads, layers=12),
         dtype="bfloat16",   # compute dtype; parameters are always float32
-        remat=True,         # rematerialise each residual block in the backward pass
+        remat=remat_field("full"),   # each residual block's remat policy (see remat_field)
         scan_layers=True,   # each tower's repeated blocks compiled once, as a lax.scan
         activation="quick_gelu",   # transformer MLPs; 'gelu' for OpenCLIP's non-quickgelu models
     ))
+
+
+# `model.remat`: what a residual block keeps from its forward pass for the backward
+# (clip_jax.models.layers.REMAT_POLICIES, MaxText's style of names): 'none', 'full' (the
+# block's input only: everything recomputed), 'minimal' (the products without batch
+# dimensions: q/k/v, attention output and MLP projections; the attention recomputed),
+# 'save_qkv_proj', 'save_attention_out'. True and False, as configs wrote it before the
+# names, are 'full' and 'none' (`layers.remat_policy`).
+
+
+def remat_field(value):
+    """The `model.remat` field, of any type: a policy name, or True/False (older configs)."""
+    return ml_collections.FieldReference(value, field_type=object)
+
+
+def set_remat(model_cfg, value):
+    """Sets `model_cfg.remat`, whatever type a resolved copy fixed the field to."""
+    with model_cfg.unlocked():
+        if "remat" in model_cfg:
+            del model_cfg["remat"]
+        model_cfg.remat = remat_field(value)
 
 
 def base_config():
@@ -180,7 +201,7 @@ def lookup(config, dotted):
 # kernels compute the same up to rounding).
 RESUME_NEUTRAL_KEYS = ("progress", "log_every", "eval_every", "checkpoint_every", "max_to_keep",
                        "max_bad_steps", "init_from", "mesh.", "sharding_rules", "data.workers",
-                       "data.prefetch", "evals.", "kernels.")
+                       "data.prefetch", "evals.", "kernels.", "model.remat")
 
 # Keys that moved: old name -> new name. Saved configs that have an old key (every
 # checkpoint's config.json before the kernels left the model block) are read without it;
@@ -215,6 +236,8 @@ def from_json(saved):
     if isinstance(vision.get("layers"), list):   # before ConfigDict fixes the field's type
         vision["layers"] = tuple(vision["layers"])
     config = ml_collections.ConfigDict(tree)
+    if "remat" in config.get("model", {}):      # any type again: True/False or a policy name
+        set_remat(config.model, config.model.remat)
     if "sharding_rules" in config:
         config.sharding_rules = tuple(
             (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.sharding_rules)

@@ -104,7 +104,7 @@ def infer_model_config(tensors, source="checkpoint", open_clip_cfg=None):
         text=dict(vocab_size=int(vocab), context_length=int(context), width=text_width,
                   heads=int(text_heads or text_width // 64),
                   layers=_count(tensors, "transformer.resblocks.")),
-        dtype="float32", remat=False, scan_layers=False,
+        dtype="float32", remat=config_lib.remat_field("none"), scan_layers=False,
         activation="quick_gelu" if quick else "gelu")
     import ml_collections
     return ml_collections.ConfigDict(model)
@@ -158,7 +158,8 @@ def arch_config(arch):
         raise ConvertError(f"--arch {arch!r}: not one of the paper's architectures "
                            f"({', '.join(config_lib.PAPER_MODELS)})")
     cfg = config_lib.model_config(name)
-    cfg.dtype, cfg.remat = "float32", False
+    cfg.dtype = "float32"
+    config_lib.set_remat(cfg, "none")
     return cfg
 
 

@@ -22,7 +22,8 @@ import re
 import jax
 import ml_collections
 
-from clip_jax import losses, sharding, train
+from clip_jax import config_lib, losses, sharding, train
+from clip_jax.models.layers import remat_policy
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
 
@@ -60,7 +61,8 @@ def step_flops(config, model_flops=False, ops=None):
         if ops is not None:
             config.kernels.ops = ops
         if model_flops:
-            config.model.remat, config.kernels.ops = False, "xla"
+            config.kernels.ops = "xla"
+            config_lib.set_remat(config.model, "none")
     run = train.build(config, jax.local_devices()[:1])
     with run.context():
         lowered = run.train_step.lower(run.abstract_state, run.abstract_batch())
@@ -222,7 +224,7 @@ def minimum_collective_bytes(config, run):
         # gradient cache) that is per micro-batch, plus one gather for its no-gradient pass.
         width = 2 if config.model.dtype == "bfloat16" else 4
         k = int(config.micro_batches)
-        gathers = (2 if config.model.remat else 1) + (1 if k > 1 else 0)
+        gathers = (2 if remat_policy(config.model.remat) != "none" else 1) + (1 if k > 1 else 0)
         out["all-gather"] += k * gathers * width * n_params / run.mesh.shape["model"]
         out["reduce-scatter"] += k * 4 * n_params / run.mesh.shape["model"]
     return {k: int(v) for k, v in out.items()}

@@ -58,7 +58,8 @@ import time
 
 import jax
 
-from clip_jax import cost, sharding, train, validation
+from clip_jax import config_lib, cost, sharding, train, validation
+from clip_jax.models.layers import remat_policy
 
 GIB = 2 ** 30
 
@@ -231,7 +232,7 @@ def analyse(config, devices, chip, hlo_dir=None, count_flops=True):
               "mesh": {a: int(run.mesh.shape[a]) for a in sharding.MESH_AXES},
               "local_batch": config.batch_size // sharding.num_batch_shards(run.mesh, run.rules),
               "loss": config.loss.name, "micro_batches": int(config.micro_batches),
-              "remat": bool(config.model.remat), "dtype": str(config.model.dtype),
+              "remat": remat_policy(config.model.remat), "dtype": str(config.model.dtype),
               "hbm_bytes": int(chip.hbm_gib * GIB),
               "budget_bytes": int(chip.hbm_gib * chip.memory_fraction * GIB),
               "compile_seconds": time.perf_counter() - t0}
@@ -364,13 +365,15 @@ def micro_batch_candidates(local):
 
 
 def recomputation(remat, micro_batches):
-    """Extra forward passes per step: remat recomputes the forward in the backward pass; the
-    gradient cache (micro_batches > 1) runs a forward without gradients first."""
-    return int(bool(remat)) + int(micro_batches > 1)
+    """Extra forward passes per step (at most): remat recomputes the forward in the backward
+    pass (a policy other than 'full' less of it; counted as one); the gradient cache
+    (micro_batches > 1) runs a forward without gradients first."""
+    return int(remat_policy(remat) != "none") + int(micro_batches > 1)
 
 
-# The planner's ladder: (remat, micro-batched), least recomputation first (`recomputation`).
-RUNGS = ((False, False), (True, False), (False, True), (True, True))
+# The planner's ladder: (remat policy, micro-batched), least recomputation first
+# (`recomputation`). The planner tries no policies between 'none' and 'full'.
+RUNGS = (("none", False), ("full", False), ("none", True), ("full", True))
 
 
 def fsdp_meshes(mesh_cfg, num_devices):
@@ -436,8 +439,8 @@ def plan(config, devices, chip, on_report=None):
         t = config.copy_and_resolve_references()
         with t.unlocked():
             t.mesh.update(chosen["mesh"])
-            t.loss.name, t.model.remat, t.micro_batches = (chosen["loss"], chosen["remat"],
-                                                           chosen["micro_batches"])
+            t.loss.name, t.micro_batches = chosen["loss"], chosen["micro_batches"]
+        config_lib.set_remat(t.model, chosen["remat"])
         add_flops(chosen, t, chip)
     return chosen, reports
 
@@ -474,7 +477,8 @@ def _plan_on_mesh(config, devices, chip, run, reports, on_report, below, hopeles
                 return r
         t = config.copy_and_resolve_references()
         with t.unlocked():
-            t.loss.name, t.model.remat, t.micro_batches = loss, remat, k
+            t.loss.name, t.micro_batches = loss, k
+        config_lib.set_remat(t.model, remat)
         validation.validate(t, len(devices))
         report = analyse(t, devices, chip, count_flops=False)
         report["recomputation"] = recomputation(remat, k)

@@ -13,6 +13,7 @@ from clip_jax import losses, ops, paths, sharding
 from clip_jax.config_lib import MOVED_KEYS, ConfigError, lookup
 from clip_jax.data import records, sources, spec as spec_lib, tokenizer
 from clip_jax.evals import registry
+from clip_jax.models import layers
 
 
 def _validate_data(config, require):
@@ -118,6 +119,10 @@ def validate(config, num_devices=None):
     m = config.model
     require(m.vision.kind in ("resnet", "vit"), "model.vision.kind", "must be 'resnet' or 'vit'")
     require(m.dtype in ("float32", "bfloat16"), "model.dtype", "must be 'float32' or 'bfloat16'")
+    try:
+        layers.remat_policy(m.get("remat", False))
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
     require(m.get("activation", "quick_gelu") in ("quick_gelu", "gelu"), "model.activation",
          "must be 'quick_gelu' or 'gelu'")
     for old, new in MOVED_KEYS.items():

@@ -27,7 +27,8 @@ def get_config(arg=None):
         saved = config_lib.from_json(json.load(f))
     c = config_lib.base_config()
     c.model = saved.model
-    c.model.dtype, c.model.remat, c.model.scan_layers = "bfloat16", True, True
+    c.model.dtype, c.model.scan_layers = "bfloat16", True
+    config_lib.set_remat(c.model, "full")
     c.model.activation = saved.model.get("activation", "quick_gelu")
     c.init_from = os.path.abspath(arg)
     c.data.tokenizer = saved.data.tokenizer

@@ -16,7 +16,7 @@ def get_config(arg=None):
         vision=dict(kind="vit", image_size=32, layers=3, width=96, patch_size=8, heads=3),
         text=dict(vocab_size=256, context_length=24, width=64, heads=2, layers=2),
         dtype="float32",
-        remat=False,
+        remat=config_lib.remat_field("none"),
         scan_layers=False,
         activation="quick_gelu",
     ))

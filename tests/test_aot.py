@@ -161,7 +161,7 @@ pod.add_flops = lambda report, config, chip: None
 
 def analyse(config, devices, chip, count_flops=True):
     k = config.micro_batches
-    temp = (TEMP / 2 if config.model.remat else TEMP) / k * MB
+    temp = (TEMP / 2 if config.model.remat == "full" else TEMP) / k * MB
     memory = STATE * MB / fsdp(config) + temp
     return dict(mesh=dict(data=8 // fsdp(config), fsdp=fsdp(config), model=1), loss=config.loss.name,
                 remat=config.model.remat, micro_batches=k, memory_per_chip_bytes=memory,
@@ -184,21 +184,21 @@ def test_the_planner_walks_to_fsdp_meshes_only_for_less_recomputation():
     r = run_python(PLANNER_SEARCH.replace("{STATE}", "100").replace("{TEMP}", "100"), n_devices=8)
     chosen, tried = r["chosen"], r["tried"]
     assert chosen["mesh"] == {"data": 1, "fsdp": 8, "model": 1}
-    assert (chosen["remat"], chosen["micro_batches"], chosen["recomputation"]) == (False, 1, 0)
+    assert (chosen["remat"], chosen["micro_batches"], chosen["recomputation"]) == ("none", 1, 0)
     first = [t for t in tried if t["mesh"]["fsdp"] == 1]
-    assert any(t["fits"] and t["micro_batches"] == 8 and not t["remat"] for t in first)
+    assert any(t["fits"] and t["micro_batches"] == 8 and t["remat"] == "none" for t in first)
     assert all(t["recomputation"] == 0 for t in tried if t["mesh"]["fsdp"] > 1)
     assert list(dict.fromkeys(t["mesh"]["fsdp"] for t in tried)) == [1, 2, 4, 8]
     assert chosen["loss"] == "clip"             # the config's own, fitting where the leanest does
     assert r["overrides"].endswith(" --config.mesh.data=1 --config.mesh.fsdp=8 --config.mesh.model=1")
     small = run_python(PLANNER_SEARCH.replace("{STATE}", "10").replace("{TEMP}", "118"), n_devices=8)
-    assert small["chosen"]["mesh"]["fsdp"] == 1 and small["chosen"]["remat"]
+    assert small["chosen"]["mesh"]["fsdp"] == 1 and small["chosen"]["remat"] == "full"
     assert {t["mesh"]["fsdp"] for t in small["tried"]} == {1, 2}
     assert "--config.mesh" not in small["overrides"]
     # Temporaries of 300 MB: 16 micro-batches on the data-parallel mesh; one batch there is
     # 400 MB, and 400 less twice the state any FSDP mesh frees is over 120.
     big = run_python(PLANNER_SEARCH.replace("{STATE}", "100").replace("{TEMP}", "300"), n_devices=8)
-    assert big["chosen"]["micro_batches"] == 16 and not big["chosen"]["remat"]
+    assert big["chosen"]["micro_batches"] == 16 and big["chosen"]["remat"] == "none"
     assert {t["mesh"]["fsdp"] for t in big["tried"]} == {1}
 
 

@@ -33,7 +33,7 @@ def test_finetune_config_takes_model_tokenizer_and_weights_from_converted_weight
     validation.validate(c, num_devices=8)
     assert c.init_from == out and c.data.tokenizer == "clip_bpe"
     assert c.model.vision.layers == (1, 2, 1, 1) and c.model.text.vocab_size == 49408
-    assert (c.model.dtype, c.model.remat, c.optim.lr) == ("bfloat16", True, 1e-5)
+    assert (c.model.dtype, c.model.remat, c.optim.lr) == ("bfloat16", "full", 1e-5)
     with pytest.raises(ValueError, match="configs/finetune.py:DIR"):
         load(path)
     with pytest.raises(ValueError, match="no .*config.json"):

@@ -122,7 +122,7 @@ def test_each_paper_architecture_is_recognised_from_its_tensor_shapes(name):
     inferred = convert.infer_model_config(tensors)
     assert convert.paper_name(inferred) == name
     assert convert._shape_dict(inferred) == convert._shape_dict(cfg)
-    assert (inferred.dtype, inferred.remat, inferred.activation) == ("float32", False, "quick_gelu")
+    assert (inferred.dtype, inferred.remat, inferred.activation) == ("float32", "none", "quick_gelu")
     assert convert.arch_config({"vit_l14_336": "ViT-L/14@336px", "vit_b32": "ViT-B-32",
                                 "rn50x4": "RN50x4"}.get(name, name)).vision.image_size == cfg.vision.image_size
 

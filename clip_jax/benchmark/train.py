@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clip_jax import cost, pod, sharding, train
+from clip_jax.models.layers import remat_policy
 from clip_jax.benchmark.timing import timed, timings
 from clip_jax.data import pipeline
 
@@ -98,7 +99,7 @@ def benchmark_train(config, steps, warmup, repeats, peak_tflops=None):
             "peak_tflops_per_device": peak_tflops, "peak_source": peak_source,
             "mfu": model_flops / per_step / 1e12 / (peak_tflops * devices),
             "hfu": achieved / (peak_tflops * devices),
-            "dtype": config.model.dtype, "remat": bool(config.model.remat),
+            "dtype": config.model.dtype, "remat": remat_policy(config.model.remat),
             "devices": devices, "backend": jax.default_backend(), "device_kind": device_kind,
             # The process settings the figure was measured under (launch/cpu_env.sh,
             # launch/gpu_env.sh).

@@ -6,6 +6,7 @@ import numpy as np
 from flax.core import meta
 
 from clip_jax import losses, ops, sharding
+from clip_jax.models.layers import remat_policy
 from clip_jax.models.clip import CLIP
 
 __all__ = ["CLIP", "from_config", "count_params", "input_specs", "encoder_fns", "abstract_variables",
@@ -40,7 +41,7 @@ def from_config(config, mesh=None) -> CLIP:
         text_heads=int(t.heads),
         text_layers=int(t.layers),
         dtype=jnp.dtype(str(m.get("dtype", "float32"))),
-        remat=bool(m.get("remat", False)),
+        remat=remat_policy(m.get("remat", False)),
         scan_layers=bool(m.get("scan_layers", False)),
         activation=str(m.get("activation", "quick_gelu")),
         ops=ops.PLAIN if mesh is None else ops.from_config(config.kernels, mesh),

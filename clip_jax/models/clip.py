@@ -43,7 +43,7 @@ class CLIP(nn.Module):
     text_layers: int
     # numerics
     dtype: Any = jnp.float32    # compute dtype; parameters are always float32
-    remat: bool = False
+    remat: Any = False          # a remat policy name (layers.REMAT_POLICIES); True is "full"
     scan_layers: bool = False   # each tower's repeated blocks as one lax.scan
     activation: str = "quick_gelu"   # transformer MLPs: 'quick_gelu' (OpenAI) or 'gelu'
     ops: Ops = PLAIN            # the kernels (clip_jax.ops): the plain code unless a platform's

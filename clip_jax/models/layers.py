@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
 from clip_jax.models.layout import LAYERS
 from clip_jax.ops.plain import PLAIN, Ops
 
@@ -117,10 +118,12 @@ class MultiHeadAttention(nn.Module):
                 kernel_init=logical(normal(self.qkv_std), ("embed", "heads", "kv")),
                 bias_init=logical(zeros, ("heads", "kv")), name=name)
 
-        q = proj("query")(inputs_q)      # [B, T, N, H]
-        k = proj("key")(inputs_kv)       # [B, S, N, H]
-        v = proj("value")(inputs_kv)
+        # Named for the remat policies that keep them (`REMAT_POLICIES`).
+        q = checkpoint_name(proj("query")(inputs_q), "query_proj")      # [B, T, N, H]
+        k = checkpoint_name(proj("key")(inputs_kv), "key_proj")         # [B, S, N, H]
+        v = checkpoint_name(proj("value")(inputs_kv), "value_proj")
         x = self.ops.attention(q, k, v, causal=causal, kv_lengths=kv_lengths)
+        x = checkpoint_name(x, "attention_out")
         return DenseGeneral(
             features=out_features, axis=(-2, -1), use_bias=True,
             dtype=self.dtype, param_dtype=jnp.float32, ops=self.ops,
@@ -206,7 +209,7 @@ class Transformer(nn.Module):
     layers: int
     heads: int
     causal: bool = False
-    remat: bool = False
+    remat: Union[bool, str] = False      # a policy name (`REMAT_POLICIES`); True is 'full'
     scan: bool = False
     activation: str = "quick_gelu"
     dtype: Dtype = jnp.float32
@@ -226,13 +229,45 @@ class Transformer(nn.Module):
         return x if readout is None else x[:, 0]
 
 
+# Remat policies by name (MaxText's style): what a rematerialised residual block keeps from
+# its forward pass for the backward; the rest is recomputed. `jax.checkpoint_policies` builds
+# them; the names are `MultiHeadAttention`'s `checkpoint_name`s.
+_policies = jax.checkpoint_policies
+REMAT_POLICIES = {
+    "none": None,                                          # not rematerialised: keeps everything
+    "full": _policies.nothing_saveable,                    # keeps the block's input only
+    # every product without batch dimensions (q/k/v, attention output and MLP projections);
+    # recomputes the attention itself, norms and activations (MaxText's 'minimal')
+    "minimal": _policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": _policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
+    "save_attention_out": _policies.save_only_these_names("attention_out"),
+}
+
+
+def remat_policy(value):
+    """A `model.remat` value as a policy name: a name of `REMAT_POLICIES`, or (configs
+    before the names) True for 'full' and False for 'none', also as the strings a command
+    line gives ('True', 'false')."""
+    if isinstance(value, bool) or value is None:
+        return "full" if value else "none"
+    name = str(value)
+    name = {"true": "full", "false": "none"}.get(name.lower(), name)
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"model.remat: {value!r} is not a remat policy; the policies: "
+                         f"{', '.join(REMAT_POLICIES)} (True is 'full', False 'none')")
+    return name
+
+
 def remat_if(cls, remat, scanned=False, static_argnums=()):
-    """`cls`, rematerialised (`nn.remat`) if `remat`: its activations are recomputed in the
-    backward pass. Inside a rolled loop (`scanned`) common subexpressions need no guarding
+    """`cls`, rematerialised (`nn.remat`) with the policy `remat` (`remat_policy`) unless it is
+    'none': its activations, but those the policy keeps, are recomputed in the backward pass.
+    Inside a rolled loop (`scanned`) common subexpressions need no guarding
     (`prevent_cse=False`, as jax recommends under `lax.scan`)."""
-    if not remat:
+    name = remat_policy(remat)
+    if name == "none":
         return cls
-    return nn.remat(cls, prevent_cse=not scanned, static_argnums=static_argnums)
+    return nn.remat(cls, policy=REMAT_POLICIES[name], prevent_cse=not scanned,
+                    static_argnums=static_argnums)
 
 
 def stacked(block, x, length, *args, scan=True, collections=("params",)):

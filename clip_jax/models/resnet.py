@@ -129,7 +129,7 @@ class ModifiedResNet(nn.Module):
     heads: int
     image_size: int = 224
     width: int = 64
-    remat: bool = False
+    remat: Any = False          # a remat policy name (layers.REMAT_POLICIES); True is "full"
     scan: bool = False      # each stage's repeated blocks run as one loop (layers.stacked)
     dtype: Any = jnp.float32
     ops: Ops = PLAIN

@@ -15,7 +15,7 @@ class TextTransformer(nn.Module):
     heads: int
     layers: int
     output_dim: int
-    remat: bool = False
+    remat: Any = False          # a remat policy name (layers.REMAT_POLICIES); True is "full"
     scan: bool = False   # the transformer's blocks run as one loop (layers.stacked)
     activation: str = "quick_gelu"
     dtype: Any = jnp.float32

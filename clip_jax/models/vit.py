@@ -25,7 +25,7 @@ class VisionTransformer(nn.Module):
     layers: int
     heads: int
     output_dim: int
-    remat: bool = False
+    remat: Any = False          # a remat policy name (layers.REMAT_POLICIES); True is "full"
     scan: bool = False   # the transformer's blocks run as one loop (layers.stacked)
     activation: str = "quick_gelu"
     dtype: Any = jnp.float32
