@@ -126,8 +126,9 @@ def main():
                 chip = dataclasses.replace(chip, hbm_gib=F.hbm_gib)
             validation.validate(config, len(devices))
         progress = lambda r: print(  # noqa: E731
-            f"  batch {r['batch_size']:>9,}, loss {r['loss']}, remat {r['remat']}, micro-batches "
-            f"{r['micro_batches']}: " + _memory_line(r), flush=True)
+            f"  batch {r['batch_size']:>9,}, mesh " + "x".join(str(n) for n in r["mesh"].values())
+            + f", loss {r['loss']}, remat {r['remat']}, micro-batches {r['micro_batches']}: "
+            + _memory_line(r), flush=True)
         if F.find_max_batch:
             largest, reports = pod.find_max_batch(config, devices, chip, on_report=progress,
                                                   micro_rows=pod.FRONTIER_MICRO_ROWS if F.plan

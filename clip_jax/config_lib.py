@@ -122,6 +122,12 @@ def base_config():
     # comma-separated, to measure them.
     c.kernels = ml_collections.ConfigDict(dict(ops="auto", cpu_ops_off="", gpu_ops_off=""))
     c.sharding_rules = DEFAULT_RULES
+    # Weights & Biases (the `wandb` extra), beside TensorBoard and metrics.jsonl, when
+    # `project` is set: the same scalars at the same steps and the run's config. `mode`:
+    # 'online', 'offline' (written under WORKDIR/wandb, `wandb sync` later) or 'disabled';
+    # `name`: the run's display name (default: W&B's). A resumed run continues the same
+    # W&B run (its id is kept in WORKDIR/wandb_run_id).
+    c.wandb = ml_collections.ConfigDict(dict(project="", entity="", mode="online", name=""))
     # The contrastive loss (clip_jax/losses.py): 'clip' (the paper's, sharded), 'clip_blockwise'
     # (the same value, logits streamed over column blocks of `block_size`: O(B_local x block)
     # memory), 'siglip' (pairwise sigmoid, learned temperature and bias).
@@ -201,7 +207,7 @@ def lookup(config, dotted):
 # kernels compute the same up to rounding).
 RESUME_NEUTRAL_KEYS = ("progress", "log_every", "eval_every", "checkpoint_every", "max_to_keep",
                        "max_bad_steps", "init_from", "mesh.", "sharding_rules", "data.workers",
-                       "data.prefetch", "evals.", "kernels.", "model.remat")
+                       "data.prefetch", "evals.", "kernels.", "model.remat", "wandb.")
 
 # Keys that moved: old name -> new name. Saved configs that have an old key (every
 # checkpoint's config.json before the kernels left the model block) are read without it;

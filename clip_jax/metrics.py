@@ -1,4 +1,5 @@
-"""Where training metrics go: DIR/metrics.jsonl, TensorBoard events, and a PNG plot at the end.
+"""Where training metrics go: DIR/metrics.jsonl, TensorBoard events, and a PNG plot at the end;
+also Weights & Biases when `config.wandb.project` is set (`WandbRun`).
 
 Only process 0 writes. Each jsonl line is one logged step: {"step": k, "loss": ..., ...}.
 A run resumed from step S first drops the lines (and TensorBoard events) after S, which a
@@ -22,6 +23,7 @@ A few scalars per logged step cost microseconds to serialise.
 import io
 import json
 import os
+import secrets
 import time
 
 import jax
@@ -67,12 +69,14 @@ class MetricWriter:
     """Appends to DIR/metrics.jsonl and TensorBoard; `start_step`: the step training resumes
     after (0 for a fresh run) -- anything logged after it is dropped first."""
 
-    def __init__(self, workdir, start_step=0, enabled=None):
+    def __init__(self, workdir, start_step=0, enabled=None, config=None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.workdir = paths.resolve(workdir)
         self.path = paths.join(workdir, "metrics.jsonl")
         self._remote = paths.is_remote(workdir)
-        self._tb = self._file = None
+        self._tb = self._file = self._wandb = None
+        if self.enabled and config is not None and config.get("wandb", {}).get("project"):
+            self._wandb = WandbRun(workdir, config)
         if self.enabled:
             with self._writing("opening metrics.jsonl and tensorboard/"):
                 paths.makedirs(workdir)
@@ -99,6 +103,8 @@ class MetricWriter:
                 self._file.write(line)
                 self._file.flush()
             self._tb.add_scalars(record["step"], {k: v for k, v in record.items() if k != "step"})
+        if self._wandb is not None:
+            self._wandb.log(record["step"], {k: v for k, v in record.items() if k != "step"})
         if time.monotonic() - self._last_flush >= (REMOTE_FLUSH_SECONDS if self._remote else FLUSH_SECONDS):
             self.flush()
 
@@ -119,13 +125,51 @@ class MetricWriter:
         try:
             self.flush()
         finally:
-            for f in (self._file, self._tb):
+            for f in (self._file, self._tb, self._wandb):
                 if f is not None:
                     try:
                         f.close()
                     except OSError:
                         pass      # flush() above has raised what matters
-            self._file = self._tb = None
+            self._file = self._tb = self._wandb = None
+
+
+class WandbRun:
+    """The run in Weights & Biases (process 0 only): the config once, then each logged step's
+    scalars at that step. Its id is kept in WORKDIR/wandb_run_id, so a resumed run continues
+    the same W&B run (`resume="allow"`); W&B keeps a run's history append-only, so the steps
+    a killed run logged after its last checkpoint stay there from the first attempt (W&B
+    warns when they are logged again), where metrics.jsonl and TensorBoard drop them. Its
+    local files go under WORKDIR/wandb (W&B's default directory when WORKDIR is remote, or
+    WANDB_DIR when set). wandb is imported here only: nothing of it runs without a project."""
+
+    def __init__(self, workdir, config):
+        try:
+            import wandb
+        except ImportError:
+            raise WorkdirError("config.wandb.project is set but wandb is not installed: "
+                               "pip install -e '.[wandb]'") from None
+        cfg = config.wandb
+        id_path = paths.join(workdir, "wandb_run_id")
+        run_id = paths.read_text(id_path).strip() if paths.isfile(id_path) else secrets.token_hex(4)
+        # W&B writes under DIR/wandb.
+        local = None if paths.is_remote(workdir) or os.environ.get("WANDB_DIR") else \
+            paths.resolve(workdir)
+        try:
+            self._run = wandb.init(project=cfg.project, entity=cfg.entity or None, mode=cfg.mode,
+                                   name=cfg.name or None, id=run_id, resume="allow", dir=local,
+                                   config=json.loads(config.to_json_best_effort()))
+        except Exception as e:  # noqa: BLE001 -- wandb's own errors (no login, no network, ...)
+            raise WorkdirError(f"config.wandb: W&B could not start the run ({type(e).__name__}: "
+                               f"{e}); log in with `wandb login`, or set --config.wandb.mode="
+                               "offline (sync later) or --config.wandb.project= (off)") from None
+        paths.write_text(id_path, run_id + "\n")
+
+    def log(self, step, scalars):
+        self._run.log(dict(scalars), step=int(step))
+
+    def close(self):
+        self._run.finish()
 
 
 class _RaisesWorkdirError:

@@ -475,7 +475,7 @@ def _train_from(config, workdir, run, state, start, data, ckpt, preemption, eval
     checkpoint when a write failed. Returns the last logged metrics."""
     from tqdm import tqdm
 
-    writer = metrics.MetricWriter(workdir, start_step=start)
+    writer = metrics.MetricWriter(workdir, start_step=start, config=config)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     log(f"mesh {sharding.describe(run.mesh)}; {n_params:,} parameters; "
         f"global batch {config.batch_size}; workdir {workdir}")

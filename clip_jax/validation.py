@@ -5,6 +5,7 @@ Separate from `config_lib` (the tables, defaults and schema, which import nothin
 clip_jax) because these checks ask the modules that own each option: the losses, the
 kernels, the mesh axes, the data sources and tokenizers, the evaluators.
 """
+import importlib.util
 import json
 
 import ml_collections
@@ -119,6 +120,13 @@ def validate(config, num_devices=None):
     m = config.model
     require(m.vision.kind in ("resnet", "vit"), "model.vision.kind", "must be 'resnet' or 'vit'")
     require(m.dtype in ("float32", "bfloat16"), "model.dtype", "must be 'float32' or 'bfloat16'")
+    w = config.get("wandb")
+    if w is not None:
+        require(w.mode in ("online", "offline", "disabled"), "wandb.mode",
+                "must be 'online', 'offline' or 'disabled'")
+        if w.project and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(f"config.wandb.project: {w.project!r} asks for Weights & Biases, "
+                              "which is not installed: pip install -e '.[wandb]'")
     try:
         layers.remat_policy(m.get("remat", False))
     except ValueError as e:
