@@ -111,6 +111,10 @@ def base_config():
     c.max_to_keep = 3
     c.init_from = ""               # fresh runs only: take parameters from this checkpoint
     c.max_bad_steps = 10           # stop after this many non-finite steps in a row
+    # JAX's persistent compilation cache: a restarted run reads its compiled step instead of
+    # compiling it again. 'workdir': WORKDIR/compile_cache; a directory (local or gs://);
+    # '': off. A cache directory set for JAX already (JAX_COMPILATION_CACHE_DIR) is kept.
+    c.compile_cache = "workdir"
     c.optim = ml_collections.ConfigDict(dict(
         lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
         warmup_steps=2000, grad_clip_norm=0.0))   # 0: no clipping
@@ -207,7 +211,8 @@ def lookup(config, dotted):
 # kernels compute the same up to rounding).
 RESUME_NEUTRAL_KEYS = ("progress", "log_every", "eval_every", "checkpoint_every", "max_to_keep",
                        "max_bad_steps", "init_from", "mesh.", "sharding_rules", "data.workers",
-                       "data.prefetch", "evals.", "kernels.", "model.remat", "wandb.")
+                       "data.prefetch", "evals.", "kernels.", "model.remat", "wandb.",
+                       "compile_cache")
 
 # Keys that moved: old name -> new name. Saved configs that have an old key (every
 # checkpoint's config.json before the kernels left the model block) are read without it;

@@ -28,7 +28,7 @@ command line stops with that error.
 import argparse
 import json
 
-from clip_jax import checkpoint, cli, distributed, inference
+from clip_jax import checkpoint, cli, compile_cache, distributed, inference
 from clip_jax.evals import registry, suite
 
 COMMAND_LINE = "python -m clip_jax.evaluate"
@@ -65,6 +65,9 @@ def parse_args(argv):
                    "across the mesh (default 256)")
     p.add_argument("--cache-dir", default="", help="store image features here and reuse them for "
                    "the same checkpoint and data (default: no cache)")
+    p.add_argument("--compile-cache", default="workdir", help="JAX's persistent compilation "
+                   "cache: 'workdir' (default: WORKDIR/compile_cache with --workdir, none with "
+                   "--checkpoint), a directory, or '' (off)")
     p.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
                    help="run on several processes (hosts) with jax.distributed, each decoding "
                    "its share of the images: 'auto' when the three options below are given or "
@@ -94,6 +97,7 @@ def main(argv=None):
         options = registry.check(args.task, options, COMMAND_LINE, flags=True)
         distributed.initialize(args.distributed, args.coordinator_address, args.num_processes,
                                args.process_id)
+        compile_cache.use(args.compile_cache, args.workdir)
         model = inference.load(args.workdir or args.checkpoint, batch_size=args.batch_size)
         evaluator = registry.get(args.task)(args.data, model.config, **options)
         result = evaluator.run(model, cache_dir=args.cache_dir, progress=not args.no_progress)

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clip_jax import (checkpoint, cli, config_lib, distributed, losses, metrics, models, optim,
-                      paths, sharding, validation, workdir as workdir_lib)
+from clip_jax import (checkpoint, cli, compile_cache, config_lib, distributed, goodput, losses,
+                      metrics, models, optim, paths, sharding, validation, workdir as workdir_lib)
 from clip_jax.data import pipeline, sources, tokenizer as tokenizer_lib
 from clip_jax.distributed import log
 from clip_jax.evals import training as training_evals
@@ -404,6 +404,14 @@ def train(config, workdir):
 
 
 def _train_owned(config, workdir, ckpt_dir, owner):
+    ledger = goodput.Ledger(workdir, enabled=jax.process_index() == 0)   # its clock: startup
+    try:
+        return _train_counted(config, workdir, ckpt_dir, owner, ledger)
+    finally:
+        ledger.record(ledger.step)
+
+
+def _train_counted(config, workdir, ckpt_dir, owner, ledger):
     validation.check_workdir_tokenizer(config, workdir)    # before config.json is rewritten
     if jax.process_index() == 0:
         try:
@@ -422,6 +430,7 @@ def _train_owned(config, workdir, ckpt_dir, owner):
         preemption.close()
         raise config_lib.ConfigError(str(e)) from None
     log(f"tokenizer {config.data.tokenizer}: {tokenizer.vocab_size:,} ids ({tokenizer.source or 'in memory'})")
+    compile_cache.use(config.compile_cache, workdir)      # before the first compile
 
     run = build(config)
     try:   # opens every evaluation dataset: a bad config.evals entry stops the run here
@@ -441,8 +450,14 @@ def _train_owned(config, workdir, ckpt_dir, owner):
                                                     open_source())
             except (ValueError, OSError) as e:
                 raise config_lib.ConfigError(str(e)) from None
+            ledger.switch("restore")
             state, start = initial_state(run, ckpt, data)
-            return _train_from(config, workdir, run, state, start, data, ckpt, preemption, evaluator, owner)
+            if start == 0:                   # a fresh run's initialisation is start-up
+                ledger.move("restore", "startup")
+            ledger.switch("startup")         # then the writers, up to the first step
+            ledger.step = ledger.resumed_from = start
+            return _train_from(config, workdir, run, state, start, data, ckpt, preemption, evaluator,
+                               owner, ledger)
 
 
 @contextlib.contextmanager
@@ -469,7 +484,8 @@ def _closing(*closers):
         raise first
 
 
-def _train_from(config, workdir, run, state, start, data, ckpt, preemption, evaluator, owner):
+def _train_from(config, workdir, run, state, start, data, ckpt, preemption, evaluator, owner,
+                ledger):
     """Trains from step `start` to the end (or a preemption) with the metrics writer and the
     progress bar open, and reports how it ended: the final line, or the newest complete
     checkpoint when a write failed. Returns the last logged metrics."""
@@ -489,7 +505,8 @@ def _train_from(config, workdir, run, state, start, data, ckpt, preemption, eval
                disable=not config.progress or jax.process_index() != 0, file=sys.stdout)
     try:
         with _closing(bar.close, writer.close):
-            last = _step_loop(config, run, state, start, data, ckpt, preemption, evaluator, writer, bar, owner)
+            last = _step_loop(config, run, state, start, data, ckpt, preemption, evaluator, writer,
+                              bar, owner, ledger)
     except (workdir_lib.WorkdirError, checkpoint.CheckpointError) as e:
         newest = ckpt.newest_committed()
         raise type(e)(f"{e}. " + (f"The newest complete checkpoint, {ckpt.directory}/{newest}, is intact: "
@@ -506,9 +523,11 @@ def _train_from(config, workdir, run, state, start, data, ckpt, preemption, eval
     return last
 
 
-def _step_loop(config, run, state, start, data, ckpt, preemption, evaluator, writer, bar, owner):
+def _step_loop(config, run, state, start, data, ckpt, preemption, evaluator, writer, bar, owner,
+               ledger):
     """The step loop: steps start+1 .. total_steps (or to a preemption), each one's batch,
-    update, logging, evaluation and checkpoint; returns the last logged metrics."""
+    update, logging, evaluation and checkpoint; returns the last logged metrics. `ledger`
+    (clip_jax.goodput) follows where the time goes."""
     last = {}
     saved_step = start
     t_last, step_last = time.perf_counter(), start
@@ -516,8 +535,11 @@ def _step_loop(config, run, state, start, data, ckpt, preemption, evaluator, wri
     in_flight = None      # the previous step's metrics
     for step in range(start + 1, config.total_steps + 1):
         t_data = time.perf_counter()
+        ledger.switch("data_wait")
         batch = next(data)
         data_wait += time.perf_counter() - t_data
+        ledger.switch("compile" if step == start + 1 else ledger.training(step))
+        ledger.step = step
         state, step_metrics = run.train_step(state, batch)
         # At most two steps in flight: the device always has the next step queued, the
         # host never runs further ahead (each queued step holds its batch in device
@@ -533,6 +555,7 @@ def _step_loop(config, run, state, start, data, ckpt, preemption, evaluator, wri
         in_flight = step_metrics
         if step == start + 1:
             jax.block_until_ready(step_metrics)   # one-time: keep compilation out of samples/s
+            ledger.switch(ledger.training(step))
             last["compile_s"] = time.perf_counter() - t_last
             t_last, step_last, data_wait = time.perf_counter(), step, 0.0
         bar.update(1)
@@ -550,8 +573,11 @@ def _step_loop(config, run, state, start, data, ckpt, preemption, evaluator, wri
             record["data/replaced_records"] = data.replaced_records
             if is_eval and evaluator is not None:
                 t0 = time.perf_counter()
+                ledger.switch("evaluation")
                 record.update(evaluator(state))
+                ledger.switch(ledger.training(step))
                 t_last += time.perf_counter() - t0    # evaluation time is not training time
+            record.update(ledger.record(step))
             writer.write(step, record)
             last.update(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}",
@@ -560,13 +586,18 @@ def _step_loop(config, run, state, start, data, ckpt, preemption, evaluator, wri
         if preempted or step == config.total_steps or (
                 config.checkpoint_every and step % config.checkpoint_every == 0):
             t0 = time.perf_counter()
+            ledger.switch("checkpoint")
             owner.check()      # a run whose workdir lease was taken over writes nothing more
             saved_step = ckpt.save(state_to_dict(state), data.get_state(), config)
             writer.flush()     # a remote metrics.jsonl holds every line up to the checkpoint
+            ledger.record(step)
+            ledger.switch(ledger.training(step))
             t_last += time.perf_counter() - t0        # checkpointing is not training time
         if preempted:
+            ledger.switch("shutdown")
             ckpt.wait()
             return {**last, "step": step, "preempted": True}
+    ledger.switch("shutdown")
     return last
 
 

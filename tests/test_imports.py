@@ -163,7 +163,7 @@ def test_the_library_imports_no_tool():
 
 # Library modules that also hold a thin command line: a `main` over their own functions (as
 # big_vision's train.py). They are library: other modules import them for those functions.
-LIBRARY_WITH_MAIN = ("clip_jax.train", "clip_jax.convert", "clip_jax.data.synthetic")
+LIBRARY_WITH_MAIN = ("clip_jax.train", "clip_jax.convert", "clip_jax.data.synthetic", "clip_jax.goodput")
 
 
 def _defines_main(path):

@@ -95,6 +95,46 @@ def test_sigkill_resumes_from_the_last_periodic_checkpoint_bit_exact(reference_1
     assert_one_history_equal_to(metrics(wd), reference_1dev)
 
 
+def test_goodput_counts_the_steps_redone_after_two_kills_and_adds_up_to_the_wall_time(tmp_path):
+    """A run killed twice (SIGKILL, past a periodic checkpoint) and resumed: goodput.jsonl
+    holds its three invocations; the steps trained again are those between each restored
+    checkpoint and the step the killed invocation had reached (to within the one step a
+    kill may fall between the goodput line and the metrics line); each invocation's
+    categories add up to its wall time, and the last one's wall time is what the test
+    measured around it, less the process's exit after its last record."""
+    from clip_jax import goodput
+    wd = tmp_path / "run"
+    flags = ["--config=configs/smoke.py", *tiny_flags(total_steps=60, checkpoint_every=10),
+             f"--workdir={wd}"]
+    expected = 0
+    for k, (checkpoint, reached) in enumerate(((10, 15), (30, 35))):
+        proc = start_cli(["clip_jax.train", *flags], log=tmp_path / f"log{k}")
+        wait_for(lambda: checkpoint in checkpoint_steps(wd) and len(logged_steps(wd)) >= reached,
+                 300, f"checkpoint {checkpoint} and step {reached}", proc, tmp_path / f"log{k}")
+        proc.kill()
+        proc.wait(60)
+        expected += logged_steps(wd)[-1] - max(checkpoint_steps(wd))
+    t0 = time.time()
+    run_cli(["clip_jax.train", *flags])
+    measured = time.time() - t0
+    r = goodput.report(str(wd))
+    assert r["invocations"] == 3 and r["step"] == 60
+    assert expected >= 10 and expected <= r["redone_steps"] <= expected + 2
+    assert r["seconds"]["redone"] > 0 and r["seconds"]["restore"] > 0 and r["seconds"]["compile"] > 0
+    assert r["accounted_s"] == pytest.approx(r["wall_s"], rel=1e-9)
+    last = list(goodput.read(str(wd)).values())[-1]
+    assert sum(last["seconds"].values()) == pytest.approx(last["time"] - last["start"], rel=1e-9)
+    # From the process's start (imports included), not the ledger's creation: the ledger
+    # misses only the exit after its last record (interpreter and JAX teardown, 4 s here).
+    assert 0.7 * measured - 3 < last["time"] - last["start"] <= measured + 0.5
+    out = run_cli(["clip_jax.goodput", str(wd)]).stdout
+    assert "3 invocation(s) to step 60" in out and "redone" in out and "goodput" in out
+    logged = metrics(wd)[-1]          # logged with the metrics: all invocations so far
+    assert 0 < logged["goodput/fraction"] < 1
+    assert 0 < logged["goodput/redone_s"] <= r["seconds"]["redone"]
+    assert logged["goodput/restore_s"] == pytest.approx(r["seconds"]["restore"])
+
+
 @pytest.mark.xdist_group("resume_reference_1dev")   # shares the module-scoped run
 def test_a_second_run_in_a_busy_workdir_is_refused_and_the_first_is_untouched(reference_1dev, tmp_path):
     """Two runs in one workdir (a SLURM requeue racing a manual restart) interleaved their

@@ -139,3 +139,41 @@ def test_smoke_with_siglip_learns(tmp_path):
                    "--config.log_every=1", "--config.progress=false", "--config.data.synthetic.num_eval=64")
     assert rec[0]["loss"] > 9     # SigLIP's initial bias -10: every positive pair costs ~10
     assert rec[-1]["loss"] <= 0.5 * rec[0]["loss"], [r["loss"] for r in rec[::10]]
+
+
+CACHE_COUNTS = """
+import json, sys
+import jax
+from clip_jax import train
+from tests.helpers import tiny_config
+events = []
+jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
+config = tiny_config(total_steps=int(sys.argv[2]), checkpoint_every=1)
+train.train(config, sys.argv[1])
+print(json.dumps({"dir": jax.config.jax_compilation_cache_dir,
+                  "hits": events.count("/jax/compilation_cache/cache_hits")}))
+"""
+
+
+def test_a_restarted_run_reads_its_compiled_step_from_the_workdirs_cache(tmp_path):
+    """JAX's persistent compilation cache, on by default in WORKDIR/compile_cache: the first
+    invocation writes the compiled programs there; the second (resuming) reads them back. Run
+    without the suite's own cache directory (JAX_COMPILATION_CACHE_DIR, which a run keeps)."""
+    import subprocess
+    import sys
+    from tests.helpers import REPO, device_env
+    env = {k: v for k, v in device_env(1).items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    wd = tmp_path / "run"
+
+    def invocation(steps):
+        proc = subprocess.run([sys.executable, "-c", CACHE_COUNTS, str(wd), str(steps)], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"compile cache: {wd}/compile_cache" in proc.stdout
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    first = invocation(2)
+    assert first == {"dir": str(wd / "compile_cache"), "hits": 0}
+    assert len(os.listdir(wd / "compile_cache")) >= 1
+    second = invocation(4)                     # resumes at step 2
+    assert second["hits"] >= 1
