@@ -177,3 +177,24 @@ def test_a_restarted_run_reads_its_compiled_step_from_the_workdirs_cache(tmp_pat
     assert len(os.listdir(wd / "compile_cache")) >= 1
     second = invocation(4)                     # resumes at step 2
     assert second["hits"] >= 1
+
+
+def test_the_compile_cache_setting_is_applied_once_per_process(tmp_path):
+    """'' is off; 'workdir' is WORKDIR/compile_cache (evaluate: the --workdir's; none for a
+    --checkpoint alone); a directory JAX has already is kept (JAX opens its cache once)."""
+    import subprocess
+    import sys
+    from tests.helpers import REPO, device_env
+    code = f"""
+import json
+from clip_jax import compile_cache
+out = [compile_cache.use("", "{tmp_path}/a"), compile_cache.use("workdir", None),
+       compile_cache.use("workdir", "{tmp_path}/a"), compile_cache.use("{tmp_path}/b", "{tmp_path}/a")]
+print(json.dumps(out))
+"""
+    env = {k: v for k, v in device_env(1).items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kept = f"{tmp_path}/a/compile_cache"
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [None, None, kept, kept]
