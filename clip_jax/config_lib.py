@@ -165,6 +165,12 @@ def base_config():
     return c
 
 
+# Each model's remat policy: the one that fits a v5e-256 slice at the paper's batch (32,768,
+# 128 per chip, data parallel) with the least recomputation, from the compiled steps in
+# benchmarks/RESULTS.md ("Remat policies"); 'full' where no table was compiled.
+PAPER_REMAT = {"vit_b16": "minimal"}
+
+
 # The three largest models do not fit a v4-256 or v5e-256 slice at the paper's batch as
 # plain data parallelism (their compiled steps need 35-79 GB per chip on v4): they shard
 # parameters and optimiser state over every device (FSDP) and take the batch's gradient from
@@ -181,6 +187,7 @@ def paper_config(name):
     # The paper's text encoder reads CLIP's lower-cased byte-level BPE (49,152 merges, 49,408
     # ids: the embedding table's size), the copy shipped with clip_jax.
     c.data.tokenizer = "clip_bpe"
+    c.model.remat = PAPER_REMAT.get(name, "full")
     if name in POD_FIT:
         c.micro_batches = POD_FIT[name]["micro_batches"]
         c.mesh.update(data=1, fsdp=-1)
