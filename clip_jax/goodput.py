@@ -83,14 +83,13 @@ class Ledger:
         self.start = min(process_start_time() or now, now)
         self.invocation = uuid.uuid4().hex[:12]
         earlier = list(read(workdir).values()) if enabled else []
-        self.earlier, _ = totals(earlier)
-        self.earlier_wall = sum(s["time"] - s["start"] for s in earlier)
+        self.earlier, self.earlier_wall = totals(earlier)
         # Steps up to here were trained by an earlier invocation: training them again is badput.
         self.reached = max((s["step"] for s in earlier), default=0)
         self.seconds = dict.fromkeys(CATEGORIES, 0.0)
         self.current, self.since = "startup", self.start
         self.step = self.resumed_from = 0
-
+        self._text = None        # goodput.jsonl's text, on an object store
     def switch(self, category):
         """From now on the clock runs in `category`; the time since the last switch goes to
         the category it was in."""
@@ -105,7 +104,7 @@ class Ledger:
             with open(self.path, "a") as f:
                 f.write(line)
             return
-        if not hasattr(self, "_text"):
+        if self._text is None:
             self._text = paths.read_text(self.path) if paths.isfile(self.path) else ""
         self._text += line
         paths.write_text(self.path, self._text)

@@ -436,13 +436,20 @@ def plan(config, devices, chip, on_report=None):
         if (chosen is not None and chosen["recomputation"] == 0) or state <= budget / 16:
             break
     if chosen is not None:
-        t = config.copy_and_resolve_references()
-        with t.unlocked():
-            t.mesh.update(chosen["mesh"])
-            t.loss.name, t.micro_batches = chosen["loss"], chosen["micro_batches"]
-        config_lib.set_remat(t.model, chosen["remat"])
-        add_flops(chosen, t, chip)
+        add_flops(chosen, _with_settings(config, chosen["loss"], chosen["remat"],
+                                         chosen["micro_batches"], chosen["mesh"]), chip)
     return chosen, reports
+
+
+def _with_settings(config, loss, remat, micro_batches, mesh=None):
+    """A copy of `config` with the planner's settings (and `mesh`'s axis sizes)."""
+    t = config.copy_and_resolve_references()
+    with t.unlocked():
+        t.loss.name, t.micro_batches = loss, micro_batches
+        if mesh is not None:
+            t.mesh.update(mesh)
+    config_lib.set_remat(t.model, remat)
+    return t
 
 
 def _plan_on_mesh(config, devices, chip, run, reports, on_report, below, hopeless):
@@ -475,10 +482,7 @@ def _plan_on_mesh(config, devices, chip, run, reports, on_report, below, hopeles
         for r in mine:
             if (r["loss"], r["remat"], r["micro_batches"]) == (loss, remat, k):
                 return r
-        t = config.copy_and_resolve_references()
-        with t.unlocked():
-            t.loss.name, t.micro_batches = loss, k
-        config_lib.set_remat(t.model, remat)
+        t = _with_settings(config, loss, remat, k)
         validation.validate(t, len(devices))
         report = analyse(t, devices, chip, count_flops=False)
         report["recomputation"] = recomputation(remat, k)

@@ -1,11 +1,13 @@
 """The `clip_jax.train` command end to end, on 1 and 8 fake devices."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from tests.helpers import export_synthetic_csv, read_jsonl, run_cli
+from tests.helpers import REPO, device_env, export_synthetic_csv, read_jsonl, run_cli
 
 SHORT = ["--config.total_steps=3", "--config.log_every=1", "--config.progress=false",
          "--config.data.synthetic.num_eval=64"]
@@ -141,6 +143,12 @@ def test_smoke_with_siglip_learns(tmp_path):
     assert rec[-1]["loss"] <= 0.5 * rec[0]["loss"], [r["loss"] for r in rec[::10]]
 
 
+def env_without_compile_cache():
+    """One fake device, without the suite's compile cache directory (conftest), which a run
+    keeps instead of its own."""
+    return {k: v for k, v in device_env(1).items() if not k.startswith("JAX_COMPILATION_CACHE")}
+
+
 CACHE_COUNTS = """
 import json, sys
 import jax
@@ -159,10 +167,7 @@ def test_a_restarted_run_reads_its_compiled_step_from_the_workdirs_cache(tmp_pat
     """JAX's persistent compilation cache, on by default in WORKDIR/compile_cache: the first
     invocation writes the compiled programs there; the second (resuming) reads them back. Run
     without the suite's own cache directory (JAX_COMPILATION_CACHE_DIR, which a run keeps)."""
-    import subprocess
-    import sys
-    from tests.helpers import REPO, device_env
-    env = {k: v for k, v in device_env(1).items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env = env_without_compile_cache()
     wd = tmp_path / "run"
 
     def invocation(steps):
@@ -182,9 +187,6 @@ def test_a_restarted_run_reads_its_compiled_step_from_the_workdirs_cache(tmp_pat
 def test_the_compile_cache_setting_is_applied_once_per_process(tmp_path):
     """'' is off; 'workdir' is WORKDIR/compile_cache (evaluate: the --workdir's; none for a
     --checkpoint alone); a directory JAX has already is kept (JAX opens its cache once)."""
-    import subprocess
-    import sys
-    from tests.helpers import REPO, device_env
     code = f"""
 import json
 from clip_jax import compile_cache
@@ -192,7 +194,7 @@ out = [compile_cache.use("", "{tmp_path}/a"), compile_cache.use("workdir", None)
        compile_cache.use("workdir", "{tmp_path}/a"), compile_cache.use("{tmp_path}/b", "{tmp_path}/a")]
 print(json.dumps(out))
 """
-    env = {k: v for k, v in device_env(1).items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env = env_without_compile_cache()
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -233,7 +233,7 @@ class Transformer(nn.Module):
 
 # Remat policies by name (MaxText's style): what a rematerialised residual block keeps from
 # its forward pass for the backward; the rest is recomputed. `jax.checkpoint_policies` builds
-# them; the names are `MultiHeadAttention`'s `checkpoint_name`s.
+# them; the names are the `checkpoint_name`s of `DenseGeneral` and `MultiHeadAttention`.
 _policies = jax.checkpoint_policies
 REMAT_POLICIES = {
     "none": None,                                          # not rematerialised: keeps everything
