@@ -118,7 +118,11 @@ def base_config():
     c.optim = ml_collections.ConfigDict(dict(
         lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
         warmup_steps=2000, grad_clip_norm=0.0))   # 0: no clipping
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))  # -1: the rest
+    # One slice's mesh (-1: the rest of its devices), and how many slices the data axis spans
+    # over the data-centre network (DCN; -1: every slice the devices are on, TPU slices; 1
+    # elsewhere, where N > 1 takes each process as a slice). The mesh's data axis is
+    # slices x data; fsdp and model stay within a slice (clip_jax/sharding.py).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1, slices=-1))
     # The kernels the models run on (clip_jax/ops, which owns the names and checks them): a
     # runtime choice of the host, not architecture. `ops`: 'auto' (the XLA:CPU variants on a
     # CPU mesh, cuDNN attention on a GPU mesh, the plain code on TPUs), 'xla' (plain), 'cpu'

@@ -93,6 +93,12 @@ _CALLS = re.compile(r"\b(body|condition|to_apply|calls|branch_computations|true_
                     r"false_computation)=(\{[^}]*\}|%?[\w.\-]+)")
 _REDUCE_SCATTER_FUSION = "all-reduce-scatter"     # libtpu's name for a fused reduce-scatter
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+# A multi-slice TPU program is one slice's: its collectives between slices (DCN) are host
+# transfers to the Megascale runtime, a send and a recv per collective, named by this attribute.
+_DCN_TRANSFER = re.compile(r'_xla_megascale_transfer_type="([A-Z_]+)"')
+_DCN_KINDS = {"ALL_GATHER": "all-gather", "REDUCE_SCATTER": "reduce-scatter",
+              "ALL_REDUCE": "all-reduce", "ONE_TO_ONE": "collective-permute",
+              "ALL_TO_ALL": "all-to-all"}
 
 
 def shape_bytes(text):
@@ -137,7 +143,12 @@ def collective_bytes(hlo_text):
     fused into later computations (`continuation_config`); only the start counts. It emits
     a reduce-scatter as an all-reduce and a slice fused into an `all-reduce-scatter`
     computation (v5e); that counts as the reduce-scatter it is. An all-gather counts its
-    result (the gathered data), every other kind its input."""
+    result (the gathered data), every other kind its input.
+
+    A multi-slice TPU program (one slice's program; the slices run copies) reaches the other
+    slices by send/recv pairs to the Megascale runtime: those are the bytes that cross the
+    data-centre network, `dcn_count` and `dcn_bytes` of the collective they implement (a
+    gather's recv, every other kind's send); `count` and `bytes` are the slice's own (ICI)."""
     computations, current, entry = {}, None, None
     for line in hlo_text.splitlines():
         if not line.startswith(" ") and line.rstrip().endswith("{"):
@@ -175,7 +186,7 @@ def collective_bytes(hlo_text):
             m = _INSTRUCTION.match(line)
             if m:
                 shapes[m.group(1)] = m.group(2)
-    out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+    out = {kind: {"count": 0, "bytes": 0, "dcn_count": 0, "dcn_bytes": 0} for kind in COLLECTIVES}
     for name, lines in computations.items():
         if name in continuations:
             continue
@@ -184,6 +195,16 @@ def collective_bytes(hlo_text):
             if not m:
                 continue
             _, result_type, opcode, rest = m.groups()
+            dcn = _DCN_TRANSFER.search(line) if opcode in ("send", "recv") else None
+            if dcn:
+                kind = _DCN_KINDS.get(dcn.group(1), dcn.group(1).lower().replace("_", "-"))
+                if (opcode == "recv") == (kind == "all-gather"):  # a gather's result, else input
+                    entry = out.setdefault(kind, {"count": 0, "bytes": 0, "dcn_count": 0,
+                                                  "dcn_bytes": 0})
+                    entry["dcn_count"] += weight.get(name, 1)
+                    entry["dcn_bytes"] += weight.get(name, 1) * shape_bytes(
+                        _SHAPE.search(result_type).group(0))    # (data, u32[], token[])
+                continue
             kind = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
             if kind not in out:
                 continue
@@ -228,6 +249,32 @@ def minimum_collective_bytes(config, run):
         out["all-gather"] += k * gathers * width * n_params / run.mesh.shape["model"]
         out["reduce-scatter"] += k * 4 * n_params / run.mesh.shape["model"]
     return {k: int(v) for k, v in out.items()}
+
+
+def minimum_dcn_bytes(config, run, slices):
+    """The bytes per chip and step that should cross between `slices` slices (DCN): the
+    gradients' reduction and the loss's exchange, nothing else ({kind: bytes}). Each slice
+    reduces its gradient over its own chips first (ICI), so each chip sends its 1/n share of
+    the float32 gradient (n: the slice's chips) to its peers in the other slices (XLA sends
+    each tensor's share in whole tiles of 8 x 128: small tensors, such as biases, send more).
+    A gathering loss (`clip`, `clip_blockwise`) gathers each tower's float32 rows over the
+    slices first: a chip receives its peers' local rows (slices x local rows x embed_dim per
+    tower), and their gradients go back the same way (a reduce-scatter)."""
+    out = {kind: 0 for kind in COLLECTIVES}
+    if slices <= 1:
+        return out
+    params = run.abstract_state.params
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    out["all-reduce"] = 4 * n_params * slices // run.mesh.size
+    embed = int(config.model.embed_dim)
+    if losses.get(config.loss.name).exchange == "ring":
+        # Each ring step's permute crosses only at a slice's edge, but every chip's program
+        # (one slice's) holds it: as many bytes as the ring's permutes within the slice.
+        out["collective-permute"] = 2 * config.batch_size * embed * 4
+    else:
+        local = config.batch_size // sharding.num_batch_shards(run.mesh, run.rules)
+        out["all-gather"] = out["reduce-scatter"] = 2 * slices * local * embed * 4
+    return out
 
 
 # ------------------------------------------------------------------ the largest size that fits

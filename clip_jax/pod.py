@@ -159,9 +159,10 @@ def _gpu_topology(topology, chip):
                          f"refused: {type(e).__name__}: {e}") from None
 
 
-def topology_devices(topology):
+def topology_devices(topology, slices=1):
     """The compile-only devices of a TPU topology such as 'v4:4x4x8' or a GPU one such as
-    'h100:32x8', and its chip."""
+    'h100:32x8', and its chip; with `slices`, that many TPU slices of the topology, joined by
+    the data-centre network (DCN: libtpu's multi-slice topology)."""
     from jax.experimental import topologies
     generation = topology.split(":")[0]
     if ":" not in topology or generation not in {**CHIPS, **GPUS}:
@@ -169,13 +170,17 @@ def topology_devices(topology):
                          f"{sorted(CHIPS)} (TPUs) or {sorted(GPUS)} (NVIDIA GPUs, SHAPE "
                          f"HOSTSxGPUS_PER_HOST), e.g. v4:4x4x8, v5e:16x16 or h100:32x8; got "
                          f"{topology!r}")
+    if slices < 1 or (slices > 1 and generation in GPUS):
+        raise ValueError(f"--slices={slices}: a positive number of TPU slices (a GPU "
+                         "topology's hosts are its DCN granules: set --config.mesh.slices)")
     if generation in GPUS:
         chip = gpu_chip(generation)
         return _gpu_topology(topology, chip), chip
     chip = CHIPS[generation]
     options = {"chip_config_name": "megacore"} if chip.megacore else {}
     try:
-        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **options)
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                            num_slices=slices, **options)
     except Exception as e:   # noqa: BLE001  (libtpu missing, or a shape it does not know)
         hint = ("another process on this host holds libtpu's lock: for compiling only, set "
                 "ALLOW_MULTIPLE_LIBTPU_LOAD=1 (python -m clip_jax.aot does)"
@@ -230,6 +235,7 @@ def analyse(config, devices, chip, hlo_dir=None, count_flops=True):
     report = {"topology_chips": len(devices), "device_kind": devices[0].device_kind,
               "batch_size": config.batch_size,
               "mesh": {a: int(run.mesh.shape[a]) for a in sharding.MESH_AXES},
+              "slices": sharding.num_slices(config.mesh, devices),
               "local_batch": config.batch_size // sharding.num_batch_shards(run.mesh, run.rules),
               "loss": config.loss.name, "micro_batches": int(config.micro_batches),
               "remat": remat_policy(config.model.remat), "dtype": str(config.model.dtype),
@@ -257,6 +263,9 @@ def analyse(config, devices, chip, hlo_dir=None, count_flops=True):
     report["collectives"] = found
     report["collective_bytes"] = {k: v["bytes"] for k, v in found.items()}
     report["minimum_collective_bytes"] = cost.minimum_collective_bytes(config, run)
+    if report["slices"] > 1:
+        report["dcn_collective_bytes"] = {k: v["dcn_bytes"] for k, v in found.items()}
+        report["minimum_dcn_bytes"] = cost.minimum_dcn_bytes(config, run, report["slices"])
     batch = config.batch_size
     # A global B x B block anywhere in the program (the loss must hold B_local x B at most),
     # unless a parameter has that shape too (tiny test models).
@@ -376,10 +385,12 @@ def recomputation(remat, micro_batches):
 RUNGS = (("none", False), ("full", False), ("none", True), ("full", True))
 
 
-def fsdp_meshes(mesh_cfg, num_devices):
-    """The config's mesh (resolved), then the same with the data axis's factors of 2 moved to
-    the fsdp axis one at a time: the batch shards stay, the state is sharded twice as far."""
-    data, fsdp, model = sharding.mesh_shape(mesh_cfg, num_devices)
+def fsdp_meshes(mesh_cfg, num_devices, slices=1):
+    """The config's mesh (resolved, as `config.mesh` gives it: one slice's), then the same with
+    the data axis's factors of 2 moved to the fsdp axis one at a time: the batch shards stay,
+    the state is sharded twice as far (within each slice)."""
+    data, fsdp, model = sharding.mesh_shape(mesh_cfg, num_devices, slices)
+    data //= slices
     meshes = [dict(data=data, fsdp=fsdp, model=model)]
     while data % 2 == 0:
         data, fsdp = data // 2, fsdp * 2
@@ -407,7 +418,8 @@ def plan(config, devices, chip, on_report=None):
     own_shards = sharding.num_batch_shards(sharding.make_mesh(config.mesh, devices), rules)
     lean = exact_losses(config.loss.name)[0]
     chosen, reports, first = None, [], None
-    for mesh in fsdp_meshes(config.mesh, len(devices)):
+    slices = sharding.num_slices(config.mesh, devices)
+    for mesh in fsdp_meshes(config.mesh, len(devices), slices):
         t = config.copy_and_resolve_references()
         with t.unlocked():
             t.mesh.update(mesh)
@@ -415,7 +427,7 @@ def plan(config, devices, chip, on_report=None):
             continue
         run = train.build(t, devices)
         state = state_bytes_per_chip(run)
-        first = first or (mesh, state)
+        first = first or ({**mesh, "data": mesh["data"] * slices}, state)   # as reports have it
 
         def hopeless(remat, state=state):
             """The config's mesh's one-batch compile with `remat`, less what this mesh frees
@@ -436,8 +448,9 @@ def plan(config, devices, chip, on_report=None):
         if (chosen is not None and chosen["recomputation"] == 0) or state <= budget / 16:
             break
     if chosen is not None:
+        mesh = {**chosen["mesh"], "data": chosen["mesh"]["data"] // slices}   # one slice's
         add_flops(chosen, _with_settings(config, chosen["loss"], chosen["remat"],
-                                         chosen["micro_batches"], chosen["mesh"]), chip)
+                                         chosen["micro_batches"], mesh), chip)
     return chosen, reports
 
 
@@ -542,7 +555,10 @@ def plan_overrides(report, config):
     is not the config's)."""
     overrides = (f"--config.loss.name={report['loss']} --config.model.remat={report['remat']} "
                  f"--config.micro_batches={report['micro_batches']}")
-    own = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, report["topology_chips"])))
-    if report["mesh"] != own:
-        overrides += "".join(f" --config.mesh.{a}={n}" for a, n in report["mesh"].items())
+    slices = report.get("slices", 1)
+    own = dict(zip(sharding.MESH_AXES,
+                   sharding.mesh_shape(config.mesh, report["topology_chips"], slices)))
+    if report["mesh"] != own:      # the config's data axis is one slice's
+        mesh = {**report["mesh"], "data": report["mesh"]["data"] // slices}
+        overrides += "".join(f" --config.mesh.{a}={n}" for a, n in mesh.items())
     return overrides

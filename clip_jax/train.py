@@ -493,7 +493,8 @@ def _train_from(config, workdir, run, state, start, data, ckpt, preemption, eval
 
     writer = metrics.MetricWriter(workdir, start_step=start, config=config)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    log(f"mesh {sharding.describe(run.mesh)}; {n_params:,} parameters; "
+    slices = sharding.num_slices(config.mesh, list(run.mesh.devices.flat))
+    log(f"mesh {sharding.describe(run.mesh, slices)}; {n_params:,} parameters; "
         f"global batch {config.batch_size}; workdir {workdir}")
     if start >= config.total_steps:
         log(f"already trained to step {start} (total_steps={config.total_steps}); nothing to do")

@@ -81,6 +81,50 @@ def test_aot_compiles_the_train_step_for_a_tpu_topology(variant):
     assert "fits" in proc.stdout and "collectives per chip" in proc.stdout
 
 
+SLICE_MESH = """
+import json, os
+os.environ.update(TPU_ACCELERATOR_TYPE="v5litepod-16", TPU_WORKER_HOSTNAMES="localhost",
+                  ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+from clip_jax import pod, sharding
+devices, _ = pod.topology_devices("v5e:2x2", slices=2)
+mesh = sharding.make_mesh({"data": -1, "fsdp": 2, "model": 1, "slices": -1}, devices)
+print(json.dumps(dict(mesh.shape) | {"slices": [[d.slice_index for d in row]
+                                              for row in mesh.devices[:, :, 0]]}))
+"""
+
+
+@needs_libtpu
+@libtpu_worker
+def test_aot_compiles_two_slices_and_only_the_gradients_and_the_loss_cross_between_them():
+    """--slices=2: two v5e-4 slices joined by DCN, the data axis across them (slice-major),
+    FSDP within each. Between the slices travel the loss's rows (gathered, their gradients
+    reduce-scattered), exactly what the local batch implies, and the gradients' reduction,
+    whose bytes do not change with the batch; no parameter is gathered across them (the FSDP
+    gathers stay within a slice)."""
+    mesh = run_python(SLICE_MESH)
+    assert mesh == {"data": 4, "fsdp": 2, "model": 1, "slices": [[0, 0], [0, 0], [1, 1], [1, 1]]}
+    reports = {}
+    for batch in (64, 128):
+        proc = run_cli(["clip_jax.aot", "--config=configs/smoke.py", "--topology=v5e:2x2",
+                        "--slices=2", "--json", *tiny_flags(batch_size=batch),
+                        "--config.mesh.fsdp=2"], timeout=600)
+        reports[batch] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "between the slices (DCN)" in proc.stdout and "x 2 slices" in proc.stdout
+    for batch, r in reports.items():
+        assert r["topology_chips"] == 8 and r["slices"] == 2 and r["fits"]
+        assert r["mesh"] == {"data": 4, "fsdp": 2, "model": 1}
+        dcn, least = r["dcn_collective_bytes"], r["minimum_dcn_bytes"]
+        rows = 2 * 2 * (batch // 8) * 32 * 4     # two towers, two slices' local rows, float32
+        assert dcn["all-gather"] == least["all-gather"] == rows
+        assert dcn["reduce-scatter"] >= least["reduce-scatter"] == rows   # (lanes padded)
+        assert dcn["all-reduce"] >= least["all-reduce"] > 0
+        assert dcn["collective-permute"] == dcn["all-to-all"] == 0
+        assert r["collective_bytes"]["all-gather"] > rows      # the parameters', within a slice
+    small, large = (reports[b]["dcn_collective_bytes"] for b in (64, 128))
+    assert small["all-reduce"] == large["all-reduce"]
+    assert large["reduce-scatter"] == 2 * small["reduce-scatter"]
+
+
 @needs_libtpu
 @libtpu_worker
 def test_aot_finds_the_largest_batch_that_fits_a_given_hbm():
@@ -140,6 +184,17 @@ def test_fsdp_meshes_move_the_data_axis_to_fsdp_keeping_the_batch_shards():
         {"data": 2, "fsdp": 4, "model": 2}, {"data": 1, "fsdp": 8, "model": 2}]
     assert pod.fsdp_meshes({"data": 3, "fsdp": -1, "model": 1}, 12) == [
         {"data": 3, "fsdp": 4, "model": 1}]
+    # On 2 slices of 8: the config's (one slice's) meshes, FSDP within a slice; the overrides
+    # for a planned mesh name one slice's data axis.
+    assert pod.fsdp_meshes({"data": -1, "fsdp": 1, "model": 1}, 16, slices=2) == [
+        {"data": 8, "fsdp": 1, "model": 1}, {"data": 4, "fsdp": 2, "model": 1},
+        {"data": 2, "fsdp": 4, "model": 1}, {"data": 1, "fsdp": 8, "model": 1}]
+    report = dict(loss="clip", remat="none", micro_batches=1, topology_chips=16, slices=2,
+                  mesh={"data": 4, "fsdp": 4, "model": 1})
+    assert pod.plan_overrides(report, tiny_config()).endswith(
+        " --config.mesh.data=2 --config.mesh.fsdp=4 --config.mesh.model=1")
+    assert "--config.mesh" not in pod.plan_overrides(
+        {**report, "mesh": {"data": 16, "fsdp": 1, "model": 1}}, tiny_config())
 
 
 PLANNER_SEARCH = """

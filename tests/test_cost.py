@@ -27,6 +27,8 @@ HLO = textwrap.dedent("""\
       %rs = f32[16,8]{1,0} reduce-scatter(%x), channel_id=3, dimensions={0}, to_apply=%add
       %y = bf16[16,8]{1,0} convert(%rs)
       %cp = bf16[16,8]{1,0} collective-permute(%y), channel_id=4, source_target_pairs={{0,1}}
+      %dsend = (f32[1,8,128]{2,1,0}, u32[], token[]) send(%z, %tok), channel_id=9, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_host_transfer_rendezvous="all-reduce.4_0",_xla_megascale_reduce_operation="SUM",_xla_megascale_target="{1,2}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}
+      %drecv = (f32[1,8,128]{2,1,0}, u32[], token[]) recv(%tok), channel_id=10, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_host_transfer_rendezvous="all-reduce.4_0",_xla_megascale_transfer_type="ALL_REDUCE"}
       ROOT %t = (s32[], f32[64,8]{1,0}) tuple(%i, %x)
     }
 
@@ -78,6 +80,10 @@ HLO = textwrap.dedent("""\
       %agd = bf16[16,16]{1,0} all-gather-done(%ag)
       %piece = bf16[16,16]{1,0} fusion(%a), kind=kOutput, calls=%async_collective_fusion.1, backend_config={"continuation_config":{"operand_original_start":"0"}}
       %ar = (f32[10]{0}, f32[6]{0}) all-reduce(%b, /*index=1*/%c), channel_id=2, to_apply=%add
+      %gsend = (f32[8,32]{1,0}, u32[], token[]) send(%e, %tok), channel_id=11, is_host_transfer=true, frontend_attributes={_xla_megascale_target="{1,2}x{0:3}",_xla_megascale_transfer_type="ALL_GATHER"}
+      %grecv = (f32[16,32]{1,0}, u32[], token[]) recv(%tok), channel_id=12, is_host_transfer=true, frontend_attributes={_xla_megascale_target="{1,2}x{0:3}",_xla_megascale_transfer_type="ALL_GATHER"}
+      %psend = (bf16[8,32]{1,0}, u32[], token[]) send(%f, %tok), channel_id=13, is_host_transfer=true, frontend_attributes={_xla_megascale_transfer_type="ONE_TO_ONE"}
+      %precv = (bf16[8,32]{1,0}, u32[], token[]) recv(%tok), channel_id=14, is_host_transfer=true, frontend_attributes={_xla_megascale_transfer_type="ONE_TO_ONE"}
       %w = (s32[], f32[64,8]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
       %w2 = (s32[], f32[64,8]{1,0}) while(%init), condition=%cond2, body=%body2
       %g = f32[32,8]{1,0} parameter(3)
@@ -90,15 +96,27 @@ HLO = textwrap.dedent("""\
 
 def test_collective_bytes_weighs_loops_and_counts_each_kind_once():
     got = cost.collective_bytes(HLO)
+    ici = {kind: {k: got[kind][k] for k in ("count", "bytes")} for kind in got}
     # The gathered results: the async one, and 5 trips of a loop whose bound is only in its
     # condition (`counter < 5`, as the TPU compiler leaves a scan).
-    assert got["all-gather"] == {"count": 1 + 5, "bytes": 16 * 16 * 2 + 5 * 256 * 8 * 4}
+    assert ici["all-gather"] == {"count": 1 + 5, "bytes": 16 * 16 * 2 + 5 * 256 * 8 * 4}
     # Its input, 3 trips; and the fused all-reduce-scatter's input, once.
-    assert got["reduce-scatter"] == {"count": 3 + 1, "bytes": 3 * 64 * 8 * 4 + 32 * 8 * 4}
-    assert got["collective-permute"] == {"count": 3, "bytes": 3 * 16 * 8 * 2}
+    assert ici["reduce-scatter"] == {"count": 3 + 1, "bytes": 3 * 64 * 8 * 4 + 32 * 8 * 4}
+    assert ici["collective-permute"] == {"count": 3, "bytes": 3 * 16 * 8 * 2}
     # The tuple all-reduce (both operands), and each of the conditional's two branches once.
-    assert got["all-reduce"] == {"count": 3, "bytes": (10 + 6) * 4 + 2 * 32 * 4}
-    assert got["all-to-all"] == {"count": 0, "bytes": 0}
+    assert ici["all-reduce"] == {"count": 3, "bytes": (10 + 6) * 4 + 2 * 32 * 4}
+    assert ici["all-to-all"] == {"count": 0, "bytes": 0}
+
+
+def test_collective_bytes_counts_the_transfers_between_slices_apart():
+    """A multi-slice TPU program's DCN collectives are send/recv pairs to the Megascale
+    runtime: counted apart, as the kind they implement (a gather's recv, every other kind's
+    send), weighted by their loop's trips; nothing else is DCN."""
+    dcn = {kind: (v["dcn_count"], v["dcn_bytes"]) for kind, v in cost.collective_bytes(HLO).items()}
+    assert dcn["all-reduce"] == (3, 3 * 8 * 128 * 4)        # in the 3-trip loop, the send
+    assert dcn["all-gather"] == (1, 16 * 32 * 4)            # the gathered result (recv)
+    assert dcn["collective-permute"] == (1, 8 * 32 * 2)     # ONE_TO_ONE
+    assert dcn["reduce-scatter"] == dcn["all-to-all"] == (0, 0)
 
 
 def test_search_largest_brackets_the_limit_to_its_resolution():

@@ -224,13 +224,15 @@ print(json.dumps({{"next_batch": data_state["next_batch"], "step": meta["step"],
 """
 
 
-def test_two_processes_equal_one_and_their_checkpoint_resumes_on_another_mesh(reference_8dev, tmp_path):
+def test_two_processes_as_two_slices_equal_one_and_their_checkpoint_resumes_on_another_mesh(reference_8dev, tmp_path):
     from clip_jax import checkpoint
     wd = tmp_path / "run"
-    # 2 processes x 4 devices, joined by jax.distributed; SIGTERM to the launcher.
+    # 2 processes x 4 devices, joined by jax.distributed, each process a slice (the data axis
+    # across them as across TPU slices: `mesh.slices`); SIGTERM to the launcher.
     with open(tmp_path / "log_mp", "w") as log:
         launcher = subprocess.Popen(
-            ["bash", "launch/local.sh", "2", *FLAGS, f"--workdir={wd}"], cwd=REPO,
+            ["bash", "launch/local.sh", "2", *FLAGS, "--config.mesh.slices=2", f"--workdir={wd}"],
+            cwd=REPO,
             env={**device_env(1), "DEVICES_PER_PROCESS": "4", "PYTHON": sys.executable},
             stdout=log, stderr=subprocess.STDOUT)
         wait_for(lambda: len(logged_steps(wd)) >= 25, 600, "step 25 of the 2-process run", launcher,
@@ -238,7 +240,7 @@ def test_two_processes_equal_one_and_their_checkpoint_resumes_on_another_mesh(re
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(180) == 0, (tmp_path / "log_mp").read_text()[-3000:]
     log = (tmp_path / "log_mp").read_text()
-    assert "mesh data=8 x fsdp=1 x model=1 (8 devices, 2 processes)" in log
+    assert "mesh data=8 (2 slices x 4) x fsdp=1 x model=1 (8 devices, 2 processes)" in log
     assert log.count("preempted (SIGTERM)") == 1          # only process 0 logs
     stopped = max(checkpoint_steps(wd))
     assert 25 <= stopped < TOTAL

@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import jax
 import ml_collections
 import pytest
@@ -23,6 +25,44 @@ def test_mesh_shape_fills_the_free_axis():
 def test_bad_mesh_raises_naming_config_mesh(cfg, n):
     with pytest.raises(ValueError, match="config.mesh"):
         sharding.mesh_shape(cfg, n)
+
+
+def test_the_config_mesh_is_one_slices_and_the_data_axis_spans_the_slices():
+    assert sharding.mesh_shape(mesh_cfg(), 8, slices=2) == (8, 1, 1)
+    assert sharding.mesh_shape(mesh_cfg(1, -1), 8, slices=2) == (2, 4, 1)      # FSDP per slice
+    assert sharding.mesh_shape(mesh_cfg(2, 2), 8, slices=2) == (4, 2, 1)
+    with pytest.raises(ValueError, match=r"config.mesh: .* 4 are available of each of the 2 slices"):
+        sharding.mesh_shape(mesh_cfg(4, 2), 8, slices=2)                       # 8 per slice
+    with pytest.raises(ValueError, match="config.mesh.slices"):
+        sharding.mesh_shape(mesh_cfg(), 8, slices=3)
+
+
+def fake_devices(processes=1, slices=None, per=4):
+    """Device stand-ins: `per` devices in each of `processes` processes, over `slices` TPU
+    slices (devices that name theirs; None: a platform whose devices do not, as on CPU)."""
+    n = processes * per
+    return [SimpleNamespace(id=i, process_index=i // per,
+                            **({} if slices is None else {"slice_index": i * slices // n}))
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("setting, devices, expected", [
+    (-1, fake_devices(2, slices=2), 2), (2, fake_devices(2, slices=2), 2),
+    (-1, fake_devices(8, slices=2), 2),          # slices of several hosts each
+    (-1, fake_devices(1, slices=1), 1), (-1, fake_devices(2), 1), (-1, fake_devices(2, slices=1), 1),
+    (2, fake_devices(2), 2), (2, fake_devices(2, slices=1), 2),   # on one slice, processes
+    (1, fake_devices(2), 1)])
+def test_slices_come_from_the_devices_or_the_config(setting, devices, expected):
+    assert sharding.num_slices({"data": -1, "fsdp": 1, "model": 1, "slices": setting}, devices) == expected
+
+
+@pytest.mark.parametrize("setting, devices, message", [
+    (1, fake_devices(2, slices=2), "span 2 TPU slices"), (4, fake_devices(2, slices=2), "span 2 TPU slices"),
+    (2, fake_devices(1), "on one slice and 1 processes"), (0, fake_devices(1), "positive")])
+def test_a_slice_count_the_devices_cannot_have_is_refused_naming_the_key(setting, devices, message):
+    with pytest.raises(ValueError, match="config.mesh.slices") as e:
+        sharding.num_slices({"data": -1, "fsdp": 1, "model": 1, "slices": setting}, devices)
+    assert e.match(message)
 
 
 def test_batch_axes_from_rules():
