@@ -169,10 +169,15 @@ def base_config():
     return c
 
 
-# Each model's remat policy: the one that fits a v5e-256 slice at the paper's batch (32,768,
-# 128 per chip, data parallel) with the least recomputation, from the compiled steps in
-# benchmarks/RESULTS.md ("Remat policies"); 'full' where no table was compiled.
-PAPER_REMAT = {"vit_b16": "minimal"}
+# Each model's remat policy: the one with the least recomputation that fits a v5e-256 slice
+# at the paper's batch (32,768, 128 per chip; the mesh and micro-batches of POD_FIT) and a
+# v4-256 slice, from the compiled steps in benchmarks/RESULTS.md ("Remat policies"). No
+# model fits without remat; 'minimal' keeps every dense layer's output (the text tower's and
+# the attention's projections; a ResNet's convolutions are recomputed). ViT-L/14 keeps
+# 'full' (nothing lighter fits), ViT-L/14@336 too ('save_qkv_proj' fits a v5e chip with
+# nothing to spare, 15.99 of 16 GiB, and not a v4 chip).
+PAPER_REMAT = {"rn50": "minimal", "rn101": "minimal", "rn50x4": "minimal", "vit_b32": "minimal",
+               "vit_b16": "minimal"}
 
 
 # The three largest models do not fit a v4-256 or v5e-256 slice at the paper's batch as
