@@ -176,8 +176,8 @@ def base_config():
 # the attention's projections; a ResNet's convolutions are recomputed). ViT-L/14 keeps
 # 'full' (nothing lighter fits), ViT-L/14@336 too ('save_qkv_proj' fits a v5e chip with
 # nothing to spare, 15.99 of 16 GiB, and not a v4 chip).
-PAPER_REMAT = {"rn50": "minimal", "rn101": "minimal", "rn50x4": "minimal", "vit_b32": "minimal",
-               "vit_b16": "minimal"}
+PAPER_REMAT = {"rn50": "minimal", "rn101": "minimal", "rn50x4": "minimal", "rn50x16": "minimal",
+               "rn50x64": "minimal", "vit_b32": "minimal", "vit_b16": "minimal"}
 
 
 # The three largest models do not fit a v4-256 or v5e-256 slice at the paper's batch as
