@@ -186,7 +186,10 @@ def collective_bytes(hlo_text):
             m = _INSTRUCTION.match(line)
             if m:
                 shapes[m.group(1)] = m.group(2)
-    out = {kind: {"count": 0, "bytes": 0, "dcn_count": 0, "dcn_bytes": 0} for kind in COLLECTIVES}
+    def empty():
+        return {"count": 0, "bytes": 0, "dcn_count": 0, "dcn_bytes": 0}
+
+    out = {kind: empty() for kind in COLLECTIVES}
     for name, lines in computations.items():
         if name in continuations:
             continue
@@ -199,8 +202,7 @@ def collective_bytes(hlo_text):
             if dcn:
                 kind = _DCN_KINDS.get(dcn.group(1), dcn.group(1).lower().replace("_", "-"))
                 if (opcode == "recv") == (kind == "all-gather"):  # a gather's result, else input
-                    entry = out.setdefault(kind, {"count": 0, "bytes": 0, "dcn_count": 0,
-                                                  "dcn_bytes": 0})
+                    entry = out.setdefault(kind, empty())
                     entry["dcn_count"] += weight.get(name, 1)
                     entry["dcn_bytes"] += weight.get(name, 1) * shape_bytes(
                         _SHAPE.search(result_type).group(0))    # (data, u32[], token[])
@@ -222,11 +224,14 @@ def collective_bytes(hlo_text):
     return out
 
 
+def _num_params(run):
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(run.abstract_state.params))
+
+
 def minimum_collective_bytes(config, run):
     """The collective bytes per chip and step that the mesh and sharding rules imply (see the
     module docstring): {kind: bytes}."""
-    params = run.abstract_state.params
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    n_params = _num_params(run)
     shards = sharding.num_batch_shards(run.mesh, run.rules)
     embeds = 2 * config.batch_size * int(config.model.embed_dim) * 4   # two towers, float32
     out = {kind: 0 for kind in COLLECTIVES}
@@ -263,9 +268,7 @@ def minimum_dcn_bytes(config, run, slices):
     out = {kind: 0 for kind in COLLECTIVES}
     if slices <= 1:
         return out
-    params = run.abstract_state.params
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    out["all-reduce"] = 4 * n_params * slices // run.mesh.size
+    out["all-reduce"] = 4 * _num_params(run) * slices // run.mesh.size
     embed = int(config.model.embed_dim)
     if losses.get(config.loss.name).exchange == "ring":
         # Each ring step's permute crosses only at a slice's edge, but every chip's program

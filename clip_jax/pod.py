@@ -385,6 +385,11 @@ def recomputation(remat, micro_batches):
 RUNGS = (("none", False), ("full", False), ("none", True), ("full", True))
 
 
+def one_slice(mesh, slices):
+    """A report's mesh (its axis sizes) as `config.mesh` gives it: one slice's."""
+    return {**mesh, "data": mesh["data"] // slices}
+
+
 def fsdp_meshes(mesh_cfg, num_devices, slices=1):
     """The config's mesh (resolved, as `config.mesh` gives it: one slice's), then the same with
     the data axis's factors of 2 moved to the fsdp axis one at a time: the batch shards stay,
@@ -427,13 +432,14 @@ def plan(config, devices, chip, on_report=None):
             continue
         run = train.build(t, devices)
         state = state_bytes_per_chip(run)
-        first = first or ({**mesh, "data": mesh["data"] * slices}, state)   # as reports have it
+        first = first or (mesh, state)
 
         def hopeless(remat, state=state):
             """The config's mesh's one-batch compile with `remat`, less what this mesh frees
             (its state, and as much again of temporaries: gradients shard with the state), is
             still over the budget: a lower bound, so no compile is lost."""
-            known = [r for r in reports if r["mesh"] == first[0] and r["loss"] == lean
+            known = [r for r in reports if one_slice(r["mesh"], slices) == first[0]
+                     and r["loss"] == lean
                      and (r["remat"], r["micro_batches"]) == (remat, 1)]
             if not known or state >= first[1]:
                 return False
@@ -448,9 +454,9 @@ def plan(config, devices, chip, on_report=None):
         if (chosen is not None and chosen["recomputation"] == 0) or state <= budget / 16:
             break
     if chosen is not None:
-        mesh = {**chosen["mesh"], "data": chosen["mesh"]["data"] // slices}   # one slice's
         add_flops(chosen, _with_settings(config, chosen["loss"], chosen["remat"],
-                                         chosen["micro_batches"], mesh), chip)
+                                         chosen["micro_batches"],
+                                         one_slice(chosen["mesh"], slices)), chip)
     return chosen, reports
 
 
@@ -558,7 +564,7 @@ def plan_overrides(report, config):
     slices = report.get("slices", 1)
     own = dict(zip(sharding.MESH_AXES,
                    sharding.mesh_shape(config.mesh, report["topology_chips"], slices)))
-    if report["mesh"] != own:      # the config's data axis is one slice's
-        mesh = {**report["mesh"], "data": report["mesh"]["data"] // slices}
-        overrides += "".join(f" --config.mesh.{a}={n}" for a, n in mesh.items())
+    if report["mesh"] != own:
+        overrides += "".join(f" --config.mesh.{a}={n}"
+                             for a, n in one_slice(report["mesh"], slices).items())
     return overrides
